@@ -1,0 +1,148 @@
+"""The Kubernetes registry source: watch caches in, RegistryState out.
+
+One :class:`~controller.k8s.reflector.Reflector` per watched type keeps a cache
+of API objects. Whenever any cache changes, the source waits a short debounce
+(so a burst of pod events becomes one update), converts a snapshot of all
+caches into a RegistryState (:func:`controller.k8s.convert.convert`) and
+publishes it to the :class:`~controller.registry.RegistryHolder`, from where the
+Discovery hub diffs it and streams only the changes to nodes, exactly as for
+the YAML source.
+
+Nothing is published until every type has completed its first list: a node must
+never see a partial cluster (say, pods without their policies) as the truth.
+Policy verdicts go to the :class:`~controller.k8s.status.StatusWriter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from controller.registry import RegistryError, RegistryHolder
+
+from .client import KubeClient
+from .convert import Conversion, convert
+from .kinds import (
+    AUTHORIZATION_POLICIES,
+    ENDPOINT_SLICES,
+    NAMESPACES,
+    PEER_AUTHENTICATIONS,
+    PODS,
+    SERVICES,
+    WATCHED_KINDS,
+    ResourceKind,
+)
+from .reflector import Reflector, WatchSettings
+from .status import StatusWriter
+
+__all__ = ["KubernetesSource"]
+
+log = logging.getLogger("veil.controller.k8s")
+
+SOURCE_NAME = "kubernetes"
+
+
+class KubernetesSource:
+    def __init__(
+        self,
+        client: KubeClient,
+        holder: RegistryHolder,
+        trust_domain: str,
+        *,
+        settings: WatchSettings | None = None,
+        status: StatusWriter | None = None,
+        debounce: float = 0.05,
+    ) -> None:
+        self._holder = holder
+        self._trust_domain = trust_domain
+        self._status = status
+        self._debounce = debounce
+        self._dirty = asyncio.Event()
+        self.reflectors: dict[ResourceKind, Reflector] = {
+            kind: Reflector(client, kind, self._dirty.set, settings=settings or WatchSettings())
+            for kind in WATCHED_KINDS
+        }
+        self.synced = asyncio.Event()
+        self.rebuilds = 0
+        self.last_conversion: Conversion | None = None
+        self._logged: set[tuple[str, ...]] = set()
+
+    def set_status_writer(self, status: StatusWriter) -> None:
+        self._status = status
+
+    def lookup(self, kind: ResourceKind, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """The cached object (the StatusWriter compares statuses against it)."""
+        reflector = self.reflectors.get(kind)
+        return None if reflector is None else reflector.cache.get((namespace, name))
+
+    def _objects(self, kind: ResourceKind) -> list[Mapping[str, Any]]:
+        return list(self.reflectors[kind].cache)
+
+    def rebuild(self) -> bool:
+        """Converts the caches and publishes; a failure keeps the previous state."""
+        self.rebuilds += 1
+        try:
+            conversion = convert(
+                self._trust_domain,
+                namespaces=self._objects(NAMESPACES),
+                pods=self._objects(PODS),
+                services=self._objects(SERVICES),
+                endpoint_slices=self._objects(ENDPOINT_SLICES),
+                authorization_policies=self._objects(AUTHORIZATION_POLICIES),
+                peer_authentications=self._objects(PEER_AUTHENTICATIONS),
+            )
+            self._holder.publish(conversion.state, source=SOURCE_NAME)
+        except RegistryError as e:
+            self._holder.report_error(e)
+            return False
+        self.last_conversion = conversion
+        self._log_new(conversion)
+        if self._status is not None:
+            self._status.submit(conversion.verdicts)
+        return True
+
+    def _log_new(self, conversion: Conversion) -> None:
+        """Logs each refusal and note once, not on every rebuild."""
+        current: set[tuple[str, ...]] = set()
+        for v in conversion.verdicts:
+            if v.error is not None:
+                verdict: tuple[str, ...] = (v.kind.kind, v.namespace, v.name, str(v.generation))
+                current.add(verdict)
+                if verdict not in self._logged:
+                    log.warning(
+                        "%s %s/%s not applied: %s", v.kind.kind, v.namespace, v.name, v.error
+                    )
+        for note in conversion.notes:
+            current.add((note,))
+            if (note,) not in self._logged:
+                log.info("%s", note)
+        self._logged = current
+
+    async def wait_synced(self) -> None:
+        await self.synced.wait()
+
+    async def run(self) -> None:
+        """Runs the reflectors and publishes until cancelled."""
+        tasks = [
+            asyncio.create_task(r.run(), name=f"reflector-{k.plural}")
+            for k, r in self.reflectors.items()
+        ]
+        try:
+            for r in self.reflectors.values():
+                await r.synced.wait()
+            log.info("initial list of %d resource types complete", len(self.reflectors))
+            while True:
+                self._dirty.clear()
+                if self.rebuild():
+                    self.synced.set()
+                await self._dirty.wait()
+                await asyncio.sleep(self._debounce)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t

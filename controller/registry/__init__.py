@@ -1,0 +1,32 @@
+"""The controller's workload registry: sources, validation and the current state.
+
+Sources turn their input into one :class:`~controller.api.model.RegistryState`:
+the YAML file (:mod:`.document`, watched by :mod:`.watcher`) and, in a cluster,
+the Kubernetes API (which reuses :mod:`.policy` and :func:`build_state`). The
+:class:`RegistryHolder` keeps the last good state and tells the Discovery hub
+about every new one.
+"""
+
+from .build import Origin, build_state, describe, is_enrolled
+from .document import parse_registry, parse_registry_bytes, read_registry_file
+from .errors import RegistryError
+from .holder import RegistryHolder, RegistryStatus, describe_state
+from .policy import parse_authorization_policy, parse_peer_authentication
+from .watcher import RegistryFileWatcher
+
+__all__ = [
+    "Origin",
+    "RegistryError",
+    "RegistryFileWatcher",
+    "RegistryHolder",
+    "RegistryStatus",
+    "build_state",
+    "describe",
+    "describe_state",
+    "is_enrolled",
+    "parse_authorization_policy",
+    "parse_peer_authentication",
+    "parse_registry",
+    "parse_registry_bytes",
+    "read_registry_file",
+]

@@ -1,0 +1,31 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Build options. Every value comes from a -D flag that agent/bpf/programs.py
+ * builds from controller/api/dataplane.py, so ports and marks exist in one
+ * place. There are deliberately no defaults: a missing flag is a build error,
+ * not a silently different data path.
+ *
+ * Optional switches:
+ *   VEIL_DROP_UDP  drop non-DNS UDP from enrolled pods (and to them, except
+ *                  DNS replies); without it UDP passes untouched.
+ */
+#ifndef VEIL_CONFIG_H
+#define VEIL_CONFIG_H
+
+#if !defined(VEIL_OUTBOUND_PORT) || !defined(VEIL_INBOUND_PLAINTEXT_PORT) || !defined(VEIL_HBONE_PORT)
+#error "ztunnel ports must be passed as -D flags (agent/bpf/programs.py builds them)"
+#endif
+#if !defined(VEIL_DNS_PORT)
+#error "VEIL_DNS_PORT must be passed as a -D flag"
+#endif
+#if !defined(VEIL_MARK_MASK) || !defined(VEIL_MARK_REDIRECT) || !defined(VEIL_MARK_ZTUNNEL)
+#error "packet marks must be passed as -D flags (agent/bpf/programs.py builds them)"
+#endif
+#if !defined(VEIL_PIN_DIR)
+#error "VEIL_PIN_DIR (a string literal) must be passed as a -D flag"
+#endif
+#if !defined(VEIL_MAX_PODS)
+#error "VEIL_MAX_PODS must be passed as a -D flag"
+#endif
+
+#endif /* VEIL_CONFIG_H */

@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * tc ingress on the node's uplink: packets arriving from other nodes.
+ *
+ * Only TCP addressed to an enrolled local pod is ours. It goes to an existing
+ * socket first (replies to the ztunnel's transparent connections that leave
+ * the node with a pod's source address), then a SYN to :VEIL_HBONE_PORT goes
+ * to the HBONE listener and a SYN to any other port to the inbound plaintext
+ * listener, where PERMISSIVE/STRICT is decided. Counters are charged to the
+ * destination pod.
+ *
+ * UDP and ICMP to enrolled pods are left to the pod's egress guard; anything
+ * else, including packets we cannot parse, is TC_ACT_UNSPEC: the uplink
+ * carries the node's own traffic too, and it is not ours to judge.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "veil_maps.h"
+#include "veil_packet.h"
+#include "veil_steer.h"
+
+int veil_uplink_ingress(struct __sk_buff *skb)
+{
+	struct veil_packet pkt = {};
+	struct veil_local_pod *dst;
+	__u32 dst_ifindex;
+	__u16 port;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	if (veil_parse_ipv4(skb, &pkt) < 0)
+		return TC_ACT_UNSPEC;
+	if (pkt.protocol != IPPROTO_TCP)
+		return TC_ACT_UNSPEC;
+	dst = veil_local_ips.lookup(&pkt.tuple.ipv4.daddr);
+	if (!dst)
+		return TC_ACT_UNSPEC;
+
+	port = VEIL_INBOUND_PLAINTEXT_PORT;
+	if (pkt.has_ports && pkt.tuple.ipv4.dport == bpf_htons(VEIL_HBONE_PORT))
+		port = VEIL_HBONE_PORT;
+	dst_ifindex = dst->ifindex;
+	return veil_steer_tcp(skb, &pkt, port, veil_counters.lookup(&dst_ifindex), true);
+}

@@ -1,0 +1,171 @@
+"""RegistryHolder and the file watcher: good edits publish, bad edits keep the last state."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from controller.api.model import RegistryState
+from controller.registry import RegistryError, RegistryFileWatcher, RegistryHolder
+
+DOC = """
+namespaces: [{{name: shop, labels: {{veil.io/dataplane-mode: ambient}}}}]
+workloads:
+  - {{name: a, namespace: shop, node: n1, ips: [{ip}]}}
+"""
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+    # Make sure the stamp differs even on filesystems with coarse mtimes.
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def test_holder_publish_notifies_and_clears_error() -> None:
+    holder = RegistryHolder()
+    seen: list[RegistryState] = []
+    unsubscribe = holder.subscribe(seen.append)
+
+    def broken(_: RegistryState) -> None:
+        raise RuntimeError("consumer bug")
+
+    holder.subscribe(broken)
+    holder.report_error(RegistryError("bad"))
+    assert holder.last_error is not None and holder.status().last_error == "bad"
+    state = RegistryState(trust_domain="cluster.local")
+    holder.publish(state, source="test")
+    assert seen == [state] and holder.current() is state
+    assert holder.last_error is None and holder.generation == 1
+    unsubscribe()
+    holder.publish(RegistryState(), source="test")
+    assert len(seen) == 1  # unsubscribed; the broken listener did not stop the publish
+    assert holder.generation == 2
+
+
+def test_holder_refuses_foreign_trust_domain() -> None:
+    holder = RegistryHolder(trust_domain="cluster.local")
+    before = holder.current()
+    with pytest.raises(RegistryError, match="differs from the controller's trust domain"):
+        holder.publish(RegistryState(trust_domain="example.org"), source="f.yaml")
+    assert holder.current() is before and holder.generation == 0
+
+
+async def test_edit_publishes_and_broken_edit_keeps_state(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder(trust_domain="cluster.local")
+    watcher = RegistryFileWatcher(path, holder)
+    watcher.load_initial()
+    assert holder.current().workloads[0].ips == ("10.0.0.1",)
+    assert not await watcher.check()  # nothing changed
+
+    write(path, DOC.format(ip="10.0.0.2"))
+    assert await watcher.check()
+    assert holder.current().workloads[0].ips == ("10.0.0.2",)
+
+    good = holder.current()
+    write(path, DOC.format(ip="10.0.0"))
+    assert not await watcher.check()
+    assert holder.current() is good
+    err = holder.last_error
+    assert err is not None
+    assert str(err).startswith(f'{path}: workloads[0] (shop/a): field "ips[0]": "10.0.0" is not an IP')
+    first_error_at = holder.status().last_error_at
+
+    # Touching the broken file without changing it is not a new failure.
+    write(path, DOC.format(ip="10.0.0"))
+    assert not await watcher.check()
+    assert holder.status().last_error_at == first_error_at
+
+    write(path, DOC.format(ip="10.0.0.3"))
+    assert await watcher.check()
+    assert holder.last_error is None
+    assert holder.current().workloads[0].ips == ("10.0.0.3",)
+
+
+async def test_rewriting_same_content_does_not_republish(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(path, holder)
+    watcher.load_initial()
+    write(path, DOC.format(ip="10.0.0.1"))
+    assert not await watcher.check()
+    assert holder.generation == 1
+
+
+async def test_editor_rename_replace_and_disappearance(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(path, holder)
+    watcher.load_initial()
+
+    # Save by writing a new file and renaming it over the old one.
+    tmp = tmp_path / ".registry.yaml.swp"
+    tmp.write_text(DOC.format(ip="10.0.0.9"))
+    os.replace(tmp, path)
+    assert await watcher.check()
+    assert holder.current().workloads[0].ips == ("10.0.0.9",)
+
+    # A short absence (old file renamed away) is not an error; a lasting one is.
+    backup = tmp_path / "registry.yaml~"
+    os.rename(path, backup)
+    assert not await watcher.check()
+    assert holder.last_error is None
+    assert not await watcher.check()
+    assert holder.last_error is not None and "has disappeared" in str(holder.last_error)
+    assert holder.current().workloads[0].ips == ("10.0.0.9",)
+
+    os.rename(backup, path)
+    await watcher.check()
+    assert holder.current().workloads[0].ips == ("10.0.0.9",)
+    write(path, DOC.format(ip="10.0.0.10"))
+    assert await watcher.check()
+    assert holder.last_error is None
+
+
+async def test_foreign_trust_domain_edit_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder(trust_domain="cluster.local")
+    watcher = RegistryFileWatcher(path, holder)
+    watcher.load_initial()
+    write(path, "trustDomain: example.org\n" + DOC.format(ip="10.0.0.1"))
+    assert not await watcher.check()
+    assert holder.last_error is not None and "trustDomain" in str(holder.last_error)
+
+
+def test_invalid_file_at_startup_raises(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, "workloads: [{name: a}]\n")
+    holder = RegistryHolder()
+    with pytest.raises(RegistryError, match='field "namespace": is required'):
+        RegistryFileWatcher(path, holder).load_initial()
+    assert holder.generation == 0
+
+
+async def test_run_picks_up_an_edit(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(path, holder, interval=0.05)
+    watcher.load_initial()
+    changed = asyncio.Event()
+    holder.subscribe(lambda _: changed.set())
+    task = asyncio.create_task(watcher.run())
+    try:
+        start = time.monotonic()
+        write(path, DOC.format(ip="10.0.0.2"))
+        await asyncio.wait_for(changed.wait(), timeout=5)
+        assert time.monotonic() - start < 2
+        assert holder.current().workloads[0].ips == ("10.0.0.2",)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

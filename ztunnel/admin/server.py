@@ -1,0 +1,235 @@
+"""The ztunnel's operations endpoints (aiohttp).
+
+Three listeners, because they have different audiences:
+
+- admin on ``127.0.0.1:15000`` (loopback only, refused otherwise): ``/config_dump``
+  (workloads, services, policies, peer authentications, certificates without
+  keys, live connections, controller status), ``/certs``, ``/healthz``,
+  ``/healthz/ready``, ``/metrics``;
+- Prometheus on ``:15020``: ``/metrics`` (and ``/stats/prometheus``);
+- readiness on ``:15021``: ``/healthz/ready`` for the kubelet.
+
+Live connections belong to the proxy, so the server takes a callback for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from ..config import ZtunnelConfig, is_loopback
+from ..errors import AdminBindError
+from ..identity.manager import CertManager
+from ..metrics.prometheus import CONTENT_TYPE, Registry
+from ..state.store import StateStore
+from ..xds.watch import WatchStatus
+from .dump import config_dump
+from .readiness import Readiness
+
+__all__ = ["ConnectionsProvider", "OpsServer", "register_state_gauges"]
+
+log = logging.getLogger("veil.ztunnel.admin")
+
+ConnectionsProvider = Callable[[], Sequence[Mapping[str, Any]]]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=2, sort_keys=False, default=str) + "\n",
+        status=status,
+        content_type="application/json",
+    )
+
+
+def register_state_gauges(
+    registry: Registry,
+    store: StateStore,
+    certs: CertManager | None = None,
+    watch_status: Callable[[], WatchStatus] | None = None,
+) -> None:
+    """Gauges about the control-plane state, read at scrape time."""
+
+    def workloads() -> dict[tuple[str, ...], float]:
+        snap = store.current
+        return {("all",): len(snap.workloads), ("local",): len(snap.local_workloads)}
+
+    registry.gauge(
+        "veil_ztunnel_workloads", "Workloads known to this ztunnel.", ("scope",), workloads
+    )
+    registry.gauge(
+        "veil_ztunnel_state_version",
+        "Version of the control-plane state being served.",
+        (),
+        lambda: {(): float(store.current.version)},
+    )
+    if watch_status is not None:
+        registry.gauge(
+            "veil_ztunnel_controller_connected",
+            "1 while the Discovery watch to the controller is up.",
+            (),
+            lambda: {(): 1.0 if watch_status().connected else 0.0},
+        )
+    if certs is not None:
+
+        def cert_states() -> dict[tuple[str, ...], float]:
+            out: dict[tuple[str, ...], float] = {
+                ("valid",): 0.0,
+                ("pending",): 0.0,
+                ("expired",): 0.0,
+            }
+            for s in certs.statuses():
+                out[(s.state,)] = out.get((s.state,), 0.0) + 1
+            return out
+
+        registry.gauge(
+            "veil_ztunnel_certificates",
+            "Workload certificates held, by state.",
+            ("state",),
+            cert_states,
+        )
+
+
+class OpsServer:
+    """Runs the admin, metrics and readiness listeners."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        registry: Registry,
+        readiness: Readiness,
+        certs: CertManager | None = None,
+        watch_status: Callable[[], WatchStatus] | None = None,
+        connections: ConnectionsProvider | None = None,
+        admin_address: tuple[str, int] = ("127.0.0.1", 15000),
+        metrics_address: tuple[str, int] | None = ("0.0.0.0", 15020),
+        readiness_address: tuple[str, int] | None = ("0.0.0.0", 15021),
+    ) -> None:
+        if not is_loopback(admin_address[0]):
+            raise AdminBindError(
+                f"refusing to serve the admin API on {admin_address[0]}: it is not a loopback "
+                "address",
+                hint="the admin API exposes workload state; bind it to 127.0.0.1 or ::1 and "
+                "use the metrics (:15020) and readiness (:15021) listeners for remote access",
+            )
+        self._store = store
+        self._registry = registry
+        self._readiness = readiness
+        self._certs = certs
+        self._watch_status = watch_status
+        self._connections = connections
+        self._wanted = {
+            "admin": admin_address,
+            "metrics": metrics_address,
+            "readiness": readiness_address,
+        }
+        self._runners: list[web.AppRunner] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    @classmethod
+    def from_config(cls, config: ZtunnelConfig, **kwargs: Any) -> OpsServer:
+        return cls(
+            admin_address=config.admin_address,
+            metrics_address=config.metrics_address,
+            readiness_address=config.readiness_address,
+            **kwargs,
+        )
+
+    # -- handlers ----------------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """The ``/config_dump`` document (also used by tests and the CLI)."""
+        try:
+            conns = (
+                [dict(c) for c in self._connections()] if self._connections is not None else []
+            )
+        except Exception as e:
+            log.exception("connections provider failed")
+            conns = [{"error": f"{type(e).__name__}: {e}"}]
+        return config_dump(
+            self._store.current,
+            certificates=self._certs.dump() if self._certs is not None else [],
+            controller=self._watch_status().to_json() if self._watch_status is not None else None,
+            connections=conns,
+        )
+
+    async def _config_dump(self, request: web.Request) -> web.Response:
+        return _json(self.dump())
+
+    async def _certificates(self, request: web.Request) -> web.Response:
+        return _json(self._certs.dump() if self._certs is not None else [])
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        result = self._readiness.check()
+        if result.ready:
+            return web.Response(text="ready\n")
+        return web.Response(text="not ready: " + "; ".join(result.reasons) + "\n", status=503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = self._registry.render()
+        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "endpoints": ["/config_dump", "/certs", "/healthz", "/healthz/ready", "/metrics"],
+                "time": datetime.now(UTC).isoformat(),
+            }
+        )
+
+    def _apps(self) -> dict[str, web.Application]:
+        admin = web.Application()
+        admin.router.add_get("/", self._index)
+        admin.router.add_get("/config_dump", self._config_dump)
+        admin.router.add_get("/certs", self._certificates)
+        admin.router.add_get("/healthz", self._healthz)
+        admin.router.add_get("/healthz/ready", self._ready)
+        admin.router.add_get("/metrics", self._metrics)
+        metrics = web.Application()
+        metrics.router.add_get("/metrics", self._metrics)
+        metrics.router.add_get("/stats/prometheus", self._metrics)
+        ready = web.Application()
+        ready.router.add_get("/healthz/ready", self._ready)
+        return {"admin": admin, "metrics": metrics, "readiness": ready}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Binds every configured listener; on failure nothing stays bound."""
+        try:
+            for name, app in self._apps().items():
+                addr = self._wanted[name]
+                if addr is None:
+                    continue
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                await runner.setup()
+                self._runners.append(runner)
+                site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
+                try:
+                    await site.start()
+                except OSError as e:
+                    raise AdminBindError(
+                        f"cannot listen for {name} on {addr[0]}:{addr[1]}: {e.strerror or e}",
+                        hint="another process holds the port; stop it or choose another "
+                        f"--{name}-address",
+                    ) from None
+                bound = runner.addresses[0]
+                self.addresses[name] = (str(bound[0]), int(bound[1]))
+                log.info("%s endpoint listening on %s:%d", name, *self.addresses[name])
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        runners, self._runners = self._runners, []
+        for r in runners:
+            await r.cleanup()
+        self.addresses = {}

@@ -1,0 +1,374 @@
+"""The ztunnel process: wires the components together and runs them.
+
+:class:`Ztunnel` owns the lifecycle:
+
+1. load this node's credentials (``veil node join`` stored them) and open the
+   mTLS channel to the controller;
+2. start the Discovery watch into the state store, the certificate manager
+   (prefetching every local workload's SVID), and the admin, metrics and
+   readiness endpoints;
+3. after the first snapshot, bind the 15001 / 15006 / 15008 listeners (before
+   that, an enrolled pod's SYN finds no listener and is dropped: fail closed);
+4. on every state change re-check the live connections this node authorized;
+5. on SIGTERM: report not ready, stop accepting, GOAWAY every HBONE peer, let
+   connections drain for the grace period (25 s by default), then reset what
+   is left and stop.
+
+While the controller is unreachable nothing is torn down: the last snapshot
+keeps routing, certificates keep serving until they expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import timedelta
+from pathlib import Path
+
+from controller.api.client import ControllerClient
+from controller.api.dataplane import MARK_ZTUNNEL
+from controller.api.model import ResourceType, TrustBundle, WatchUpdate
+from controller.node import NodeCredentials, load_node_credentials
+from ztunnel.admin import OpsServer, Readiness, register_state_gauges
+from ztunnel.config import ZtunnelConfig
+from ztunnel.errors import ConfigError
+from ztunnel.hbone import HboneClientPool, HboneConfig
+from ztunnel.identity import CertManager
+from ztunnel.metrics import Registry, TrafficMetrics
+from ztunnel.proxy.connections import ConnectionRegistry, Direction
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.errors import ListenerError
+from ztunnel.proxy.inbound import InboundProxy
+from ztunnel.proxy.listener import ConnectionHandler, Listener
+from ztunnel.proxy.outbound import OutboundProxy
+from ztunnel.proxy.plaintext import handle_plaintext
+from ztunnel.proxy.sockets import Address, connect_upstream, listener_socket
+from ztunnel.state import StateChange, StateStore
+from ztunnel.tls import TlsContextCache
+from ztunnel.xds import WatchClient
+from ztunnel.xds.backoff import Backoff
+
+__all__ = ["Ztunnel", "run_ztunnel"]
+
+log = logging.getLogger("veil.ztunnel")
+
+# How often the node credentials in the state directory are checked for a
+# renewed node certificate (the agent or `veil node certificate` renews it).
+_CREDENTIALS_POLL = 30.0
+
+
+class _Controller:
+    """The controller channel, swapped when the node certificate is renewed.
+
+    The watch and the certificate manager hold this object, not a client, so a
+    renewed node certificate takes effect on their next call.
+    """
+
+    def __init__(self, creds: NodeCredentials, address: str) -> None:
+        self.creds = creds
+        self.address = address
+        self.client = self._open(creds)
+
+    def _open(self, creds: NodeCredentials) -> ControllerClient:
+        return ControllerClient(
+            self.address,
+            key_pem=creds.key_pem,
+            cert_chain_pem=b"".join(creds.cert_chain_pem),
+            trust_bundle_pem=b"".join(creds.trust_bundle_pem),
+        )
+
+    async def create_certificate(
+        self, csr_pem: bytes, identity: str, ttl_seconds: int = 0, timeout: float = 10.0
+    ) -> tuple[bytes, ...]:
+        return await self.client.create_certificate(csr_pem, identity, ttl_seconds, timeout)
+
+    def watch(
+        self,
+        node: str = "",
+        types: Iterable[ResourceType] = (),
+        epoch: str = "",
+        version: int = 0,
+    ) -> AsyncIterator[WatchUpdate]:
+        return self.client.watch(node, types, epoch, version)
+
+    async def reload(self, state_dir: Path) -> None:
+        try:
+            creds = load_node_credentials(state_dir)
+        except Exception as e:
+            log.warning("cannot re-read node credentials: %s", e)
+            return
+        if creds.cert_chain_pem == self.creds.cert_chain_pem and (
+            creds.trust_bundle_pem == self.creds.trust_bundle_pem
+        ):
+            return
+        log.info("node credentials changed on disk; reconnecting to the controller with them")
+        old, self.client, self.creds = self.client, self._open(creds), creds
+        # Let streams on the old channel end on their own (the watch reconnects).
+        await asyncio.sleep(0)
+        await old.close()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class Ztunnel:
+    """One node's ztunnel.
+
+    ``transparent`` and ``mark`` exist for tests that run without the node's
+    steering; production uses the defaults. ``peer_hbone_port`` overrides the
+    HBONE port dialled on peers (tests running several ztunnels on one host).
+    """
+
+    def __init__(
+        self,
+        config: ZtunnelConfig,
+        *,
+        credentials: NodeCredentials | None = None,
+        transparent: bool = True,
+        mark: int | None = MARK_ZTUNNEL,
+        peer_hbone_port: int | None = None,
+    ) -> None:
+        self.config = config
+        creds = credentials if credentials is not None else load_node_credentials(config.state_dir)
+        if creds.node != config.node_name:
+            raise ConfigError(
+                f"the credentials in {config.state_dir} belong to node {creds.node!r}, "
+                f"not {config.node_name!r}",
+                hint="pass the node name used at `veil node join`, or that node's state directory",
+            )
+        self._controller = _Controller(creds, config.controller_address or creds.controller_address)
+        self.store = StateStore(config.node_name, creds.trust_domain)
+        self.certs = CertManager(
+            self._controller,
+            self._trust_bundle,
+            ttl=timedelta(seconds=config.cert_ttl) if config.cert_ttl else None,
+            retry_initial=config.cert_retry_initial,
+            retry_max=config.cert_retry_max,
+            request_timeout=config.connect_timeout,
+            key_dir=config.key_dir,
+        )
+        self.watch = WatchClient(
+            self._controller,
+            self.store,
+            backoff=Backoff(config.xds_backoff_initial, config.xds_backoff_max),
+        )
+        self.metrics_registry = Registry()
+        self.traffic = TrafficMetrics(
+            self.metrics_registry, max_label_sets=config.metrics_max_label_sets
+        )
+        self.connections = ConnectionRegistry()
+        self.ctx = ProxyContext(
+            store=self.store,
+            metrics=self.traffic,
+            registry=self.connections,
+            mark=mark,
+            transparent=transparent,
+            connect_timeout=config.connect_timeout,
+            own_ports=frozenset(
+                {config.outbound_port, config.inbound_plaintext_port, config.hbone_port}
+            ),
+        )
+        hbone_config = HboneConfig(
+            pool_idle_timeout=config.pool_idle_timeout,
+            handshake_timeout=config.connect_timeout,
+            shutdown_grace=config.drain_grace_period,
+        )
+        contexts = TlsContextCache()
+        self.pool = HboneClientPool(
+            self._trust_bundle, connect=self._dial_peer, config=hbone_config, contexts=contexts
+        )
+        self.outbound = OutboundProxy(
+            self.ctx, self.certs, self.pool, peer_hbone_port=peer_hbone_port
+        )
+        self.inbound = InboundProxy(
+            self.ctx, self.certs, self._trust_bundle, config=hbone_config, contexts=contexts
+        )
+        self.readiness = Readiness(self.store, self.certs)
+        self.readiness.add_check("listeners", self._listeners_ready)
+        self.ops = OpsServer.from_config(
+            config,
+            store=self.store,
+            registry=self.metrics_registry,
+            readiness=self.readiness,
+            certs=self.certs,
+            watch_status=self.watch.status,
+            connections=self.connections.dump,
+        )
+        register_state_gauges(self.metrics_registry, self.store, self.certs, self.watch.status)
+        self.metrics_registry.gauge(
+            "veil_ztunnel_active_connections",
+            "Connections the ztunnel is proxying now, by direction.",
+            ("direction",),
+            self._active_by_direction,
+        )
+        self.listeners: dict[str, Listener] = {}
+        self.draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._stopped = False
+
+    # -- wiring ------------------------------------------------------------------
+
+    def _trust_bundle(self) -> TrustBundle:
+        bundle = self.store.current.trust_bundle
+        return bundle if bundle is not None else self._controller.creds.trust_bundle()
+
+    async def _dial_peer(self, ip: str, port: int) -> socket.socket:
+        # Marked so the node's steering does not capture the tunnel itself.
+        return await connect_upstream(
+            Address(ip, port), mark=self.ctx.mark, timeout=self.config.connect_timeout
+        )
+
+    def _on_state_change(self, change: StateChange) -> None:
+        if change.affects_authorization:
+            self.connections.recheck(change.new)
+
+    def _listeners_ready(self) -> str | None:
+        if self.draining:
+            return "draining for shutdown"
+        if len(self.listeners) < 3:
+            return "listeners not bound yet"
+        return None
+
+    def _active_by_direction(self) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {(d.value,): 0.0 for d in Direction}
+        for c in self.connections:
+            out[(c.info.direction.value,)] += 1
+        return out
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, *, sync_timeout: float | None = None) -> None:
+        """Starts everything; returns once the listeners accept.
+
+        ``sync_timeout`` bounds the wait for the controller's first snapshot
+        (None: wait as long as it takes, reporting not ready meanwhile).
+        """
+        self._unsubscribe.append(self.store.subscribe(self.certs.on_state_change))
+        self._unsubscribe.append(self.store.subscribe(self._on_state_change))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.watch.run(), name="veil-watch"))
+        self._tasks.append(loop.create_task(self._poll_credentials(), name="veil-creds"))
+        await self.ops.start()
+        log.info(
+            "ztunnel for node %s: waiting for the controller's first snapshot from %s",
+            self.config.node_name,
+            self._controller.address,
+        )
+        try:
+            snap = await self.store.wait_synced(sync_timeout)
+        except TimeoutError:
+            raise ConfigError(
+                f"no state from the controller at {self._controller.address} "
+                f"within {sync_timeout:g}s",
+                hint="check that the controller runs and this node joined it",
+            ) from None
+        log.info(
+            "state synced (version %d): %d workloads, %d local",
+            snap.version,
+            len(snap.workloads),
+            len(snap.local_workloads),
+        )
+        self._bind_listeners()
+
+    def _bind_listeners(self) -> None:
+        c = self.config
+        host = c.listen_address
+        wanted: list[tuple[str, int, ConnectionHandler]] = [
+            ("hbone", c.hbone_port, self.inbound.handle),
+            ("inbound_plaintext", c.inbound_plaintext_port, self._plaintext),
+            ("outbound", c.outbound_port, self.outbound.handle),
+        ]
+        transparent = self.ctx.transparent
+        try:
+            for name, port, handler in wanted:
+                try:
+                    sock = listener_socket(host, port, transparent=transparent)
+                except OSError as e:
+                    raise ListenerError(name, host, port, e) from None
+                listener = Listener(name, sock, handler)
+                self.listeners[name] = listener
+                listener.start()
+                log.info("%s listener on %s:%d", name, *listener.address)
+        except BaseException:
+            for listener in self.listeners.values():
+                listener.stop_accepting()
+            self.listeners.clear()
+            raise
+
+    async def _plaintext(self, sock: socket.socket) -> None:
+        await handle_plaintext(self.ctx, sock)
+
+    async def _poll_credentials(self) -> None:
+        while True:
+            await asyncio.sleep(_CREDENTIALS_POLL)
+            await self._controller.reload(self.config.state_dir)
+
+    def address(self, listener: str) -> tuple[str, int]:
+        """Where a listener (outbound, inbound_plaintext, hbone) is bound."""
+        return self.listeners[listener].address
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drains and stops. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.drain_grace_period if grace is None else grace
+        self.draining = True
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        live = len(self.connections)
+        log.info("shutting down: draining %d connection(s) for up to %.0fs", live, grace)
+        # GOAWAY to every HBONE peer (both directions) while the connections
+        # that are left finish on their own.
+        await asyncio.gather(
+            self.inbound.shutdown(grace),
+            self.pool.shutdown(grace),
+            self.connections.wait_empty(grace),
+        )
+        left = self.connections.close_all("shutdown: drain grace period ended")
+        if left:
+            log.warning("drain grace period ended; reset %d connection(s)", left)
+            await self.connections.wait_empty(2.0)
+        for listener in self.listeners.values():
+            await listener.close(timeout=2.0)
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.certs.close()
+        await self.ops.stop()
+        await self._controller.close()
+        log.info("ztunnel stopped")
+
+
+async def run_ztunnel(config: ZtunnelConfig) -> int:
+    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ztunnel = Ztunnel(config)
+    try:
+        starting = loop.create_task(ztunnel.start())
+        stopping = loop.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # raises a startup error
+            await stopping
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    finally:
+        await ztunnel.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,231 @@
+"""A sans-IO HTTP/2 connection for exactly what HBONE needs: CONNECT tunnels.
+
+:class:`H2Connection` takes bytes (:meth:`~H2Receiver.receive_data`) and calls
+(send a request, a response, data, a reset...) and produces bytes
+(:meth:`~H2Core.data_to_send`) and :mod:`events <ztunnel.hbone.events>`. It
+never touches a socket, and reads time only through the clock it is given, so
+every exchange can be scripted in a unit test.
+
+What it enforces, and why:
+
+* RFC 9113 framing and stream states (the :mod:`ztunnel.hbone.streams` table);
+  unknown frame types are skipped, PRIORITY is ignored, PUSH_PROMISE is a
+  protocol error (the client advertises ENABLE_PUSH=0, servers never get one).
+* Flow control both ways. Receive windows reopen only when the driver calls
+  :meth:`acknowledge_received_data` after the bytes left the process, in batches
+  (WINDOW_UPDATE once half a window is due), so nothing buffers more than it
+  advertised; a peer overrunning a window gets FLOW_CONTROL_ERROR.
+* DATA only flows on a stream after a 2xx response: a client cannot send before
+  it saw 200, a server cannot before it sent it.
+* Abuse limits from :class:`~ztunnel.hbone.config.H2Settings`: header block and
+  header list size, CONTINUATION count (CVE-2024-27316 floods), early stream
+  resets (Rapid Reset, CVE-2023-44487), PING/SETTINGS and empty-frame rates.
+  Each ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
+* A peer's violation never raises: a connection error queues GOAWAY and reports
+  :class:`~ztunnel.hbone.events.ConnectionTerminated` (the error is kept in
+  :attr:`error`), a stream error queues RST_STREAM and reports
+  :class:`~ztunnel.hbone.events.StreamReset`. Misuse by our own code raises
+  :class:`~ztunnel.hbone.errors.LocalProtocolError`.
+
+DATA is the hot path: incoming unpadded DATA is handed out as ``memoryview``
+slices of the input as it arrives, and outgoing DATA frames reference the
+caller's buffer (only the first TLS-record-sized piece is joined to the frame
+header, so the TLS layer never emits a 9-byte record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import frames as fr
+from .core import Role
+from .errors import LocalProtocolError
+from .receive import H2Receiver
+from .streams import H2Stream, Input, State
+
+__all__ = ["H2Connection", "Role"]
+
+E = fr.ErrorCode
+_TLS_RECORD = 16_384
+
+
+class H2Connection(H2Receiver):
+    """One HTTP/2 connection, client or server side, without IO."""
+
+    def initiate(self) -> None:
+        """Queue the connection preface: (client magic,) SETTINGS, connection window."""
+        cfg = self.settings
+        ours = [
+            (fr.SettingCode.MAX_CONCURRENT_STREAMS, cfg.max_concurrent_streams),
+            (fr.SettingCode.INITIAL_WINDOW_SIZE, cfg.initial_stream_window),
+            (fr.SettingCode.MAX_FRAME_SIZE, cfg.max_frame_size),
+            (fr.SettingCode.MAX_HEADER_LIST_SIZE, cfg.max_header_list_size),
+        ]
+        if self.role is Role.CLIENT:
+            self._out.append(fr.PREFACE)
+            ours.insert(0, (fr.SettingCode.ENABLE_PUSH, 0))
+        self._out.append(fr.settings_frame(ours))
+        self._settings_unacked += 1
+        grow = cfg.connection_window - fr.DEFAULT_WINDOW
+        if grow > 0:
+            self._out.append(fr.window_update_frame(0, grow))
+            self._conn_recv_window += grow
+
+    # --------------------------------------------------------------- queries
+
+    def stream_state(self, stream_id: int) -> State:
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else State.CLOSED
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes :meth:`send_data` would take on ``stream_id`` right now."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return max(0, min(stream.send_window, self._conn_send_window))
+
+    @property
+    def can_open_stream(self) -> bool:
+        return (
+            self.role is Role.CLIENT
+            and not self.closed
+            and not self.goaway_sent
+            and not self.goaway_received
+            and len(self._streams) < self.peer_max_concurrent_streams
+            and self._next_local <= fr.MAX_WINDOW
+        )
+
+    # -------------------------------------------------------------- sending
+
+    def _stream(self, stream_id: int) -> H2Stream:
+        if self.closed:
+            raise LocalProtocolError("the HTTP/2 connection is closed")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        return stream
+
+    def _encode_headers(self, sid: int, headers: Sequence[tuple[str, str]], end: bool) -> None:
+        block = self._encoder.encode(list(headers))
+        self._out.append(fr.headers_frames(sid, block, end, self.peer_max_frame_size))
+
+    def send_request(self, headers: Sequence[tuple[str, str]]) -> int:
+        """Open a stream with a request (no END_STREAM); returns its stream id."""
+        if self.closed or self.role is not Role.CLIENT:
+            raise LocalProtocolError("requests are sent by an open client connection")
+        if not self.can_open_stream:
+            raise LocalProtocolError(
+                "no new stream can be opened on this connection (going away, or at the "
+                f"peer's limit of {self.peer_max_concurrent_streams} streams)"
+            )
+        sid = self._next_local
+        self._next_local += 2
+        stream = H2Stream(
+            sid, self.peer_initial_window, self.settings.initial_stream_window, self._clock()
+        )
+        stream.local_initiated = True
+        stream.apply(Input.SEND_HEADERS)
+        self._streams[sid] = stream
+        self._encode_headers(sid, headers, False)
+        return sid
+
+    def send_response(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Sequence[tuple[str, str]] = (),
+        end_stream: bool = False,
+    ) -> None:
+        """Answer a request; a 2xx without END_STREAM opens the tunnel for DATA."""
+        stream = self._stream(stream_id)
+        if self.role is not Role.SERVER or stream.response_sent:
+            raise LocalProtocolError(f"stream {stream_id} cannot take a response")
+        if not 200 <= status <= 599:
+            raise LocalProtocolError(f"status {status} is not a final status")
+        self._local_transition(stream, Input.SEND_HEADERS_END if end_stream else Input.SEND_HEADERS)
+        stream.response_sent = True
+        stream.tunnel_open = status < 300
+        self._encode_headers(stream_id, [(":status", str(status)), *headers], end_stream)
+
+    def send_data(
+        self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False
+    ) -> int:
+        """Send as much of ``data`` as the windows allow; returns how many bytes went.
+
+        END_STREAM is set only when every byte went. Retry the rest after a
+        :class:`~ztunnel.hbone.events.WindowUpdated` event. The output references
+        ``data``: flush it before the buffer is reused.
+        """
+        stream = self._stream(stream_id)
+        if not stream.tunnel_open:
+            raise LocalProtocolError(f"stream {stream_id}: no DATA before a 2xx response")
+        if not stream.can_send:
+            raise LocalProtocolError(f"stream {stream_id} is {stream.state.value}")
+        view = memoryview(data).cast("B")
+        total = len(view)
+        n = max(0, min(total, stream.send_window, self._conn_send_window))
+        stream.send_window -= n
+        self._conn_send_window -= n
+        finish = end_stream and n == total
+        out = self._out
+        frame = self.peer_max_frame_size
+        split = _TLS_RECORD - fr.FRAME_HEADER
+        off = 0
+        while off < n:
+            size = min(frame, n - off)
+            head = fr.data_header(size, stream_id, finish and off + size == n)
+            if size <= split:
+                out.append(head + view[off : off + size])
+            else:
+                out.append(head + view[off : off + split])
+                out.append(view[off + split : off + size])
+            off += size
+        if finish:
+            if total == 0:
+                out.append(fr.data_header(0, stream_id, True))
+            self._local_transition(stream, Input.SEND_END_STREAM)
+        return n
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our side (an empty DATA frame with END_STREAM)."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, code: int = E.CANCEL) -> None:
+        """RST_STREAM a live stream; a stream that is already gone is left alone."""
+        if self.closed:
+            return
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.state = State.CLOSED
+        self._remember_reset(stream_id)
+        self._out.append(fr.rst_stream_frame(stream_id, code))
+
+    def acknowledge_received_data(self, stream_id: int, size: int) -> None:
+        """``size`` received bytes of ``stream_id`` were delivered: reopen the windows.
+
+        WINDOW_UPDATE frames go out in batches, once half of a window is due. A
+        stream that has ended only returns its share of the connection window.
+        """
+        if self.closed or size <= 0:
+            return
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.can_receive:
+            self._credit_stream(stream, size)
+        self._credit_connection(size)
+
+    def send_ping(self, opaque: bytes) -> None:
+        if self.closed:
+            raise LocalProtocolError("the HTTP/2 connection is closed")
+        self._out.append(fr.ping_frame(opaque))
+
+    def close(self, code: int = E.NO_ERROR, message: str = "") -> None:
+        """Send GOAWAY. NO_ERROR lets open streams finish (graceful shutdown: no new
+        streams); any other code ends the connection at once."""
+        if self.closed:
+            return
+        if not self.goaway_sent or code != E.NO_ERROR:
+            self._send_goaway(code, message)
+        if code != E.NO_ERROR:
+            self.closed = True
+            self._streams.clear()

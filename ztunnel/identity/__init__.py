@@ -1,0 +1,29 @@
+"""Workload identities on this node: keys, CSRs, verified certificates, rotation.
+
+:class:`CertManager` is the component; :class:`WorkloadCertificate` is what the
+TLS layer (``ztunnel.tls``) builds contexts from.
+"""
+
+from .certificate import (
+    WorkloadCertificate,
+    build_csr,
+    chain_still_trusted,
+    generate_key,
+    key_pem,
+    verify_issued,
+)
+from .manager import CertificateSigner, CertManager, CertStatus, Clock, SystemClock
+
+__all__ = [
+    "CertManager",
+    "CertStatus",
+    "CertificateSigner",
+    "Clock",
+    "SystemClock",
+    "WorkloadCertificate",
+    "build_csr",
+    "chain_still_trusted",
+    "generate_key",
+    "key_pem",
+    "verify_issued",
+]

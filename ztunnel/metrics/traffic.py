@@ -1,0 +1,236 @@
+"""Per-connection telemetry: Istio-compatible TCP metrics and the access log.
+
+The proxy calls :meth:`TrafficMetrics.connection_opened` when it accepts a
+connection and :meth:`TrafficMetrics.connection_closed` with a
+:class:`ConnectionReport` when it ends. The latter updates the counters and
+writes one structured JSON line to the ``veil.access`` logger.
+
+Byte directions follow Istio: ``received`` counts bytes from the source
+(client) toward the destination, ``sent`` counts bytes from the destination
+back to the source. Workload labels use the workload's canonical name (the
+``service.istio.io/canonical-name``, ``app.kubernetes.io/name`` or ``app``
+label, else the pod name) so a Deployment's pods share one series, as in Istio.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from controller.api.model import Workload
+from controller.api.spiffe import SpiffeId
+
+from .prometheus import Counter, Registry
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "LABEL_NAMES",
+    "ConnectionLabels",
+    "ConnectionReport",
+    "Reporter",
+    "TrafficMetrics",
+    "canonical_name",
+    "write_access_log",
+]
+
+ACCESS_LOGGER = "veil.access"
+UNKNOWN = "unknown"
+LABEL_NAMES = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "response_flags",
+)
+_CANONICAL_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+
+class Reporter(enum.Enum):
+    """Which end of the tunnel reports: the client's ztunnel or the server's."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+def canonical_name(workload: Workload) -> str:
+    for label in _CANONICAL_LABELS:
+        value = workload.labels.get(label)
+        if value:
+            return value
+    return workload.name
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLabels:
+    reporter: Reporter
+    source_workload: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    response_flags: str = "-"
+
+    @classmethod
+    def of(
+        cls,
+        reporter: Reporter,
+        source: Workload | None,
+        source_principal: SpiffeId | None,
+        destination: Workload | None,
+        destination_principal: SpiffeId | None,
+        response_flags: str = "-",
+    ) -> ConnectionLabels:
+        return cls(
+            reporter=reporter,
+            source_workload=canonical_name(source) if source else UNKNOWN,
+            source_workload_namespace=source.namespace if source else UNKNOWN,
+            source_principal=str(source_principal) if source_principal else UNKNOWN,
+            destination_workload=canonical_name(destination) if destination else UNKNOWN,
+            destination_workload_namespace=destination.namespace if destination else UNKNOWN,
+            destination_principal=str(destination_principal) if destination_principal else UNKNOWN,
+            response_flags=response_flags or "-",
+        )
+
+    def values(self) -> tuple[str, ...]:
+        return (
+            self.reporter.value,
+            self.source_workload,
+            self.source_workload_namespace,
+            self.source_principal,
+            self.destination_workload,
+            self.destination_workload_namespace,
+            self.destination_principal,
+            self.response_flags,
+        )
+
+
+def _addr(a: tuple[str, int] | None) -> str | None:
+    if a is None:
+        return None
+    host, port = a
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionReport:
+    """Everything known about one finished connection."""
+
+    reporter: Reporter
+    src_addr: tuple[str, int] | None
+    dst_addr: tuple[str, int] | None
+    src_workload: Workload | None = None
+    dst_workload: Workload | None = None
+    src_principal: SpiffeId | None = None
+    dst_principal: SpiffeId | None = None
+    received_bytes: int = 0  # source -> destination
+    sent_bytes: int = 0  # destination -> source
+    duration: float = 0.0  # seconds
+    verdict: str = "allow"  # "allow" or "deny"
+    reason: str = ""
+    policy: str | None = None
+    error: str | None = None
+    response_flags: str = "-"
+    direction: str | None = None  # "outbound", "inbound", "inbound_plaintext"
+    route: str | None = None  # Route.kind on outbound
+
+    @property
+    def labels(self) -> ConnectionLabels:
+        return ConnectionLabels.of(
+            self.reporter,
+            self.src_workload,
+            self.src_principal,
+            self.dst_workload,
+            self.dst_principal,
+            self.response_flags,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "event": "connection_closed",
+            "reporter": self.reporter.value,
+            "direction": self.direction,
+            "route": self.route,
+            "src": _addr(self.src_addr),
+            "dst": _addr(self.dst_addr),
+            "src_workload": self.src_workload.key if self.src_workload else None,
+            "dst_workload": self.dst_workload.key if self.dst_workload else None,
+            "src_identity": str(self.src_principal) if self.src_principal else None,
+            "dst_identity": str(self.dst_principal) if self.dst_principal else None,
+            "bytes_received": self.received_bytes,
+            "bytes_sent": self.sent_bytes,
+            "duration_ms": round(self.duration * 1000, 3),
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "policy": self.policy,
+            "error": self.error,
+            "response_flags": self.response_flags,
+        }
+
+
+class TrafficMetrics:
+    """The four ``istio_tcp_*`` counters, plus the access log."""
+
+    def __init__(self, registry: Registry | None = None, *, max_label_sets: int = 10_000) -> None:
+        self.registry = registry if registry is not None else Registry()
+
+        def counter(name: str, help_text: str) -> Counter:
+            return self.registry.counter(
+                name, help_text, LABEL_NAMES, max_label_sets=max_label_sets
+            )
+
+        self.opened = counter(
+            "istio_tcp_connections_opened_total", "TCP connections opened through the ztunnel."
+        )
+        self.closed = counter(
+            "istio_tcp_connections_closed_total", "TCP connections closed through the ztunnel."
+        )
+        self.sent = counter(
+            "istio_tcp_sent_bytes_total",
+            "Bytes sent from the destination back to the source of TCP connections.",
+        )
+        self.received = counter(
+            "istio_tcp_received_bytes_total",
+            "Bytes received from the source of TCP connections, toward the destination.",
+        )
+
+    def connection_opened(self, labels: ConnectionLabels) -> None:
+        self.opened.inc(labels.values())
+
+    def add_bytes(self, labels: ConnectionLabels, received: int, sent: int) -> None:
+        """For long-lived connections: count bytes before the connection ends."""
+        if received:
+            self.received.inc(labels.values(), received)
+        if sent:
+            self.sent.inc(labels.values(), sent)
+
+    def connection_closed(self, report: ConnectionReport, *, bytes_counted: bool = False) -> None:
+        """Counts the close and its bytes (unless already counted with
+        :meth:`add_bytes`), and writes the access log line."""
+        values = report.labels.values()
+        self.closed.inc(values)
+        if not bytes_counted:
+            if report.received_bytes:
+                self.received.inc(values, report.received_bytes)
+            if report.sent_bytes:
+                self.sent.inc(values, report.sent_bytes)
+        write_access_log(report)
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+def write_access_log(report: ConnectionReport) -> None:
+    """One JSON object per line on the ``veil.access`` logger (level INFO)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    entry = {"ts": round(time.time(), 6), **report.to_json()}
+    access_log.info(json.dumps(entry, separators=(",", ":"), sort_keys=False))

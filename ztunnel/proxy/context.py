@@ -1,0 +1,119 @@
+"""What every listener shares: the narrowed handles of the ztunnel's components,
+and the bookkeeping every proxied connection goes through.
+
+A listener module receives one :class:`ProxyContext`; it reads the current
+snapshot from the store, decides with the pure functions of ``ztunnel.state``
+and ``ztunnel.policy``, and then calls :func:`proxied` (register, count, relay,
+log) or :func:`refuse` (reset, count, log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from controller.api.dataplane import MARK_ZTUNNEL
+from ztunnel.metrics import TrafficMetrics
+from ztunnel.policy import Connection
+from ztunnel.state import RoundRobin, StateStore
+
+from .connections import (
+    FLAG_DOWNSTREAM_CLOSED,
+    ConnectionInfo,
+    ConnectionRegistry,
+    LiveConnection,
+)
+from .errors import ProxyError
+from .relay import RelayResult
+from .sockets import reset
+
+__all__ = ["ProxyContext", "RelayFn", "proxied", "refuse"]
+
+log = logging.getLogger("veil.ztunnel.proxy")
+
+# Runs the data phase of one connection with its live counters; returns how it ended.
+RelayFn = Callable[[LiveConnection], Awaitable[RelayResult]]
+
+
+@dataclass(eq=False)
+class ProxyContext:
+    """Shared by the three listeners of one ztunnel.
+
+    ``mark`` is the SO_MARK of the ztunnel's own sockets (None only for
+    unprivileged tests); ``transparent`` makes upstream connections to local
+    pods come from the original client IP (IP_TRANSPARENT), so applications
+    see who called them.
+    """
+
+    store: StateStore
+    metrics: TrafficMetrics
+    registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
+    mark: int | None = MARK_ZTUNNEL
+    transparent: bool = True
+    connect_timeout: float = 10.0
+    choose: RoundRobin = field(default_factory=RoundRobin)
+    # Ports of this ztunnel's own listeners (loop guard on the outbound path).
+    own_ports: frozenset[int] = frozenset()
+
+
+def refuse(
+    ctx: ProxyContext,
+    sock: socket.socket | None,
+    info: ConnectionInfo,
+    reason: str,
+    flags: str,
+    *,
+    policy: str | None = None,
+) -> None:
+    """Resets ``sock`` (RST, before any byte from a server) and reports the
+    refusal: a metrics count and an access log line with ``reason``."""
+    if sock is not None:
+        reset(sock)
+    record = LiveConnection(id=0, info=info, authz=None, verdict=f"deny: {reason}")
+    report = record.report(response_flags=flags, policy=policy)
+    ctx.metrics.connection_opened(report.labels)
+    ctx.metrics.connection_closed(report)
+
+
+async def proxied(
+    ctx: ProxyContext,
+    info: ConnectionInfo,
+    relay: RelayFn,
+    *,
+    authz: Connection | None = None,
+    verdict: str = "allow",
+    policy: str | None = None,
+) -> None:
+    """Registers a connection, runs ``relay`` and writes its access log line.
+
+    A connection closed from outside (policy re-check, shutdown) arrives here
+    as a cancellation of the current task; ``relay`` resets its sockets on the
+    way out, and the task ends normally after logging. ``relay`` owns the
+    sockets: it closes or resets them however it ends.
+    """
+    conn = ctx.registry.add(info, authz=authz, verdict=verdict)
+    ctx.metrics.connection_opened(conn.report().labels)
+    error: str | None = None
+    flags: str | None = None
+    try:
+        result = await relay(conn)
+        error = result.error
+    except asyncio.CancelledError:
+        if conn.close_reason is None:
+            conn.close("cancelled", FLAG_DOWNSTREAM_CLOSED)
+        error = conn.close_reason
+    except ProxyError as e:
+        error, flags = str(e.message), e.flags
+    except Exception as e:
+        log.exception("connection %d (%s -> %s) failed", conn.id, info.src, info.dst)
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        ctx.registry.remove(conn)
+        with contextlib.suppress(Exception):
+            ctx.metrics.connection_closed(
+                conn.report(error=error, response_flags=flags, policy=policy)
+            )

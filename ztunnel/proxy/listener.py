@@ -1,0 +1,113 @@
+"""The accept loop shared by the 15001, 15006 and 15008 listeners.
+
+A :class:`Listener` owns one listening socket and one task per accepted
+connection. Accepting drains the kernel's queue with non-blocking ``accept()``
+calls after each wake-up, so a burst of new connections costs one trip
+through the event loop rather than one per connection. ``stop_accepting``
+closes the socket (new SYNs then find no listener and, under the node's
+steering, are dropped: fail closed) while accepted connections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+__all__ = ["ConnectionHandler", "Listener"]
+
+log = logging.getLogger("veil.ztunnel.proxy")
+
+ConnectionHandler = Callable[[socket.socket], Awaitable[None]]
+# Accepted per wake-up before yielding to the loop, so one busy listener does
+# not starve the others.
+_ACCEPT_BATCH = 128
+
+
+class Listener:
+    """Accepts on ``sock`` and runs ``handler(conn)`` in a task per connection.
+
+    ``handler`` owns the accepted socket (closes or resets it).
+    """
+
+    def __init__(self, name: str, sock: socket.socket, handler: ConnectionHandler) -> None:
+        self.name = name
+        self.sock = sock
+        self.address: tuple[str, int] = sock.getsockname()[:2]
+        self._handler = handler
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._serving: asyncio.Task[None] | None = None
+        self.accepted = 0
+
+    @property
+    def open(self) -> bool:
+        return self.sock.fileno() >= 0
+
+    def start(self) -> None:
+        """Starts accepting in a background task."""
+        if self._serving is None:
+            self._serving = asyncio.get_running_loop().create_task(
+                self._serve(), name=f"veil-listener:{self.name}"
+            )
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sock
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:
+                if sock.fileno() < 0:
+                    return  # stop_accepting closed it
+                log.warning("%s listener: accept failed: %s", self.name, e)
+                await asyncio.sleep(0.1)  # EMFILE and friends: do not spin
+                continue
+            self._spawn(conn)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    log.warning("%s listener: accept failed: %s", self.name, e)
+                    break
+                self._spawn(conn)
+
+    def _spawn(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        self.accepted += 1
+        task = asyncio.get_running_loop().create_task(self._run(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conn: socket.socket) -> None:
+        # The handler owns ``conn``: it may already belong to a transport, so
+        # closing it here could close a file descriptor reused by another socket.
+        try:
+            await self._handler(conn)
+        except Exception:
+            log.exception("%s listener: connection handler failed", self.name)
+
+    def stop_accepting(self) -> None:
+        """Closes the listening socket; accepted connections are not touched."""
+        if self._serving is not None:
+            self._serving.cancel()
+            self._serving = None
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    @property
+    def active(self) -> int:
+        """Connection handlers still running (including handshakes not yet registered)."""
+        return len(self._tasks)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stops accepting and cancels every handler still running."""
+        self.stop_accepting()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

@@ -1,0 +1,263 @@
+"""The outbound listener (15001): connections captured from local enrolled pods.
+
+For each accepted connection: the original destination is ``getsockname()``,
+the source workload is the local enrolled workload owning ``getpeername()``'s
+IP, and :func:`ztunnel.state.route` says what to do:
+
+* ``Hbone``: open a CONNECT stream through the pooled mTLS HTTP/2 connections
+  to the destination's ztunnel, presenting the *source* workload's certificate
+  and requiring the destination workload's identity; ``forwarded`` carries the
+  client address. Nothing is relayed before the peer answers 200, so a client
+  the destination denies is reset before it sees a byte;
+* ``SameNode``: both ends live here, so this ztunnel enforces the destination's
+  policy on the source identity itself and connects directly, from the
+  client's IP, without TLS (nothing leaves the node);
+* ``Passthrough``: the destination is outside the mesh; connect to it directly
+  with the ztunnel's mark so the node's steering lets it out;
+* ``Refuse``: reset the client at once (RST) and log why.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from ztunnel.errors import CertificateError
+from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneError, HboneStream
+from ztunnel.hbone import relay as relay_stream
+from ztunnel.identity import CertManager
+from ztunnel.policy import Connection, authorize
+from ztunnel.state import Hbone, Passthrough, Refuse, SameNode, route
+
+from .connections import (
+    FLAG_NO_ROUTE,
+    FLAG_POLICY_DENIED,
+    ConnectionInfo,
+    Direction,
+    LiveConnection,
+)
+from .context import ProxyContext, proxied, refuse
+from .errors import NoRouteError, TunnelError
+from .inbound import stream_result
+from .plaintext import connect_to_pod
+from .relay import RelayResult, relay_sockets
+from .sockets import Address, connect_upstream, local_address, peer_address, reset
+
+__all__ = ["OutboundProxy"]
+
+log = logging.getLogger("veil.ztunnel.proxy")
+
+
+class _OutboundCounters:
+    """Live byte counts of a client-side stream (``bytes_up`` is app -> peer)."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: HboneStream) -> None:
+        self._stream = stream
+
+    @property
+    def up(self) -> int:
+        return self._stream.bytes_up
+
+    @property
+    def down(self) -> int:
+        return self._stream.bytes_down
+
+
+class OutboundProxy:
+    """Serves the outbound capture listener for one ztunnel.
+
+    ``cert_timeout`` bounds how long a connection waits for its source
+    workload's first certificate. ``peer_hbone_port`` overrides the HBONE port
+    dialled on peers (15008 unless a test runs several ztunnels on one host).
+    """
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        certs: CertManager,
+        pool: HboneClientPool,
+        *,
+        cert_timeout: float = 10.0,
+        peer_hbone_port: int | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._certs = certs
+        self.pool = pool
+        self._cert_timeout = cert_timeout
+        self._peer_port = peer_hbone_port
+
+    async def handle(self, sock: socket.socket) -> None:
+        """Handles one connection accepted on 15001; owns ``sock``."""
+        ctx = self._ctx
+        try:
+            src = peer_address(sock)
+            dst = local_address(sock)
+        except OSError:
+            sock.close()
+            return
+        snap = ctx.store.current
+        if dst.port in ctx.own_ports and snap.workload_by_ip(dst.ip) is None:
+            # Addressed to a ztunnel listener itself (not steered): relaying it
+            # would connect the ztunnel to itself.
+            info = ConnectionInfo(Direction.OUTBOUND, src, dst, "refuse")
+            refuse(ctx, sock, info, "connection addressed to the ztunnel itself", FLAG_NO_ROUTE)
+            return
+        decision = route(snap, src.ip, dst.ip, dst.port, choose=ctx.choose)
+        if isinstance(decision, Refuse):
+            info = ConnectionInfo(
+                Direction.OUTBOUND, src, dst, "refuse", src_workload=decision.source
+            )
+            log.info("refused outbound %s -> %s: %s", src, dst, decision.reason)
+            refuse(ctx, sock, info, decision.reason, FLAG_NO_ROUTE)
+            return
+        try:
+            src_identity = decision.source.identity
+        except InvalidSpiffeId as e:
+            info = ConnectionInfo(
+                Direction.OUTBOUND, src, dst, "refuse", src_workload=decision.source
+            )
+            refuse(ctx, sock, info, f"source has no valid identity: {e}", FLAG_NO_ROUTE)
+            return
+        if isinstance(decision, Hbone):
+            await self._hbone(sock, src, decision, src_identity)
+        elif isinstance(decision, SameNode):
+            await self._same_node(sock, src, decision, src_identity)
+        else:
+            await self._passthrough(sock, src, decision, src_identity)
+
+    async def _hbone(
+        self, sock: socket.socket, src: Address, decision: Hbone, src_identity: SpiffeId
+    ) -> None:
+        ctx = self._ctx
+        target = Address(decision.dst_ip, decision.dst_port)
+        info = ConnectionInfo(
+            Direction.OUTBOUND,
+            src,
+            target,
+            "hbone",
+            src_workload=decision.source,
+            dst_workload=decision.destination,
+            src_identity=src_identity,
+            dst_identity=decision.expected_identity,
+        )
+        hbone_ip, hbone_port = decision.hbone_addr
+        if self._peer_port is not None:
+            hbone_port = self._peer_port
+
+        async def relay(conn: LiveConnection) -> RelayResult:
+            try:
+                stream = await self._open(conn, decision, src, src_identity, hbone_ip, hbone_port)
+            except BaseException:
+                # Nothing was relayed: the client learns at once, by a reset,
+                # and never sees a byte from anywhere.
+                reset(sock)
+                raise
+            conn.counters = _OutboundCounters(stream)
+            result = await relay_stream(stream, sock)
+            return stream_result(result.bytes_up, result.bytes_down, result.reason, result.detail)
+
+        await proxied(ctx, info, relay)
+
+    async def _open(
+        self,
+        conn: LiveConnection,
+        decision: Hbone,
+        src: Address,
+        src_identity: SpiffeId,
+        hbone_ip: str,
+        hbone_port: int,
+    ) -> HboneStream:
+        cert = self._certs.get(src_identity)
+        if cert is None:
+            try:
+                cert = await self._certs.fetch(src_identity, timeout=self._cert_timeout)
+            except CertificateError as e:
+                raise NoRouteError(
+                    f"no certificate for source {src_identity}: {e.message}",
+                    hint=e.hint or "check the controller is reachable",
+                ) from None
+        try:
+            return await self.pool.open_stream(
+                cert,
+                hbone_ip,
+                hbone_port,
+                decision.expected_identity,
+                (decision.dst_ip, decision.dst_port),
+                forwarded_for=(src.ip, src.port),
+            )
+        except ConnectRefused as e:
+            if e.status == 401:
+                conn.verdict = f"deny: {e.message} (by the destination's policy)"
+            raise TunnelError(e.message, hint=e.hint, status=e.status) from None
+        except HboneError as e:
+            raise TunnelError(e.message, hint=e.hint, status=None) from None
+
+    async def _same_node(
+        self, sock: socket.socket, src: Address, decision: SameNode, src_identity: SpiffeId
+    ) -> None:
+        """Enforces the destination's policy here and connects locally, without TLS."""
+        ctx = self._ctx
+        dest = decision.destination
+        target = Address(decision.dst_ip, decision.dst_port)
+        try:
+            dst_identity: SpiffeId | None = dest.identity
+        except InvalidSpiffeId:
+            dst_identity = None
+        info = ConnectionInfo(
+            Direction.OUTBOUND,
+            src,
+            target,
+            "same_node",
+            src_workload=decision.source,
+            dst_workload=dest,
+            src_identity=src_identity,
+            dst_identity=dst_identity,
+        )
+        authz = Connection(
+            src_ip=src.ip, dst_ip=target.ip, dst_port=target.port, src_identity=src_identity
+        )
+        verdict = authorize(authz, ctx.store.current, dest)
+        if not verdict.allowed:
+            log.info("refused same-node %s -> %s: %s", src, target, verdict.reason)
+            refuse(ctx, sock, info, verdict.reason, FLAG_POLICY_DENIED, policy=verdict.policy)
+            return
+
+        async def relay(conn: LiveConnection) -> RelayResult:
+            try:
+                upstream = await connect_to_pod(ctx, target, src.ip)
+            except BaseException:
+                reset(sock)
+                raise
+            return await relay_sockets(sock, upstream, conn.track_bytes())
+
+        await proxied(ctx, info, relay, authz=authz, policy=verdict.policy)
+
+    async def _passthrough(
+        self, sock: socket.socket, src: Address, decision: Passthrough, src_identity: SpiffeId
+    ) -> None:
+        ctx = self._ctx
+        target = Address(decision.dst_ip, decision.dst_port)
+        info = ConnectionInfo(
+            Direction.OUTBOUND,
+            src,
+            target,
+            "passthrough",
+            src_workload=decision.source,
+            dst_workload=decision.destination,
+            src_identity=src_identity,
+        )
+
+        async def relay(conn: LiveConnection) -> RelayResult:
+            try:
+                upstream = await connect_upstream(
+                    target, mark=ctx.mark, timeout=ctx.connect_timeout
+                )
+            except BaseException:
+                reset(sock)
+                raise
+            return await relay_sockets(sock, upstream, conn.track_bytes())
+
+        await proxied(ctx, info, relay, verdict=f"allow: {decision.reason or 'passthrough'}")

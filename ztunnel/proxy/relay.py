@@ -1,0 +1,263 @@
+"""The plaintext TCP-to-TCP relay used by the same-node path, 15006 and passthrough.
+
+Two :class:`asyncio.BufferedProtocol` halves forward each other's bytes:
+
+* Reads land in one 256 KiB buffer shared by every relay on the thread and are
+  copied out before the next read. ``get_buffer -> recv_into -> buffer_updated``
+  runs without yielding, so sharing is safe, and an idle connection costs no
+  buffer memory at all (10,000 parked connections would otherwise pin gigabytes).
+  The copy is needed anyway: transports (uvloop, Python 3.12+) may keep a
+  reference to the written object until the kernel takes it.
+* Backpressure: when one side's write buffer passes its high-water mark the
+  transport calls ``pause_writing`` and we stop reading from the other side,
+  until ``resume_writing``.
+* Half-close: an EOF from one side becomes ``write_eof`` on the other, and the
+  relay keeps the opposite direction running until it also ends.
+* A reset (or a cancelled relay) resets the other side too, with SO_LINGER 0,
+  so neither end mistakes an aborted stream for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+__all__ = [
+    "BUFFER_SIZE",
+    "ByteCounters",
+    "Counters",
+    "RelayResult",
+    "relay_sockets",
+    "reset_transport",
+]
+
+BUFFER_SIZE = 256 * 1024
+# A peer that stops reading holds at most this much in our write buffer before
+# the other side is paused.
+_HIGH_WATER = 1024 * 1024
+_LOW_WATER = 256 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _SharedBuffer(threading.local):
+    """One read buffer per thread (each thread runs at most one event loop)."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(BUFFER_SIZE))
+
+
+_BUFFER = _SharedBuffer()
+
+
+class Counters(Protocol):
+    """Live byte counts of one connection: ``up`` client-to-server, ``down`` back."""
+
+    @property
+    def up(self) -> int: ...
+
+    @property
+    def down(self) -> int: ...
+
+
+class ByteCounters:
+    """Live byte counts of one proxied connection, read by the connection registry.
+
+    ``up`` counts client-to-server bytes, ``down`` server-to-client bytes.
+    """
+
+    __slots__ = ("down", "up")
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """How a relay ended. ``error`` is None for a clean close in both directions."""
+
+    bytes_up: int
+    bytes_down: int
+    error: str | None = None
+
+
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    """Aborts ``transport`` with a TCP RST (SO_LINGER 0), not a FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class _Half(asyncio.BufferedProtocol):
+    """One socket of a relay; ``peer`` is the other socket's half."""
+
+    def __init__(self, pipe: _Pipe, upstream: bool) -> None:
+        self.pipe = pipe
+        self.upstream = upstream  # True: this socket is the server side
+        self.peer: _Half | None = None
+        self.transport: asyncio.Transport | None = None
+        self.read_eof = False
+        self.lost = False
+        self.lost_clean = False
+        # Bytes read before the relay started (both transports wired).
+        self.pending: list[bytes] = []
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
+        # Nothing is read until both sockets are wired (see _Pipe.start).
+        transport.pause_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _BUFFER.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = bytes(_BUFFER.view[:nbytes])
+        if self.upstream:
+            self.pipe.counters.down += nbytes
+        else:
+            self.pipe.counters.up += nbytes
+        peer = self.peer
+        if not self.pipe.started or peer is None or peer.transport is None:
+            # Python 3.11 may start reading despite pause_reading() in
+            # connection_made; keep the order by queueing until start().
+            self.pending.append(data)
+            return
+        if not peer.lost:
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.read_eof = True
+        peer = self.peer
+        if not self.pipe.started:
+            return True  # start() forwards the EOF after the queued bytes
+        if peer is not None and peer.transport is not None and not peer.lost:
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            if peer.read_eof:
+                # Both directions finished: close both (close() flushes first).
+                self.pipe.close_both()
+        # Keep this transport open so the other direction can still write.
+        return True
+
+    def pause_writing(self) -> None:
+        # Our outgoing buffer is full: stop reading from the side that fills it.
+        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
+            with contextlib.suppress(RuntimeError):
+                self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
+            with contextlib.suppress(RuntimeError):
+                self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        peer = self.peer
+        if exc is not None and self.pipe.error is None:
+            self.pipe.error = f"{'server' if self.upstream else 'client'}: {exc}"
+        self.lost_clean = exc is None and self.read_eof
+        if self.pipe.started and peer is not None and peer.transport is not None and not peer.lost:
+            if exc is not None or not self.read_eof:
+                # Reset, or closed without an orderly EOF: do not let the other
+                # end believe the stream completed.
+                reset_transport(peer.transport)
+            else:
+                peer.transport.close()
+        self.pipe.half_lost()
+
+
+class _Pipe:
+    def __init__(self, counters: ByteCounters) -> None:
+        self.counters = counters
+        self.error: str | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.client = _Half(self, upstream=False)
+        self.server = _Half(self, upstream=True)
+        self.client.peer = self.server
+        self.server.peer = self.client
+        self._lost = 0
+        self.started = False
+
+    def start(self) -> None:
+        """Both transports exist: flush anything read early and start reading."""
+        self.started = True
+        for half in (self.client, self.server):
+            peer = half.peer
+            assert half.transport is not None and peer is not None and peer.transport is not None
+            if peer.lost:
+                continue
+            for data in half.pending:
+                peer.transport.write(data)
+            half.pending.clear()
+            if half.lost and not half.lost_clean:
+                reset_transport(peer.transport)
+            elif half.lost:
+                peer.transport.close()
+            elif half.read_eof and peer.transport.can_write_eof():
+                peer.transport.write_eof()
+        if self.client.read_eof and self.server.read_eof:
+            self.close_both()
+        for half in (self.client, self.server):
+            if half.transport is not None and not half.lost:
+                half.transport.resume_reading()
+
+    def close_both(self) -> None:
+        for half in (self.client, self.server):
+            if half.transport is not None and not half.lost:
+                half.transport.close()
+
+    def reset_both(self) -> None:
+        for half in (self.client, self.server):
+            if half.transport is not None and not half.lost:
+                reset_transport(half.transport)
+
+    def half_lost(self) -> None:
+        self._lost += 1
+        if self._lost == 2 and not self.done.done():
+            self.done.set_result(None)
+
+
+async def relay_sockets(
+    client: socket.socket,
+    server: socket.socket,
+    counters: ByteCounters | None = None,
+) -> RelayResult:
+    """Relays between two connected sockets until both directions end.
+
+    Takes ownership of both sockets. ``counters`` is updated live. If the
+    calling task is cancelled, both connections are reset and the
+    cancellation propagates.
+    """
+    loop = asyncio.get_running_loop()
+    pipe = _Pipe(counters if counters is not None else ByteCounters())
+    try:
+        await loop.connect_accepted_socket(lambda: pipe.client, client)
+    except BaseException:
+        client.close()
+        server.close()
+        raise
+    try:
+        await loop.connect_accepted_socket(lambda: pipe.server, server)
+    except BaseException:
+        server.close()
+        if pipe.client.transport is not None:
+            reset_transport(pipe.client.transport)
+        raise
+    pipe.start()
+    try:
+        await asyncio.shield(pipe.done)
+    except asyncio.CancelledError:
+        pipe.reset_both()
+        raise
+    return RelayResult(pipe.counters.up, pipe.counters.down, pipe.error)
