@@ -340,20 +340,24 @@ class Controller:
 
 
 async def _serve(config: ControllerConfig, started: Callable[[StartupInfo], None]) -> int:
-    controller = Controller(config)
-    info = await controller.start()
-    started(info)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers go in before anything is announced: a supervisor may send SIGTERM
+    # the moment it reads the startup line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
-        log.info("shutting down")
+        controller = Controller(config)
+        info = await controller.start()
+        try:
+            started(info)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await controller.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await controller.stop()
     return 0
 
 

@@ -146,7 +146,8 @@ class _Half(asyncio.BufferedProtocol):
         return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        assert self.peer is not None and self.peer.transport is not None and self.view is not None
+        assert self.view is not None, "view"
+        assert self.peer is not None and self.peer.transport is not None, "peer"
         # Zero copy, as in the HBONE path: the shared buffer is replaced when the
         # transport keeps a slice (ztunnel.hbone.buffers).
         t = self.peer.transport

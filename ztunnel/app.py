@@ -144,7 +144,7 @@ class Ztunnel:
         self.store = StateStore(config.node_name, creds.trust_domain)
         self.certs = CertManager(
             self._controller,
-            self._trust_bundle,
+            self.trust_bundle,
             ttl=timedelta(seconds=config.cert_ttl) if config.cert_ttl else None,
             retry_initial=config.cert_retry_initial,
             retry_max=config.cert_retry_max,
@@ -179,13 +179,13 @@ class Ztunnel:
         )
         contexts = TlsContextCache()
         self.pool = HboneClientPool(
-            self._trust_bundle, connect=self._dial_peer, config=hbone_config, contexts=contexts
+            self.trust_bundle, connect=self._dial_peer, config=hbone_config, contexts=contexts
         )
         self.outbound = OutboundProxy(
             self.ctx, self.certs, self.pool, peer_hbone_port=peer_hbone_port
         )
         self.inbound = InboundProxy(
-            self.ctx, self.certs, self._trust_bundle, config=hbone_config, contexts=contexts
+            self.ctx, self.certs, self.trust_bundle, config=hbone_config, contexts=contexts
         )
         self.readiness = Readiness(self.store, self.certs)
         self.readiness.add_check("listeners", self._listeners_ready)
@@ -213,7 +213,9 @@ class Ztunnel:
 
     # -- wiring ------------------------------------------------------------------
 
-    def _trust_bundle(self) -> TrustBundle:
+    def trust_bundle(self) -> TrustBundle:
+        """The roots peers are verified against: the controller's latest, else
+        the ones stored at join."""
         bundle = self.store.current.trust_bundle
         return bundle if bundle is not None else self._controller.creds.trust_bundle()
 
@@ -294,6 +296,9 @@ class Ztunnel:
                 self.listeners[name] = listener
                 listener.start()
                 log.info("%s listener on %s:%d", name, *listener.address)
+            # The ports actually bound (0 in the config means "any"), for the
+            # guard against connections addressed to the ztunnel itself.
+            self.ctx.own_ports = frozenset(lst.address[1] for lst in self.listeners.values())
         except BaseException:
             for listener in self.listeners.values():
                 listener.stop_accepting()

@@ -33,11 +33,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -45,14 +43,7 @@ from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
 
 from agent.bpf import programs, syscall
 from agent.bpf.codes import PodFlag
-from agent.bpf.maps import (
-    DataplaneMaps,
-    LocalPodEntry,
-    MapsDump,
-    PodCounters,
-    PodEntry,
-    check_layout,
-)
+from agent.bpf.maps import DataplaneMaps, LocalPodEntry, PodEntry, check_layout
 from agent.bpf.pins import (
     DEFAULT_PIN_DIR,
     MAP_NAMES,
@@ -63,18 +54,13 @@ from agent.bpf.pins import (
     validate_pin_dir,
 )
 from agent.bpf.programs import PROGRAMS, CompileUnit, DataplaneOptions, ProgramSpec
+from agent.bpf.state import NodeDataplaneState, PodDataplaneState
+from agent.bpf.view import DataplaneView
 from agent.errors import BpfError, NetlinkError
 from agent.net import routing, tc, veth
 from agent.net.tc import Hook
 
-__all__ = [
-    "AttachedProgram",
-    "Dataplane",
-    "LoadedProgram",
-    "NodeDataplaneState",
-    "PodDataplaneState",
-    "uninstall_node",
-]
+__all__ = ["Dataplane", "uninstall_node"]
 
 log = logging.getLogger(__name__)
 
@@ -86,101 +72,8 @@ _UPLINK = _BY_NAME["uplink_ingress"]
 _ARPHRD_ETHER = 1
 
 
-@dataclass(frozen=True)
-class AttachedProgram:
-    """A Veil tc filter found on an interface."""
-
-    name: str
-    hook: Hook
-    prog_id: int | None
-
-
-@dataclass(frozen=True)
-class PodDataplaneState:
-    """What the kernel knows about one local pod."""
-
-    pod_ip: IPv4Address
-    ifindex: int
-    host_ifname: str | None  # None: the veth is gone, the entry is stale
-    enrolled: bool
-    ingress: AttachedProgram | None
-    egress: AttachedProgram | None
-    counters: PodCounters
-
-    @property
-    def protected(self) -> bool:
-        """Enrolled with both programs attached: steered in, guarded out."""
-        return self.enrolled and self.ingress is not None and self.egress is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        def prog(p: AttachedProgram | None) -> dict[str, Any] | None:
-            return None if p is None else {"name": p.name, "prog_id": p.prog_id}
-
-        return {
-            "pod_ip": str(self.pod_ip),
-            "ifindex": self.ifindex,
-            "host_ifname": self.host_ifname,
-            "enrolled": self.enrolled,
-            "protected": self.protected,
-            "ingress": prog(self.ingress),
-            "egress": prog(self.egress),
-            "counters": self.counters.to_dict(),
-        }
-
-
-@dataclass(frozen=True)
-class LoadedProgram:
-    """A pinned program and its kernel identity."""
-
-    name: str
-    pin: Path
-    prog_id: int
-    tag: str
-
-
-@dataclass(frozen=True)
-class NodeDataplaneState:
-    """Node-wide state: programs, uplink, policy routing, config."""
-
-    pin_dir: Path
-    build_id: str
-    loaded_build_id: str
-    reused_pins: bool
-    drop_udp: bool
-    programs: tuple[LoadedProgram, ...]
-    uplink_ifindex: int
-    uplink_ifname: str | None
-    uplink_program: AttachedProgram | None
-    policy_routing: routing.PolicyRouting
-    probe_source: IPv4Address | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pin_dir": str(self.pin_dir),
-            "build_id": self.build_id,
-            "loaded_build_id": self.loaded_build_id,
-            "reused_pins": self.reused_pins,
-            "drop_udp": self.drop_udp,
-            "programs": [
-                {"name": p.name, "pin": str(p.pin), "prog_id": p.prog_id, "tag": p.tag}
-                for p in self.programs
-            ],
-            "uplink": {
-                "ifindex": self.uplink_ifindex,
-                "ifname": self.uplink_ifname,
-                "attached": self.uplink_program is not None,
-                "prog_id": self.uplink_program.prog_id if self.uplink_program else None,
-            },
-            "policy_routing": {
-                "rule": self.policy_routing.rule,
-                "route": self.policy_routing.route,
-            },
-            "probe_source": str(self.probe_source) if self.probe_source else None,
-        }
-
-
-class Dataplane:
-    """Loaded programs, pinned maps and the rtnetlink socket of one node namespace."""
+class Dataplane(DataplaneView):
+    """The data plane of one node namespace: everything a view reads, plus changes."""
 
     def __init__(
         self,
@@ -193,17 +86,10 @@ class Dataplane:
         ipr: Any,
         reused: bool,
     ) -> None:
-        self.layout = layout
+        super().__init__(layout=layout, prog_fds=prog_fds, maps=maps, ipr=ipr)
         self.options = options
         self.unit = unit
         self.reused_pins = reused
-        self._prog_fds = prog_fds
-        self.maps = maps
-        self._ipr = ipr
-        self._lock = threading.RLock()
-        self._closed = False
-
-    # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
     def open(
@@ -266,33 +152,6 @@ class Dataplane:
         )
         return plane
 
-    def close(self) -> None:
-        """Release fds and the netlink socket. Programs, filters and pins stay in place."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for fd in self._prog_fds.values():
-                os.close(fd)
-            self._prog_fds.clear()
-            self.maps.close()
-            self._ipr.close()
-
-    def __enter__(self) -> Dataplane:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def pin_dir(self) -> Path:
-        return self.layout.root
-
     @property
     def build_id(self) -> str:
         return self.unit.build_id
@@ -300,6 +159,13 @@ class Dataplane:
     def program_fd(self, name: str) -> int:
         """The fd of a loaded program ("pod_ingress", "uplink_ingress", "pod_egress")."""
         return self._prog_fds[name]
+
+    def source(self, ebpf_dir: Path | None = None) -> CompileUnit:
+        """The compile unit (text + flags) these programs were built from."""
+        return self.unit
+
+    def _annotate(self, state: NodeDataplaneState) -> NodeDataplaneState:
+        return replace(state, source_build_id=self.unit.build_id, reused_pins=self.reused_pins)
 
     # -- node --------------------------------------------------------------------------
 
@@ -321,7 +187,8 @@ class Dataplane:
             config = self.maps.config()
             old = config.uplink_ifindex
             if old and old != uplink.ifindex:
-                self._detach(old, Hook.INGRESS)
+                # By name: the old ifindex may since belong to a pod's veth.
+                tc.detach_bpf(self._ipr, old, Hook.INGRESS, _UPLINK.filter_name)
             self._attach(uplink.ifindex, _UPLINK)
             probe = config.probe_source if probe_source is None else IPv4Address(probe_source)
             self.maps.put_config(replace(config, uplink_ifindex=uplink.ifindex, probe_source=probe))
@@ -332,35 +199,6 @@ class Dataplane:
             self._check_open()
             ip = None if probe_source is None else IPv4Address(probe_source)
             self.maps.put_config(replace(self.maps.config(), probe_source=ip))
-
-    def node(self) -> NodeDataplaneState:
-        with self._lock:
-            self._check_open()
-            config = self.maps.config()
-            loaded = []
-            for spec in PROGRAMS:
-                info = syscall.prog_info(self._prog_fds[spec.name])
-                loaded.append(
-                    LoadedProgram(spec.name, self.layout.program(spec.name), info.id, info.tag)
-                )
-            uplink_prog = None
-            uplink_name = None
-            if config.uplink_ifindex:
-                uplink_name = veth.interface_name(self._ipr, config.uplink_ifindex)
-                uplink_prog = self._attached(config.uplink_ifindex).get(Hook.INGRESS)
-            return NodeDataplaneState(
-                pin_dir=self.layout.root,
-                build_id=self.unit.build_id,
-                loaded_build_id=config.build_id,
-                reused_pins=self.reused_pins,
-                drop_udp=self.options.drop_udp,
-                programs=tuple(loaded),
-                uplink_ifindex=config.uplink_ifindex,
-                uplink_ifname=uplink_name,
-                uplink_program=uplink_prog,
-                policy_routing=routing.policy_routing(self._ipr),
-                probe_source=config.probe_source,
-            )
 
     # -- pods ----------------------------------------------------------------------------
 
@@ -424,29 +262,6 @@ class Dataplane:
             found = self.maps.delete_local_ip(ip) or found
             return found
 
-    def pods(self) -> list[PodDataplaneState]:
-        with self._lock:
-            self._check_open()
-            return [self._pod_state(entry) for entry in self.maps.pods()]
-
-    def pod(self, pod_ip: IPv4Address | str) -> PodDataplaneState | None:
-        ip = IPv4Address(pod_ip)
-        with self._lock:
-            self._check_open()
-            for entry in self.maps.pods():
-                if entry.ip == ip:
-                    return self._pod_state(entry)
-            return None
-
-    def maps_dump(self) -> MapsDump:
-        with self._lock:
-            self._check_open()
-            return self.maps.dump()
-
-    def source(self) -> CompileUnit:
-        """The compile unit (text + flags) whose build id the programs were loaded from."""
-        return self.unit
-
     # -- teardown ------------------------------------------------------------------------
 
     def uninstall(self) -> None:
@@ -459,9 +274,7 @@ class Dataplane:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BpfError("the Dataplane is closed", hint="call Dataplane.open() again")
+    # -- internals ----------------------------------------------------------------------
 
     def _resolve(self, ip: IPv4Address, host_ifname: str | None) -> veth.HostInterface:
         if host_ifname is not None:
@@ -479,25 +292,6 @@ class Dataplane:
 
     def _detach(self, ifindex: int, hook: Hook) -> None:
         tc.detach_bpf(self._ipr, ifindex, hook)
-
-    def _attached(self, ifindex: int) -> dict[Hook, AttachedProgram]:
-        return {
-            f.hook: AttachedProgram(f.name, f.hook, f.prog_id)
-            for f in tc.list_bpf_filters(self._ipr, ifindex)
-            if f.ours
-        }
-
-    def _pod_state(self, entry: PodEntry) -> PodDataplaneState:
-        attached = self._attached(entry.ifindex)
-        return PodDataplaneState(
-            pod_ip=entry.ip,
-            ifindex=entry.ifindex,
-            host_ifname=veth.interface_name(self._ipr, entry.ifindex),
-            enrolled=entry.enrolled,
-            ingress=attached.get(Hook.INGRESS),
-            egress=attached.get(Hook.EGRESS),
-            counters=self.maps.counters(entry.ifindex) or PodCounters(),
-        )
 
     def _drop_stale(self, ip: IPv4Address, ifindex: int) -> None:
         """Forget what a recreated pod or a reused ifindex left behind."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -245,10 +246,12 @@ def forget(build_id: str | None = None) -> None:
             _cache.pop(key).close()
 
 
-def load_single(spec: ProgramSpec, ebpf_dir: Path = DEFAULT_EBPF_DIR) -> None:
+def load_single(
+    spec: ProgramSpec, ebpf_dir: Path = DEFAULT_EBPF_DIR, cflags: tuple[str, ...] = ()
+) -> None:
     """Compile and load one standalone program, then unload it (preflight probes)."""
     source = _read(ebpf_dir / spec.file)
-    module = _compile(source.text, (), spec.file)
+    module = _compile(source.text, cflags, spec.file)
     try:
         _load_func(module, spec.function)
     finally:
@@ -269,7 +272,7 @@ def _compile(text: str, cflags: tuple[str, ...], what: str) -> Any:
             return BPF(text=text.encode(), cflags=list(cflags))
         except Exception as exc:  # bcc raises bare Exception
             raise BpfError(
-                f"compiling {what} failed: {exc}\n{log.tail()}",
+                f"compiling {what} failed: {exc}\n{log.head()}",
                 hint=_compile_hint(log.text()),
             ) from exc
 
@@ -290,11 +293,17 @@ def _load_func(module: Any, function: str) -> int:
 
 
 def _compile_hint(log: str) -> str:
-    if "kernel headers" in log.lower() or ("linux/" in log and "file not found" in log):
+    lowered = log.lower()
+    if "kernel headers" in lowered or ("linux/" in lowered and "file not found" in lowered):
+        from agent.preflight import headers_fix  # late: preflight imports this module
+
         release = os.uname().release
-        return (
-            f"bcc needs kernel headers at /lib/modules/{release}/build: "
-            "run `veil agent preflight` for the exact commands"
+        try:
+            installed = sorted(os.listdir("/usr/src"))
+        except OSError:
+            installed = []
+        return f"bcc needs kernel headers at /lib/modules/{release}/build: " + headers_fix(
+            release, os.uname().machine, installed
         )
     return "a BPF source or flag is wrong; the compiler output above names the line"
 
@@ -309,29 +318,42 @@ class _Log:
         except OSError:
             return ""
 
+    def head(self, lines: int = 30) -> str:
+        """The first lines: clang's first error is the one that matters."""
+        return "\n".join(self.text().splitlines()[:lines])
+
     def tail(self, lines: int = 40) -> str:
+        """The last lines: the verifier states why it refused at the end of its log."""
         return "\n".join(self.text().splitlines()[-lines:])
 
 
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[_Log]:
-    """Capture fd 2 while bcc runs: clang and the verifier print only there.
+    """Capture fds 1 and 2 while bcc runs: clang and the verifier print only there.
 
-    The captured text is replayed to the real stderr afterwards (warnings stay
-    visible) and attached to the error when something fails.
+    (libbcc prints some diagnostics, such as missing kernel headers, on stdout.)
+    The captured text is replayed to the real stderr afterwards, so warnings
+    stay visible, and attached to the error when something fails.
     """
+    sys.stdout.flush()
+    sys.stderr.flush()
     with tempfile.TemporaryDirectory(prefix="veil-bcc-") as tmp:
-        path = Path(tmp) / "stderr"
-        saved = os.dup(2)
+        path = Path(tmp) / "output"
+        saved = (os.dup(1), os.dup(2))
+        failed = True
         try:
             with open(path, "wb") as sink:
+                os.dup2(sink.fileno(), 1)
                 os.dup2(sink.fileno(), 2)
                 try:
                     yield _Log(path)
+                    failed = False
                 finally:
-                    os.dup2(saved, 2)
+                    os.dup2(saved[0], 1)
+                    os.dup2(saved[1], 2)
         finally:
-            os.close(saved)
+            os.close(saved[0])
+            os.close(saved[1])
         captured = path.read_bytes() if path.exists() else b""
-        if captured:
+        if captured and not failed:
             os.write(2, captured)

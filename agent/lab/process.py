@@ -24,10 +24,13 @@ __all__ = ["LabProcess", "netns_argv", "run_in_netns", "wait_listening"]
 
 
 def netns_argv(netns: str, argv: Sequence[str]) -> list[str]:
-    """``argv`` prefixed so that it runs inside ``netns``."""
-    if netns_path(netns).parent == Path("/run/netns"):
-        return ["ip", "netns", "exec", netns_path(netns).name, *argv]
-    return ["nsenter", f"--net={netns}", "--", *argv]
+    """``argv`` prefixed so that it runs inside ``netns``.
+
+    ``nsenter --net`` rather than ``ip netns exec``: the latter also remounts
+    /sys for the namespace, which hides the host's bpffs at /sys/fs/bpf, and
+    the agent must see the pins there.
+    """
+    return ["nsenter", f"--net={netns_path(netns)}", "--", *argv]
 
 
 class LabProcess:

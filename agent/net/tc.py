@@ -101,9 +101,13 @@ def attach_bpf(ipr: Any, ifindex: int, hook: Hook, prog_fd: int, name: str) -> N
         raise _error(exc, f"attach {name} to tc {hook} of ifindex {ifindex}") from exc
 
 
-def detach_bpf(ipr: Any, ifindex: int, hook: Hook) -> bool:
-    """Remove Veil's filter from one hook; False if it was not there (or the link is gone)."""
-    if not any(f.ours and f.hook is hook for f in list_bpf_filters(ipr, ifindex)):
+def detach_bpf(ipr: Any, ifindex: int, hook: Hook, name: str | None = None) -> bool:
+    """Remove Veil's filter (only one called ``name``, if given) from one hook.
+
+    False when there was none, or the link is gone.
+    """
+    present = [f for f in list_bpf_filters(ipr, ifindex) if f.ours and f.hook is hook]
+    if not present or (name is not None and all(f.name != name for f in present)):
         return False
     try:
         ipr.tc(

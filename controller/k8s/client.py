@@ -36,6 +36,7 @@ JsonObject = dict[str, Any]
 # Requests other than watches: connect within 10 s, whole call within 30 s.
 _REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10, sock_connect=10)
 _MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = "veil-controller"
 
 
 def _status_error(status: int, body: bytes, what: str) -> KubernetesError:
@@ -58,6 +59,8 @@ class KubeClient:
 
     def __init__(self, api: k8s_client.ApiClient) -> None:
         self._api = api
+        # Names Veil in API server audit logs and in `kubectl get --raw /metrics`.
+        api.user_agent = USER_AGENT
 
     @classmethod
     def in_cluster(cls) -> KubeClient:
@@ -173,7 +176,8 @@ class KubeClient:
                     if not isinstance(raw_items, list):
                         raise KubernetesError(f"GET {path}: 'items' is not a list")
                     items.extend(i for i in raw_items if isinstance(i, dict))
-                    meta = page.get("metadata") or {}
+                    meta = page.get("metadata")
+                    meta = meta if isinstance(meta, dict) else {}
                     token = str(meta.get("continue") or "")
                     if not token:
                         return items, str(meta.get("resourceVersion") or "")

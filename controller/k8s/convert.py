@@ -45,6 +45,12 @@ from controller.api.model import (
     ServicePort,
     Workload,
 )
+from controller.api.spiffe import (
+    DEFAULT_TRUST_DOMAIN,
+    InvalidSpiffeId,
+    node_identity,
+    workload_identity,
+)
 from controller.registry import (
     RegistryError,
     build_state,
@@ -56,6 +62,7 @@ from .kinds import AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, ResourceKind
 
 __all__ = [
     "Conversion",
+    "ConversionCache",
     "PolicyVerdict",
     "convert",
     "namespace_from",
@@ -89,13 +96,18 @@ class Conversion:
     notes: tuple[str, ...]  # objects held back or trimmed, for the log
 
 
+# API objects are json.loads() output: plain dicts and lists. Checking for dict
+# rather than the Mapping ABC keeps a rebuild of thousands of pods cheap.
+_EMPTY: dict[str, Any] = {}
+
+
 def _meta(obj: Json) -> Json:
     meta = obj.get("metadata")
-    return meta if isinstance(meta, Mapping) else {}
+    return meta if isinstance(meta, dict) else _EMPTY
 
 
 def _map(value: object) -> Json:
-    return value if isinstance(value, Mapping) else {}
+    return value if isinstance(value, dict) else _EMPTY
 
 
 def _list(value: object) -> Sequence[Any]:
@@ -147,10 +159,20 @@ def workload_from(pod: Json) -> Workload | None:
         return None
     if _map(pod.get("status")).get("phase") in ("Succeeded", "Failed"):
         return None
+    namespace, sa = meta.get("namespace"), spec.get("serviceAccountName") or "default"
+    try:
+        # The API server guarantees these shapes; a pod that somehow lacks them
+        # could not be given an identity or a node certificate anyway.
+        if not isinstance(namespace, str) or not isinstance(sa, str):
+            return None
+        workload_identity(DEFAULT_TRUST_DOMAIN, namespace, sa)
+        node_identity(DEFAULT_TRUST_DOMAIN, node)
+    except InvalidSpiffeId:
+        return None
     return Workload(
         name=str(meta.get("name")),
-        namespace=str(meta.get("namespace")),
-        service_account=str(spec.get("serviceAccountName") or "default"),
+        namespace=namespace,
+        service_account=sa,
         node=node,
         ips=_pod_ips(pod),
         labels=_labels(pod),
@@ -213,36 +235,70 @@ def service_from(svc: Json, slices: Sequence[Json] = ()) -> tuple[Service | None
     )
 
 
+_Parsed = AuthorizationPolicy | PeerAuthentication | str  # the model, or the refusal
+
+
+class ConversionCache:
+    """Per-object results of the previous :func:`convert`, reused while unchanged.
+
+    An object with the same resourceVersion converts to the same value, so a
+    rebuild after one pod changed converts one pod, not all of them. Entries of
+    objects that disappeared are dropped at every conversion.
+    """
+
+    def __init__(self) -> None:
+        self.pods: dict[tuple[str, str], tuple[str, Workload | None]] = {}
+        self.policies: dict[tuple[str, str, str], tuple[str, _Parsed]] = {}
+
+
+def _rv(obj: Json) -> str:
+    rv = _meta(obj).get("resourceVersion")
+    return rv if isinstance(rv, str) else ""
+
+
 def _claim_order(obj: Json, ready: bool) -> tuple[bool, bool, str]:
     """Who keeps a contested IP: live over terminating, ready, then newest."""
     return (not _meta(obj).get("deletionTimestamp"), ready, _created(obj))
 
 
-def _parse_policies(
-    objs: Iterable[Json], kind: ResourceKind
-) -> tuple[list[AuthorizationPolicy | PeerAuthentication], list[PolicyVerdict]]:
-    accepted: list[AuthorizationPolicy | PeerAuthentication] = []
-    verdicts: list[PolicyVerdict] = []
+def _parse_one(obj: Json, kind: ResourceKind, name: str, namespace: str) -> _Parsed:
     parse = (
         parse_authorization_policy if kind is AUTHORIZATION_POLICIES else parse_peer_authentication
     )
+    where = f"{kind.kind} {namespace}/{name}"
+    spec = obj.get("spec")
+    try:
+        if spec is not None and not isinstance(spec, dict):
+            raise RegistryError("spec is not an object", where=where)
+        return parse(name, namespace, spec, where)
+    except RegistryError as e:
+        return str(e)
+
+
+def _parse_policies(
+    objs: Iterable[Json],
+    kind: ResourceKind,
+    old: Mapping[tuple[str, str, str], tuple[str, _Parsed]],
+    new: dict[tuple[str, str, str], tuple[str, _Parsed]],
+) -> tuple[list[AuthorizationPolicy | PeerAuthentication], list[PolicyVerdict]]:
+    accepted: list[AuthorizationPolicy | PeerAuthentication] = []
+    verdicts: list[PolicyVerdict] = []
     for obj in objs:
         meta = _meta(obj)
         name, namespace = str(meta.get("name")), str(meta.get("namespace"))
         generation = meta.get("generation")
         gen = generation if isinstance(generation, int) else 0
-        spec = obj.get("spec")
-        try:
-            if spec is not None and not isinstance(spec, Mapping):
-                raise RegistryError(
-                    "spec is not an object", where=f"{kind.kind} {namespace}/{name}"
-                )
-            policy = parse(name, namespace, spec, f"{kind.kind} {namespace}/{name}")
-        except RegistryError as e:
-            verdicts.append(PolicyVerdict(kind, namespace, name, gen, str(e)))
-            continue
-        accepted.append(policy)
-        verdicts.append(PolicyVerdict(kind, namespace, name, gen, None))
+        key, rv = (kind.plural, namespace, name), _rv(obj)
+        hit = old.get(key)
+        parsed = hit[1] if hit is not None and rv and hit[0] == rv else None
+        if parsed is None:
+            parsed = _parse_one(obj, kind, name, namespace)
+        new[key] = (rv, parsed)
+        if isinstance(parsed, str):
+            verdicts.append(PolicyVerdict(kind, namespace, name, gen, parsed))
+        else:
+            accepted.append(parsed)
+            verdicts.append(PolicyVerdict(kind, namespace, name, gen, None))
     return accepted, verdicts
 
 
@@ -255,8 +311,15 @@ def convert(
     endpoint_slices: Iterable[Json] = (),
     authorization_policies: Iterable[Json] = (),
     peer_authentications: Iterable[Json] = (),
+    cache: ConversionCache | None = None,
 ) -> Conversion:
-    """One RegistryState from a snapshot of the caches; raises RegistryError only on a bug."""
+    """One RegistryState from a snapshot of the caches; raises RegistryError only on a bug.
+
+    Pass the same ``cache`` to successive calls to convert only what changed.
+    """
+    cache = cache if cache is not None else ConversionCache()
+    old_pods, cache.pods = cache.pods, {}
+    old_policies, cache.policies = cache.policies, {}
     notes: list[str] = []
     ns_models = sorted((namespace_from(o) for o in namespaces), key=lambda n: n.name)
     known = {n.name for n in ns_models}
@@ -264,7 +327,11 @@ def convert(
     # Workloads, with contested IPs resolved before build_state sees them.
     candidates: list[tuple[Json, Workload]] = []
     for pod in pods:
-        w = workload_from(pod)
+        meta = _meta(pod)
+        key, rv = (str(meta.get("namespace")), str(meta.get("name"))), _rv(pod)
+        hit = old_pods.get(key)
+        w = hit[1] if hit is not None and rv and hit[0] == rv else workload_from(pod)
+        cache.pods[key] = (rv, w)
         if w is None:
             continue
         if w.namespace not in known:
@@ -314,8 +381,12 @@ def convert(
                 owner[ip] = svc.key
         built_services.append(dataclasses.replace(svc, vips=keep) if keep != svc.vips else svc)
 
-    authz, authz_verdicts = _parse_policies(authorization_policies, AUTHORIZATION_POLICIES)
-    peers, peer_verdicts = _parse_policies(peer_authentications, PEER_AUTHENTICATIONS)
+    authz, authz_verdicts = _parse_policies(
+        authorization_policies, AUTHORIZATION_POLICIES, old_policies, cache.policies
+    )
+    peers, peer_verdicts = _parse_policies(
+        peer_authentications, PEER_AUTHENTICATIONS, old_policies, cache.policies
+    )
 
     def placed(p: AuthorizationPolicy | PeerAuthentication) -> bool:
         return p.namespace in known or p.namespace == ROOT_NAMESPACE

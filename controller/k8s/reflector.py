@@ -28,7 +28,7 @@ from .backoff import Backoff
 from .client import KubeClient
 from .errors import KubernetesError
 from .kinds import ResourceKind
-from .watch import ApplyResult, EventType, ObjectCache
+from .watch import ApplyResult, EventType, ObjectCache, WatchProtocolError
 
 __all__ = ["Reflector", "ReflectorStats", "WatchSettings"]
 
@@ -85,7 +85,10 @@ class Reflector:
     async def _list(self) -> None:
         self.stats.lists += 1
         items, rv = await self.client.list(self.kind, self._namespace)
-        changed = self.cache.replace(items, rv)
+        try:
+            changed = self.cache.replace(items, rv)
+        except WatchProtocolError as e:
+            raise KubernetesError(f"list {self.kind.plural}: {e}") from None
         log.debug("listed %d %s at resourceVersion %s", len(items), self.kind.plural, rv)
         self.synced.set()
         if changed:
@@ -169,3 +172,10 @@ class Reflector:
                     delay,
                 )
                 await asyncio.sleep(delay)
+            except Exception:
+                # A bug must not silently freeze one type's cache forever: log it,
+                # start over from a fresh list after a pause.
+                log.exception("reflector for %s failed; relisting", self.kind.plural)
+                self.stats.errors += 1
+                need_list = True
+                await asyncio.sleep(self._backoff.next_delay())

@@ -30,6 +30,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import DEFAULT_TRUST_DOMAIN
@@ -110,6 +111,7 @@ class KubernetesRuntime:
         self.store = store
         self.ca = ca
         self._elector_task = elector_task
+        self._run_task: asyncio.Task[Any] | None = None
         self._plugged_rv = plugged.resource_version if plugged else ""
         self.authenticator = TokenReviewAuthenticator(
             client,
@@ -174,7 +176,8 @@ class KubernetesRuntime:
                 await asyncio.sleep(backoff.next_delay())
 
     async def run(self) -> None:
-        """Runs every Kubernetes-mode loop until cancelled."""
+        """Runs every Kubernetes-mode loop until cancelled (or :meth:`close`)."""
+        self._run_task = asyncio.current_task()
         tasks = [
             asyncio.create_task(self.source.run(), name="k8s-source"),
             asyncio.create_task(self.status.run(), name="k8s-status"),
@@ -198,7 +201,12 @@ class KubernetesRuntime:
                     await t
 
     async def close(self) -> None:
-        """Releases the Lease (so a standby takes over at once) and closes the clients."""
+        """Stops :meth:`run`, releases the Lease (a standby takes over at once), closes clients."""
+        run_task, self._run_task = self._run_task, None
+        if run_task is not None and run_task is not asyncio.current_task():
+            run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_task
         self._elector_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._elector_task

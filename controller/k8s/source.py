@@ -24,7 +24,7 @@ from typing import Any
 from controller.registry import RegistryError, RegistryHolder
 
 from .client import KubeClient
-from .convert import Conversion, convert
+from .convert import Conversion, ConversionCache, convert
 from .kinds import (
     AUTHORIZATION_POLICIES,
     ENDPOINT_SLICES,
@@ -69,6 +69,7 @@ class KubernetesSource:
         self.rebuilds = 0
         self.last_conversion: Conversion | None = None
         self._logged: set[tuple[str, ...]] = set()
+        self._memo = ConversionCache()
 
     def set_status_writer(self, status: StatusWriter) -> None:
         self._status = status
@@ -81,19 +82,30 @@ class KubernetesSource:
     def _objects(self, kind: ResourceKind) -> list[Mapping[str, Any]]:
         return list(self.reflectors[kind].cache)
 
-    def rebuild(self) -> bool:
-        """Converts the caches and publishes; a failure keeps the previous state."""
+    def _convert(self, snapshot: Mapping[ResourceKind, list[Mapping[str, Any]]]) -> Conversion:
+        return convert(
+            self._trust_domain,
+            namespaces=snapshot[NAMESPACES],
+            pods=snapshot[PODS],
+            services=snapshot[SERVICES],
+            endpoint_slices=snapshot[ENDPOINT_SLICES],
+            authorization_policies=snapshot[AUTHORIZATION_POLICIES],
+            peer_authentications=snapshot[PEER_AUTHENTICATIONS],
+            cache=self._memo,
+        )
+
+    async def rebuild(self) -> bool:
+        """Converts the caches and publishes; a failure keeps the previous state.
+
+        The snapshot is taken on the event loop (cached objects are never
+        mutated, so it is a list of references); the conversion, which grows with
+        the cluster, runs on a worker thread so the gRPC listeners stay responsive.
+        Publishing happens back on the loop, where the Discovery hub lives.
+        """
         self.rebuilds += 1
+        snapshot = {kind: list(r.cache) for kind, r in self.reflectors.items()}
         try:
-            conversion = convert(
-                self._trust_domain,
-                namespaces=self._objects(NAMESPACES),
-                pods=self._objects(PODS),
-                services=self._objects(SERVICES),
-                endpoint_slices=self._objects(ENDPOINT_SLICES),
-                authorization_policies=self._objects(AUTHORIZATION_POLICIES),
-                peer_authentications=self._objects(PEER_AUTHENTICATIONS),
-            )
+            conversion = await asyncio.to_thread(self._convert, snapshot)
             self._holder.publish(conversion.state, source=SOURCE_NAME)
         except RegistryError as e:
             self._holder.report_error(e)
@@ -136,7 +148,7 @@ class KubernetesSource:
             log.info("initial list of %d resource types complete", len(self.reflectors))
             while True:
                 self._dirty.clear()
-                if self.rebuild():
+                if await self.rebuild():
                     self.synced.set()
                 await self._dirty.wait()
                 await asyncio.sleep(self._debounce)

@@ -159,7 +159,7 @@ class ObjectCache:
     def get(self, key: ObjectKey) -> Mapping[str, Any] | None:
         return self._objects.get(key)
 
-    def keys(self) -> frozenset[ObjectKey]:
+    def object_keys(self) -> frozenset[ObjectKey]:
         return frozenset(self._objects)
 
     def replace(self, items: Iterable[Mapping[str, Any]], resource_version: str) -> bool:

@@ -14,7 +14,7 @@ from .credentials import (
     save_trust_bundle,
 )
 from .csr import build_csr, check_issued_chain, generate_key, key_pem
-from .enroll import join, renew_node_certificate, request_certificate
+from .enroll import join, refresh_trust_bundle, renew_node_certificate, request_certificate
 from .pinning import fetch_server_chain, select_pinned_root, split_host_port
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "join",
     "key_pem",
     "load_node_credentials",
+    "refresh_trust_bundle",
     "renew_node_certificate",
     "request_certificate",
     "save_node_credentials",

@@ -7,6 +7,7 @@ returning it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,11 +18,17 @@ from cryptography.hazmat.primitives import serialization
 
 from controller.api.client import join_node
 from controller.api.dataplane import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
+from controller.api.model import ResourceType
 from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, node_identity
 from controller.auth.token import JoinToken
 from controller.errors import NodeCredentialsError
 
-from .credentials import NodeCredentials, load_node_credentials, save_node_credentials
+from .credentials import (
+    NodeCredentials,
+    load_node_credentials,
+    save_node_credentials,
+    save_trust_bundle,
+)
 from .csr import build_csr, check_issued_chain, generate_key, key_pem
 from .pinning import (
     fetch_server_chain,
@@ -31,7 +38,7 @@ from .pinning import (
     trust_domain_hint,
 )
 
-__all__ = ["join", "renew_node_certificate", "request_certificate"]
+__all__ = ["join", "refresh_trust_bundle", "renew_node_certificate", "request_certificate"]
 
 
 def _fingerprints(pems: Sequence[bytes]) -> set[str]:
@@ -114,3 +121,39 @@ async def renew_node_certificate(state_dir: Path, timeout: float = 10.0) -> Node
     renewed = replace(creds, key_pem=new_key, cert_chain_pem=chain)
     save_node_credentials(state_dir, renewed)
     return renewed
+
+
+async def refresh_trust_bundle(state_dir: Path, timeout: float = 10.0) -> NodeCredentials:
+    """Fetches the current trust bundle from the Discovery stream and stores it.
+
+    After a CA rotation the controller announces the new root on the stream;
+    long-running components apply it as it comes, and this is the one-shot form
+    for CLIs. It needs the controller's serving certificate to still chain to a
+    root this node has, which holds until the old root is pruned.
+    """
+    creds = load_node_credentials(state_dir)
+
+    async def first_bundle() -> tuple[bytes, ...]:
+        async with creds.client() as client:
+            stream = client.watch(creds.node, [ResourceType.NAMESPACE])
+            try:
+                async for update in stream:
+                    if update.trust_bundle is not None:
+                        return update.trust_bundle.roots
+            finally:
+                # An async generator: closing it cancels the RPC before the channel closes.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        raise NodeCredentialsError("the controller closed the stream without a trust bundle")
+
+    try:
+        roots = await asyncio.wait_for(first_bundle(), timeout)
+    except TimeoutError:
+        raise NodeCredentialsError(
+            f"the controller sent no trust bundle within {timeout:g}s", hint="retry"
+        ) from None
+    if not roots or not _fingerprints(roots):
+        raise NodeCredentialsError("the controller sent an empty trust bundle")
+    save_trust_bundle(state_dir, roots)
+    return replace(creds, trust_bundle_pem=roots)

@@ -92,7 +92,14 @@ def trust_domain_hint(chain_der: Sequence[bytes]) -> str | None:
     try:
         leaf = x509.load_der_x509_certificate(chain_der[0])
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
+    except (
+        ValueError,
+        x509.ExtensionNotFound,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+        x509.InvalidVersion,
+    ):
+        # Unverified bytes from the network: anything unreadable is just "no hint".
         return None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         try:
@@ -140,6 +147,8 @@ async def fetch_server_chain(host: str, port: int, timeout: float = 10.0) -> lis
     try:
         return _unverified_chain(writer.get_extra_info("ssl_object"))
     finally:
-        writer.close()
+        # Abort rather than close: a graceful TLS shutdown waits for the peer's
+        # close_notify, which gRPC servers may never send (asyncio waits 30 s).
+        writer.transport.abort()
         with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()

@@ -208,6 +208,8 @@ class CertManager:
 
     def on_state_change(self, change: StateChange) -> None:
         """State store subscriber: follow the node's local enrolled workloads."""
+        if self._closed:
+            return
         self.sync(change.new.local_identities())
         if change.trust_bundle_changed and change.new.trust_bundle is not None:
             self._recheck_bundle(change.new.trust_bundle)

@@ -21,7 +21,6 @@ policy ``invalid``; the engine then fails closed (see :mod:`.engine`).
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,14 +185,29 @@ def _compile_rule(r: Rule) -> _Rule:
     return _Rule(sources=tuple(_compile_source(s) for s in r.sources), operations=r.operations)
 
 
-@functools.lru_cache(maxsize=4096)
+# key -> (the policy object compiled, its compiled form). Policies are frozen
+# and the state store keeps the same object until the controller changes it,
+# so an identity check is a complete and O(1) cache test (hashing a policy
+# would walk all its rules on every connection).
+_compiled: dict[str, tuple[AuthorizationPolicy, CompiledPolicy]] = {}
+_CACHE_LIMIT = 16_384
+
+
 def compile_policy(policy: AuthorizationPolicy) -> CompiledPolicy:
-    """Parses a policy once (cached: policies are frozen and hashable)."""
+    """Parses a policy once per policy object."""
+    hit = _compiled.get(policy.key)
+    if hit is not None and hit[0] is policy:
+        return hit[1]
     try:
-        rules = tuple(_compile_rule(r) for r in policy.rules)
+        compiled = CompiledPolicy(
+            key=policy.key, rules=tuple(_compile_rule(r) for r in policy.rules)
+        )
     except ValueError as e:
-        return CompiledPolicy(key=policy.key, rules=(), invalid=f"bad ipBlocks entry: {e}")
-    return CompiledPolicy(key=policy.key, rules=rules)
+        compiled = CompiledPolicy(key=policy.key, rules=(), invalid=f"bad ipBlocks entry: {e}")
+    if len(_compiled) >= _CACHE_LIMIT:
+        _compiled.clear()  # policies churned a lot; start over rather than grow
+    _compiled[policy.key] = (policy, compiled)
+    return compiled
 
 
 def policy_matches(policy: AuthorizationPolicy, facts: ConnectionFacts) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "FLAG_DOWNSTREAM_CLOSED",
     "FLAG_NO_ROUTE",
     "FLAG_POLICY_DENIED",
+    "FLAG_UPSTREAM_CLOSED",
     "FLAG_UPSTREAM_FAILURE",
     "ConnectionInfo",
     "ConnectionRegistry",
@@ -56,6 +57,7 @@ FLAG_POLICY_DENIED = "RBAC"  # refused or closed by authorization / peer authent
 FLAG_UPSTREAM_FAILURE = "UF"  # could not connect to the destination or the peer ztunnel
 FLAG_NO_ROUTE = "NR"  # no usable route (unknown source, no endpoints, no certificate)
 FLAG_DOWNSTREAM_CLOSED = "DC"  # closed by the ztunnel itself (shutdown, drain deadline)
+FLAG_UPSTREAM_CLOSED = "UC"  # the HBONE peer reset the stream or its connection was lost
 
 
 class Direction(enum.Enum):

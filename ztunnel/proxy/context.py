@@ -101,7 +101,7 @@ async def proxied(
     flags: str | None = None
     try:
         result = await relay(conn)
-        error = result.error
+        error, flags = result.error, result.flags
     except asyncio.CancelledError:
         if conn.close_reason is None:
             conn.close("cancelled", FLAG_DOWNSTREAM_CLOSED)

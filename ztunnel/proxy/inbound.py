@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from ztunnel.errors import CertificateError
 from ztunnel.hbone.config import HboneConfig
 from ztunnel.hbone.connect import STATUS_DENIED, STATUS_UNAVAILABLE, ConnectRequest
 from ztunnel.hbone.server import HboneServer, InboundStream
@@ -48,8 +49,10 @@ from ztunnel.state import Snapshot
 from ztunnel.tls import TlsContextCache
 
 from .connections import (
+    FLAG_DOWNSTREAM_CLOSED,
     FLAG_NO_ROUTE,
     FLAG_POLICY_DENIED,
+    FLAG_UPSTREAM_CLOSED,
     ConnectionInfo,
     Direction,
     LiveConnection,
@@ -100,12 +103,20 @@ def inbound_source(snapshot: Snapshot, request: ConnectRequest) -> InboundSource
     return InboundSource(ip, fport or 0, transparent=True)
 
 
+_FLAGS = {
+    CloseReason.SHUTDOWN: FLAG_DOWNSTREAM_CLOSED,
+    CloseReason.PEER_RESET: FLAG_UPSTREAM_CLOSED,
+    CloseReason.CONNECTION_LOST: FLAG_UPSTREAM_CLOSED,
+}
+
+
 def stream_result(
     bytes_received: int, bytes_sent: int, reason: CloseReason, detail: str
 ) -> RelayResult:
     """A tunnel's end as the proxy reports it (error None when it completed)."""
-    ok = reason is CloseReason.COMPLETED
-    return RelayResult(bytes_received, bytes_sent, None if ok else f"{reason.value}: {detail}")
+    if reason is CloseReason.COMPLETED:
+        return RelayResult(bytes_received, bytes_sent)
+    return RelayResult(bytes_received, bytes_sent, f"{reason.value}: {detail}", _FLAGS.get(reason))
 
 
 class _InboundCounters:
@@ -136,15 +147,38 @@ class InboundProxy:
         *,
         config: HboneConfig | None = None,
         contexts: TlsContextCache | None = None,
+        cert_timeout: float = 10.0,
     ) -> None:
         self._ctx = ctx
         self._certs = certs
+        self._cert_timeout = cert_timeout
         self.server = HboneServer(
             self._select_cert, trust_bundle, self._handle, config=config, contexts=contexts
         )
 
     async def handle(self, sock: socket.socket) -> None:
-        """Listener entry point: serve one accepted connection (owns it)."""
+        """Listener entry point: serve one accepted connection (owns it).
+
+        The TLS server needs the destination workload's certificate at once;
+        a workload that just arrived may not have one yet, so wait for it here
+        (bounded) rather than refuse the first connections.
+        """
+        try:
+            dst_ip = sock.getsockname()[0]
+        except OSError:
+            sock.close()
+            return
+        workload = self._ctx.store.current.local_workload_by_ip(dst_ip)
+        if workload is not None:
+            try:
+                identity = workload.identity
+                if self._certs.get(identity) is None:
+                    await self._certs.fetch(identity, timeout=self._cert_timeout)
+            except (InvalidSpiffeId, CertificateError) as e:
+                log.warning("hbone: no certificate for %s: %s", dst_ip, e)
+            except BaseException:
+                sock.close()
+                raise
         await self.server.serve_connection(sock)
 
     def _select_cert(self, dst_ip: str) -> WorkloadCertificate | None:

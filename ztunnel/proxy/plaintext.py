@@ -89,6 +89,12 @@ async def handle_plaintext(ctx: ProxyContext, sock: socket.socket) -> None:
         refuse(ctx, sock, info, verdict.reason, FLAG_POLICY_DENIED, policy=verdict.policy)
         return
 
+    if dst.port in ctx.own_ports:
+        # A pod port equal to one of ours would make the relay dial this
+        # listener again (and again): refuse instead of looping.
+        refuse(ctx, sock, info, f"port {dst.port} is reserved for the ztunnel", FLAG_NO_ROUTE)
+        return
+
     async def relay(conn: LiveConnection) -> RelayResult:
         try:
             upstream = await connect_to_pod(ctx, dst, src.ip)

@@ -79,11 +79,13 @@ class ByteCounters:
 
 @dataclass(frozen=True, slots=True)
 class RelayResult:
-    """How a relay ended. ``error`` is None for a clean close in both directions."""
+    """How a relay ended. ``error`` is None for a clean close in both directions;
+    ``flags`` is the response flag to report when the way it ended has one."""
 
     bytes_up: int
     bytes_down: int
     error: str | None = None
+    flags: str | None = None
 
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:

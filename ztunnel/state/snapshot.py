@@ -21,6 +21,7 @@ from types import MappingProxyType
 from controller.api.model import (
     ROOT_NAMESPACE,
     AuthorizationPolicy,
+    Labels,
     Namespace,
     PeerAuthentication,
     Resource,
@@ -34,6 +35,10 @@ from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeI
 __all__ = ["Snapshot", "build_snapshot", "empty_snapshot", "normalize_ip"]
 
 log = logging.getLogger("veil.ztunnel.state")
+
+# Label sets are bounded by the workloads in the snapshot; the cap only guards
+# against a caller passing unbounded made-up workloads.
+_MEMO_LIMIT = 65_536
 
 def normalize_ip(ip: str) -> str:
     """The canonical text of an IP address, or ``ip`` unchanged when it is not one.
@@ -85,6 +90,14 @@ class Snapshot:
     peer_auth_by_namespace: Mapping[str, tuple[PeerAuthentication, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    service_endpoints: Mapping[str, tuple[Workload, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # Memo of policies_for by (namespace, labels): a pure function of this
+    # immutable snapshot, filled on first use by the data path.
+    _policy_memo: dict[tuple[str, Labels], tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     # -- lookups ---------------------------------------------------------------
 
@@ -108,8 +121,10 @@ class Snapshot:
 
     def endpoints(self, service: Service) -> tuple[Workload, ...]:
         """The service's endpoint workloads that this snapshot knows, in key order."""
-        out = [self.workloads[k] for k in sorted(set(service.endpoints)) if k in self.workloads]
-        return tuple(out)
+        held = self.service_endpoints.get(service.key)
+        if held is not None and self.services.get(service.key) is service:
+            return held
+        return _endpoints(service, self.workloads)
 
     def local_identities(self) -> frozenset[SpiffeId]:
         """Identities this node needs certificates for (its enrolled workloads)."""
@@ -124,6 +139,10 @@ class Snapshot:
         policy with a selector applies, like in Istio, to matching workloads in
         every namespace.
         """
+        memo_key = (workload.namespace, workload.labels)
+        memo = self._policy_memo.get(memo_key)
+        if memo is not None:
+            return memo
         out: list[AuthorizationPolicy] = []
         for p in self.policies_by_namespace.get(workload.namespace, ()):
             if p.selector is None or p.selector.matches(workload.labels):
@@ -132,10 +151,17 @@ class Snapshot:
             for p in self.policies_by_namespace.get(ROOT_NAMESPACE, ()):
                 if p.selector is None or p.selector.matches(workload.labels):
                     out.append(p)
-        return tuple(out)
+        result = tuple(out)
+        if len(self._policy_memo) < _MEMO_LIMIT:
+            self._policy_memo[memo_key] = result
+        return result
 
     def peer_authentications_in(self, namespace: str) -> tuple[PeerAuthentication, ...]:
         return self.peer_auth_by_namespace.get(namespace, ())
+
+
+def _endpoints(service: Service, workloads: Mapping[str, Workload]) -> tuple[Workload, ...]:
+    return tuple(workloads[k] for k in sorted(set(service.endpoints)) if k in workloads)
 
 
 def empty_snapshot(node: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Snapshot:
@@ -247,4 +273,7 @@ def build_snapshot(
         local_identity_set=frozenset(identities),
         policies_by_namespace=MappingProxyType({k: tuple(v) for k, v in pol_by_ns.items()}),
         peer_auth_by_namespace=MappingProxyType({k: tuple(v) for k, v in pa_by_ns.items()}),
+        service_endpoints=MappingProxyType(
+            {k: _endpoints(s, workloads) for k, s in services.items()}
+        ),
     )

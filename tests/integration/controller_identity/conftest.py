@@ -79,8 +79,25 @@ async def start_controller(
     identity = IdentityService(ca, tokens, holder.current, max_ttl=timedelta(hours=48))
     server = grpc.aio.server()
     add_services(server, identity, hub)
-    key, chain = ca.issue_serving_certificate(["veil-controller"], ["127.0.0.1"], timedelta(hours=1))
-    join_port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    key, chain = ca.issue_serving_certificate(
+        ["veil-controller"], ["127.0.0.1"], timedelta(hours=1)
+    )
+    # The join listener follows the active root at once, so tokens created after
+    # a rotation (which pin the new root) work; the main listener keeps its
+    # certificate, so nodes that have not yet learnt the new root still connect.
+    join_fp = [ca.fingerprint]
+
+    def join_config() -> Any:
+        if ca.fingerprint == join_fp[0]:
+            return None
+        join_fp[0] = ca.fingerprint
+        k, c = ca.issue_serving_certificate(["veil-controller"], ["127.0.0.1"], timedelta(hours=1))
+        return grpc.ssl_server_certificate_configuration([(k, c)])
+
+    join_creds = grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(key, chain)]), join_config
+    )
+    join_port = server.add_secure_port("127.0.0.1:0", join_creds)
     served: list[TrustBundle] = [ca.trust_bundle()]
 
     def client_roots() -> Any:
@@ -120,7 +137,9 @@ async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
         await server.stop(grace=None)
 
 
-def veil(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def veil(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Runs the real ``veil`` CLI in a subprocess (blocking; use ``await asyncio.to_thread``)."""
     return subprocess.run(
         [sys.executable, "-m", "agent.cli.veil", "--log-level", "warning", *args],

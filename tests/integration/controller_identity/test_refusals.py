@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,9 @@ def uri(u: str) -> x509.GeneralName:
 
 
 def tampered_csr(identity: str) -> bytes:
-    der = bytearray(x509.load_pem_x509_csr(csr([uri(identity)])).public_bytes(serialization.Encoding.DER))
+    der = bytearray(
+        x509.load_pem_x509_csr(csr([uri(identity)])).public_bytes(serialization.Encoding.DER)
+    )
     i = der.find(b"cart")
     der[i] ^= 0x01
     return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
@@ -43,7 +45,10 @@ def tampered_csr(identity: str) -> bytes:
 @pytest.fixture
 async def node1(controller: Any, tmp_path: Path) -> NodeCredentials:
     return await join(
-        controller.join_address, controller.tokens.create("node-1"), "node-1", tmp_path / "n1",
+        controller.join_address,
+        controller.tokens.create("node-1"),
+        "node-1",
+        tmp_path / "n1",
         mtls_address=controller.mtls_address,
     )
 
@@ -67,14 +72,49 @@ async def test_workload_on_another_node_is_permission_denied(node1: NodeCredenti
     [
         ("tampered csr", lambda: tampered_csr(CART), CART, "signature"),
         ("rsa key", lambda: csr([uri(CART)], rsa.generate_private_key(65537, 2048)), CART, "P-256"),
-        ("p-384 key", lambda: csr([uri(CART)], ec.generate_private_key(ec.SECP384R1())), CART, "P-256"),
+        (
+            "p-384 key",
+            lambda: csr([uri(CART)], ec.generate_private_key(ec.SECP384R1())),
+            CART,
+            "P-256",
+        ),
         ("several sans", lambda: csr([uri(CART), uri(CART + "x")]), CART, "exactly one URI SAN"),
-        ("dns san added", lambda: csr([uri(CART), x509.DNSName("cart")]), CART, "exactly one URI SAN"),
-        ("san differs", lambda: csr([uri("spiffe://cluster.local/ns/shop/sa/cartx")]), CART, "differs"),
-        ("invalid id", lambda: csr([uri(CART)]), "spiffe://cluster.local/ns/shop/sa/../cart", "invalid"),
-        ("not spiffe", lambda: csr([uri(CART)]), "https://cluster.local/ns/shop/sa/cart", "invalid"),
-        ("other trust domain", lambda: csr([uri(CART)]), "spiffe://evil.org/ns/shop/sa/cart", "trust domain"),
-        ("not a workload id", lambda: csr([uri(CART)]), "spiffe://cluster.local/admin", "not a workload"),
+        (
+            "dns san added",
+            lambda: csr([uri(CART), x509.DNSName("cart")]),
+            CART,
+            "exactly one URI SAN",
+        ),
+        (
+            "san differs",
+            lambda: csr([uri("spiffe://cluster.local/ns/shop/sa/cartx")]),
+            CART,
+            "differs",
+        ),
+        (
+            "invalid id",
+            lambda: csr([uri(CART)]),
+            "spiffe://cluster.local/ns/shop/sa/../cart",
+            "invalid",
+        ),
+        (
+            "not spiffe",
+            lambda: csr([uri(CART)]),
+            "https://cluster.local/ns/shop/sa/cart",
+            "invalid",
+        ),
+        (
+            "other trust domain",
+            lambda: csr([uri(CART)]),
+            "spiffe://evil.org/ns/shop/sa/cart",
+            "trust domain",
+        ),
+        (
+            "not a workload id",
+            lambda: csr([uri(CART)]),
+            "spiffe://cluster.local/admin",
+            "not a workload",
+        ),
         ("no csr", lambda: b"", CART, "no CSR"),
     ],
 )
@@ -109,7 +149,9 @@ async def test_a_workload_certificate_is_not_a_node_credential(
 ) -> None:
     key, chain = await request_certificate(node1, SpiffeId.parse(CART))
     client = ControllerClient(
-        controller.mtls_address, key_pem=key, cert_chain_pem=b"".join(chain),
+        controller.mtls_address,
+        key_pem=key,
+        cert_chain_pem=b"".join(chain),
         trust_bundle_pem=b"".join(node1.trust_bundle_pem),
     )
     async with client:
@@ -133,7 +175,10 @@ async def _raw_join(controller: Any, token: str, node: str = "node-1") -> ApiErr
     key = generate_key()
     with pytest.raises(ApiError) as e:
         await join_node(
-            controller.join_address, root, token, node,
+            controller.join_address,
+            root,
+            token,
+            node,
             build_csr(key, node_identity("cluster.local", node)),
         )
     return e.value
@@ -147,14 +192,11 @@ async def test_reused_token_is_unauthenticated(controller: Any, tmp_path: Path) 
 
 
 async def test_expired_token_is_unauthenticated(controller: Any) -> None:
-    past = controller.ca.trust_bundle()  # any value; only the clock matters below
-    assert past
-    from datetime import UTC, datetime
-
-    an_hour_ago = JoinTokenStore(
+    # Created two hours ago (as the CLI would have), valid for one hour.
+    earlier = JoinTokenStore(
         controller.state_dir, clock=lambda: datetime.now(UTC) - timedelta(hours=2)
     )
-    token = an_hour_ago.create("node-1", timedelta(hours=1), ca_fingerprint=controller.ca.fingerprint)
+    token = earlier.create("node-1", timedelta(hours=1), ca_fingerprint=controller.ca.fingerprint)
     err = await _raw_join(controller, token)
     assert err.code == "UNAUTHENTICATED" and "expired" in err.message
 
@@ -174,27 +216,26 @@ async def test_token_for_another_node_is_unauthenticated(controller: Any) -> Non
     assert err.code == "UNAUTHENTICATED" and "issued for node 'node-2'" in err.message
 
 
-async def test_token_with_a_wrong_ca_fingerprint_fails_pinning(controller: Any, tmp_path: Path) -> None:
+async def test_token_with_a_wrong_ca_fingerprint_fails_pinning(
+    controller: Any, tmp_path: Path
+) -> None:
     token = controller.tokens.create("node-1")
-    forged = ".".join(token.split(".")[:3] + ["00" * 32])
+    forged = ".".join([*token.split(".")[:3], "00" * 32])
     with pytest.raises(NodeCredentialsError, match="matches the CA fingerprint"):
         await join(controller.join_address, forged, "node-1", tmp_path / "n1")
     assert not (tmp_path / "n1" / "node-key.pem").exists()
 
 
 async def test_create_certificate_needs_mutual_tls(controller: Any, node1: NodeCredentials) -> None:
-    # The join listener has no client certificate: CreateCertificate is refused there.
-    import grpc
-
-    from controller.api import veil_pb2 as pb
-    from controller.api import veil_pb2_grpc as pb_grpc
-    from controller.api.client import CONTROLLER_SERVER_NAME
-
-    creds = grpc.ssl_channel_credentials(root_certificates=b"".join(node1.trust_bundle_pem))
-    opts = [("grpc.ssl_target_name_override", CONTROLLER_SERVER_NAME)]
-    async with grpc.aio.secure_channel(controller.join_address, creds, options=opts) as ch:
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await pb_grpc.IdentityStub(ch).CreateCertificate(
-                pb.CreateCertificateRequest(csr=csr([uri(CART)]), identity=CART), timeout=10
-            )
-    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The join listener does not ask for a client certificate, so even a node that
+    # has one is unauthenticated there: CreateCertificate works only over mTLS.
+    client = ControllerClient(
+        controller.join_address,
+        key_pem=node1.key_pem,
+        cert_chain_pem=b"".join(node1.cert_chain_pem),
+        trust_bundle_pem=b"".join(node1.trust_bundle_pem),
+    )
+    async with client:
+        with pytest.raises(ApiError) as e:
+            await client.create_certificate(csr([uri(CART)]), CART)
+    assert e.value.code == "UNAUTHENTICATED" and "mutual TLS" in e.value.message

@@ -42,16 +42,28 @@ def assert_svid(pem: bytes, identity: str) -> x509.Certificate:
 def openssl_verify(tmp: Path, bundle: bytes, chain: tuple[bytes, ...], purpose: str) -> str:
     (tmp / "bundle.pem").write_bytes(bundle)
     (tmp / "leaf.pem").write_bytes(chain[0])
-    argv = ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", str(tmp / "bundle.pem")]
+    argv = [
+        "openssl",
+        "verify",
+        "-x509_strict",
+        "-purpose",
+        purpose,
+        "-CAfile",
+        str(tmp / "bundle.pem"),
+    ]
     if len(chain) > 1:
         (tmp / "untrusted.pem").write_bytes(b"".join(chain[1:]))
         argv += ["-untrusted", str(tmp / "untrusted.pem")]
-    res = subprocess.run([*argv, str(tmp / "leaf.pem")], capture_output=True, text=True, timeout=30, check=False)
+    res = subprocess.run(
+        [*argv, str(tmp / "leaf.pem")], capture_output=True, text=True, timeout=30, check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 
 
-def cross_check(tmp: Path, key_pem: bytes, chain: tuple[bytes, ...], bundle: tuple[bytes, ...], identity: str) -> None:
+def cross_check(
+    tmp: Path, key_pem: bytes, chain: tuple[bytes, ...], bundle: tuple[bytes, ...], identity: str
+) -> None:
     assert_svid(chain[0], identity)
     svid = spiffe.X509Svid.parse(b"".join(chain), key_pem)
     assert str(svid.spiffe_id) == identity
@@ -64,13 +76,21 @@ def cross_check(tmp: Path, key_pem: bytes, chain: tuple[bytes, ...], bundle: tup
 async def test_generated_root(controller: Any, tmp_path: Path) -> None:
     token = controller.tokens.create("node-1")
     creds = await join(
-        controller.join_address, token, "node-1", tmp_path / "node",
+        controller.join_address,
+        token,
+        "node-1",
+        tmp_path / "node",
         mtls_address=controller.mtls_address,
     )
     assert creds.trust_bundle_pem == controller.ca.trust_bundle().roots
     # The node certificate is an SVID too (of the node identity).
-    cross_check(tmp_path, creds.key_pem, creds.cert_chain_pem, creds.trust_bundle_pem,
-                "spiffe://cluster.local/veil/node/node-1")
+    cross_check(
+        tmp_path,
+        creds.key_pem,
+        creds.cert_chain_pem,
+        creds.trust_bundle_pem,
+        "spiffe://cluster.local/veil/node/node-1",
+    )
     key, chain = await request_certificate(creds, CART)
     assert len(chain) == 1
     cross_check(tmp_path, key, chain, creds.trust_bundle_pem, str(CART))
@@ -90,15 +110,55 @@ def make_openssl_ca(d: Path) -> dict[str, Path]:
     )
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "root.key", cwd=d)
     _openssl(
-        "req", "-x509", "-new", "-key", "root.key", "-subj", "/O=Test/CN=Test Root", "-days", "30",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-out", "root.pem", cwd=d,
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "root.key",
+        "-subj",
+        "/O=Test/CN=Test Root",
+        "-days",
+        "30",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "root.pem",
+        cwd=d,
     )
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "inter.key", cwd=d)
-    _openssl("req", "-new", "-key", "inter.key", "-subj", "/O=Test/CN=Test Intermediate", "-out", "inter.csr", cwd=d)
     _openssl(
-        "x509", "-req", "-in", "inter.csr", "-CA", "root.pem", "-CAkey", "root.key", "-set_serial", "2",
-        "-days", "10", "-extfile", "ext.cnf", "-extensions", "v3_inter", "-out", "inter.pem", cwd=d,
+        "req",
+        "-new",
+        "-key",
+        "inter.key",
+        "-subj",
+        "/O=Test/CN=Test Intermediate",
+        "-out",
+        "inter.csr",
+        cwd=d,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "inter.csr",
+        "-CA",
+        "root.pem",
+        "-CAkey",
+        "root.key",
+        "-set_serial",
+        "2",
+        "-days",
+        "10",
+        "-extfile",
+        "ext.cnf",
+        "-extensions",
+        "v3_inter",
+        "-out",
+        "inter.pem",
+        cwd=d,
     )
     return {"cert": d / "inter.pem", "key": d / "inter.key", "chain": d / "root.pem"}
 
@@ -107,18 +167,28 @@ async def test_user_supplied_ca_with_intermediate(controller_factory: Any, tmp_p
     ca_files = make_openssl_ca(tmp_path / "userca")
     ctl = await controller_factory(
         tmp_path / "controller",
-        ca_cert=ca_files["cert"], ca_key=ca_files["key"], ca_chain=ca_files["chain"],
+        ca_cert=ca_files["cert"],
+        ca_key=ca_files["key"],
+        ca_chain=ca_files["chain"],
     )
     root_pem = ca_files["chain"].read_bytes()
     assert ctl.ca.trust_bundle().roots == (root_pem,)
     creds = await join(
-        ctl.join_address, ctl.tokens.create("node-1"), "node-1", tmp_path / "node",
+        ctl.join_address,
+        ctl.tokens.create("node-1"),
+        "node-1",
+        tmp_path / "node",
         mtls_address=ctl.mtls_address,
     )
     # Leaf chains are leaf, intermediates...; the root comes from the bundle only.
     assert creds.cert_chain_pem[1:] == (ca_files["cert"].read_bytes(),)
-    cross_check(tmp_path, creds.key_pem, creds.cert_chain_pem, creds.trust_bundle_pem,
-                "spiffe://cluster.local/veil/node/node-1")
+    cross_check(
+        tmp_path,
+        creds.key_pem,
+        creds.cert_chain_pem,
+        creds.trust_bundle_pem,
+        "spiffe://cluster.local/veil/node/node-1",
+    )
     key, chain = await request_certificate(creds, CART)
     assert len(chain) == 2
     cross_check(tmp_path, key, chain, creds.trust_bundle_pem, str(CART))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -27,6 +28,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.client import CONTROLLER_SERVER_NAME, ControllerClient, join_node
@@ -78,26 +81,7 @@ class RunningController:
         )
 
     async def join(self, node: str) -> NodeCredentials:
-        """Identity.JoinNode with a fresh single-use token; returns the node's credentials.
-
-        The CA root is pinned from the controller's state directory (what the
-        token's fingerprint designates), so the join is the real token exchange
-        on the join listener without the first-contact probe.
-        """
-        token = self.token(node)
-        root = CertificateAuthority.load(self.state_dir).trust_bundle().roots[0]
-        key = generate_key()
-        csr = build_csr(key, node_identity("cluster.local", node))
-        result = await join_node(self.join_addr, root, token, node, csr)
-        return NodeCredentials(
-            node=node,
-            trust_domain=result.trust_domain,
-            controller_address=self.mtls,
-            join_address=self.join_addr,
-            key_pem=key_pem(key),
-            cert_chain_pem=result.cert_chain,
-            trust_bundle_pem=result.trust_bundle,
-        )
+        return await join_with_token(self.state_dir, self.join_addr, self.mtls, node)
 
     def write_registry(self, doc: dict[str, Any] | str) -> None:
         """Replaces the registry file the way editors do: write aside, rename over."""
@@ -117,6 +101,36 @@ class RunningController:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         return int(resp.status)
+
+
+async def join_with_token(state_dir: Path, join_addr: str, mtls_addr: str, node: str) -> NodeCredentials:
+    """Identity.JoinNode with a fresh single-use token; returns the node's credentials.
+
+    The token is created in the controller's token file as ``veil controller
+    token create`` does. The CA root the token pins is taken from the state
+    directory, so this is the real token exchange on the join listener without
+    the first-contact probe of ``veil node join``.
+    """
+    ca = CertificateAuthority.load(state_dir)
+    token = JoinTokenStore(state_dir).create(node, timedelta(minutes=10), ca_fingerprint=ca.fingerprint)
+    (root,) = (r for r in ca.trust_bundle().roots if _fingerprint(r) == ca.fingerprint)
+    key = generate_key()
+    csr = build_csr(key, node_identity(ca.trust_domain, node))
+    result = await join_node(join_addr, root, token, node, csr)
+    return NodeCredentials(
+        node=node,
+        trust_domain=result.trust_domain,
+        controller_address=mtls_addr,
+        join_address=join_addr,
+        key_pem=key_pem(key),
+        cert_chain_pem=result.cert_chain,
+        trust_bundle_pem=result.trust_bundle,
+    )
+
+
+def _fingerprint(pem: bytes) -> str:
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
 
 
 def example_doc() -> dict[str, Any]:

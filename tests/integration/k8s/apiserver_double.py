@@ -141,6 +141,7 @@ class ApiServerDouble:
         self.requests: list[tuple[str, str]] = []
         self.status_patches: list[tuple[str, str, str, Obj]] = []
         self.fail_next: dict[tuple[str, str], int] = {}  # (method, plural) -> HTTP status
+        self.expire_next_continue = False  # the next list page request gets 410 Expired
         self._watchers: set[_Watcher] = set()
         self._pages: dict[str, list[Obj]] = {}
         self._runner: web.AppRunner | None = None
@@ -304,6 +305,9 @@ class ApiServerDouble:
     def _list(self, request: web.Request, res: _Resource, ns: str | None) -> web.Response:
         limit = int(request.query.get("limit", "0") or 0)
         token = request.query.get("continue", "")
+        if token and self.expire_next_continue:
+            self.expire_next_continue = False
+            self._pages.pop(token, None)
         if token:
             if token not in self._pages:
                 return _error(410, "Expired", "the provided continue parameter is too old")

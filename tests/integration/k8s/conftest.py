@@ -35,7 +35,9 @@ class ThreadedApiServer:
 
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="apiserver-double", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="apiserver-double", daemon=True
+        )
         self._thread.start()
         self.double = self._await(self._make())
         self.url = self._await(self.double.start())

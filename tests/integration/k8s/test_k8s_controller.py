@@ -69,11 +69,16 @@ def options(identity: str) -> KubernetesOptions:
 
 
 @contextlib.asynccontextmanager
-async def k8s_controller(api: ThreadedApiServer, state_dir: Path, identity: str = "ctl-1") -> AsyncIterator[Served]:
+async def k8s_controller(
+    api: ThreadedApiServer, state_dir: Path, identity: str = "ctl-1"
+) -> AsyncIterator[Served]:
     """What ``veil controller run --source kubernetes`` wires, on loopback ports."""
     holder = RegistryHolder(trust_domain=TD)
     runtime = await asyncio.wait_for(
-        build_kubernetes_source(holder, options(identity), state_dir=state_dir, client_factory=api.client), 20
+        build_kubernetes_source(
+            holder, options(identity), state_dir=state_dir, client_factory=api.client
+        ),
+        20,
     )
     task = asyncio.create_task(runtime.run())
     server: grpc.aio.Server | None = None
@@ -91,7 +96,9 @@ async def k8s_controller(api: ThreadedApiServer, state_dir: Path, identity: str 
             max_ttl=timedelta(hours=1),
             node_cert_ttl=timedelta(hours=1),
         )
-        serving = ServingCredentials(runtime.ca, SERVING_DNS_NAMES, ["127.0.0.1"], timedelta(hours=1))
+        serving = ServingCredentials(
+            runtime.ca, SERVING_DNS_NAMES, ["127.0.0.1"], timedelta(hours=1)
+        )
         server = grpc.aio.server()
         add_services(server, identity_service, hub)
         mtls = server.add_secure_port("127.0.0.1:0", serving.credentials(client_auth=True))
@@ -145,7 +152,9 @@ def configmap_roots(api: ThreadedApiServer) -> bytes | None:
 
 async def join(served: Served, root_pem: bytes, token: str, node: str) -> ControllerClient:
     key = generate_key()
-    result = await join_node(served.join, root_pem, token, node, build_csr(key, node_identity(TD, node)))
+    result = await join_node(
+        served.join, root_pem, token, node, build_csr(key, node_identity(TD, node))
+    )
     return ControllerClient(
         served.mtls,
         key_pem=key_pem(key),
@@ -165,7 +174,9 @@ async def test_node_token_joins_and_issuance_is_node_scoped(
     tokens = seed_cluster(apiserver)
     async with k8s_controller(apiserver, tmp_path) as served:
         # The node pins the CA from the public ConfigMap the leader published.
-        await eventually(lambda: configmap_roots(apiserver) is not None, what="trust bundle ConfigMap")
+        await eventually(
+            lambda: configmap_roots(apiserver) is not None, what="trust bundle ConfigMap"
+        )
         roots = configmap_roots(apiserver)
         assert roots == b"".join(served.runtime.ca.trust_bundle().roots)
 
@@ -173,9 +184,11 @@ async def test_node_token_joins_and_issuance_is_node_scoped(
         async with node_a:
             chain = await svid(node_a, "checkout")  # checkout runs on node-a
             leaf = x509.load_pem_x509_certificate(chain[0])
-            assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-                x509.UniformResourceIdentifier
-            ) == [f"spiffe://{TD}/ns/shop/sa/checkout"]
+            assert leaf.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.UniformResourceIdentifier) == [
+                f"spiffe://{TD}/ns/shop/sa/checkout"
+            ]
             # payments runs only on node-b: node-a's token cannot get its identity.
             with pytest.raises(ApiError) as refused:
                 await svid(node_a, "payments")
@@ -219,13 +232,19 @@ async def test_bad_tokens_are_refused_with_the_reason(
     bound = {"pod_name": "veil-node-a", "pod_uid": pod_a["metadata"]["uid"]}
     token = f"bad-{setup}"
     if setup == "expired":
-        apiserver.register_token(token, RegisteredToken(NODE_SA, expires_at=time.time() - 1, **bound))
+        apiserver.register_token(
+            token, RegisteredToken(NODE_SA, expires_at=time.time() - 1, **bound)
+        )
     elif setup == "audience":
-        apiserver.register_token(token, RegisteredToken(NODE_SA, audiences=("https://kubernetes.default.svc",), **bound))
+        apiserver.register_token(
+            token, RegisteredToken(NODE_SA, audiences=("https://kubernetes.default.svc",), **bound)
+        )
     elif setup == "other-sa":
         # A real token of another account (bound to one of its pods, elsewhere).
         apiserver.set(validate_bound_pods=False)
-        apiserver.register_token(token, RegisteredToken("system:serviceaccount:shop:checkout", **bound))
+        apiserver.register_token(
+            token, RegisteredToken("system:serviceaccount:shop:checkout", **bound)
+        )
     elif setup == "unbound":
         apiserver.register_token(token, RegisteredToken(NODE_SA))
     elif setup == "pod-gone":
@@ -241,8 +260,12 @@ async def test_bad_tokens_are_refused_with_the_reason(
         assert fragment in err.value.message
 
 
-def _ca_cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
-             path_length: int) -> x509.Certificate:
+def _ca_cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    path_length: int,
+) -> x509.Certificate:
     now = datetime.now(UTC)
     issuer_name, issuer_key = issuer if issuer else (subject, key)
     return (
@@ -255,34 +278,46 @@ def _ca_cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, e
         .not_valid_after(now + timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
         )
         .sign(issuer_key, hashes.SHA256())
     )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-async def test_plugged_in_ca_secret_takes_precedence(apiserver: ThreadedApiServer, tmp_path: Path) -> None:
+async def test_plugged_in_ca_secret_takes_precedence(
+    apiserver: ThreadedApiServer, tmp_path: Path
+) -> None:
     seed_cluster(apiserver)
-    root_key, int_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root_key, int_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
     root = _ca_cert("Corp Root", root_key, None, 1)
     intermediate = _ca_cert("Corp Mesh CA", int_key, ("Corp Root", root_key), 0)
     key_bytes = int_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    apiserver.put("secrets", {
-        "metadata": {"name": "cacerts", "namespace": "veil-system"},
-        "data": {
-            "ca-cert.pem": b64(_pem(intermediate)),
-            "ca-key.pem": b64(key_bytes),
-            "root-cert.pem": b64(_pem(root)),
-            "cert-chain.pem": b64(_pem(intermediate) + _pem(root)),
+    apiserver.put(
+        "secrets",
+        {
+            "metadata": {"name": "cacerts", "namespace": "veil-system"},
+            "data": {
+                "ca-cert.pem": b64(_pem(intermediate)),
+                "ca-key.pem": b64(key_bytes),
+                "root-cert.pem": b64(_pem(root)),
+                "cert-chain.pem": b64(_pem(intermediate) + _pem(root)),
+            },
         },
-    })
+    )
     async with k8s_controller(apiserver, tmp_path) as served:
         root_fp = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
         assert served.runtime.ca.fingerprint == root_fp
@@ -299,7 +334,9 @@ async def test_plugged_in_ca_secret_takes_precedence(apiserver: ThreadedApiServe
         assert x509.load_pem_x509_certificate(chain[1]).subject == intermediate.subject
 
 
-async def test_two_replicas_share_one_ca_and_one_leader(apiserver: ThreadedApiServer, tmp_path: Path) -> None:
+async def test_two_replicas_share_one_ca_and_one_leader(
+    apiserver: ThreadedApiServer, tmp_path: Path
+) -> None:
     seed_cluster(apiserver)
     async with k8s_controller(apiserver, tmp_path / "1", "ctl-1") as first:
         await eventually(lambda: first.runtime.elector.is_leader, what="first replica leads")
@@ -317,7 +354,11 @@ async def test_two_replicas_share_one_ca_and_one_leader(apiserver: ThreadedApiSe
             await eventually(
                 lambda: len(second.runtime.ca.trust_bundle().roots) == 2, what="standby reloads CA"
             )
-            await eventually(lambda: configmap_roots(apiserver) == b"".join(first.runtime.ca.trust_bundle().roots))
+            await eventually(
+                lambda: (
+                    configmap_roots(apiserver) == b"".join(first.runtime.ca.trust_bundle().roots)
+                )
+            )
             # The leader stops: it releases the Lease and the standby takes over at once.
             await first.runtime.close()
             started = time.monotonic()
@@ -333,13 +374,22 @@ async def test_standby_waits_for_the_leader_to_create_the_ca(
 ) -> None:
     seed_cluster(apiserver)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    apiserver.put("leases", {
-        "metadata": {"name": "veil-controller", "namespace": "veil-system"},
-        "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 30, "renewTime": now},
-    })
+    apiserver.put(
+        "leases",
+        {
+            "metadata": {"name": "veil-controller", "namespace": "veil-system"},
+            "spec": {
+                "holderIdentity": "someone-else",
+                "leaseDurationSeconds": 30,
+                "renewTime": now,
+            },
+        },
+    )
     holder = RegistryHolder(trust_domain=TD)
     starting = asyncio.create_task(
-        build_kubernetes_source(holder, options("ctl-1"), state_dir=tmp_path, client_factory=apiserver.client)
+        build_kubernetes_source(
+            holder, options("ctl-1"), state_dir=tmp_path, client_factory=apiserver.client
+        )
     )
     await asyncio.sleep(1.0)
     assert not starting.done()

@@ -25,6 +25,7 @@ from controller.api.model import (
 from controller.discovery import DiscoveryHub
 from controller.k8s.client import KubeClient
 from controller.k8s.kinds import PODS
+from controller.k8s.reflector import WatchSettings
 from controller.k8s.source import KubernetesSource
 from controller.k8s.status import StatusWriter
 from controller.registry import RegistryHolder
@@ -83,7 +84,9 @@ def seed_shop(api: ThreadedApiServer, mode: str | None = None) -> None:
     api.put("pods", pod("payments", "shop", "10.1.0.2", node="node-b", labels={"app": "payments"}))
     api.put(
         "pods",
-        pod("legacy", "shop", "10.1.0.3", labels={"app": "legacy", "veil.io/dataplane-mode": "none"}),
+        pod(
+            "legacy", "shop", "10.1.0.3", labels={"app": "legacy", "veil.io/dataplane-mode": "none"}
+        ),
     )
 
 
@@ -109,7 +112,12 @@ async def test_enrolling_a_namespace_by_label_reaches_a_watching_node(
         assert not workloads(run.state())["shop/legacy"].enrolled
 
         # Opting a running pod out later removes it from the mesh.
-        opted = pod("checkout", "shop", "10.1.0.1", labels={"app": "checkout", "veil.io/dataplane-mode": "none"})
+        opted = pod(
+            "checkout",
+            "shop",
+            "10.1.0.1",
+            labels={"app": "checkout", "veil.io/dataplane-mode": "none"},
+        )
         apiserver.put("pods", opted)
         update = await next_update(sub)
         (w,) = [r for r in update.upserts if isinstance(r, Workload)]
@@ -161,7 +169,11 @@ async def test_invalid_policy_gets_a_status_condition_and_is_not_applied(
         await eventually(lambda: accepted(apiserver, "broken") is not None, what="status written")
         cond = accepted(apiserver, "broken")
         assert cond is not None
-        assert (cond["status"], cond["reason"], cond["observedGeneration"]) == ("False", "Invalid", 1)
+        assert (cond["status"], cond["reason"], cond["observedGeneration"]) == (
+            "False",
+            "Invalid",
+            1,
+        )
         assert "AuthorizationPolicy shop/broken" in cond["message"]
         assert "spec.rules[0].from[0].source.ipBlocks[0]" in cond["message"]
         assert run.state().authorization_policies == ()
@@ -185,7 +197,10 @@ async def test_invalid_policy_gets_a_status_condition_and_is_not_applied(
 
 async def test_follower_writes_no_status(apiserver: ThreadedApiServer) -> None:
     seed_shop(apiserver, "ambient")
-    apiserver.put("authorizationpolicies", authz("broken", "shop", {"action": "DENY", "rules": [{"when": []}]}))
+    apiserver.put(
+        "authorizationpolicies",
+        authz("broken", "shop", {"action": "DENY", "rules": [{"when": []}]}),
+    )
     async with running_source(apiserver, leader=False) as run:
         await asyncio.sleep(0.3)
         assert run.status.writes == 0
@@ -212,7 +227,9 @@ async def test_relist_after_410_loses_nothing_and_duplicates_nothing(
         apiserver.compact()
 
         await eventually(lambda: pods.stats.gone >= 1, what="a 410")
-        await eventually(lambda: set(workloads(run.state())) == {"shop/checkout", "shop/cart", "shop/legacy"})
+        await eventually(
+            lambda: set(workloads(run.state())) == {"shop/checkout", "shop/cart", "shop/legacy"}
+        )
         state = run.state()
         assert workloads(state)["shop/checkout"].ips == ("10.1.0.9",)
         assert len(state.workloads) == len({w.key for w in state.workloads}) == 3
@@ -234,7 +251,9 @@ async def test_error_event_410_on_a_live_watch_relists(apiserver: ThreadedApiSer
         assert len(run.state().workloads) == 4
 
 
-async def test_dropped_connections_resume_from_the_last_version(apiserver: ThreadedApiServer) -> None:
+async def test_dropped_connections_resume_from_the_last_version(
+    apiserver: ThreadedApiServer,
+) -> None:
     seed_shop(apiserver, "ambient")
     async with running_source(apiserver) as run:
         pods = run.source.reflectors[PODS]
@@ -266,3 +285,50 @@ async def test_bookmarks_move_the_resume_point(apiserver: ThreadedApiServer) -> 
         apiserver.put("pods", pod("x", "shop", "10.1.0.7"))
         await eventually(lambda: "shop/x" in workloads(run.state()))
         assert pods.stats.lists == 1
+
+
+async def test_server_ending_watches_rewatches_without_relisting(
+    apiserver: ThreadedApiServer,
+) -> None:
+    seed_shop(apiserver, "ambient")
+    short = WatchSettings(min_timeout=1, max_timeout=1, backoff_initial=0.05, backoff_cap=0.3)
+    client = apiserver.client()
+    holder = RegistryHolder(trust_domain="cluster.local")
+    source = KubernetesSource(client, holder, "cluster.local", settings=short, debounce=0.02)
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.wait_for(source.wait_synced(), 5)
+        pods = source.reflectors[PODS]
+        await eventually(lambda: pods.stats.watches >= 2, timeout=5, what="a second watch")
+        apiserver.put("pods", pod("after-timeout", "shop", "10.1.0.8"))
+        await eventually(lambda: "shop/after-timeout" in workloads(holder.current()))
+        assert pods.stats.lists == 1 and pods.stats.errors == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.close()
+
+
+async def test_lists_are_paginated_and_restart_when_the_token_expires(
+    apiserver: ThreadedApiServer,
+) -> None:
+    apiserver.put("namespaces", namespace("shop"))
+    for i in range(7):
+        apiserver.put("pods", pod(f"p{i}", "shop", f"10.1.2.{i}"))
+    client = apiserver.client()
+    try:
+        items, rv = await client.list(PODS, page_size=3)
+        assert sorted(i["metadata"]["name"] for i in items) == [f"p{i}" for i in range(7)]
+        assert rv == str(apiserver.read(lambda d: d.rv))
+        pages = [r for r in apiserver.read(lambda d: list(d.requests)) if r[1] == "/api/v1/pods"]
+        assert len(pages) == 3
+        # A continue token that expires mid-list: the list starts over, never mixing snapshots.
+        apiserver.set(expire_next_continue=True)
+        before = len(apiserver.read(lambda d: list(d.requests)))
+        items, _ = await client.list(PODS, page_size=3)
+        assert len(items) == 7 and not apiserver.read(lambda d: d.expire_next_continue)
+        # The first page, the refused second one, then all three pages again.
+        assert len(apiserver.read(lambda d: list(d.requests))) - before == 5
+    finally:
+        await client.close()

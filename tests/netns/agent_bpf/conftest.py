@@ -1,10 +1,10 @@
-"""Fixtures for the eBPF data-plane tests: a shared two-node lab with Veil loaded on both nodes.
+"""Fixtures for the eBPF data-plane tests: a shared two-node lab with Veil loaded on node-a.
 
-Compiling the programs costs about a second per node, so one session lab
-(node-a, node-b, each with its own pin directory: bpffs is not per network
-namespace) is shared by the tests; each test adds its own pods with unique
-names. Tests that need a pristine pin directory (restart, uninstall) build
-their own.
+Compiling the programs costs a second or more, so one session lab (node-a
+with Veil, node-b as the rest of the cluster) is shared by the tests; each
+test adds its own pods with unique names. Every node gets its own pin
+directory, because bpffs is not per network namespace. Tests that need a
+pristine pin directory (restart, uninstall) build their own lab.
 
 The ztunnel stand-in is :class:`ZtunnelStandIn`: a test application, not a
 Veil component, that listens like the ztunnel does (0.0.0.0, IP_TRANSPARENT,
@@ -107,9 +107,13 @@ class ZtunnelStandIn:
                 continue
             except OSError:
                 return
-            conn.settimeout(5.0)
             self._conns.append(conn)
-            self.accepted.put(Accepted(port, conn.getsockname()[:2], peer[:2]))
+            try:
+                conn.settimeout(5.0)
+                sockname = conn.getsockname()[:2]
+            except OSError:  # reset before we looked: nothing to record
+                continue
+            self.accepted.put(Accepted(port, sockname, peer[:2]))
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
@@ -160,11 +164,14 @@ def bpf_lab() -> Iterator[BpfLab]:
         topo.add_node("node-a")
         topo.add_node("node-b")
         topo.build()
-        for node in topo.nodes.values():
-            with in_netns(node.netns):
-                plane = Dataplane.open(pin_dir_for(topo, node))
-            planes[node.name] = plane
-            plane.setup_node(node.uplink)
+        # Veil runs on node-a; node-b plays the rest of the cluster (remote
+        # clients and servers). The restart test loads its own pin directory
+        # next to this one, so two pin directories coexist on the machine.
+        node = topo.node("node-a")
+        with in_netns(node.netns):
+            plane = Dataplane.open(pin_dir_for(topo, node))
+        planes[node.name] = plane
+        plane.setup_node(node.uplink)
         yield BpfLab(topo, planes)
     finally:
         try:

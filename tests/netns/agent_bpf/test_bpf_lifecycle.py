@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.bpf import Dataplane, DataplaneOptions, DropReason, syscall
+from agent.bpf import Dataplane, DataplaneOptions, DataplaneView, DropReason, syscall
 from agent.bpf.maps import MAP_LAYOUTS
 from agent.bpf.pins import PinLayout
 from agent.lab import Topology, in_netns
@@ -55,6 +55,20 @@ def test_pod_states_follow_enroll_mark_and_unenroll(bpf_lab: Any, net: Any) -> N
             want.value_size,
             want.max_entries,
         )
+
+    # A read-only view (what veilctl uses) sees the same thing without compiling.
+    with in_netns(node.netns):
+        view = DataplaneView.inspect(plane.pin_dir)
+    with view:
+        assert view.pod(pod.ip) == plane.pod(pod.ip)
+        seen = view.node()
+        assert seen.loaded_build_id == plane.build_id and seen.in_sync
+        assert seen.programs == plane.node().programs
+        assert seen.policy_routing.complete
+        assert seen.uplink_ifname == node.uplink and seen.uplink_program is not None
+        source = view.source()
+        assert source is not None and source.build_id == plane.build_id
+        assert "veil_pod_ingress" in source.render()
 
     plain = plane.mark_local_pod(pod.ip)
     assert not plain.enrolled and plain.ingress is not None and plain.egress is None

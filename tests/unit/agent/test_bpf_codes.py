@@ -14,7 +14,9 @@ def _c_enum(text: str, name: str) -> dict[str, int]:
     body = re.search(r"enum\s+" + name + r"\s*\{(.*?)\};", text, re.S)
     assert body, f"enum {name} not found in {HEADER}"
     values: dict[str, int] = {}
-    for match in re.finditer(r"^\s*(VEIL_DROP_\w+)\s*(?:=\s*(\d+))?\s*(?:,|$|/\*)", body.group(1), re.M):
+    for match in re.finditer(
+        r"^\s*(VEIL_DROP_\w+)\s*(?:=\s*(\d+))?\s*(?:,|$|/\*)", body.group(1), re.M
+    ):
         ident, value = match.group(1), match.group(2)
         values[ident] = int(value) if value is not None else max(values.values()) + 1
     return values

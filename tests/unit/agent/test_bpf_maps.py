@@ -60,3 +60,23 @@ def test_to_dict_uses_labels_and_skips_zero() -> None:
         "established": 3,
         "drops": {"spoofed_source": 4},
     }
+
+
+def test_layout_mismatch_is_refused_with_a_hint() -> None:
+    from pathlib import Path
+
+    import pytest
+
+    from agent.bpf import syscall
+    from agent.bpf.maps import check_layout
+    from agent.errors import MapError
+
+    good = MAP_LAYOUTS["pods"]
+    info = syscall.MapInfo(
+        1, good.type, good.key_size, good.value_size, good.max_entries, "veil_pods"
+    )
+    check_layout("pods", info, Path("/sys/fs/bpf/veil/pods"))
+    bigger = syscall.MapInfo(1, good.type, 4, good.value_size + 8, good.max_entries, "veil_pods")
+    with pytest.raises(MapError) as err:
+        check_layout("pods", bigger, Path("/sys/fs/bpf/veil/pods"))
+    assert "uninstall" in (err.value.hint or "")

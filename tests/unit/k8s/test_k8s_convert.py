@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.api.model import Labels, PeerAuthMode, PolicyAction, ServicePort
 from controller.k8s.convert import convert, service_from, workload_from
@@ -49,22 +51,38 @@ def pod(
     }
 
 
-def svc(name: str, namespace: str = "shop", *, ip: str = "10.96.0.10", selector: dict[str, str] | None = None,
-        ports: list[Obj] | None = None, **spec: Any) -> Obj:
+def svc(
+    name: str,
+    namespace: str = "shop",
+    *,
+    ip: str = "10.96.0.10",
+    selector: dict[str, str] | None = None,
+    ports: list[Obj] | None = None,
+    **spec: Any,
+) -> Obj:
     return {
-        "metadata": {"name": name, "namespace": namespace, "creationTimestamp": "2024-01-01T00:00:00Z"},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "creationTimestamp": "2024-01-01T00:00:00Z",
+        },
         "spec": {
             "clusterIP": ip,
             "clusterIPs": [ip],
             "selector": selector,
-            "ports": ports if ports is not None else [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            "ports": ports
+            if ports is not None
+            else [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
             **spec,
         },
     }
 
 
 def policy(name: str, namespace: str = "shop", spec: Any = None, generation: int = 1) -> Obj:
-    return {"metadata": {"name": name, "namespace": namespace, "generation": generation}, "spec": spec}
+    return {
+        "metadata": {"name": name, "namespace": namespace, "generation": generation},
+        "spec": spec,
+    }
 
 
 @pytest.mark.parametrize(
@@ -164,12 +182,23 @@ def test_objects_in_unseen_namespaces_wait() -> None:
 
 
 def test_named_target_port_resolved_from_endpoint_slices() -> None:
-    service = svc("web", selector={"app": "web"},
-                  ports=[{"name": "http", "port": 80, "targetPort": "http-alt"},
-                         {"name": "dns", "port": 53, "protocol": "UDP"}])
-    slice_ = {"metadata": {"name": "web-abc", "namespace": "shop",
-                           "labels": {"kubernetes.io/service-name": "web"}},
-              "ports": [{"name": "http", "port": 8081, "protocol": "TCP"}], "endpoints": []}
+    service = svc(
+        "web",
+        selector={"app": "web"},
+        ports=[
+            {"name": "http", "port": 80, "targetPort": "http-alt"},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ],
+    )
+    slice_ = {
+        "metadata": {
+            "name": "web-abc",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "web"},
+        },
+        "ports": [{"name": "http", "port": 8081, "protocol": "TCP"}],
+        "endpoints": [],
+    }
     model, notes = service_from(service, [slice_])
     assert model is not None and model.ports == (ServicePort(80, 8081, "http"),) and notes == []
     model, notes = service_from(service, [])
@@ -184,14 +213,23 @@ def test_external_name_and_headless_services() -> None:
 
 def test_selectorless_service_takes_endpoints_from_slices() -> None:
     slice_ = {
-        "metadata": {"name": "manual-1", "namespace": "shop",
-                     "labels": {"kubernetes.io/service-name": "manual"}},
+        "metadata": {
+            "name": "manual-1",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "manual"},
+        },
         "ports": [{"port": 8080}],
         "endpoints": [
-            {"addresses": ["10.1.0.1"], "conditions": {"ready": True},
-             "targetRef": {"kind": "Pod", "name": "a", "namespace": "shop"}},
-            {"addresses": ["10.1.0.2"], "conditions": {"ready": False},
-             "targetRef": {"kind": "Pod", "name": "b", "namespace": "shop"}},
+            {
+                "addresses": ["10.1.0.1"],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "name": "a", "namespace": "shop"},
+            },
+            {
+                "addresses": ["10.1.0.2"],
+                "conditions": {"ready": False},
+                "targetRef": {"kind": "Pod", "name": "b", "namespace": "shop"},
+            },
             {"addresses": ["10.9.9.9"]},
         ],
     }
@@ -206,14 +244,24 @@ def test_selectorless_service_takes_endpoints_from_slices() -> None:
 
 
 def test_policies_valid_and_invalid() -> None:
-    good = policy("allow-checkout", spec={
-        "selector": {"matchLabels": {"app": "payments"}},
-        "action": "ALLOW",
-        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}],
-                   "to": [{"operation": {"ports": ["8080"]}}]}],
-    })
-    bad = policy("broken", spec={"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]},
-                 generation=4)
+    good = policy(
+        "allow-checkout",
+        spec={
+            "selector": {"matchLabels": {"app": "payments"}},
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}],
+                    "to": [{"operation": {"ports": ["8080"]}}],
+                }
+            ],
+        },
+    )
+    bad = policy(
+        "broken",
+        spec={"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]},
+        generation=4,
+    )
     l7 = policy("l7", spec={"rules": [{"when": [{"key": "request.headers[x]"}]}]})
     root = policy("mesh-deny", "veil-system", {"action": "DENY", "rules": [{}]})
     peer = policy("strict", spec={"mtls": {"mode": "STRICT"}})
@@ -246,8 +294,12 @@ def test_policies_valid_and_invalid() -> None:
 
 
 def test_spec_that_is_not_an_object_is_refused() -> None:
-    conv = convert("cluster.local", namespaces=[ns("shop")], pods=[],
-                   authorization_policies=[policy("x", spec=["a"])])
+    conv = convert(
+        "cluster.local",
+        namespaces=[ns("shop")],
+        pods=[],
+        authorization_policies=[policy("x", spec=["a"])],
+    )
     assert conv.state.authorization_policies == ()
     assert not conv.verdicts[0].accepted
 
@@ -261,3 +313,69 @@ def test_same_input_same_state() -> None:
     first = convert("cluster.local", **kwargs).state
     kwargs = {k: list(reversed(v)) for k, v in kwargs.items()}
     assert convert("cluster.local", **kwargs).state == first
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_PATHS = [
+    ("spec",),
+    ("status",),
+    ("metadata", "labels"),
+    ("metadata", "deletionTimestamp"),
+    ("spec", "nodeName"),
+    ("spec", "ports"),
+    ("spec", "selector"),
+    ("spec", "clusterIPs"),
+    ("status", "podIPs"),
+    ("status", "conditions"),
+    ("spec", "rules"),
+    ("spec", "action"),
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: Obj) -> Obj:
+    """A valid object with one field replaced by arbitrary JSON."""
+    import copy
+
+    obj = copy.deepcopy(base)
+    path = draw(st.sampled_from(_PATHS))
+    node = obj
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(node.get(key), dict) else node
+    node[path[-1]] = draw(json_values)
+    return obj
+
+
+objects = st.one_of(
+    st.dictionaries(st.sampled_from(["metadata", "spec", "status"]), json_values, max_size=3),
+    mutated(pod("m", ip="10.9.0.1")),
+    mutated(svc("m", selector={"app": "x"})),
+    mutated(policy("m", spec={"action": "DENY", "rules": [{}]})),
+)
+
+
+@settings(max_examples=100)
+@given(st.lists(objects, max_size=4), st.lists(objects, max_size=3), st.lists(objects, max_size=3))
+def test_convert_survives_arbitrary_objects(
+    pods: list[Obj], services: list[Obj], policies: list[Obj]
+) -> None:
+    """API objects come off the network: malformed ones are skipped or refused, never a crash."""
+    from controller.registry import RegistryError
+
+    try:
+        conv = convert(
+            "cluster.local",
+            namespaces=[ns("shop", "ambient")],
+            pods=pods,
+            services=services,
+            authorization_policies=policies,
+        )
+    except RegistryError:
+        return  # e.g. a name that is not a DNS label: refused with a reason
+    assert len(conv.verdicts) == len(policies)

@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controller.api.errors import ApiError
 from controller.k8s.backoff import Backoff
@@ -27,14 +29,23 @@ NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 # -- status ----------------------------------------------------------------------------
 
 
-def obj(generation: int = 2, conditions: list[dict[str, Any]] | None = None, observed: int | None = None) -> dict[str, Any]:
+def obj(
+    generation: int = 2, conditions: list[dict[str, Any]] | None = None, observed: int | None = None
+) -> dict[str, Any]:
     status: dict[str, Any] = {}
     if conditions is not None:
         status["conditions"] = conditions
     if observed is not None:
         status["observedGeneration"] = observed
-    return {"metadata": {"name": "p", "namespace": "shop", "generation": generation,
-                         "resourceVersion": "77"}, "status": status}
+    return {
+        "metadata": {
+            "name": "p",
+            "namespace": "shop",
+            "generation": generation,
+            "resourceVersion": "77",
+        },
+        "status": status,
+    }
 
 
 def verdict(error: str | None = None, generation: int = 2) -> PolicyVerdict:
@@ -65,10 +76,21 @@ def test_no_patch_when_status_already_matches() -> None:
 
 
 def test_transition_time_kept_while_status_holds_and_other_conditions_kept() -> None:
-    other = {"type": "Other", "status": "True", "reason": "X", "message": "",
-             "lastTransitionTime": "2020-01-01T00:00:00Z"}
-    previous = {"type": "Accepted", "status": "False", "reason": "Invalid", "message": "old",
-                "observedGeneration": 1, "lastTransitionTime": "2023-01-01T00:00:00Z"}
+    other = {
+        "type": "Other",
+        "status": "True",
+        "reason": "X",
+        "message": "",
+        "lastTransitionTime": "2020-01-01T00:00:00Z",
+    }
+    previous = {
+        "type": "Accepted",
+        "status": "False",
+        "reason": "Invalid",
+        "message": "old",
+        "observedGeneration": 1,
+        "lastTransitionTime": "2023-01-01T00:00:00Z",
+    }
     patch = status_patch(obj(conditions=[other, previous], observed=1), verdict("new"), NOW)
     assert patch is not None
     conds = patch["status"]["conditions"]
@@ -94,8 +116,9 @@ def test_huge_message_is_truncated() -> None:
 
 
 def rec(holder: str, duration: int = 15) -> LeaseRecord:
-    return LeaseRecord(holder=holder, lease_duration=duration, renew_time="t", transitions=0,
-                       resource_version="1")
+    return LeaseRecord(
+        holder=holder, lease_duration=duration, renew_time="t", transitions=0, resource_version="1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -134,15 +157,23 @@ def test_backoff_doubles_to_cap_and_resets() -> None:
 # -- TokenReview -----------------------------------------------------------------------------
 
 
-def review(authenticated: bool = True, username: str = "system:serviceaccount:veil-system:veil-node",
-           extra: dict[str, list[str]] | None = None, audiences: list[str] | None = None,
-           error: str = "") -> dict[str, Any]:
+def review(
+    authenticated: bool = True,
+    username: str = "system:serviceaccount:veil-system:veil-node",
+    extra: dict[str, list[str]] | None = None,
+    audiences: list[str] | None = None,
+    error: str = "",
+) -> dict[str, Any]:
     status: dict[str, Any] = {"authenticated": authenticated}
     if error:
         status["error"] = error
     if authenticated:
-        status["user"] = {"username": username, "extra": extra if extra is not None else {
-            POD_NAME_CLAIM: ["veil-node-abc"], POD_UID_CLAIM: ["uid-1"]}}
+        status["user"] = {
+            "username": username,
+            "extra": extra
+            if extra is not None
+            else {POD_NAME_CLAIM: ["veil-node-abc"], POD_UID_CLAIM: ["uid-1"]},
+        }
         status["audiences"] = audiences if audiences is not None else ["veil"]
     return {"status": status}
 
@@ -150,9 +181,15 @@ def review(authenticated: bool = True, username: str = "system:serviceaccount:ve
 @pytest.mark.parametrize(
     ("answer", "fragment"),
     [
-        (review(False, error="[invalid bearer token, service account token has expired]"), "expired"),
+        (
+            review(False, error="[invalid bearer token, service account token has expired]"),
+            "expired",
+        ),
         (review(audiences=["https://kubernetes.default.svc"]), "audiences"),
-        (review(username="system:serviceaccount:shop:default"), "not the Veil node service account"),
+        (
+            review(username="system:serviceaccount:shop:default"),
+            "not the Veil node service account",
+        ),
         (review(extra={}), "not bound to a pod"),
         (review(extra={POD_NAME_CLAIM: ["a", "b"], POD_UID_CLAIM: ["u"]}), "not bound to a pod"),
         ({}, "not authenticated"),
@@ -166,14 +203,22 @@ def test_check_review_refusals(answer: dict[str, Any], fragment: str) -> None:
 
 
 def test_check_review_accepts_bound_token() -> None:
-    bound = check_review(review(extra={POD_NAME_CLAIM: ["p"], POD_UID_CLAIM: ["u"],
-                                       NODE_NAME_CLAIM: ["node-a"]}), "veil-system", "veil-node")
+    bound = check_review(
+        review(extra={POD_NAME_CLAIM: ["p"], POD_UID_CLAIM: ["u"], NODE_NAME_CLAIM: ["node-a"]}),
+        "veil-system",
+        "veil-node",
+    )
     assert bound == BoundPod("veil-system", "veil-node", "p", "u", "node-a")
 
 
-def k8s_pod(uid: str = "u", sa: str = "veil-node", node: str = "node-a", phase: str = "Running") -> dict[str, Any]:
-    return {"metadata": {"uid": uid}, "spec": {"serviceAccountName": sa, "nodeName": node},
-            "status": {"phase": phase}}
+def k8s_pod(
+    uid: str = "u", sa: str = "veil-node", node: str = "node-a", phase: str = "Running"
+) -> dict[str, Any]:
+    return {
+        "metadata": {"uid": uid},
+        "spec": {"serviceAccountName": sa, "nodeName": node},
+        "status": {"phase": phase},
+    }
 
 
 BOUND = BoundPod("veil-system", "veil-node", "p", "u", "")
@@ -188,7 +233,11 @@ BOUND = BoundPod("veil-system", "veil-node", "p", "u", "")
         (k8s_pod(sa="default"), BOUND, "runs as service account default"),
         (k8s_pod(phase="Succeeded"), BOUND, "finished"),
         (k8s_pod(node=""), BOUND, "not scheduled"),
-        (k8s_pod(), BoundPod("veil-system", "veil-node", "p", "u", "node-b"), "token says node node-b"),
+        (
+            k8s_pod(),
+            BoundPod("veil-system", "veil-node", "p", "u", "node-b"),
+            "token says node node-b",
+        ),
         (k8s_pod(), BoundPod("veil-system", "veil-node", "p", "u", "node-a"), "node-a"),
     ],
 )
@@ -200,3 +249,68 @@ def test_node_of_pod(pod: dict[str, Any] | None, bound: BoundPod, result: str) -
             node_of_pod(pod, bound)
         assert err.value.code == "UNAUTHENTICATED"
         assert result in err.value.message
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+review_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "status": st.fixed_dictionaries(
+            {},
+            optional={
+                "authenticated": st.booleans() | json_values,
+                "error": json_values,
+                "audiences": st.lists(st.sampled_from(["veil", "other"]), max_size=2) | json_values,
+                "user": st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "username": st.sampled_from(
+                            ["system:serviceaccount:veil-system:veil-node", "x"]
+                        )
+                        | json_values,
+                        "extra": st.dictionaries(
+                            st.sampled_from([POD_NAME_CLAIM, POD_UID_CLAIM, NODE_NAME_CLAIM]),
+                            st.lists(st.text(max_size=5), max_size=2) | json_values,
+                        )
+                        | json_values,
+                    },
+                )
+                | json_values,
+            },
+        )
+        | json_values
+    },
+)
+
+
+@given(
+    review_like,
+    st.one_of(
+        st.none(), st.dictionaries(st.sampled_from(["metadata", "spec", "status"]), json_values)
+    ),
+)
+def test_token_checks_on_arbitrary_answers_only_refuse_cleanly(review: Any, pod: Any) -> None:
+    """Whatever the API server answers, the result is a node name or an ApiError."""
+    try:
+        bound = check_review(review, "veil-system", "veil-node")
+        node = node_of_pod(pod, bound)
+    except ApiError as e:
+        assert e.code == "UNAUTHENTICATED"
+        return
+    assert isinstance(node, str) and node
+
+
+@given(
+    st.dictionaries(st.sampled_from(["metadata", "status", "spec"]), json_values),
+    st.none() | st.text(max_size=20),
+)
+def test_status_patch_on_arbitrary_objects(obj: dict[str, Any], error: str | None) -> None:
+    patch = status_patch(obj, verdict(error, generation=2), NOW)
+    if patch is not None:
+        assert patch["status"]["conditions"][-1]["type"] == "Accepted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -35,7 +36,10 @@ def line(etype: str, obj: dict[str, Any]) -> bytes:
         (line("ADDED", pod("a", "1")), EventType.ADDED),
         (line("MODIFIED", pod("a", "2")), EventType.MODIFIED),
         (line("DELETED", pod("a", "3")), EventType.DELETED),
-        (line("BOOKMARK", {"kind": "Pod", "metadata": {"resourceVersion": "9"}}), EventType.BOOKMARK),
+        (
+            line("BOOKMARK", {"kind": "Pod", "metadata": {"resourceVersion": "9"}}),
+            EventType.BOOKMARK,
+        ),
         (line("ERROR", {"kind": "Status", "code": 410, "reason": "Expired"}), EventType.ERROR),
     ],
 )
@@ -65,15 +69,15 @@ def test_parse_refuses_malformed_lines(raw: bytes) -> None:
 
 @given(st.binary(max_size=512))
 def test_parse_arbitrary_bytes_only_raises_protocol_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(WatchProtocolError):
         parse_watch_line(data)
-    except WatchProtocolError:
-        pass
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=12,
 )
 
@@ -111,7 +115,12 @@ def test_cache_apply_table() -> None:
         # A replay of the same version (after a reconnect) changes nothing.
         (ev(EventType.ADDED, pod("b", "11")), ApplyResult.UNCHANGED, {"a", "b"}, "11"),
         (ev(EventType.MODIFIED, pod("a", "12")), ApplyResult.CHANGED, {"a", "b"}, "12"),
-        (ev(EventType.BOOKMARK, {"metadata": {"resourceVersion": "20"}}), ApplyResult.UNCHANGED, {"a", "b"}, "20"),
+        (
+            ev(EventType.BOOKMARK, {"metadata": {"resourceVersion": "20"}}),
+            ApplyResult.UNCHANGED,
+            {"a", "b"},
+            "20",
+        ),
         (ev(EventType.DELETED, pod("a", "21")), ApplyResult.CHANGED, {"b"}, "21"),
         (ev(EventType.DELETED, pod("a", "21")), ApplyResult.UNCHANGED, {"b"}, "21"),
         (ev(EventType.ERROR, {"code": 410}), ApplyResult.RELIST, {"b"}, "21"),
@@ -119,7 +128,7 @@ def test_cache_apply_table() -> None:
     ]
     for event, result, names, rv in steps:
         assert cache.apply(event) is result, event
-        assert {k[1] for k in cache.keys()} == names
+        assert {k[1] for k in cache.object_keys()} == names
         assert cache.resource_version == rv
 
 
@@ -128,7 +137,7 @@ def test_replace_after_gone_loses_nothing_and_duplicates_nothing() -> None:
     cache.replace([pod("a", "1"), pod("b", "2")], "2")
     # While the watch was away: b deleted, c created, a modified.
     assert cache.replace([pod("a", "7"), pod("c", "8"), pod("c", "8")], "9")
-    assert sorted(k[1] for k in cache.keys()) == ["a", "c"]
+    assert sorted(k[1] for k in cache.object_keys()) == ["a", "c"]
     assert cache.get(("shop", "a"))["metadata"]["resourceVersion"] == "7"  # type: ignore[index]
     assert cache.resource_version == "9"
     # The same list again is not a change.

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from controller.api.model import AMBIENT, DATAPLANE_MODE_LABEL, Labels, Namespace, Service, ServicePort, Workload
+from controller.api.model import (
+    AMBIENT,
+    DATAPLANE_MODE_LABEL,
+    Labels,
+    Namespace,
+    Service,
+    ServicePort,
+    Workload,
+)
 from controller.api.spiffe import SpiffeId
 from ztunnel.state import (
     Hbone,
@@ -195,7 +206,7 @@ def test_chooser_only_sees_healthy_endpoints() -> None:
                        version=1, trust_bundle=None)
     seen: list[list[str]] = []
 
-    def choose(service: Service, endpoints: list[Workload]) -> Workload:  # type: ignore[type-arg]
+    def choose(service: Service, endpoints: Sequence[Workload]) -> Workload:
         seen.append([w.name for w in endpoints])
         return endpoints[-1]
 
@@ -206,3 +217,32 @@ def test_chooser_only_sees_healthy_endpoints() -> None:
 
 def test_route_is_pure(snap: Snapshot) -> None:
     assert route(snap, "10.0.1.10", "10.0.2.10", 80) == route(snap, "10.0.1.10", "10.0.2.10", 80)
+
+
+addresses = st.one_of(
+    st.ip_addresses().map(str),
+    st.sampled_from(["10.0.1.10", "10.96.0.10", "::ffff:10.0.1.10", "fd00::10", ""]),
+    st.text(max_size=40),
+)
+
+
+@given(addresses, addresses, st.integers(min_value=0, max_value=65535))
+def test_route_never_raises_and_fails_closed_on_unknown_sources(src: str, dst: str,
+                                                                port: int) -> None:
+    snap = _SNAP
+    r = route(snap, src, dst, port)
+    assert isinstance(r, Hbone | SameNode | Passthrough | Refuse)
+    if snap.local_workload_by_ip(src) is None:
+        assert isinstance(r, Refuse) and r.reason == "source not a local enrolled workload"
+    if isinstance(r, Hbone):
+        assert r.destination.enrolled and r.destination.node != NODE
+        assert r.hbone_addr == (r.dst_ip, 15008) and r.dst_ip in r.destination.ips
+
+
+_SNAP = build_snapshot(
+    NODE,
+    [Namespace("default", Labels({DATAPLANE_MODE_LABEL: AMBIENT})), *WORKLOADS, *SERVICES],
+    epoch="e1",
+    version=1,
+    trust_bundle=None,
+)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controller.api.model import (
     AuthorizationPolicy,
@@ -206,3 +208,35 @@ def test_trust_domain_follows_the_bundle() -> None:
     s = build_snapshot(NODE, [], epoch="e", version=1,
                        trust_bundle=TrustBundle("example.org", (b"r",)))
     assert s.trust_domain == "example.org"
+
+
+_POOL = [wl(f"w{i}", f"10.0.{i % 3}.{i}", node=NODE if i % 2 else "node-b") for i in range(8)]
+_POOL += [Workload(f"w{i}", "default", f"w{i}", NODE, (f"10.0.9.{i}",), Labels({"v": "2"}), True)
+          for i in range(4)]
+_KEYS = sorted({w.key for w in _POOL})
+
+
+@given(st.lists(st.tuples(st.lists(st.sampled_from(_POOL), max_size=4),
+                          st.lists(st.sampled_from(_KEYS), max_size=3)), max_size=12))
+def test_deltas_reach_the_same_state_as_a_snapshot(steps: list[tuple[list[Workload], list[str]]],
+                                                   ) -> None:
+    """Model check: any sequence of deltas equals one snapshot of the final resource set."""
+    store = StateStore(NODE)
+    store.apply(snapshot(1))
+    model: dict[str, Workload] = {}
+    for i, (ups, rms) in enumerate(steps, start=2):
+        removals = tuple((ResourceType.WORKLOAD, k) for k in rms if k not in {u.key for u in ups})
+        store.apply(delta(i, tuple(ups), removals))
+        for u in ups:
+            model[u.key] = u
+        for _, k in removals:
+            model.pop(k, None)
+    fresh = build_snapshot(NODE, model.values(), epoch="e1", version=len(steps) + 1,
+                           trust_bundle=BUNDLE)
+    got = store.current
+    assert dict(got.workloads) == dict(fresh.workloads)
+    assert dict(got.by_ip) == dict(fresh.by_ip)
+    assert got.local_workloads == fresh.local_workloads
+    assert got.local_identities() == fresh.local_identities()
+    # Resuming is always from the last applied version.
+    assert store.resume_point() == ("e1", len(steps) + 1)

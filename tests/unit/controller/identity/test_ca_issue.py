@@ -96,7 +96,7 @@ def test_load_or_create_is_idempotent(tmp_path: Path, ca: CertificateAuthority) 
 
 
 def test_trust_domain_mismatch_is_refused(tmp_path: Path, ca: CertificateAuthority) -> None:
-    with pytest.raises(CaError, match="belongs to trust domain 'cluster.local'"):
+    with pytest.raises(CaError, match=r"belongs to trust domain 'cluster\.local'"):
         CertificateAuthority.load_or_create(tmp_path / "ctl", "example.org")
 
 
@@ -176,7 +176,12 @@ def write_user_ca(
     root = _ca_cert("Test Root", rkey, None, None, not_after=now + timedelta(days=root_days))
     ikey = ec.generate_private_key(ec.SECP256R1())
     inter = _ca_cert(
-        "Test Intermediate", ikey, root, rkey, not_after=now + timedelta(hours=inter_hours), path_length=0
+        "Test Intermediate",
+        ikey,
+        root,
+        rkey,
+        not_after=now + timedelta(hours=inter_hours),
+        path_length=0,
     )
     paths = {
         "cert": d / "inter.pem",
@@ -204,7 +209,10 @@ def test_user_ca_with_intermediate(tmp_path: Path, csr_factory: Any) -> None:
     assert_svid(leaf, str(SID))
     leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(chain[1]))
     svid = spiffe.X509Svid.parse(b"".join(chain), _key_pem(key))
-    assert [c.subject for c in svid.cert_chain] == [leaf.subject, x509.load_pem_x509_certificate(chain[1]).subject]
+    assert [c.subject for c in svid.cert_chain] == [
+        leaf.subject,
+        x509.load_pem_x509_certificate(chain[1]).subject,
+    ]
     info = ca.authorities()[0]
     assert info.source == "imported" and info.intermediates == 1 and info.subject == "CN=Test Root"
     # Restarting without the flags keeps using the imported CA.
@@ -244,8 +252,8 @@ def _bad_ca(tmp_path: Path, kind: str) -> tuple[Path, Path, Path | None]:
         p["key"].write_bytes(_key_pem(k))
         return p["cert"], p["key"], None
     if kind == "wrong order":
-        other = write_user_ca(tmp_path / "other")
-        return p["cert"], p["key"], other["chain"]
+        other_ca = write_user_ca(tmp_path / "other")
+        return p["cert"], p["key"], other_ca["chain"]
     if kind == "missing file":
         return tmp_path / "nope.pem", p["key"], None
     raise AssertionError(kind)

@@ -120,8 +120,8 @@ def test_importing_a_new_user_ca_at_restart_retires_the_generated_root(
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from controller.ca.certs import build_self_signed_root, private_key_pem
     from controller.ca.authority import utc_now
+    from controller.ca.certs import build_self_signed_root, private_key_pem
 
     _issue(ca, csr_factory, timedelta(hours=1))
     key = ec.generate_private_key(ec.SECP256R1())
@@ -132,7 +132,10 @@ def test_importing_a_new_user_ca_at_restart_retires_the_generated_root(
         tmp_path / "ctl", TD, ca_cert=tmp_path / "u.pem", ca_key=tmp_path / "u-key.pem"
     )
     infos = restarted.authorities()
-    assert [(i.state, i.source) for i in infos] == [("active", "imported"), ("retiring", "generated")]
+    assert [(i.state, i.source) for i in infos] == [
+        ("active", "imported"),
+        ("retiring", "generated"),
+    ]
     assert infos[1].fingerprint == ca.fingerprint
 
 

@@ -50,7 +50,11 @@ def test_a_good_csr_returns_its_key() -> None:
 
 CASES: list[tuple[str, bytes, str]] = [
     ("empty", b"", "no CSR"),
-    ("garbage", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "PKCS#10"),
+    (
+        "garbage",
+        b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        "PKCS#10",
+    ),
     ("not pem", b"hello", "PKCS#10"),
     ("too big", b"x" * 20000, "limit"),
     ("bad signature", _tamper(_csr(_p256(), [_uri(str(WANT))])), "signature"),
@@ -58,14 +62,30 @@ CASES: list[tuple[str, bytes, str]] = [
     ("p384", _csr(ec.generate_private_key(ec.SECP384R1()), [_uri(str(WANT))]), "P-256"),
     ("ed25519", _csr(ed25519.Ed25519PrivateKey.generate(), [_uri(str(WANT))]), "P-256"),
     ("no san", _csr(_p256(), None), "no subjectAltName"),
-    ("two uris", _csr(_p256(), [_uri(str(WANT)), _uri("spiffe://cluster.local/ns/shop/sa/x")]), "2 subjectAltNames"),
-    ("uri plus dns", _csr(_p256(), [_uri(str(WANT)), x509.DNSName("cart.shop")]), "2 subjectAltNames"),
+    (
+        "two uris",
+        _csr(_p256(), [_uri(str(WANT)), _uri("spiffe://cluster.local/ns/shop/sa/x")]),
+        "2 subjectAltNames",
+    ),
+    (
+        "uri plus dns",
+        _csr(_p256(), [_uri(str(WANT)), x509.DNSName("cart.shop")]),
+        "2 subjectAltNames",
+    ),
     ("dns only", _csr(_p256(), [x509.DNSName("cart.shop")]), "DNSName"),
     ("ip only", _csr(_p256(), [x509.IPAddress(ipaddress.ip_address("10.0.0.1"))]), "IPAddress"),
     ("other identity", _csr(_p256(), [_uri("spiffe://cluster.local/ns/shop/sa/admin")]), "differs"),
     ("other trust domain", _csr(_p256(), [_uri("spiffe://evil.org/ns/shop/sa/cart")]), "differs"),
-    ("invalid spiffe", _csr(_p256(), [_uri("spiffe://cluster.local/ns/../sa/cart")]), "not a valid SPIFFE ID"),
-    ("http uri", _csr(_p256(), [_uri("https://cluster.local/ns/shop/sa/cart")]), "not a valid SPIFFE ID"),
+    (
+        "invalid spiffe",
+        _csr(_p256(), [_uri("spiffe://cluster.local/ns/../sa/cart")]),
+        "not a valid SPIFFE ID",
+    ),
+    (
+        "http uri",
+        _csr(_p256(), [_uri("https://cluster.local/ns/shop/sa/cart")]),
+        "not a valid SPIFFE ID",
+    ),
     ("case differs", _csr(_p256(), [_uri("spiffe://cluster.local/ns/shop/sa/Cart")]), "differs"),
 ]
 

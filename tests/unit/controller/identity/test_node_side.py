@@ -4,6 +4,7 @@ credential files, and CLI duration parsing."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import stat
 from datetime import timedelta
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controller.api.spiffe import SpiffeId, node_identity
 from controller.ca import CertificateAuthority
@@ -57,7 +60,8 @@ def test_split_host_port_refuses(text: str) -> None:
 
 def _ders(chain_pem: bytes) -> list[bytes]:
     return [
-        c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(chain_pem)
+        c.public_bytes(serialization.Encoding.DER)
+        for c in x509.load_pem_x509_certificates(chain_pem)
     ]
 
 
@@ -158,3 +162,60 @@ def test_parse_duration(text: str, seconds: int) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration(text)
+
+
+@given(
+    st.lists(st.binary(max_size=600), max_size=4),
+    st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+)
+def test_pinning_survives_arbitrary_server_chains(chain: list[bytes], fp: str) -> None:
+    # The chain comes from an unverified handshake: junk must give a clean error or None.
+    assert trust_domain_hint(chain) is None or isinstance(trust_domain_hint(chain), str)
+    with contextlib.suppress(NodeCredentialsError):
+        select_pinned_root(chain, fp)
+
+
+def _real_leaf_der() -> bytes:
+    from datetime import UTC, datetime
+
+    from controller.ca.certs import (
+        build_leaf,
+        build_self_signed_root,
+        generate_p256_key,
+        subject_key_id,
+    )
+
+    now = datetime.now(UTC)
+    key = generate_p256_key()
+    root = build_self_signed_root(key, "cluster.local", now, "t")
+    leaf = build_leaf(
+        public_key=generate_p256_key().public_key(),
+        sans=[
+            x509.DNSName("veil-controller"),
+            x509.UniformResourceIdentifier("spiffe://cluster.local/veil/controller"),
+        ],
+        issuer=root,
+        issuer_key=key,
+        issuer_ski=subject_key_id(root),
+        not_before=now,
+        not_after=now + timedelta(hours=1),
+        subject=x509.Name([]),
+    )
+    return leaf.public_bytes(serialization.Encoding.DER)
+
+
+_LEAF_DER = _real_leaf_der()
+
+
+def test_trust_domain_hint_reads_the_serving_leaf() -> None:
+    assert trust_domain_hint([_LEAF_DER]) == "cluster.local"
+
+
+@given(
+    st.integers(min_value=0, max_value=len(_LEAF_DER) - 1), st.integers(min_value=1, max_value=255)
+)
+def test_trust_domain_hint_survives_corrupted_leaves(pos: int, flip: int) -> None:
+    data = bytearray(_LEAF_DER)
+    data[pos] ^= flip
+    hint = trust_domain_hint([bytes(data)])
+    assert hint is None or isinstance(hint, str)

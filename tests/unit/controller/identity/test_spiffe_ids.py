@@ -99,7 +99,10 @@ def test_node_identity_can_never_be_a_workload_identity() -> None:
 )
 def test_workload_identity_validates_kubernetes_names(ns: str, sa: str, ok: bool) -> None:
     if ok:
-        assert str(workload_identity("cluster.local", ns, sa)) == f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+        assert (
+            str(workload_identity("cluster.local", ns, sa))
+            == f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+        )
     else:
         with pytest.raises(InvalidSpiffeId):
             workload_identity("cluster.local", ns, sa)
@@ -121,9 +124,9 @@ def test_arbitrary_text_parses_or_raises_invalid_spiffe_id(text: str) -> None:
     assert str(sid) == text
 
 
-_SEG = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789._-", min_size=1, max_size=20).filter(
-    lambda s: s not in (".", "..")
-)
+_SEG = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789._-", min_size=1, max_size=20
+).filter(lambda s: s not in (".", ".."))
 
 
 @given(

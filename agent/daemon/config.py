@@ -1,0 +1,238 @@
+"""The node agent's one configuration, built once from flags and ``VEIL_*`` variables.
+
+Precedence: command-line flag, then environment variable, then default. Every
+rejected value names the flag and the variable and says what a valid value
+looks like. The defaults are the production ones: the host's bpffs pins, the
+status socket under /run/veil, the credentials ``veil node join`` wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, Final
+
+from agent.bpf.pins import DEFAULT_PIN_DIR, validate_pin_dir
+from agent.errors import BpfError
+
+from .errors import AgentConfigError
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "DEFAULT_STATUS_SOCKET",
+    "AgentConfig",
+    "add_config_arguments",
+    "config_fields",
+    "config_from_args",
+]
+
+DEFAULT_STATE_DIR: Final = Path("/var/lib/veil/node")
+DEFAULT_STATUS_SOCKET: Final = Path("/run/veil/agent.sock")
+# Kubernetes node names are DNS subdomains (RFC 1123).
+_NODE_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+# Linux IFNAMSIZ is 16 including the NUL; '/' and whitespace are never valid.
+_IFNAME_RE: Final = re.compile(r"^[^/\s:]{1,15}$")
+# sun_path is 108 bytes including the NUL.
+_MAX_SOCKET_PATH: Final = 107
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything ``veil agent run`` is told at startup (durations in seconds)."""
+
+    # None: the node name stored by `veil node join` in state_dir.
+    node: str | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
+    pin_dir: Path = DEFAULT_PIN_DIR
+    # None: the interface of the route to the controller (else the default route).
+    uplink: str | None = None
+    status_socket: Path = DEFAULT_STATUS_SOCKET
+    # The kubelet's source address for probes; allowed through the egress guard.
+    probe_source: IPv4Address | None = None
+    drop_udp: bool = False
+    # Full reconcile against the kernel even without a registry change (drift repair).
+    resync_interval: float = 30.0
+    # First retry delay for pods whose veth does not exist yet (doubles up to 5 s).
+    veth_retry: float = 0.2
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _err(field_name: str, message: str, hint: str) -> AgentConfigError:
+    spec = _SPECS_BY_FIELD.get(field_name)
+    where = f" ({spec.flag} / {spec.env})" if spec is not None else ""
+    return AgentConfigError(f"invalid {field_name}{where}: {message}", hint=hint)
+
+
+def _validate(c: AgentConfig) -> None:
+    if c.node is not None and not _NODE_RE.match(c.node):
+        raise _err(
+            "node",
+            f"{c.node!r} is not a Kubernetes node name",
+            "use lower-case letters, digits, '-' and '.' (in a DaemonSet: spec.nodeName via the "
+            "downward API), or leave it unset to use the name stored by `veil node join`",
+        )
+    try:
+        validate_pin_dir(c.pin_dir)
+    except BpfError as exc:
+        raise _err("pin_dir", exc.message, exc.hint or "") from None
+    if c.uplink is not None and not _IFNAME_RE.match(c.uplink):
+        raise _err(
+            "uplink",
+            f"{c.uplink!r} is not an interface name",
+            "give the node's uplink as `ip link` shows it (at most 15 characters), e.g. eth0, "
+            "or leave it unset to use the interface of the route to the controller",
+        )
+    if not c.status_socket.is_absolute():
+        raise _err("status_socket", f"{c.status_socket} is not absolute", "e.g. /run/veil/agent.sock")
+    if len(str(c.status_socket).encode()) > _MAX_SOCKET_PATH:
+        raise _err(
+            "status_socket",
+            f"{c.status_socket} is longer than {_MAX_SOCKET_PATH} bytes",
+            "unix socket paths are limited to 107 bytes; pick a shorter path",
+        )
+    if not c.state_dir.is_absolute():
+        raise _err("state_dir", f"{c.state_dir} is not absolute", "e.g. /var/lib/veil/node")
+    if c.probe_source is not None and (
+        c.probe_source.is_unspecified or c.probe_source.is_multicast
+    ):
+        raise _err(
+            "probe_source",
+            f"{c.probe_source} cannot be a probe source",
+            "give the node address the kubelet probes pods from, or leave it unset",
+        )
+    if not 0 < c.resync_interval <= 86400:
+        raise _err(
+            "resync_interval", f"{c.resync_interval}s is out of range", "use 1s to 24h, e.g. 30s"
+        )
+    if not 0 < c.veth_retry <= 60:
+        raise _err("veth_retry", f"{c.veth_retry}s is out of range", "use 10ms to 60s, e.g. 200ms")
+
+
+# -- parsing -------------------------------------------------------------------------
+
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS: Final[dict[str | None, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"200ms"``, ``"5m"``, ``"1h"`` or plain seconds, as seconds."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 200ms, 5m)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use 1/0, true/false, yes/no)")
+
+
+def _path(text: str) -> Path:
+    if not text:
+        raise ValueError("empty path")
+    return Path(text)
+
+
+def _ipv4(text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 address") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    field: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    is_switch: bool = False
+
+
+_SPECS: Final = (
+    _Spec("node", "--node", "VEIL_NODE_NAME", str,
+          "this node's name (default: the name stored by `veil node join`)"),
+    _Spec("state_dir", "--state-dir", "VEIL_STATE_DIR", _path,
+          f"node credentials directory shared with the ztunnel (default {DEFAULT_STATE_DIR})"),
+    _Spec("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
+          f"bpffs directory for Veil's maps and programs (default {DEFAULT_PIN_DIR})"),
+    _Spec("uplink", "--uplink", "VEIL_UPLINK", str,
+          "the node's uplink interface (default: the route to the controller)"),
+    _Spec("status_socket", "--status-socket", "VEIL_AGENT_SOCKET", _path,
+          f"unix socket of the status API read by veilctl (default {DEFAULT_STATUS_SOCKET})"),
+    _Spec("probe_source", "--probe-source", "VEIL_PROBE_SOURCE", _ipv4,
+          "node IPv4 address kubelet probes come from (let through the egress guard)"),
+    _Spec("drop_udp", "--drop-udp", "VEIL_DROP_UDP", parse_bool,
+          "drop enrolled pods' non-DNS UDP (the mesh cannot police it)", is_switch=True),
+    _Spec("resync_interval", "--resync-interval", "VEIL_RESYNC_INTERVAL", parse_duration,
+          "full reconcile against the kernel this often (default 30s)"),
+    _Spec("veth_retry", "--veth-retry", "VEIL_VETH_RETRY", parse_duration,
+          "first retry delay for pods whose veth is not there yet (default 200ms)"),
+)
+_SPECS_BY_FIELD: Final = {s.field: s for s in _SPECS}
+
+
+def config_fields() -> dict[str, tuple[str, str]]:
+    """``field -> (flag, env var)`` for every config field."""
+    return {s.field: (s.flag, s.env) for s in _SPECS}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; flags default to unset so the environment can apply."""
+    for s in _SPECS:
+        if s.is_switch:
+            parser.add_argument(
+                s.flag, dest=s.field, action="store_const", const="1", default=None,
+                help=f"{s.help} (env {s.env})",
+            )
+        else:
+            parser.add_argument(
+                s.flag, dest=s.field, default=None, metavar="VALUE", help=f"{s.help} (env {s.env})"
+            )
+
+
+def config_from_args(
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Flags beat ``VEIL_*`` variables beat defaults; AgentConfigError names the culprit."""
+    env = os.environ if environ is None else environ
+    given: Mapping[str, Any]
+    if args is None:
+        given = {}
+    elif isinstance(args, argparse.Namespace):
+        given = vars(args)
+    else:
+        given = args
+    values: dict[str, Any] = {}
+    for s in _SPECS:
+        raw = given.get(s.field)
+        origin = s.flag
+        if raw is None and s.env in env:
+            raw, origin = env[s.env], s.env
+        if raw is None:
+            continue
+        if isinstance(raw, str):
+            try:
+                values[s.field] = s.parse(raw)
+            except ValueError as e:
+                raise AgentConfigError(
+                    f"invalid {origin}: {e}", hint=f"{s.flag}: {s.help}"
+                ) from None
+        else:
+            values[s.field] = raw
+    return AgentConfig(**values)

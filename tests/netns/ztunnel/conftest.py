@@ -1,0 +1,46 @@
+"""Fixtures for the ztunnel's netns tests: a whole mesh on the lab (see ztunnel_lab.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Helper modules next to this file (--import-mode=importlib keeps test
+# directories off sys.path).
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ztunnel_lab import REGISTRY, STEERING, Lab  # noqa: E402
+
+from agent.lab.mesh import LabMesh  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    work = tmp_path_factory.mktemp("ztunnel-lab")
+    registry = work / "registry.yaml"
+    registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
+    (work / "mesh").mkdir()
+    mesh = LabMesh(
+        registry,
+        workdir=work / "mesh",
+        steering=STEERING,
+        # 10 s certificates: every test here also runs across rotations
+        # (at half-life, so every 5 s on both nodes).
+        extra_ztunnel_args=("--drain-grace-period", "2s", "--cert-ttl", "10s"),
+    )
+    the_lab = Lab(mesh)
+    try:
+        mesh.start()
+        the_lab.serve("payments", "echo")
+        the_lab.serve("payments", "whoami", 8081)
+        the_lab.serve("inventory", "whoami")
+        the_lab.serve("other", "whoami")
+        yield the_lab
+    finally:
+        for server in the_lab.apps:
+            server.stop()
+        mesh.close()
