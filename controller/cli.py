@@ -329,14 +329,28 @@ def add_controller_parser(sub: _Sub) -> None:
 # ----- veil node -------------------------------------------------------------
 
 
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ControllerError(
+            f"cannot read the {what} file {path}: {e.strerror}",
+            hint="check the path and that the volume holding it is mounted",
+        ) from None
+
+
 def _cmd_node_join(args: argparse.Namespace) -> int:
     from controller.node import join
 
     token = args.token or os.environ.get("VEIL_JOIN_TOKEN", "")
+    if args.token_file:
+        token = _read_file(args.token_file, "token").decode().strip()
     if not token:
         raise ControllerError(
-            "no join token given", hint="pass --token or set VEIL_JOIN_TOKEN (keeps it out of ps)"
+            "no join token given",
+            hint="pass --token, --token-file or set VEIL_JOIN_TOKEN (keeps it out of ps)",
         )
+    ca_pem = _read_file(args.ca_file, "CA") if args.ca_file else None
     creds = asyncio.run(
         join(
             args.controller,
@@ -346,6 +360,7 @@ def _cmd_node_join(args: argparse.Namespace) -> int:
             mtls_address=args.controller_mtls,
             trust_domain=args.trust_domain,
             timeout=args.timeout,
+            ca_pem=ca_pem,
         )
     )
     _note(
@@ -433,6 +448,15 @@ def add_node_parser(sub: _Sub) -> None:
         help="the controller's join listener, HOST[:PORT] (default port 15013)",
     )
     join.add_argument("--token", help="the join token (or env VEIL_JOIN_TOKEN)")
+    join.add_argument(
+        "--token-file",
+        help="read the token from a file, e.g. a projected ServiceAccount token (Kubernetes mode)",
+    )
+    join.add_argument(
+        "--ca-file",
+        help="trust these PEM roots instead of pinning the CA from a join token "
+        "(Kubernetes mode: the veil-ca-root ConfigMap)",
+    )
     join.add_argument("--node", required=True, help="this node's name, as bound to the token")
     join.add_argument(
         "--controller-mtls",

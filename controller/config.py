@@ -261,10 +261,17 @@ class ControllerConfig:
                 "a plugged-in CA needs both --ca-cert and --ca-key (and --ca-chain only with them)",
                 "pass --ca-cert and --ca-key together, or neither to use the generated root",
             )
-        for dest in ("ca_cert", "ca_key", "ca_chain", "registry"):
+        for dest in ("ca_cert", "ca_key", "ca_chain"):
             p = path(dest)
             if p is not None and not p.is_file():
                 raise fail(dest, f"{p} is not a readable file", "check the path")
+        registry = path("registry")
+        if registry is not None and not (registry.is_file() or registry.is_dir()):
+            raise fail(
+                "registry",
+                f"{registry} is neither a file nor a directory",
+                "pass the registry YAML file (see examples/registry.yaml) or a directory of them",
+            )
         try:
             poll = float(raw["registry_poll"] or "")
         except ValueError:
@@ -274,7 +281,7 @@ class ControllerConfig:
         if not 0.05 <= poll <= 60:
             raise fail("registry_poll", f"{poll} s is out of range", "use 0.05 to 60 seconds")
         return cls(
-            registry=path("registry"),
+            registry=registry,
             state_dir=Path(raw["state_dir"] or str(DEFAULT_STATE_DIR)),
             listen=listen,
             join_listen=join_listen,

@@ -131,28 +131,29 @@ class _Half(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.buf = shared_buffer(READ)
         self.view: memoryview | None = None
+        self.early: list[bytes] = []  # read before the other side connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = t = cast(asyncio.Transport, transport)
-        # The first side to connect waits for the other before reading.
+        self.transport = cast(asyncio.Transport, transport)
         assert self.peer is not None
-        if self.peer.transport is None:
-            t.pause_reading()
-        else:
-            self.peer.transport.resume_reading()
+        if self.peer.early:
+            self.transport.writelines(self.peer.early)
+            self.peer.early.clear()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         self.view = self.buf.view()
         return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        assert self.view is not None, "view"
-        assert self.peer is not None and self.peer.transport is not None, "peer"
-        # Zero copy, as in the HBONE path: the shared buffer is replaced when the
-        # transport keeps a slice (ztunnel.hbone.buffers).
-        t = self.peer.transport
+        assert self.view is not None and self.peer is not None
         data = self.view[:nbytes]
         self.view = None
+        t = self.peer.transport
+        if t is None:
+            self.early.append(bytes(data))
+            return
+        # Zero copy, as in the HBONE path: the shared buffer is replaced when the
+        # transport keeps a slice (ztunnel.hbone.buffers).
         t.write(bytes(data) if t.get_write_buffer_size() else data)
 
     def eof_received(self) -> bool:
@@ -161,7 +162,8 @@ class _Half(asyncio.BufferedProtocol):
                 self.peer.transport.write_eof()
             else:
                 self.peer.transport.close()
-        return True
+        # Half-close on TCP; a TLS transport closes on EOF whatever we answer.
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:

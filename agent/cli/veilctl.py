@@ -475,13 +475,14 @@ def _cmd_connections(src: _Sources, args: argparse.Namespace, out: TextIO) -> in
 
 
 def _cmd_verify(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    from agent.daemon.audit import check_listeners, listening_ports
+    from agent.daemon.audit import check_listeners
+    from agent.daemon.netinfo import tcp_listeners
 
     report: dict[str, Any] = dict(src.agent("/verify"))
     if not any(c.get("name") == "listeners" for c in report.get("checks", [])):
         # The agent did not look at the listeners: veilctl runs in the node's
         # namespace too, so it can.
-        local = check_listeners(listening_ports())
+        local = check_listeners(tcp_listeners())
         report["checks"] = [*report.get("checks", []), local.to_dict()]
         report["findings"] = [*report.get("findings", []), *(f.to_dict() for f in local.findings)]
         report["ok"] = not report["findings"]

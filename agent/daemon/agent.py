@@ -49,11 +49,11 @@ from controller.node import NodeCredentials, load_node_credentials
 from ztunnel.state import StateChange, StateStore
 from ztunnel.xds import Backoff, WatchClient
 
-from .audit import AuditInput, audit, listening_ports
+from .audit import AuditInput, audit
 from .config import AgentConfig
 from .errors import AgentStartupError
 from .loader import LoadResult, load_in_child
-from .netinfo import NodeNetwork
+from .netinfo import NodeNetwork, tcp_listeners
 from .reconcile import (
     AwaitVeth,
     DesiredState,
@@ -184,8 +184,13 @@ class AgentDaemon:
         try:
             if plane.build_id != self._load.build_id:
                 log.warning("pins changed between loading and opening; the agent compiled itself")
-            self._net = NodeNetwork()
-            self._uplink = cfg.uplink or self._net.detect_uplink(creds.controller_address)
+            # pyroute2's synchronous API runs its own event loop: never on this one.
+            net = await asyncio.to_thread(NodeNetwork)
+            self._net = net
+            if cfg.uplink is not None:
+                self._uplink = cfg.uplink
+            else:
+                self._uplink = await asyncio.to_thread(net.detect_uplink, creds.controller_address)
             await asyncio.to_thread(plane.setup_node, self._uplink, probe_source=cfg.probe_source)
             node_state = await asyncio.to_thread(plane.node)
             self._programs = {p.name: p.prog_id for p in node_state.programs}
@@ -235,8 +240,8 @@ class AgentDaemon:
             if status is not None:
                 await status.stop()
             if self._net is not None:
-                self._net.close()
-            plane.close()
+                await asyncio.to_thread(self._net.close)
+            await asyncio.to_thread(plane.close)
 
     # -- reconcile -----------------------------------------------------------------
 
@@ -409,7 +414,7 @@ class AgentDaemon:
             local_ips={e.ip: e.ifindex for e in dump.local_ips},
             node=plane.node(),
             cflags=plane.source().cflags,
-            listening=listening_ports(),
+            listening=tcp_listeners(),
             ignored=desired.ignored,
         )
 

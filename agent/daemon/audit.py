@@ -4,8 +4,8 @@
 the data plane's pod and node state, the listening ports of this network
 namespace) and returns every check with its findings. Each finding names the
 subject, what is wrong and the exact fix. Nothing here does IO except
-:func:`listening_ports`, which reads /proc/net/tcp{,6} of the current
-namespace.
+:func:`listeners_from_proc`, which reads /proc/net/tcp{,6} of the current
+namespace (agent.daemon.netinfo reads the sockets with their marks).
 
 Checks:
 
@@ -14,7 +14,8 @@ Checks:
   ``veilctl bpf source``, compiled without any fail-open flag;
 * ``policy-routing``: the fwmark rule and the local route table exist;
 * ``uplink``: the uplink program is attached and is the pinned one;
-* ``listeners``: the ztunnel listens on 15001, 15006 and 15008 here;
+* ``listeners``: the ztunnel listens on 0.0.0.0 ports 15001, 15006 and 15008
+  here, with the ztunnel mark the programs require of a capture socket;
 * ``pods``: every enrolled local pod has ingress + egress guard attached with
   the pinned program ids, an anti-spoof entry (ifindex -> its IP) and a
   local address entry; every other local pod is tracked; no stale entries.
@@ -24,12 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, Final
 
 from agent.bpf import NodeDataplaneState, PodDataplaneState
-from controller.api.dataplane import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from controller.api.dataplane import (
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    MARK_MASK,
+    MARK_ZTUNNEL,
+    OUTBOUND_PORT,
+)
 
 from .reconcile import DesiredPod
 
@@ -41,9 +48,10 @@ __all__ = [
     "AuditReport",
     "CheckResult",
     "Finding",
+    "Listener",
     "audit",
     "check_listeners",
-    "listening_ports",
+    "listeners_from_proc",
     "parse_proc_net_tcp",
 ]
 
@@ -68,6 +76,15 @@ class Finding:
 
     def to_dict(self) -> dict[str, str]:
         return {"check": self.check, "subject": self.subject, "problem": self.problem, "fix": self.fix}
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listening TCP socket of this network namespace."""
+
+    port: int
+    address: str
+    mark: int | None = None  # SO_MARK; None when it could not be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,28 +131,68 @@ class AuditInput:
     local_ips: Mapping[IPv4Address, int]  # local_ips map: address -> ifindex
     node: NodeDataplaneState
     cflags: tuple[str, ...]
-    listening: frozenset[int] | None = None  # None: not checked here
+    listening: tuple[Listener, ...] | None = None  # None: not checked here
     ignored: tuple[str, ...] = field(default=())
 
 
-def check_listeners(listening: frozenset[int]) -> CheckResult:
-    """The ztunnel's three capture listeners must exist in this network namespace."""
-    findings = [
-        Finding(
-            "listeners",
-            f":{port}",
-            f"nothing listens on :{port} ({what}); enrolled pods' connections are dropped "
-            "(fail closed) until the ztunnel is back",
-            "start the ztunnel on this node (veil ztunnel run, or check the ztunnel container "
-            "of the veil-node pod), in the node's network namespace",
-        )
-        for port, what in sorted(ZTUNNEL_PORTS.items())
-        if port not in listening
-    ]
-    present = sorted(p for p in ZTUNNEL_PORTS if p in listening)
-    return CheckResult(
-        "listeners", f"listening: {', '.join(map(str, present)) or 'none'}", tuple(findings)
+def _wildcard(address: str) -> bool:
+    return address in ("0.0.0.0", "::")
+
+
+def check_listeners(listeners: Iterable[Listener]) -> CheckResult:
+    """The ztunnel's capture listeners, as the programs look them up.
+
+    The programs ask the kernel for a listener on the wildcard address
+    (0.0.0.0:port) and accept it only if it carries the ztunnel mark; any
+    other socket makes them drop the packet (fail closed). So each port needs
+    a wildcard listener with that mark.
+    """
+    by_port: dict[int, list[Listener]] = {}
+    for ln in listeners:
+        if ln.port in ZTUNNEL_PORTS:
+            by_port.setdefault(ln.port, []).append(ln)
+    fix_start = (
+        "start the ztunnel on this node (veil ztunnel run, or check the ztunnel container "
+        "of the veil-node pod), in the node's network namespace"
     )
+    findings: list[Finding] = []
+    for port, what in sorted(ZTUNNEL_PORTS.items()):
+        found = by_port.get(port, [])
+        wild = [ln for ln in found if _wildcard(ln.address)]
+        if not found:
+            problem = (
+                f"nothing listens on :{port} ({what}); enrolled pods' connections are dropped "
+                "(fail closed) until the ztunnel is back"
+            )
+            findings.append(Finding("listeners", f":{port}", problem, fix_start))
+        elif not wild:
+            where = ", ".join(sorted({ln.address for ln in found}))
+            problem = (
+                f":{port} ({what}) listens on {where} only; the programs look up 0.0.0.0:{port}, "
+                "so every steered connection is dropped"
+            )
+            fix = "bind the ztunnel listeners to 0.0.0.0 (the default --listen-address)"
+            findings.append(Finding("listeners", f":{port}", problem, fix))
+        elif not any(
+            ln.mark is None or ln.mark & MARK_MASK == MARK_ZTUNNEL for ln in wild
+        ):
+            marks = ", ".join(sorted({f"{ln.mark:#x}" for ln in wild if ln.mark is not None}))
+            problem = (
+                f"the socket on :{port} ({what}) lacks the ztunnel mark {MARK_ZTUNNEL:#x} "
+                f"(it has {marks}): the programs drop every steered connection as "
+                "'foreign_listener'"
+            )
+            fix = (
+                f"the ztunnel must set SO_MARK {MARK_ZTUNNEL:#x} on its listeners; if another "
+                f"process holds :{port}, stop it"
+            )
+            findings.append(Finding("listeners", f":{port}", problem, fix))
+    present = sorted(p for p in ZTUNNEL_PORTS if p in by_port)
+    unknown = any(ln.mark is None for lns in by_port.values() for ln in lns)
+    detail = f"listening: {', '.join(map(str, present)) or 'none'}" + (
+        " (marks not readable)" if unknown else ""
+    )
+    return CheckResult("listeners", detail, tuple(findings))
 
 
 def _programs(node: NodeDataplaneState) -> dict[str, int]:
@@ -384,27 +441,37 @@ def audit(inp: AuditInput) -> AuditReport:
     return AuditReport(tuple(checks))
 
 
-def parse_proc_net_tcp(text: str) -> set[int]:
-    """Local ports in LISTEN state in a /proc/net/tcp or tcp6 table."""
-    ports: set[int] = set()
+def _hex_address(text: str) -> str:
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return str(IPv4Address(raw[::-1]))  # /proc prints the address in host order
+    if len(raw) == 16:
+        words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+        return str(IPv6Address(words))
+    return text
+
+
+def parse_proc_net_tcp(text: str) -> list[Listener]:
+    """Listening sockets of a /proc/net/tcp or tcp6 table (marks are not in there)."""
+    found: list[Listener] = []
     for line in text.splitlines()[1:]:
         fields = line.split()
         if len(fields) > 3 and fields[3] == _TCP_LISTEN:
-            _, _, port = fields[1].rpartition(":")
+            address, _, port = fields[1].rpartition(":")
             try:
-                ports.add(int(port, 16))
+                found.append(Listener(int(port, 16), _hex_address(address)))
             except ValueError:
                 continue
-    return ports
+    return found
 
 
-def listening_ports(tables: Sequence[Path] | Iterable[Path] = ()) -> frozenset[int]:
-    """Listening TCP ports of the calling process's network namespace."""
+def listeners_from_proc(tables: Sequence[Path] = ()) -> tuple[Listener, ...]:
+    """Listening sockets of the calling process's network namespace, from /proc."""
     paths = list(tables) or [Path("/proc/self/net/tcp"), Path("/proc/self/net/tcp6")]
-    ports: set[int] = set()
+    found: list[Listener] = []
     for path in paths:
         try:
-            ports |= parse_proc_net_tcp(path.read_text())
+            found += parse_proc_net_tcp(path.read_text())
         except OSError:
             continue
-    return frozenset(ports)
+    return tuple(found)

@@ -1,4 +1,4 @@
-"""The agent's read-only questions to the kernel: which veth leads to a pod, which uplink to use.
+"""The agent's read-only questions to the kernel: pod veths, the uplink, listening sockets.
 
 Both go through one rtnetlink socket opened in the node's network namespace
 (the agent process runs there). Lookups use agent.net's public helpers, the
@@ -9,11 +9,12 @@ on a pod's veth.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2 import DiagSocket, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
 
 from agent.errors import AgentError
@@ -21,10 +22,13 @@ from agent.net import veth
 from controller.api.errors import VeilError
 from controller.node import split_host_port
 
+from .audit import Listener, listeners_from_proc
 from .errors import AgentStartupError
 from .reconcile import VethLookup
 
-__all__ = ["NodeNetwork"]
+__all__ = ["NodeNetwork", "tcp_listeners"]
+
+_TCP_LISTEN_STATE = 10
 
 
 class NodeNetwork:
@@ -70,6 +74,42 @@ class NodeNetwork:
             "and no default route",
             hint="pass --uplink (or VEIL_UPLINK) with the node's uplink interface, e.g. eth0",
         )
+
+
+def _mark(value: object) -> int | None:
+    """INET_DIAG_MARK as pyroute2 returns it: an int, or hex bytes "00:02:00:00" (host order)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int.from_bytes(bytes.fromhex(value.replace(":", "")), sys.byteorder)
+        except ValueError:
+            return None
+    return None
+
+
+def tcp_listeners() -> tuple[Listener, ...]:
+    """Listening TCP sockets of this network namespace, with their SO_MARK.
+
+    Uses sock_diag (the kernel reports marks to CAP_NET_ADMIN); without it,
+    falls back to /proc/net/tcp, where marks are unknown. Blocking: call it
+    from a worker thread in asyncio code.
+    """
+    found: list[Listener] = []
+    try:
+        with DiagSocket() as diag:
+            diag.bind()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in diag.get_sock_stats(family=family, states=1 << _TCP_LISTEN_STATE):
+                    mark = None
+                    for name, value in msg.get("attrs", []):
+                        if name == "INET_DIAG_MARK":
+                            mark = _mark(value)
+                    found.append(Listener(int(msg["idiag_sport"]), str(msg["idiag_src"]), mark))
+    except (OSError, PyrNetlinkError):
+        return listeners_from_proc()
+    # Without CAP_NET_ADMIN the kernel leaves the mark out; 0 is then not known.
+    return tuple(found)
 
 
 def _controller_ip(address: str) -> str | None:

@@ -101,6 +101,8 @@ def pod_rows(
                 "enrolled": d.enrolled,
                 "dataplane": _dataplane_mode(current),
                 "protected": bool(current is not None and current.protected),
+                # The kernel holds exactly what the registry asks (programs included).
+                "attached": state == "ok",
                 "programs": _programs(current),
                 "state": state,
                 **_counters(current),
@@ -120,6 +122,7 @@ def pod_rows(
                 "enrolled": False,
                 "dataplane": _dataplane_mode(p),
                 "protected": p.protected,
+                "attached": False,
                 "programs": _programs(p),
                 "state": "orphan: no local workload has this address",
                 **_counters(p),

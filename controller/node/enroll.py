@@ -58,18 +58,28 @@ async def join(
     mtls_address: str | None = None,
     trust_domain: str | None = None,
     timeout: float = 10.0,
+    ca_pem: bytes | None = None,
 ) -> NodeCredentials:
     """Joins the mesh as ``node`` and stores the credentials in ``state_dir``.
 
     ``controller_address`` is the join listener (``HOST[:15013]``). The main mTLS
     address defaults to the same host on port 15012.
+
+    With ``ca_pem`` (Kubernetes mode: the roots from the ``veil-ca-root``
+    ConfigMap, and a ServiceAccount token instead of a join token) the CA is
+    trusted as given and no fingerprint is pinned from the token.
     """
-    parsed = JoinToken.parse(token)
     host, port = split_host_port(controller_address, CONTROLLER_JOIN_PORT)
     join_address = format_host_port(host, port)
-    chain = await fetch_server_chain(host, port, timeout)
-    root_pem = select_pinned_root(chain, parsed.ca_fingerprint)
-    td = trust_domain or trust_domain_hint(chain) or DEFAULT_TRUST_DOMAIN
+    pinned: str | None = None
+    if ca_pem is None:
+        pinned = JoinToken.parse(token).ca_fingerprint
+        chain = await fetch_server_chain(host, port, timeout)
+        root_pem = select_pinned_root(chain, pinned)
+        td = trust_domain or trust_domain_hint(chain) or DEFAULT_TRUST_DOMAIN
+    else:
+        root_pem = ca_pem
+        td = trust_domain or DEFAULT_TRUST_DOMAIN
     expected = node_identity(td, node)
     key = generate_key()
     result = await join_node(join_address, root_pem, token, node, build_csr(key, expected), timeout)
@@ -79,7 +89,7 @@ async def join(
             f"{result.trust_domain!r}; this node asked for {node!r} in {td!r}",
             hint="refusing the credentials; check the controller",
         )
-    if parsed.ca_fingerprint not in _fingerprints(result.trust_bundle):
+    if pinned is not None and pinned not in _fingerprints(result.trust_bundle):
         raise NodeCredentialsError(
             "the trust bundle the controller sent does not contain the root pinned by the token",
             hint="refusing the credentials; create a new token and retry",

@@ -8,23 +8,28 @@ about every new one.
 """
 
 from .build import Origin, build_state, describe, is_enrolled
-from .document import parse_registry, parse_registry_bytes, read_registry_file
+from .document import parse_fragment, parse_registry, parse_registry_bytes, read_registry_file
 from .errors import RegistryError
+from .fragments import RegistryFragment, assemble
 from .holder import RegistryHolder, RegistryStatus, describe_state
 from .policy import parse_authorization_policy, parse_peer_authentication
-from .watcher import RegistryFileWatcher
+from .watcher import RegistryFileWatcher, list_registry_files
 
 __all__ = [
     "Origin",
     "RegistryError",
     "RegistryFileWatcher",
+    "RegistryFragment",
     "RegistryHolder",
     "RegistryStatus",
+    "assemble",
     "build_state",
     "describe",
     "describe_state",
     "is_enrolled",
+    "list_registry_files",
     "parse_authorization_policy",
+    "parse_fragment",
     "parse_peer_authentication",
     "parse_registry",
     "parse_registry_bytes",

@@ -129,37 +129,42 @@ def build_state(
             field="namespace",
         )
 
+    # Only the first label of each Service selector is indexed: a Service's
+    # candidates are the workloads carrying it, not the whole namespace.
+    svc_items = sorted(svc_by_key.items())
+    index_keys = {next(iter(s.selector)) for _, s in svc_items if len(s.selector)}
+    by_label: dict[tuple[str, str, str], list[Workload]] = defaultdict(list)
     ip_owner: dict[str, Workload] = {}
     built_workloads: list[Workload] = []
-    # (namespace, label key, label value) -> workloads: a Service's candidates are
-    # the workloads carrying one of its selector labels, not the whole namespace.
-    by_label: dict[tuple[str, str, str], list[Workload]] = defaultdict(list)
     for key in sorted(wl_by_key):
         w = wl_by_key[key]
-        check_namespace(w, w.namespace, root_ok=False)
+        if w.namespace not in ns_by_name:
+            check_namespace(w, w.namespace, root_ok=False)
         for i, ip in enumerate(w.ips):
-            other = ip_owner.get(ip)
-            if other is not None:
+            other = ip_owner.setdefault(ip, w)
+            if other is not w:
                 raise RegistryError(
                     f"{ip} is already used by {name(other)}",
                     hint="each pod IP belongs to exactly one workload; the IP identifies it",
                     where=name(w),
                     field=f"ips[{i}]",
                 )
-            ip_owner[ip] = w
-        built = dataclasses.replace(
-            w,
-            enrolled=is_enrolled(ns_by_name.get(w.namespace), w),
-            trust_domain=trust_domain,
-        )
+        enrolled = is_enrolled(ns_by_name.get(w.namespace), w)
+        built = w
+        # Keep the same instance when nothing derived changed: replace() is the
+        # costly part of a 10,000-workload rebuild, and an unchanged instance
+        # lets the Discovery hub skip the field-by-field compare.
+        if w.enrolled != enrolled or w.trust_domain != trust_domain:
+            built = dataclasses.replace(w, enrolled=enrolled, trust_domain=trust_domain)
         built_workloads.append(built)
-        for lk, lv in built.labels.items():
-            by_label[(w.namespace, lk, lv)].append(built)
+        for lk in index_keys:
+            lv = built.labels.get(lk)
+            if lv is not None:
+                by_label[(w.namespace, lk, lv)].append(built)
 
     vip_owner: dict[str, Service] = {}
     built_services: list[Service] = []
-    for key in sorted(svc_by_key):
-        s = svc_by_key[key]
+    for _, s in svc_items:
         check_namespace(s, s.namespace, root_ok=False)
         for i, vip in enumerate(s.vips):
             clash: Resource | None = vip_owner.get(vip) or ip_owner.get(vip)
@@ -176,7 +181,9 @@ def build_state(
             first_key, first_value = next(iter(s.selector.items()))
             candidates = by_label.get((s.namespace, first_key, first_value), [])
             endpoints = tuple(w.key for w in candidates if w.ready and s.selector.matches(w.labels))
-        built_services.append(dataclasses.replace(s, endpoints=endpoints))
+        built_services.append(
+            s if s.endpoints == endpoints else dataclasses.replace(s, endpoints=endpoints)
+        )
 
     for p in authz_by_key.values():
         check_namespace(p, p.namespace, root_ok=True)

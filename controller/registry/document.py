@@ -27,9 +27,8 @@ from controller.api.model import (
     ServicePort,
     Workload,
 )
-from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, validate_trust_domain
+from controller.api.spiffe import InvalidSpiffeId, validate_trust_domain
 
-from .build import build_state
 from .errors import RegistryError
 from .fields import (
     Fields,
@@ -40,11 +39,14 @@ from .fields import (
     check_port,
     show,
 )
+from .fragments import RegistryFragment, assemble
 from .policy import parse_authorization_policy, parse_peer_authentication
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
     "TOP_LEVEL_FIELDS",
+    "decode_document",
+    "parse_fragment",
     "parse_registry",
     "parse_registry_bytes",
     "read_registry_bytes",
@@ -168,24 +170,34 @@ def _policy_header(raw: object, where: str) -> tuple[str, str, Any]:
     return name, namespace, f.raw("spec")
 
 
-def parse_registry(text: str, source: str = "registry") -> RegistryState:
-    """Parses and validates one registry document; ``source`` prefixes every error."""
+def parse_fragment(text: str, source: str) -> RegistryFragment:
+    """Parses and validates one document on its own; ``source`` prefixes every error.
+
+    Cross-document checks (references, shared IPs) happen in :func:`assemble`.
+    """
     try:
-        return _parse(text)
+        return _parse(text, source)
     except RegistryError as e:
         raise e.located(source) from None
 
 
-def _parse(text: str) -> RegistryState:
+def parse_registry(text: str, source: str = "registry") -> RegistryState:
+    """Parses and validates a complete single-document registry."""
+    return assemble([parse_fragment(text, source)])
+
+
+def _parse(text: str, source: str) -> RegistryFragment:
     data = _load_yaml(text)
     if data is None:
         data = {}
     top = Fields(data, "", TOP_LEVEL_FIELDS)
-    trust_domain = top.text("trustDomain", DEFAULT_TRUST_DOMAIN)
-    try:
-        validate_trust_domain(trust_domain)
-    except InvalidSpiffeId as e:
-        top.fail("trustDomain", e.message, e.hint)
+    trust_domain: str | None = None
+    if top.has("trustDomain"):
+        trust_domain = top.text("trustDomain")
+        try:
+            validate_trust_domain(trust_domain)
+        except InvalidSpiffeId as e:
+            top.fail("trustDomain", e.message, e.hint)
 
     origin: dict[tuple[ResourceType, str], str] = {}
 
@@ -232,25 +244,36 @@ def _parse(text: str) -> RegistryState:
         remember(ResourceType.PEER_AUTHENTICATION, a.key, where)
         peers.append(a)
 
-    return build_state(
-        trust_domain, namespaces, workloads, services, policies, peers, origin=origin
+    return RegistryFragment(
+        source=source,
+        trust_domain=trust_domain,
+        namespaces=tuple(namespaces),
+        workloads=tuple(workloads),
+        services=tuple(services),
+        authorization_policies=tuple(policies),
+        peer_authentications=tuple(peers),
+        origin=origin,
     )
 
 
-def parse_registry_bytes(data: bytes, source: str) -> RegistryState:
-    """:func:`parse_registry` for raw file content: enforces the size cap and UTF-8."""
+def decode_document(data: bytes, source: str) -> str:
+    """File content as text: enforces the size cap and UTF-8."""
     if len(data) > MAX_DOCUMENT_BYTES:
         raise RegistryError(
             f"registry file {source} is larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB",
-            hint="split the mesh or use the Kubernetes registry source",
+            hint="split it into several files in a registry directory",
         )
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RegistryError(
             f"registry file {source} is not UTF-8 text (byte {e.start})", hint="save it as UTF-8"
         ) from None
-    return parse_registry(text, source=source)
+
+
+def parse_registry_bytes(data: bytes, source: str) -> RegistryState:
+    """:func:`parse_registry` for raw file content."""
+    return parse_registry(decode_document(data, source), source=source)
 
 
 def read_registry_bytes(path: Path) -> bytes:
@@ -271,5 +294,5 @@ def read_registry_bytes(path: Path) -> bytes:
 
 
 def read_registry_file(path: Path) -> RegistryState:
-    """Reads, parses and validates the registry file at ``path``."""
+    """Reads, parses and validates the single registry file at ``path``."""
     return parse_registry_bytes(read_registry_bytes(path), str(path))

@@ -144,6 +144,13 @@ class RegistryHolder:
             error,
         )
 
+    def clear_error(self) -> None:
+        """The source is back to the content of the current state (e.g. a restored file)."""
+        if self._last_error is not None:
+            log.info("registry source is valid again; the error is cleared")
+        self._last_error = None
+        self._last_error_at = None
+
     def status(self) -> RegistryStatus:
         return RegistryStatus(
             generation=self._generation,

@@ -162,6 +162,13 @@ class TunnelStream:
         if self._result is not None:
             return
         self.bytes_up += len(data)
+        if self._pending is not None:
+            # Read despite a pause (uvloop starts reading after connection_made,
+            # undoing a pause made there): queue behind what already waits.
+            self._pending = bytes(self._pending) + bytes(data)
+            assert self._tcp is not None
+            self._tcp.reassert_pause()
+            return
         try:
             sent = self._ep.conn.send_data(self.stream_id, data)
         except LocalProtocolError as exc:
@@ -293,6 +300,13 @@ class _TcpSide(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         self._stream._attach(self)
+        if self._paused:
+            # uvloop starts reading right after connection_made returns.
+            asyncio.get_running_loop().call_soon(self.reassert_pause)
+
+    def reassert_pause(self) -> None:
+        if self._paused and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         self._view = view = self._rbuf.view()

@@ -34,9 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.client import CONTROLLER_SERVER_NAME, ControllerClient, join_node
 from controller.api.model import Resource, ResourceType, WatchUpdate, resource_key
+from controller.api.spiffe import node_identity
 from controller.auth import JoinTokenStore
 from controller.ca import CertificateAuthority
-from controller.api.spiffe import node_identity
 from controller.node import NodeCredentials, build_csr, generate_key, key_pem
 
 REPO = Path(__file__).resolve().parents[3]
@@ -103,7 +103,9 @@ class RunningController:
         return int(resp.status)
 
 
-async def join_with_token(state_dir: Path, join_addr: str, mtls_addr: str, node: str) -> NodeCredentials:
+async def join_with_token(
+    state_dir: Path, join_addr: str, mtls_addr: str, node: str
+) -> NodeCredentials:
     """Identity.JoinNode with a fresh single-use token; returns the node's credentials.
 
     The token is created in the controller's token file as ``veil controller
@@ -112,7 +114,9 @@ async def join_with_token(state_dir: Path, join_addr: str, mtls_addr: str, node:
     the first-contact probe of ``veil node join``.
     """
     ca = CertificateAuthority.load(state_dir)
-    token = JoinTokenStore(state_dir).create(node, timedelta(minutes=10), ca_fingerprint=ca.fingerprint)
+    token = JoinTokenStore(state_dir).create(
+        node, timedelta(minutes=10), ca_fingerprint=ca.fingerprint
+    )
     (root,) = (r for r in ca.trust_bundle().roots if _fingerprint(r) == ca.fingerprint)
     key = generate_key()
     csr = build_csr(key, node_identity(ca.trust_domain, node))
@@ -221,7 +225,11 @@ class Watcher:
 
     @classmethod
     async def open(
-        cls, creds: NodeCredentials, epoch: str = "", version: int = 0, types: tuple[ResourceType, ...] = ()
+        cls,
+        creds: NodeCredentials,
+        epoch: str = "",
+        version: int = 0,
+        types: tuple[ResourceType, ...] = (),
     ) -> Watcher:
         client = creds.client()
         return cls(client, client.watch(creds.node, types, epoch, version))

@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from cryptography import x509
 
@@ -23,10 +23,8 @@ def client_hello_prefix(size: int) -> bytes:
     ctx = ssl.create_default_context()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname="veil-controller")
-    try:
+    with suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     hello = outgoing.read()
     assert hello[0] == 0x16  # a TLS handshake record
     return hello[:size]
@@ -69,15 +67,17 @@ async def test_garbage_and_half_open_tls_on_both_ports(controller: RunningContro
         ctx.verify_mode = ssl.CERT_NONE
         ctx.set_alpn_protocols(["h2"])
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-                raw, server_hostname="veil-controller"
-            ) as tls:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                ctx.wrap_socket(raw, server_hostname="veil-controller") as tls,
+            ):
                 tls.sendall(rng(1024))
         except (OSError, ssl.SSLError):
             pass  # the mTLS port refuses a client without a certificate
 
-    with half_open(controller.mtls_port, client_hello_prefix(100)), half_open(
-        controller.join_port, client_hello_prefix(100)
+    with (
+        half_open(controller.mtls_port, client_hello_prefix(100)),
+        half_open(controller.join_port, client_hello_prefix(100)),
     ):
         # While those stall, real nodes join (join port) and watch (mTLS port).
         creds = await controller.join("node-a")
@@ -135,7 +135,8 @@ async def test_trust_bundle_follows_ca_rotate(controller: RunningController) -> 
         finally:
             await again.close()
         issuers = {
-            x509.load_pem_x509_certificate(r).subject.rfc4514_string() for r in update.trust_bundle.roots
+            x509.load_pem_x509_certificate(r).subject.rfc4514_string()
+            for r in update.trust_bundle.roots
         }
         assert len(issuers) == 2
     finally:

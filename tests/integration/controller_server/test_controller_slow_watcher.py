@@ -53,10 +53,14 @@ async def inproc(tmp_path: Path) -> AsyncIterator[Controller]:
     add_run_arguments(parser)
     args = parser.parse_args(
         [
-            "--registry", str(registry),
-            "--state-dir", str(tmp_path / "state"),
-            "--listen", "127.0.0.1:0",
-            "--join-listen", "127.0.0.1:0",
+            "--registry",
+            str(registry),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--listen",
+            "127.0.0.1:0",
+            "--join-listen",
+            "127.0.0.1:0",
         ]
     )
     controller = Controller(ControllerConfig.from_args(args, {}))

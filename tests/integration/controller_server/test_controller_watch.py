@@ -17,7 +17,9 @@ from .conftest import RunningController, Watcher, example_doc
 WL = ResourceType.WORKLOAD
 
 
-def with_workload(doc: dict[str, object], name: str, ip: str, node: str = "node-a") -> dict[str, object]:
+def with_workload(
+    doc: dict[str, object], name: str, ip: str, node: str = "node-a"
+) -> dict[str, object]:
     new = copy.deepcopy(doc)
     workloads = new["workloads"]
     assert isinstance(workloads, list)
@@ -71,7 +73,9 @@ async def test_snapshot_then_deltas_from_file_edits(controller: RunningControlle
         await watch.close()
 
 
-async def test_resume_after_disconnect_gets_only_what_changed(controller: RunningController) -> None:
+async def test_resume_after_disconnect_gets_only_what_changed(
+    controller: RunningController,
+) -> None:
     creds = await controller.join("node-a")
     watch = await Watcher.open(creds)
     try:
@@ -128,7 +132,11 @@ async def test_two_watchers_see_the_same_change_and_types_filter(
         controller.write_registry(doc)
         ua, ub = await a.next(), await b.next()
         assert ua.version == ub.version
-        assert [r.key for r in ua.upserts] == [r.key for r in ub.upserts] == ["shop/payments-allow-checkout"]
+        assert (
+            [r.key for r in ua.upserts]
+            == [r.key for r in ub.upserts]
+            == ["shop/payments-allow-checkout"]
+        )
     finally:
         await a.close()
         await b.close()
@@ -145,7 +153,9 @@ async def test_broken_edit_keeps_previous_state_and_error_is_visible(
         doc["workloads"][0]["ips"] = ["10.244.1"]  # type: ignore[index]
         controller.write_registry(doc)
         err = await wait_for_stderr(controller, "is not an IP address")
-        assert 'workloads[0] (shop/checkout): field "ips[0]": "10.244.1" is not an IP address' in err
+        assert (
+            'workloads[0] (shop/checkout): field "ips[0]": "10.244.1" is not an IP address' in err
+        )
         assert "still serving the previous registry" in err
         with pytest.raises(TimeoutError):
             await watch.next(timeout=1.0)

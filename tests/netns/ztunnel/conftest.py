@@ -13,9 +13,9 @@ import yaml
 # directories off sys.path).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ztunnel_lab import REGISTRY, STEERING, Lab  # noqa: E402
+from ztunnel_lab import REGISTRY, STEERING, Lab
 
-from agent.lab.mesh import LabMesh  # noqa: E402
+from agent.lab.mesh import LabMesh
 
 
 @pytest.fixture(scope="module")

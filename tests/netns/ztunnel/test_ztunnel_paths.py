@@ -6,7 +6,9 @@ connections to the ztunnels, which talk HBONE over the underlay.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
@@ -66,6 +68,25 @@ def test_cross_node_hbone_is_intact_encrypted_and_shows_real_client(lab: Lab) ->
     assert APP_PORT not in cap.tcp_ports_seen() and WHOAMI not in cap.tcp_ports_seen()
 
 
+def test_service_vip_reaches_an_endpoint_over_hbone(lab: Lab) -> None:
+    with connect_from(lab, "checkout", "10.96.0.20", 80) as s:
+        who = whoami(s)
+    assert (who.local_ip, who.local_port) == (lab.ip("payments"), WHOAMI)
+    assert who.peer_ip == lab.ip("checkout")
+
+
+def test_destination_outside_the_mesh_is_passed_through(lab: Lab) -> None:
+    server = lab.serve("legacy-server", "whoami", 9090)
+    try:
+        with connect_from(lab, "checkout", lab.ip("legacy-server"), 9090) as s:
+            who = whoami(s)
+    finally:
+        server.stop()
+    # Direct, from the node (no tunnel: the destination has no ztunnel to talk to).
+    assert who.peer_ip == lab.mesh.topo.node(NODE_A).underlay_ip
+    lab.wait_log(NODE_A, '"route":"passthrough"')
+
+
 def test_denied_client_is_reset_before_any_server_byte(lab: Lab) -> None:
     # intruder's identity is not allowed by payments' policy: node-b answers the
     # CONNECT with 401 and node-a resets the pod's connection.
@@ -95,6 +116,11 @@ def test_strict_refuses_plaintext_and_permissive_accepts_it(lab: Lab) -> None:
     assert who.peer_ip == lab.ip("legacy-client")
 
 
+def payments_policy(dump: dict[str, Any]) -> str:
+    (policy,) = [p for p in dump["policies"] if p["name"] == "payments-allow-checkout"]
+    return json.dumps(policy)
+
+
 def test_policy_change_closes_live_connection(lab: Lab) -> None:
     sock = connect_from(lab, "checkout", lab.ip("payments"), APP_PORT)
     try:
@@ -118,7 +144,7 @@ def test_policy_change_closes_live_connection(lab: Lab) -> None:
         lab.restore_registry()
     lab.wait_log(NODE_B, "policy re-check")
     # Restored: checkout is allowed again.
-    lab.wait_state(NODE_B, lambda d: "checkout" in str(d["policies"]))
+    lab.wait_state(NODE_B, lambda d: "sa/checkout" in payments_policy(d))
     with connect_from(lab, "checkout", lab.ip("payments"), WHOAMI) as s:
         assert whoami(s).peer_ip == lab.ip("checkout")
 
@@ -140,10 +166,7 @@ def foreign_certificate(work: Any) -> WorkloadCertificate:
     )
 
 
-async def test_peer_with_foreign_ca_is_refused_and_logged(
-    lab: Lab, tmp_path: Any
-) -> None:
-    import asyncio
+async def test_peer_with_foreign_ca_is_refused_and_logged(lab: Lab, tmp_path: Any) -> None:
 
     node_a = lab.mesh.topo.node(NODE_A)
     bundle = load_node_credentials(lab.mesh.node_dir(NODE_A)).trust_bundle()

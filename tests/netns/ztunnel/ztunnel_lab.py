@@ -14,13 +14,12 @@ import copy
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-
 from agent.lab.apps import TcpServer, serve
-from agent.lab.netns import in_netns
 from agent.lab.mesh import LabMesh
+from agent.lab.netns import in_netns
 
 NODE_A, NODE_B = "node-a", "node-b"
 STEERING = os.environ.get("VEIL_ZTUNNEL_TEST_STEERING", "tproxy")
@@ -28,6 +27,7 @@ APP_PORT = 8080
 
 # node-a: checkout, other, intruder (shop, enrolled), legacy-client (plain)
 # node-b: payments, inventory (shop, enrolled), batch (opted out), legacy-server (plain)
+# Service shop/payments: VIP 10.96.0.20:80 -> payments:8081 (whoami).
 # payments accepts only checkout; other accepts only checkout; inventory accepts
 # anyone, plaintext included (PERMISSIVE for app=inventory); shop is STRICT.
 REGISTRY: dict[str, Any] = {
@@ -54,6 +54,11 @@ REGISTRY: dict[str, Any] = {
          "labels": {"app": "batch", "veil.io/dataplane-mode": "none"}},
         {"name": "legacy-server", "namespace": "legacy", "serviceAccount": "default",
          "node": NODE_B, "ips": ["10.244.2.12"], "labels": {"app": "legacy-server"}},
+    ],
+    "services": [
+        {"name": "payments", "namespace": "shop", "vips": ["10.96.0.20"],
+         "ports": [{"name": "http", "port": 80, "targetPort": 8081}],
+         "selector": {"app": "payments"}},
     ],
     "authorizationPolicies": [
         {"name": "payments-allow-checkout", "namespace": "shop", "spec": {

@@ -160,7 +160,9 @@ async def test_resume_gets_only_changes_since() -> None:
 
 async def test_resume_older_than_tombstone_horizon_gets_snapshot() -> None:
     hub = DiscoveryHub(epoch="e1", max_tombstones=2)
-    hub.publish(state(w("a", "10.0.0.1"), w("b", "10.0.0.2"), w("c", "10.0.0.3"), w("d", "10.0.0.4")))
+    hub.publish(
+        state(w("a", "10.0.0.1"), w("b", "10.0.0.2"), w("c", "10.0.0.3"), w("d", "10.0.0.4"))
+    )
     old = hub.version
     hub.publish(state(w("b", "10.0.0.2"), w("c", "10.0.0.3"), w("d", "10.0.0.4")))  # -a
     mid = hub.version
@@ -221,7 +223,10 @@ def test_diff_resources_table() -> None:
     # Same count of keys, one replaced by another: the removal is still found.
     c = w("c", "10.0.0.4")
     assert diff_resources(old, index_state(state(a1, c))) == [(wk("c"), c), (wk("b"), None)]
-    assert diff_resources({}, index_state(state(a1))) == [((ResourceType.NAMESPACE, "shop"), NS), (wk("a"), a1)]
+    assert diff_resources({}, index_state(state(a1))) == [
+        ((ResourceType.NAMESPACE, "shop"), NS),
+        (wk("a"), a1),
+    ]
 
 
 # -- property: any sequence of states, any resume point, converges on the hub's state --
@@ -248,7 +253,9 @@ def _apply(held: dict[tuple[ResourceType, str], Resource], update: WatchUpdate) 
 
 @settings(max_examples=100)
 @given(_states, st.integers(0, 8), st.integers(1, 4))
-async def test_watchers_converge(specs: list[dict[str, int]], resume_at: int, tombstones: int) -> None:
+async def test_watchers_converge(
+    specs: list[dict[str, int]], resume_at: int, tombstones: int
+) -> None:
     hub = DiscoveryHub(epoch="e", max_tombstones=tombstones)
     live = hub.subscribe("live", ALL, "", 0)
     held: dict[tuple[ResourceType, str], Resource] = {}

@@ -35,7 +35,9 @@ def test_payments_accepts_only_checkout() -> None:
         {
             "selector": {"matchLabels": {"app": "payments"}},
             "action": "ALLOW",
-            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}]}],
+            "rules": [
+                {"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}]}
+            ],
         }
     )
     assert policy == AuthorizationPolicy(
@@ -67,7 +69,10 @@ def test_payments_accepts_only_checkout() -> None:
         (
             {"rules": [{"to": [{"operation": {"notPorts": [22]}}]}]},
             AuthorizationPolicy(
-                "p", "shop", PolicyAction.ALLOW, rules=(Rule(operations=(Operation(not_ports=(22,)),)),)
+                "p",
+                "shop",
+                PolicyAction.ALLOW,
+                rules=(Rule(operations=(Operation(not_ports=(22,)),)),),
             ),
         ),
         (
@@ -222,21 +227,37 @@ def test_peer_authentication(spec: Any, mode: PeerAuthMode, selector: Labels | N
     ],
 )
 def test_peer_authentication_refused(spec: Any, message: str) -> None:
-    with pytest.raises(RegistryError, match="^peerAuthentications\\[0\\]: ") as info:
+    with pytest.raises(RegistryError, match=r"^peerAuthentications\[0\]: ") as info:
         parse_peer_authentication("default", "shop", spec, "peerAuthentications[0]")
     assert message in str(info.value)
 
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(
-            ["selector", "matchLabels", "action", "rules", "from", "to", "source", "operation",
-             "principals", "ports", "ipBlocks", "mtls", "mode", "x"]
-        ),
-        inner,
-        max_size=4,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "selector",
+                    "matchLabels",
+                    "action",
+                    "rules",
+                    "from",
+                    "to",
+                    "source",
+                    "operation",
+                    "principals",
+                    "ports",
+                    "ipBlocks",
+                    "mtls",
+                    "mode",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
     ),
     max_leaves=20,
 )

@@ -20,7 +20,9 @@ from controller.registry import RegistryError, build_state, is_enrolled
 AMBIENT = Labels({"veil.io/dataplane-mode": "ambient"})
 
 
-def wl(name: str, ns: str = "shop", ip: str = "10.0.0.1", ready: bool = True, **labels: str) -> Workload:
+def wl(
+    name: str, ns: str = "shop", ip: str = "10.0.0.1", ready: bool = True, **labels: str
+) -> Workload:
     return Workload(name, ns, "sa", "node-a", (ip,), Labels(labels), ready=ready)
 
 
@@ -37,7 +39,9 @@ def wl(name: str, ns: str = "shop", ip: str = "10.0.0.1", ready: bool = True, **
         ({"veil.io/dataplane-mode": "Ambient"}, {}, False),  # exact value only
     ],
 )
-def test_enrollment_rule(ns_labels: dict[str, str], pod_labels: dict[str, str], enrolled: bool) -> None:
+def test_enrollment_rule(
+    ns_labels: dict[str, str], pod_labels: dict[str, str], enrolled: bool
+) -> None:
     ns = Namespace("shop", Labels(ns_labels))
     w = Workload("a", "shop", "sa", "n", ("10.0.0.1",), Labels(pod_labels))
     assert is_enrolled(ns, w) is enrolled
@@ -47,7 +51,9 @@ def test_enrollment_rule(ns_labels: dict[str, str], pod_labels: dict[str, str], 
 
 def test_inputs_derived_fields_are_recomputed() -> None:
     w = Workload("a", "shop", "sa", "n", ("10.0.0.1",), enrolled=True, trust_domain="other.td")
-    s = Service("s", "shop", (), (ServicePort(80, 80),), Labels({"app": "x"}), endpoints=("shop/zzz",))
+    s = Service(
+        "s", "shop", (), (ServicePort(80, 80),), Labels({"app": "x"}), endpoints=("shop/zzz",)
+    )
     state = build_state("example.org", [Namespace("shop")], [w], [s])
     assert state.workloads[0].enrolled is False
     assert state.workloads[0].trust_domain == "example.org"
@@ -64,8 +70,16 @@ def test_service_endpoints_are_ready_matching_workloads_of_the_namespace() -> No
         wl("p4", ns="web", ip="10.0.0.5", app="payments"),
     ]
     services = [
-        Service("payments", "shop", ("10.96.0.1",), (ServicePort(80, 8080),), Labels({"app": "payments"})),
-        Service("p1only", "shop", (), (ServicePort(80, 80),), Labels({"app": "payments", "tier": "x"})),
+        Service(
+            "payments",
+            "shop",
+            ("10.96.0.1",),
+            (ServicePort(80, 8080),),
+            Labels({"app": "payments"}),
+        ),
+        Service(
+            "p1only", "shop", (), (ServicePort(80, 80),), Labels({"app": "payments", "tier": "x"})
+        ),
         Service("none", "shop", (), (ServicePort(80, 80),), Labels({"app": "nothing"})),
         Service("noselector", "shop", (), (ServicePort(80, 80),)),
     ]
@@ -91,8 +105,14 @@ def test_output_is_sorted_and_deterministic() -> None:
     ("kwargs", "message"),
     [
         ({"workloads": [wl("a"), wl("a", ip="10.0.0.2")]}, "Workload shop/a: duplicate key shop/a"),
-        ({"workloads": [wl("a"), wl("b")]}, 'Workload shop/b: field "ips[0]": 10.0.0.1 is already used by Workload shop/a'),
-        ({"workloads": [wl("a", ns="web")]}, "Workload web/a: field \"namespace\": namespace 'web' is not declared"),
+        (
+            {"workloads": [wl("a"), wl("b")]},
+            'Workload shop/b: field "ips[0]": 10.0.0.1 is already used by Workload shop/a',
+        ),
+        (
+            {"workloads": [wl("a", ns="web")]},
+            "Workload web/a: field \"namespace\": namespace 'web' is not declared",
+        ),
         (
             {
                 "workloads": [wl("a")],
@@ -118,11 +138,18 @@ def test_output_is_sorted_and_deterministic() -> None:
             "PeerAuthentication web/p",
         ),
         ({"trust_domain": "Bad Domain"}, 'field "trustDomain": invalid trust domain'),
-        ({"namespaces": [Namespace("shop"), Namespace("shop")]}, "Namespace shop: duplicate key shop"),
+        (
+            {"namespaces": [Namespace("shop"), Namespace("shop")]},
+            "Namespace shop: duplicate key shop",
+        ),
     ],
 )
 def test_cross_object_checks(kwargs: dict[str, object], message: str) -> None:
-    args: dict[str, object] = {"trust_domain": "cluster.local", "namespaces": [Namespace("shop")], "workloads": []}
+    args: dict[str, object] = {
+        "trust_domain": "cluster.local",
+        "namespaces": [Namespace("shop")],
+        "workloads": [],
+    }
     args.update(kwargs)
     with pytest.raises(RegistryError) as info:
         build_state(**args)  # type: ignore[arg-type]
@@ -143,8 +170,14 @@ def test_root_namespace_policies_are_mesh_wide_without_a_namespace_object() -> N
 def test_many_services_over_a_large_namespace_stay_fast() -> None:
     import time
 
-    workloads = [wl(f"w{i}", ip=f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", app=f"a{i % 1000}") for i in range(10_000)]
-    services = [Service(f"s{i}", "shop", (), (ServicePort(80, 80),), Labels({"app": f"a{i}"})) for i in range(1000)]
+    workloads = [
+        wl(f"w{i}", ip=f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", app=f"a{i % 1000}")
+        for i in range(10_000)
+    ]
+    services = [
+        Service(f"s{i}", "shop", (), (ServicePort(80, 80),), Labels({"app": f"a{i}"}))
+        for i in range(1000)
+    ]
     start = time.perf_counter()
     state = build_state("cluster.local", [Namespace("shop", AMBIENT)], workloads, services)
     assert time.perf_counter() - start < 5.0

@@ -74,7 +74,9 @@ async def test_edit_publishes_and_broken_edit_keeps_state(tmp_path: Path) -> Non
     assert holder.current() is good
     err = holder.last_error
     assert err is not None
-    assert str(err).startswith(f'{path}: workloads[0] (shop/a): field "ips[0]": "10.0.0" is not an IP')
+    assert str(err).startswith(
+        f'{path}: workloads[0] (shop/a): field "ips[0]": "10.0.0" is not an IP'
+    )
     first_error_at = holder.status().last_error_at
 
     # Touching the broken file without changing it is not a new failure.
@@ -169,3 +171,87 @@ async def test_run_picks_up_an_edit(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+NS_DOC = "namespaces: [{name: shop, labels: {veil.io/dataplane-mode: ambient}}, {name: web}]\n"
+
+
+def wl_doc(name: str, ip: str, ns: str = "shop") -> str:
+    return f"workloads: [{{name: {name}, namespace: {ns}, node: n1, ips: [{ip}]}}]\n"
+
+
+async def test_registry_directory_merges_files_and_reparses_only_changes(tmp_path: Path) -> None:
+    d = tmp_path / "registry.d"
+    d.mkdir()
+    write(d / "00-namespaces.yaml", NS_DOC)
+    write(d / "shop.yaml", wl_doc("a", "10.0.0.1"))
+    write(d / "web.yml", wl_doc("b", "10.0.0.2", ns="web"))
+    write(d / ".shop.yaml.swp", "not: [valid")  # editor swap file: ignored
+    write(d / "README.md", "ignored")
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(d, holder)
+    state = watcher.load_initial()
+    assert [w.key for w in state.workloads] == ["shop/a", "web/b"]
+    assert [w.enrolled for w in state.workloads] == [True, False]
+    before = {f.name: c.fragment for f, c in watcher._cache.items()}
+
+    write(d / "web.yml", wl_doc("b", "10.0.0.3", ns="web"))
+    assert await watcher.check()
+    assert holder.current().workloads[1].ips == ("10.0.0.3",)
+    after = {f.name: c.fragment for f, c in watcher._cache.items()}
+    assert after["shop.yaml"] is before["shop.yaml"]  # untouched file: not parsed again
+    assert after["web.yml"] is not before["web.yml"]
+
+    # A file that vanishes for one poll (editor save) changes nothing; a lasting removal does.
+    (d / "web.yml").rename(tmp_path / "web.yml.bak")
+    assert not await watcher.check()
+    assert len(holder.current().workloads) == 2
+    assert await watcher.check()
+    assert [w.key for w in holder.current().workloads] == ["shop/a"]
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (
+            {"a.yaml": NS_DOC + wl_doc("a", "10.0.0.1"), "b.yaml": wl_doc("a", "10.0.0.2")},
+            "b.yaml: workloads[0] (shop/a): duplicate key shop/a; {d}/a.yaml: workloads[0] (shop/a)",
+        ),
+        (
+            {"a.yaml": NS_DOC + wl_doc("a", "10.0.0.1"), "b.yaml": wl_doc("b", "10.0.0.1")},
+            'b.yaml: workloads[0] (shop/b): field "ips[0]": 10.0.0.1 is already used by {d}/a.yaml',
+        ),
+        (
+            {"a.yaml": "trustDomain: a.org\n" + NS_DOC, "b.yaml": "trustDomain: b.org\n"},
+            "different trust domains",
+        ),
+        (
+            {"a.yaml": NS_DOC, "b.yaml": "workloads: [{name: x}]\n"},
+            '{d}/b.yaml: workloads[0] (x): field "namespace": is required',
+        ),
+    ],
+)
+def test_registry_directory_errors_name_the_file(
+    tmp_path: Path, files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    with pytest.raises(RegistryError) as info:
+        RegistryFileWatcher(tmp_path, RegistryHolder()).load_initial()
+    assert message.format(d=tmp_path) in str(info.value)
+
+
+async def test_restored_file_clears_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(path, holder)
+    watcher.load_initial()
+    path.rename(tmp_path / "away")
+    await watcher.check()
+    await watcher.check()
+    assert holder.last_error is not None
+    (tmp_path / "away").rename(path)
+    assert not await watcher.check()
+    assert holder.last_error is None
+    assert holder.generation == 1

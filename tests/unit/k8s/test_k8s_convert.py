@@ -379,3 +379,47 @@ def test_convert_survives_arbitrary_objects(
     except RegistryError:
         return  # e.g. a name that is not a DNS label: refused with a reason
     assert len(conv.verdicts) == len(policies)
+
+
+def test_conversion_cache_converts_only_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import controller.k8s.convert as convert_module
+
+    calls: list[str] = []
+    real = convert_module.workload_from
+
+    def counting(obj: Obj) -> Any:
+        calls.append(obj["metadata"]["name"])
+        return real(obj)
+
+    monkeypatch.setattr(convert_module, "workload_from", counting)
+    cache = convert_module.ConversionCache()
+    pods = [pod("a", ip="10.1.0.1"), pod("b", ip="10.1.0.2")]
+    bad = policy("bad", spec={"rules": [{"from": [{"source": {"ipBlocks": ["x"]}}]}]})
+    bad["metadata"]["resourceVersion"] = "5"
+    first = convert(
+        "cluster.local",
+        namespaces=[ns("shop", "ambient")],
+        pods=pods,
+        authorization_policies=[bad],
+        cache=cache,
+    )
+    assert sorted(calls) == ["a", "b"]
+    calls.clear()
+    changed = pod("b", ip="10.1.0.3")
+    changed["metadata"]["resourceVersion"] = "2"
+    second = convert(
+        "cluster.local",
+        namespaces=[ns("shop", "ambient")],
+        pods=[pods[0], changed],
+        authorization_policies=[bad],
+        cache=cache,
+    )
+    assert calls == ["b"]
+    assert {w.key: w.ips for w in second.state.workloads} == {
+        "shop/a": ("10.1.0.1",),
+        "shop/b": ("10.1.0.3",),
+    }
+    assert second.verdicts == first.verdicts  # the refusal is remembered with its reason
+    # Objects that went away leave the cache.
+    convert("cluster.local", namespaces=[ns("shop")], pods=[changed], cache=cache)
+    assert list(cache.pods) == [("shop", "b")] and cache.policies == {}

@@ -11,7 +11,13 @@ import pytest
 from agent.bpf import AttachedProgram, LoadedProgram, NodeDataplaneState, PodCounters
 from agent.bpf import PodDataplaneState as Pod
 from agent.bpf.codes import DropReason
-from agent.daemon.audit import AuditInput, audit, check_listeners, parse_proc_net_tcp
+from agent.daemon.audit import (
+    AuditInput,
+    Listener,
+    audit,
+    check_listeners,
+    parse_proc_net_tcp,
+)
 from agent.daemon.reconcile import DesiredPod
 from agent.daemon.views import pod_rows
 from agent.net.routing import PolicyRouting
@@ -52,7 +58,12 @@ HEALTHY = AuditInput(
     local_ips={A: 5},
     node=NODE,
     cflags=("-DVEIL_OUTBOUND_PORT=15001",),
-    listening=frozenset({15001, 15006, 15008, 22}),
+    listening=(
+        Listener(15001, "0.0.0.0", 0x200),
+        Listener(15006, "0.0.0.0", 0x200),
+        Listener(15008, "0.0.0.0", 0x1200),  # other bits outside the mask are fine
+        Listener(22, "0.0.0.0", 0),
+    ),
 )
 
 
@@ -92,7 +103,17 @@ def test_healthy_node_has_no_findings() -> None:
             "pods",
             "no host veth",
         ),
-        ({"listening": frozenset({15006, 15008})}, "listeners", "nothing listens on :15001"),
+        ({"listening": HEALTHY.listening[1:]}, "listeners", "nothing listens on :15001"),
+        (
+            {"listening": (Listener(15001, "0.0.0.0", 0), *HEALTHY.listening[1:])},
+            "listeners",
+            "lacks the ztunnel mark 0x200 (it has 0x0)",
+        ),
+        (
+            {"listening": (Listener(15001, "127.0.0.1", 0x200), *HEALTHY.listening[1:])},
+            "listeners",
+            "listens on 127.0.0.1 only",
+        ),
         ({"synced": False}, "registry", "has not received the registry"),
         ({"node": replace(NODE, uplink_program=None)}, "uplink", "not attached"),
         ({"node": replace(NODE, uplink_program=replace(UP, prog_id=5))}, "uplink", "not the pinned"),
@@ -120,8 +141,8 @@ def test_listener_check_is_skipped_when_not_read() -> None:
 
 
 def test_check_listeners_detail() -> None:
-    result = check_listeners(frozenset({15001}))
-    assert result.detail == "listening: 15001"
+    result = check_listeners([Listener(15001, "::", None)])
+    assert result.detail == "listening: 15001 (marks not readable)"
     assert [f.subject for f in result.findings] == [":15006", ":15008"]
 
 
@@ -132,8 +153,14 @@ def test_parse_proc_net_tcp() -> None:
         "   1: 0100007F:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0\n"
         "   2: 0A000001:3A99 0A000002:C350 01 00000000:00000000 00:00000000 00000000     0\n"
         "   3: 00000000000000000000000000000000:3AA0 00000000000000000000000000000000:0000 0A\n"
+        "   4: 00000000000000000000000001000000:3AA1 00000000000000000000000000000000:0000 0A\n"
     )
-    assert parse_proc_net_tcp(text) == {15001, 15000, 15008}
+    assert parse_proc_net_tcp(text) == [
+        Listener(15001, "0.0.0.0"),
+        Listener(15000, "127.0.0.1"),
+        Listener(15008, "::"),
+        Listener(15009, "::1"),
+    ]
 
 
 def test_pod_rows_join_registry_and_kernel() -> None:

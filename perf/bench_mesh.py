@@ -1,0 +1,604 @@
+"""The mesh data path against direct traffic and an stunnel4 mTLS chain, on the lab.
+
+Setup (one run, one topology): E1's lab (:class:`agent.lab.mesh.LabMesh`) with
+two nodes, the real controller and ``veil ztunnel run`` on each node, pods
+steered by nftables TPROXY. Six pods:
+
+=============  ======  ==============================================
+pod            node    role
+=============  ======  ==============================================
+client         node-a  enrolled; the mesh client
+peer           node-a  enrolled; same-node mesh server
+plain-client   node-a  not enrolled; direct and stunnel client
+plain-peer     node-a  not enrolled; same-node direct server
+server         node-b  enrolled; the mesh server
+plain-server   node-b  not enrolled; direct and stunnel server
+=============  ======  ==============================================
+
+Paths compared:
+
+* **mesh**: client -> ztunnel(node-a) -> HBONE (mTLS, HTTP/2) -> ztunnel(node-b) -> server;
+* **direct**: plain-client -> plain-server, routed, no proxy;
+* **stunnel**: plain-client -> stunnel client (node-a) -> TLS 1.3 with client
+  certificates (ECDSA P-256) -> stunnel server (node-b) -> plain-server: the
+  same two proxy hops and the same crypto, from a mature C implementation.
+
+Measured: iperf3 throughput with 1 and 4 streams (5 s each); request/response
+latency p50/p99 over one connection (64-byte messages, 2,000 round trips); new
+connections per second (connect, 1-byte exchange, close; 8 in parallel, 5 s);
+same-node throughput (client -> peer) against direct same-node; and the RSS of
+each ztunnel while ``--connections`` (default 10,000) connections are held
+open through the mesh. Clients are small Python programs run inside the pods
+(this file's ``worker`` subcommands) or iperf3.
+
+Targets (ratio = mesh / baseline): throughput >= 1.5x stunnel (1 and 4
+streams), new connections/s >= 4x stunnel, p50 <= 1.0x stunnel, p99 <= 1.2x
+stunnel, same-node >= 0.5x direct, ztunnel RSS with 10k connections <= 150 MB.
+
+Run: ``.venv/bin/python -m perf.bench_mesh [--connections N] [--seconds S]``
+(root). Writes ``perf/results/latest.json`` (section ``mesh``),
+``perf/results/mesh.json`` and ``perf/results/mesh.png``. ``python -m perf.run``
+calls :func:`main`. Machines with 2 shared cores give noisy numbers: the
+report says what it measured, not what it hoped for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "perf" / "results"
+IPERF_PORT = 5201
+ECHO_PORT = 7000
+STUNNEL_PORTS = {IPERF_PORT: (15501, 15502), ECHO_PORT: (15511, 15512)}
+TARGETS = {
+    "throughput_1_stream": (">=", 1.5),
+    "throughput_4_streams": (">=", 1.5),
+    "new_connections_per_s": (">=", 4.0),
+    "latency_p50": ("<=", 1.0),
+    "latency_p99": ("<=", 1.2),
+    "same_node_throughput": (">=", 0.5),
+    "ztunnel_rss_10k_connections": ("<=", 150.0),
+}
+
+# -- workers: run inside pod namespaces as `python -m perf.bench_mesh worker ...` --
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def _echo_server(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Echo, "0.0.0.0", port, backlog=4096, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+def _rr_client(host: str, port: int, count: int, size: int) -> dict[str, float]:
+    msg = b"r" * size
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        samples: list[float] = []
+        for i in range(count + 100):
+            start = time.perf_counter_ns()
+            s.sendall(msg)
+            got = 0
+            while got < size:
+                chunk = s.recv(size - got)
+                if not chunk:
+                    raise ConnectionError("echo server closed the connection")
+                got += len(chunk)
+            if i >= 100:  # the first 100 warm up caches and windows
+                samples.append((time.perf_counter_ns() - start) / 1000)
+    samples.sort()
+    return {
+        "p50_us": samples[len(samples) // 2],
+        "p99_us": samples[int(len(samples) * 0.99)],
+        "mean_us": statistics.fmean(samples),
+    }
+
+
+async def _cps_client(host: str, port: int, seconds: float, parallel: int) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    done = 0
+    failed = 0
+    stop_at = loop.time() + seconds
+
+    async def one_worker() -> None:
+        nonlocal done, failed
+        while loop.time() < stop_at:
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, (host, port))
+                await loop.sock_sendall(sock, b"x")
+                if await loop.sock_recv(sock, 1) == b"x":
+                    done += 1
+                else:
+                    failed += 1
+            except OSError:
+                failed += 1
+            finally:
+                sock.close()
+
+    start = loop.time()
+    await asyncio.gather(*(one_worker() for _ in range(parallel)))
+    return {"conns_per_s": done / (loop.time() - start), "failed": failed}
+
+
+async def _hold_client(host: str, port: int, count: int) -> None:
+    """Opens ``count`` echoed connections, reports, holds them until stdin closes."""
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+    failed = 0
+    sem = asyncio.Semaphore(200)
+
+    async def one() -> None:
+        nonlocal failed
+        async with sem:
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 30)
+                await loop.sock_sendall(sock, b"h")
+                if await asyncio.wait_for(loop.sock_recv(sock, 1), 30) != b"h":
+                    raise ConnectionError("no echo")
+                held.append(sock)
+            except (OSError, TimeoutError):
+                failed += 1
+                sock.close()
+
+    start = loop.time()
+    await asyncio.gather(*(one() for _ in range(count)))
+    print(json.dumps({"opened": len(held), "failed": failed, "seconds": loop.time() - start}))
+    sys.stdout.flush()
+    await loop.run_in_executor(None, sys.stdin.read)
+    for s in held:
+        s.close()
+
+
+def worker(argv: Sequence[str]) -> int:
+    import uvloop
+
+    role, *rest = argv
+    if role == "echo-server":
+        uvloop.run(_echo_server(int(rest[0])))
+    elif role == "rr-client":
+        print(json.dumps(_rr_client(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))))
+    elif role == "cps-client":
+        result = uvloop.run(_cps_client(rest[0], int(rest[1]), float(rest[2]), int(rest[3])))
+        print(json.dumps(result))
+    elif role == "hold-client":
+        uvloop.run(_hold_client(rest[0], int(rest[1]), int(rest[2])))
+    else:
+        print(f"unknown worker role {role!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- the benchmark -------------------------------------------------------------
+
+
+def _registry() -> dict[str, Any]:
+    def pod(name: str, ns: str, node: str, ip: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": ns,
+            "serviceAccount": name,
+            "node": node,
+            "ips": [ip],
+            "labels": {"app": name},
+        }
+
+    return {
+        "trustDomain": "cluster.local",
+        "namespaces": [
+            {"name": "shop", "labels": {"veil.io/dataplane-mode": "ambient"}},
+            {"name": "legacy"},
+        ],
+        "workloads": [
+            pod("client", "shop", "node-a", "10.244.1.10"),
+            pod("peer", "shop", "node-a", "10.244.1.11"),
+            pod("plain-client", "legacy", "node-a", "10.244.1.12"),
+            pod("plain-peer", "legacy", "node-a", "10.244.1.13"),
+            pod("server", "shop", "node-b", "10.244.2.10"),
+            pod("plain-server", "legacy", "node-b", "10.244.2.12"),
+        ],
+    }
+
+
+def _stunnel_material(work: Path) -> dict[str, Path]:
+    """A CA and ECDSA P-256 client/server certificates for the stunnel chain."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("bench-ca"))
+        .issuer_name(name("bench-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = {"ca": work / "ca.crt"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for role, eku in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"bench-{role}"))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        out[role] = work / f"{role}.pem"
+        out[role].write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        os.chmod(out[role], 0o600)
+    return out
+
+
+def _stunnel_conf(role: str, material: dict[str, Path], peer_ip: str, target_ip: str) -> str:
+    lines = ["foreground = yes", "pid =", "debug = 4"]
+    for app_port, (front, back) in STUNNEL_PORTS.items():
+        lines += [f"[p{app_port}]", f"cert = {material[role]}", f"CAfile = {material['ca']}"]
+        lines += ["verifyChain = yes", "sslVersionMin = TLSv1.3"]
+        lines += ["socket = l:TCP_NODELAY=1", "socket = r:TCP_NODELAY=1"]
+        if role == "client":
+            lines += ["client = yes", f"accept = 0.0.0.0:{front}", f"connect = {peer_ip}:{back}"]
+        else:
+            lines += [f"accept = 0.0.0.0:{back}", f"connect = {target_ip}:{app_port}"]
+    return "\n".join(lines) + "\n"
+
+
+class Bench:
+    def __init__(self, mesh: Any, work: Path, seconds: float) -> None:
+        self.mesh = mesh
+        self.topo = mesh.topo
+        self.work = work
+        self.seconds = seconds
+        self.notes: list[str] = []
+
+    def ns(self, pod: str) -> str:
+        return str(self.mesh.pod(pod).lab.netns)
+
+    def ip(self, pod: str) -> str:
+        return str(self.mesh.pod(pod).ip)
+
+    def run_json(self, pod: str, argv: list[str], timeout: float = 120) -> Any:
+        from agent.lab.process import netns_argv
+
+        done = subprocess.run(
+            netns_argv(self.ns(pod), argv), capture_output=True, timeout=timeout, cwd=ROOT
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[:4]} in {pod} failed: {done.stderr.decode()[-2000:]}")
+        return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+    def worker_argv(self, *args: object) -> list[str]:
+        return [sys.executable, "-m", "perf.bench_mesh", "worker", *(str(a) for a in args)]
+
+    def start_servers(self) -> None:
+        from agent.lab.process import wait_listening
+
+        for pod in ("server", "plain-server", "peer", "plain-peer"):
+            proc = self.topo.popen(self.ns(pod), ["iperf3", "-s", "-p", str(IPERF_PORT)])
+            wait_listening(proc, IPERF_PORT, 10)
+        for pod in ("server", "plain-server"):
+            proc = self.topo.popen(
+                self.ns(pod), self.worker_argv("echo-server", ECHO_PORT), cwd=ROOT
+            )
+            wait_listening(proc, ECHO_PORT, 10)
+
+    def start_stunnel(self) -> None:
+        from agent.lab.process import wait_listening
+
+        material = _stunnel_material(self.work)
+        node_a, node_b = self.topo.node("node-a"), self.topo.node("node-b")
+        for role, node in (("server", node_b), ("client", node_a)):
+            conf = self.work / f"stunnel-{role}.conf"
+            conf.write_text(
+                _stunnel_conf(role, material, node_b.underlay_ip, self.ip("plain-server"))
+            )
+            proc = self.topo.popen(
+                node, ["stunnel4", str(conf)], log_path=self.work / f"stunnel-{role}.log"
+            )
+            for front, back in STUNNEL_PORTS.values():
+                wait_listening(proc, back if role == "server" else front, 10)
+
+    def target(self, path: str, app_port: int) -> tuple[str, str, int]:
+        """(client pod, host, port) for a path and an application port."""
+        if path == "mesh":
+            return "client", self.ip("server"), app_port
+        if path == "direct":
+            return "plain-client", self.ip("plain-server"), app_port
+        if path == "stunnel":
+            return "plain-client", self.topo.node("node-a").underlay_ip, STUNNEL_PORTS[app_port][0]
+        if path == "mesh-same-node":
+            return "client", self.ip("peer"), app_port
+        if path == "direct-same-node":
+            return "plain-client", self.ip("plain-peer"), app_port
+        raise ValueError(path)
+
+    def iperf(self, path: str, streams: int) -> float:
+        pod, host, port = self.target(path, IPERF_PORT)
+        argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(self.seconds), "-O", "1"]
+        argv += ["-P", str(streams), "-J"]
+        from agent.lab.process import netns_argv
+
+        done = subprocess.run(
+            netns_argv(self.ns(pod), argv), capture_output=True, timeout=self.seconds + 60
+        )
+        data = json.loads(done.stdout.decode() or "{}")
+        if "error" in data or "end" not in data:
+            raise RuntimeError(f"iperf3 over {path}: {data.get('error', done.stderr.decode())}")
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+    def latency(self, path: str) -> dict[str, float]:
+        pod, host, port = self.target(path, ECHO_PORT)
+        return dict(self.run_json(pod, self.worker_argv("rr-client", host, port, 2000, 64)))
+
+    def cps(self, path: str) -> float:
+        pod, host, port = self.target(path, ECHO_PORT)
+        result = self.run_json(pod, self.worker_argv("cps-client", host, port, self.seconds, 8))
+        if result["failed"]:
+            self.notes.append(f"{path}: {result['failed']} new connections failed")
+        return float(result["conns_per_s"])
+
+    def ztunnel_rss(self) -> dict[str, float]:
+        import psutil
+
+        out = {}
+        for node, proc in self.mesh.ztunnels.items():
+            p = psutil.Process(proc.pid)
+            procs = [p, *p.children(recursive=True)]
+            pythons = [q for q in procs if "python" in q.name()]
+            out[node] = max(q.memory_info().rss for q in pythons or procs) / 2**20
+        return out
+
+    def rss_with_connections(self, count: int) -> dict[str, Any]:
+        from agent.lab.process import netns_argv
+
+        before = self.ztunnel_rss()
+        pod, host, port = self.target("mesh", ECHO_PORT)
+        proc = subprocess.Popen(
+            netns_argv(self.ns(pod), self.worker_argv("hold-client", host, port, count)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError("hold-client exited before reporting")
+            opened = json.loads(line)
+            time.sleep(1.0)
+            during = self.ztunnel_rss()
+            live = {
+                n: len(self.mesh.config_dump(n)["connections"]) for n in self.mesh.ztunnels
+            }
+            proc.stdin.close()
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        return {"before_mb": before, "during_mb": during, "opened": opened, "registered": live}
+
+
+def _ratio(metric: str, value: float, baseline: float | None) -> dict[str, Any]:
+    op, target = TARGETS[metric]
+    ratio = value / baseline if baseline else None
+    judged = ratio if baseline is not None else value
+    passed = judged is not None and (judged >= target if op == ">=" else judged <= target)
+    return {
+        "value": round(value, 3),
+        "baseline": round(baseline, 3) if baseline is not None else None,
+        "ratio": round(ratio, 3) if ratio is not None else None,
+        "target": f"{op} {target}",
+        "pass": passed,
+    }
+
+
+def run_bench(connections: int, seconds: float, work: Path) -> dict[str, Any]:
+    from agent.lab.mesh import LabMesh
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    notes: list[str] = []
+    capped = min(connections, max(0, hard - 2000))
+    if capped < connections:
+        notes.append(
+            f"open-connection count capped at {capped} (RLIMIT_NOFILE hard limit {hard}; "
+            "each held connection costs one descriptor in the client and in each ztunnel)"
+        )
+    registry = work / "registry.yaml"
+    import yaml
+
+    registry.write_text(yaml.safe_dump(_registry(), sort_keys=False))
+    (work / "mesh").mkdir()
+    mesh = LabMesh(registry, workdir=work / "mesh", steering="tproxy", log_level="warning")
+    with mesh:
+        mesh.start()
+        bench = Bench(mesh, work, seconds)
+        bench.start_servers()
+        bench.start_stunnel()
+        raw: dict[str, Any] = {"throughput_gbps": {}, "latency_us": {}, "conns_per_s": {}}
+        for path in ("mesh", "direct", "stunnel"):
+            for streams in (1, 4):
+                raw["throughput_gbps"][f"{path}/{streams}"] = bench.iperf(path, streams)
+            raw["latency_us"][path] = bench.latency(path)
+            raw["conns_per_s"][path] = bench.cps(path)
+        for path in ("mesh-same-node", "direct-same-node"):
+            raw["throughput_gbps"][f"{path}/1"] = bench.iperf(path, 1)
+        raw["rss"] = bench.rss_with_connections(capped)
+        notes += bench.notes
+    t = raw["throughput_gbps"]
+    lat = raw["latency_us"]
+    cps = raw["conns_per_s"]
+    rss = raw["rss"]
+    opened = int(rss["opened"]["opened"])
+    metrics = {
+        "throughput_1_stream": _ratio("throughput_1_stream", t["mesh/1"], t["stunnel/1"]),
+        "throughput_4_streams": _ratio("throughput_4_streams", t["mesh/4"], t["stunnel/4"]),
+        "new_connections_per_s": _ratio("new_connections_per_s", cps["mesh"], cps["stunnel"]),
+        "latency_p50": _ratio("latency_p50", lat["mesh"]["p50_us"], lat["stunnel"]["p50_us"]),
+        "latency_p99": _ratio("latency_p99", lat["mesh"]["p99_us"], lat["stunnel"]["p99_us"]),
+        "same_node_throughput": _ratio(
+            "same_node_throughput", t["mesh-same-node/1"], t["direct-same-node/1"]
+        ),
+        "ztunnel_rss_10k_connections": _ratio(
+            "ztunnel_rss_10k_connections", max(rss["during_mb"].values()), None
+        ),
+    }
+    units = {
+        "throughput_1_stream": "Gbit/s (baseline: stunnel)",
+        "throughput_4_streams": "Gbit/s (baseline: stunnel)",
+        "new_connections_per_s": "connections/s (baseline: stunnel)",
+        "latency_p50": "microseconds (baseline: stunnel)",
+        "latency_p99": "microseconds (baseline: stunnel)",
+        "same_node_throughput": "Gbit/s (baseline: direct same-node)",
+        "ztunnel_rss_10k_connections": f"MB, largest ztunnel, {opened} connections held",
+    }
+    for name, unit in units.items():
+        metrics[name]["unit"] = unit
+    if opened < capped:
+        notes.append(f"only {opened} of {capped} held connections opened")
+    return {
+        "benchmark": "mesh",
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "metrics": metrics,
+        "direct": {
+            "throughput_gbps": {k: v for k, v in t.items() if k.startswith("direct")},
+            "latency_us": lat["direct"],
+            "conns_per_s": cps["direct"],
+        },
+        "raw": raw,
+        "notes": notes,
+    }
+
+
+def write_outputs(result: dict[str, Any], results_dir: Path = RESULTS) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "mesh.json").write_text(json.dumps(result, indent=2) + "\n")
+    latest = results_dir / "latest.json"
+    try:
+        doc = json.loads(latest.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc.setdefault("benchmarks", {})["mesh"] = result
+    doc["generated"] = result["generated"]
+    latest.write_text(json.dumps(doc, indent=2) + "\n")
+    _chart(result, results_dir / "mesh.png")
+
+
+def _chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = result["metrics"]
+    names = [n for n, m in metrics.items() if m["ratio"] is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    ratios = [metrics[n]["ratio"] for n in names]
+    targets = [float(metrics[n]["target"].split()[1]) for n in names]
+    colors = ["tab:green" if metrics[n]["pass"] else "tab:red" for n in names]
+    x = range(len(names))
+    ax1.bar(x, ratios, color=colors)
+    ax1.scatter(x, targets, marker="_", s=900, color="black", label="target", zorder=3)
+    ax1.set_xticks(list(x), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax1.set_ylabel("mesh / baseline")
+    ax1.set_title("Veil mesh vs baseline (green: target met)")
+    ax1.legend()
+    rss = metrics["ztunnel_rss_10k_connections"]
+    ax2.bar([0], [rss["value"]], color="tab:green" if rss["pass"] else "tab:red")
+    ax2.axhline(float(rss["target"].split()[1]), color="black", label="target")
+    ax2.set_xticks([0], ["ztunnel RSS\n(MB)"])
+    ax2.set_title(rss["unit"], fontsize=8)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'metric':30} {'value':>12} {'baseline':>12} {'ratio':>8} {'target':>8}  pass")
+    for name, m in result["metrics"].items():
+        base = "-" if m["baseline"] is None else f"{m['baseline']:.3f}"
+        ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}"
+        print(
+            f"{name:30} {m['value']:>12.3f} {base:>12} {ratio:>8} {m['target']:>8}  "
+            f"{'yes' if m['pass'] else 'NO'}"
+        )
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark, writes the results, returns them (``perf.run`` calls this)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["worker"]:
+        sys.exit(worker(args_list[1:]))
+    parser = argparse.ArgumentParser(prog="python -m perf.bench_mesh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=10_000, help="held for the RSS metric")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput/cps run")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(args_list)
+    if os.geteuid() != 0:
+        raise SystemExit("bench_mesh builds network namespaces: run it as root")
+    with tempfile.TemporaryDirectory(prefix="veil-bench-mesh-") as tmp:
+        result = run_bench(args.connections, args.seconds, Path(tmp))
+    write_outputs(result, args.results)
+    print_table(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
