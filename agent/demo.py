@@ -155,13 +155,20 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
             out(f"\n$ veilctl pods    (node {node})")
             out(mesh.veilctl(node, "pods")[1].rstrip())
         # A connection held open so `veilctl connections` has something to show.
-        with mesh.in_pod("checkout"):
-            held = socket.create_connection((payments.ip, APP_PORT), timeout=5.0)
-        with held:
+        try:
+            with mesh.in_pod("checkout"):
+                held = socket.create_connection((payments.ip, APP_PORT), timeout=5.0)
+        except OSError as e:
+            out(f"\n(could not open a connection to show in veilctl connections: {e})")
+            held = None
+        try:
             time.sleep(0.3)
             for node in topo.nodes:
                 out(f"\n$ veilctl connections    (node {node})")
                 out(mesh.veilctl(node, "connections")[1].rstrip())
+        finally:
+            if held is not None:
+                held.close()
         out("")
         for node in topo.nodes:
 

@@ -1,0 +1,1 @@
+"""Veil's benchmarks: ``perf/bench_*.py`` scripts, run together by ``python -m perf.run``."""

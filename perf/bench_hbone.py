@@ -29,14 +29,15 @@ import multiprocessing as mp
 import os
 import platform
 import socket
-import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,8 +54,8 @@ from ztunnel.hbone import (
     default_connect,
     relay,
 )
-from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.hbone.buffers import shared_buffer
+from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.tls import TlsContextCache
 
 TD = "cluster.local"
@@ -81,7 +82,9 @@ def make_pki() -> tuple[bytes, WorkloadCertificate, WorkloadCertificate]:
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -97,19 +100,30 @@ def make_pki() -> tuple[bytes, WorkloadCertificate, WorkloadCertificate]:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(hours=2))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), True)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), True
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                False,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]), True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]), True
+            )
             .sign(ca_key, hashes.SHA256())
         )
         return WorkloadCertificate(
             identity=identity,
             key_pem=key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
             ),
             chain_pem=(cert.public_bytes(serialization.Encoding.PEM),),
             not_before=now - timedelta(minutes=5),
@@ -203,27 +217,35 @@ def _serve(fn: Any, lsock: socket.socket) -> None:
     uvloop.run(main())
 
 
-def client_proxy(mode: str, lsock: socket.socket, server_port: int, root: bytes, cert: WorkloadCertificate) -> None:
+def client_proxy(
+    mode: str, lsock: socket.socket, server_port: int, root: bytes, cert: WorkloadCertificate
+) -> None:
     bundle = TrustBundle(TD, (root,))
     state: dict[str, Any] = {}
 
     async def handle(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         if mode == "hbone":
             pool = state.setdefault("pool", HboneClientPool(lambda: bundle, config=HboneConfig()))
-            stream = await pool.open_stream(cert, "127.0.0.1", server_port, SERVER, "127.0.0.1:1", None)
+            stream = await pool.open_stream(
+                cert, "127.0.0.1", server_port, SERVER, "127.0.0.1:1", None
+            )
             await relay(stream, conn)
         else:
             ctx = state.setdefault("ctx", TlsContextCache().client(cert, bundle))
             await _pair(
                 loop,
                 conn,
-                lambda f: loop.create_connection(f, "127.0.0.1", server_port, ssl=ctx, server_hostname=""),
+                lambda f: loop.create_connection(
+                    f, "127.0.0.1", server_port, ssl=ctx, server_hostname=""
+                ),
             )
 
     _serve(handle, lsock)
 
 
-def server_proxy(mode: str, lsock: socket.socket, sink_port: int, root: bytes, cert: WorkloadCertificate) -> None:
+def server_proxy(
+    mode: str, lsock: socket.socket, sink_port: int, root: bytes, cert: WorkloadCertificate
+) -> None:
     bundle = TrustBundle(TD, (root,))
 
     async def inbound(stream: InboundStream) -> None:
@@ -233,7 +255,9 @@ def server_proxy(mode: str, lsock: socket.socket, sink_port: int, root: bytes, c
 
     async def handle(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         if mode == "hbone":
-            server = state.setdefault("server", HboneServer(lambda ip: cert, lambda: bundle, inbound))
+            server = state.setdefault(
+                "server", HboneServer(lambda ip: cert, lambda: bundle, inbound)
+            )
             await server.serve_connection(conn)
         else:
             ctx = state.setdefault("ctx", TlsContextCache().server(cert, bundle))
@@ -298,18 +322,55 @@ def listener() -> socket.socket:
     return s
 
 
-def bench_mode(mode: str, pki: tuple[bytes, WorkloadCertificate, WorkloadCertificate], cases: list[tuple[int, int]]) -> list[float]:
+@dataclass(frozen=True)
+class Sample:
+    seconds: float  # wall clock until the sink had every byte
+    cpu: float  # CPU seconds both proxy processes used meanwhile
+    total_bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.total_bytes * 8 / self.seconds / 1e9
+
+    @property
+    def gbit_per_cpu_second(self) -> float:
+        return self.total_bytes * 8 / self.cpu / 1e9
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def bench_mode(
+    mode: str,
+    pki: tuple[bytes, WorkloadCertificate, WorkloadCertificate],
+    cases: list[tuple[int, int]],
+) -> list[Sample]:
     root, ccert, scert = pki
     sink, server_l, client_l = listener(), listener(), listener()
     ctx = mp.get_context("fork")
     procs = [
-        ctx.Process(target=server_proxy, args=(mode, server_l, sink.getsockname()[1], root, scert), daemon=True),
-        ctx.Process(target=client_proxy, args=(mode, client_l, server_l.getsockname()[1], root, ccert), daemon=True),
+        ctx.Process(
+            target=server_proxy,
+            args=(mode, server_l, sink.getsockname()[1], root, scert),
+            daemon=True,
+        ),
+        ctx.Process(
+            target=client_proxy,
+            args=(mode, client_l, server_l.getsockname()[1], root, ccert),
+            daemon=True,
+        ),
     ]
     for p in procs:
         p.start()
+    watched = [psutil.Process(p.pid) for p in procs if p.pid is not None]
     try:
-        return [run_case(client_l.getsockname()[1], sink, streams, nbytes) for streams, nbytes in cases]
+        samples = []
+        for streams, nbytes in cases:
+            before = _cpu(watched)
+            seconds = run_case(client_l.getsockname()[1], sink, streams, nbytes)
+            samples.append(Sample(seconds, _cpu(watched) - before, streams * nbytes))
+        return samples
     finally:
         for p in procs:
             p.terminate()
@@ -319,40 +380,55 @@ def bench_mode(mode: str, pki: tuple[bytes, WorkloadCertificate, WorkloadCertifi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mib", type=int, default=512, help="MiB per stream (default 512)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=512, help="MiB per case (default 512)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     pki = make_pki()
     nbytes = args.mib << 20
-    cases = [(1, nbytes), (4, nbytes // 4)]
-    best: dict[str, list[float]] = {}
+    cases = [(1, nbytes), (4, nbytes // 4)]  # the same volume, on 1 and on 4 streams
+    runs: dict[str, list[list[Sample]]] = {"tls": [], "hbone": []}
     for rnd in range(args.rounds):
         for mode in ("tls", "hbone"):
-            times = bench_mode(mode, pki, cases)
-            gbps = [streams * n * 8 / t / 1e9 for (streams, n), t in zip(cases, times, strict=True)]
-            print(f"round {rnd + 1} {mode:5}: " + ", ".join(
-                f"{streams} stream{'s' if streams > 1 else ''} {g:.2f} Gbit/s"
-                for (streams, _), g in zip(cases, gbps, strict=True)), flush=True)
-            best[mode] = [max(a, b) for a, b in zip(best.get(mode, [0.0] * len(cases)), gbps, strict=True)]
+            samples = bench_mode(mode, pki, cases)
+            runs[mode].append(samples)
+            line = ", ".join(
+                f"{streams} stream{'s' if streams > 1 else ''} {x.gbps:.2f} Gbit/s "
+                f"({x.gbit_per_cpu_second:.2f} Gbit/cpu-s)"
+                for (streams, _), x in zip(cases, samples, strict=True)
+            )
+            print(f"round {rnd + 1} {mode:5}: {line}", flush=True)
     result: dict[str, Any] = {
         "benchmark": "hbone",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "machine": platform.machine()},
-        "mib_per_stream": args.mib,
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "machine": platform.machine(),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+        },
+        "mib_per_case": args.mib,
         "rounds": args.rounds,
-        "unit": "Gbit/s (best round)",
+        "method": "best round of each mode; cpu = user+system seconds of both proxies",
         "cases": {},
     }
     for i, (streams, _) in enumerate(cases):
-        tls, hbone = best["tls"][i], best["hbone"][i]
-        result["cases"][f"{streams}_stream"] = {
-            "tls_relay_gbps": round(tls, 3),
-            "hbone_gbps": round(hbone, 3),
-            "ratio": round(hbone / tls, 3) if tls else None,
+        best = {m: max((r[i] for r in runs[m]), key=lambda x: x.gbps) for m in runs}
+        eff = {m: max(r[i].gbit_per_cpu_second for r in runs[m]) for m in runs}
+        result["cases"][f"{streams}_stream" + ("s" if streams > 1 else "")] = {
+            "tls_relay_gbps": round(best["tls"].gbps, 3),
+            "hbone_gbps": round(best["hbone"].gbps, 3),
+            "throughput_ratio": round(best["hbone"].gbps / best["tls"].gbps, 3),
+            "tls_relay_gbit_per_cpu_second": round(eff["tls"], 3),
+            "hbone_gbit_per_cpu_second": round(eff["hbone"], 3),
+            "cpu_efficiency_ratio": round(eff["hbone"] / eff["tls"], 3),
         }
-        print(f"{streams} stream(s): tls {tls:.2f} Gbit/s, hbone {hbone:.2f} Gbit/s, ratio {hbone / tls:.2f}")
+        print(
+            f"{streams} stream(s): tls {best['tls'].gbps:.2f} Gbit/s, hbone {best['hbone'].gbps:.2f}"
+            f" Gbit/s (x{best['hbone'].gbps / best['tls'].gbps:.2f}); per CPU-second: tls "
+            f"{eff['tls']:.2f}, hbone {eff['hbone']:.2f} Gbit (x{eff['hbone'] / eff['tls']:.2f})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

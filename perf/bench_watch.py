@@ -209,6 +209,7 @@ class ControllerProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env={**os.environ, **dict(e.split("=", 1) for e in os.environ.get("BENCH_CTL_ENV", "").split() if e)},
         )
         stdout = self.proc.stdout
         assert stdout is not None
@@ -343,6 +344,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     return
                 await asyncio.sleep(0.1)
 
+        rss_idle = ctl.rss_mb()
+        print(f"controller RSS with the registry loaded, no watchers: {rss_idle:.0f} MB")
         sampler = asyncio.create_task(sample_rss())
         watchers: list[WatchingNode] = []
         try:
@@ -433,6 +436,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "controller_rss_mb": {
             "peak": round(rss_peak, 1),
             "after_snapshots": round(rss_after_snapshot, 1),
+            "loaded_no_watchers": round(rss_idle, 1),
             "target": TARGET_RSS_MB,
         },
         "host": {

@@ -27,6 +27,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from controller.api.client import ControllerClient
@@ -282,7 +283,7 @@ class Ztunnel:
         host = c.listen_address
         wanted: list[tuple[str, int, ConnectionHandler]] = [
             ("hbone", c.hbone_port, self.inbound.handle),
-            ("inbound_plaintext", c.inbound_plaintext_port, self._plaintext),
+            ("inbound_plaintext", c.inbound_plaintext_port, partial(handle_plaintext, self.ctx)),
             ("outbound", c.outbound_port, self.outbound.handle),
         ]
         transparent = self.ctx.transparent
@@ -304,9 +305,6 @@ class Ztunnel:
                 listener.stop_accepting()
             self.listeners.clear()
             raise
-
-    async def _plaintext(self, sock: socket.socket) -> None:
-        await handle_plaintext(self.ctx, sock)
 
     async def _poll_credentials(self) -> None:
         while True:

@@ -36,6 +36,7 @@ __all__ = [
     "status_lines",
     "verify_lines",
     "workload_rows",
+    "ztunnel_summary",
 ]
 
 EXIT_OK = 0
@@ -172,7 +173,7 @@ def status_lines(
             out["last reconcile"] = (
                 f"{_duration(now - float(last['at']))} ago, {last['duration_ms']} ms, "
                 f"{len(last['actions'])} actions, {len(last['errors'])} errors, "
-                f"{len(last['pending'])} pending"
+                f"{len(agent.get('pending', last['pending']))} pending"
             )
         else:
             out["last reconcile"] = "none yet"
@@ -193,6 +194,23 @@ def status_lines(
         out["ztunnel certificates"] = len(ztunnel.get("certificates") or [])
         out["ztunnel connections"] = len(ztunnel.get("connections") or [])
     return out
+
+
+def ztunnel_summary(dump: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ztunnel part of ``veilctl status -o json``: health, not the whole config dump."""
+    if dump is None:
+        return None
+    return {
+        "node": dump.get("node"),
+        "state": dump.get("state"),
+        "controller": dump.get("controller"),
+        "local_workloads": sum(1 for w in dump.get("workloads", []) if w.get("local")),
+        "certificates": {
+            state: sum(1 for c in dump.get("certificates", []) if c.get("state") == state)
+            for state in ("valid", "pending", "expired")
+        },
+        "connections": len(dump.get("connections") or []),
+    }
 
 
 # -- tables ---------------------------------------------------------------------------
@@ -340,7 +358,7 @@ def _cmd_status(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
         errors["ztunnel"] = exc.message
         unreachable.append(exc)
     if args.output == "json":
-        render_kv({"agent": agent, "ztunnel": zt, "errors": errors}, "json", out)
+        render_kv({"agent": agent, "ztunnel": ztunnel_summary(zt), "errors": errors}, "json", out)
     else:
         render_kv(status_lines(agent, zt, errors), "table", out)
     for down in unreachable:
@@ -366,10 +384,13 @@ def _inspect_pins(args: argparse.Namespace) -> Any:
 def _cmd_bpf_maps(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
     try:
         data = src.agent("/bpf/maps")
-    except Unreachable:
+    except Unreachable as down:
         # The maps are pinned: readable straight from bpffs with the agent down.
-        with _inspect_pins(args) as view:
-            data = {"pin_dir": str(view.pin_dir), **view.maps_dump().to_dict()}
+        try:
+            with _inspect_pins(args) as view:
+                data = {"pin_dir": str(view.pin_dir), **view.maps_dump().to_dict()}
+        except VeilError:
+            raise down from None
         print(f"(agent unreachable: read the pins in {args.pin_dir} directly)", file=sys.stderr)
     if args.output == "json":
         render_kv(data, "json", out)
@@ -398,9 +419,12 @@ def _cmd_bpf_maps(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_bpf_source(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
     try:
         data = src.agent("/bpf/source")
-    except Unreachable:
-        with _inspect_pins(args) as view:
-            unit = view.source()
+    except Unreachable as down:
+        try:
+            with _inspect_pins(args) as view:
+                unit = view.source()
+        except VeilError:
+            raise down from None
         if unit is None:
             raise VeilError(
                 f"the agent is unreachable and the sources here do not match the build pinned in "

@@ -10,14 +10,16 @@ Startup, in order (each failure is an AgentError naming the fix, never a traceba
    steered throughout, which is why a restart opens no window;
 4. ``setup_node``: policy routing and the uplink program;
 5. the status API on the unix socket, the controller watch (namespaces and
-   workloads only) and the reconcile loop.
+   workloads only, through :class:`~agent.daemon.identity.NodeIdentity`, which
+   also renews the node certificate), and the reconcile loop.
 
 Reconciling starts only once the registry has been received: until then the
 pins keep whatever the previous agent enrolled, and nothing is removed on the
-strength of an empty view. Afterwards every registry change triggers a pass;
-a pass also runs every ``resync_interval`` to repair drift (someone detached
-a filter) and sooner while a pod waits for its veth. SIGHUP asks for a pass
-at once.
+strength of an empty view. Afterwards every registry change triggers a pass
+over just the workloads (and addresses) it touched, so enrolling one pod costs
+the same on a node with 200; a full pass runs at start, every
+``resync_interval`` (repairing drift, e.g. a filter someone detached) and on
+SIGHUP. Pods whose veth is not there yet are retried with a short backoff.
 
 SIGTERM and SIGINT stop the process and leave every program, filter, map
 entry, rule and route in place: the node stays fail closed. Only
@@ -35,16 +37,17 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from agent.bpf import Dataplane, DataplaneOptions
+from agent.bpf import Dataplane, DataplaneOptions, PodDataplaneState
 from agent.errors import AgentError
 from agent.status import StatusServer
-from controller.api.model import ResourceType, WatchUpdate
+from controller.api.model import ResourceType, Workload
 from controller.node import NodeCredentials, load_node_credentials
 from ztunnel.state import StateChange, StateStore
 from ztunnel.xds import Backoff, WatchClient
@@ -52,6 +55,7 @@ from ztunnel.xds import Backoff, WatchClient
 from .audit import AuditInput, audit
 from .config import AgentConfig
 from .errors import AgentStartupError
+from .identity import NodeIdentity
 from .loader import LoadResult, load_in_child
 from .netinfo import NodeNetwork, tcp_listeners
 from .reconcile import (
@@ -64,6 +68,7 @@ from .reconcile import (
     describe,
     desired_pods,
     plan,
+    workload_ipv4s,
 )
 from .views import ReconcileReport, pod_rows, workload_rows
 
@@ -82,23 +87,6 @@ def agent_version() -> str:
         return importlib.metadata.version("veil-mesh")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-class _RegistryScope:
-    """The controller client, asking only for namespaces and workloads."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def watch(
-        self,
-        node: str = "",
-        types: Iterable[ResourceType] = (),
-        epoch: str = "",
-        version: int = 0,
-    ) -> AsyncIterator[WatchUpdate]:
-        stream: AsyncIterator[WatchUpdate] = self._client.watch(node, _WATCH_TYPES, epoch, version)
-        return stream
 
 
 def _socket_answers(path: Path) -> bool:
@@ -140,7 +128,13 @@ class AgentDaemon:
         self._net: NodeNetwork | None = None
         self._store: StateStore | None = None
         self._watch: WatchClient | None = None
+        self._identity: NodeIdentity | None = None
         self._programs: dict[str, int] = {}
+        # What registry updates touched since the last pass; _full asks for all.
+        self._dirty_keys: set[str] = set()
+        self._dirty_ips: set[IPv4Address] = set()
+        self._full = True
+        self._pending: dict[str, str] = {}  # workload key -> why it waits for its veth
 
     # -- control -------------------------------------------------------------------
 
@@ -148,6 +142,7 @@ class AgentDaemon:
         self._stop.set()
 
     def request_resync(self) -> None:
+        self._full = True
         self._wake.set()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -179,7 +174,7 @@ class AgentDaemon:
         plane = await asyncio.to_thread(Dataplane.open, cfg.pin_dir, options)
         self._plane = plane
         status: StatusServer | None = None
-        client: Any = None
+        identity: NodeIdentity | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
             if plane.build_id != self._load.build_id:
@@ -206,11 +201,12 @@ class AgentDaemon:
             await status.start()
             self._store = StateStore(self._node, creds.trust_domain)
             self._store.subscribe(self._on_change)
-            client = creds.client()
-            self._watch = WatchClient(_RegistryScope(client), self._store, backoff=Backoff(0.2, 10.0))
+            identity = self._identity = NodeIdentity(cfg.state_dir, creds, types=_WATCH_TYPES)
+            self._watch = WatchClient(identity, self._store, backoff=Backoff(0.2, 10.0))
             tasks = [
                 asyncio.create_task(self._watch.run(), name="watch"),
                 asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                asyncio.create_task(identity.run(), name="identity"),
             ]
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,9 +230,9 @@ class AgentDaemon:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            if client is not None:
+            if identity is not None:
                 with contextlib.suppress(Exception):
-                    await client.close()
+                    await identity.close()
             if status is not None:
                 await status.stop()
             if self._net is not None:
@@ -246,66 +242,134 @@ class AgentDaemon:
     # -- reconcile -----------------------------------------------------------------
 
     def _on_change(self, change: StateChange) -> None:
-        touched = change.changed_types() & {ResourceType.WORKLOAD, ResourceType.NAMESPACE}
-        if touched or not change.old.synced:
+        """Mark what a registry update touched (runs on the event loop, in the watch)."""
+        keys = {k for t, k in change.changed if t is ResourceType.WORKLOAD}
+        namespaces = {k for t, k in change.changed if t is ResourceType.NAMESPACE}
+        if namespaces:
+            # The controller folds namespace labels into Workload.enrolled, but a
+            # namespace change must never be missed: take its workloads too.
+            for snap in (change.old, change.new):
+                keys |= {w.key for w in snap.local_workloads if w.namespace in namespaces}
+        for key in keys:
+            for snap in (change.old, change.new):
+                w = snap.workloads.get(key)
+                if w is not None:
+                    self._dirty_ips.update(workload_ipv4s(w))
+        self._dirty_keys |= keys
+        if not change.old.synced:
+            self._full = True
+        if keys or self._full:
             self._wake.set()
 
     async def _reconcile_loop(self) -> None:
+        """Reconcile after every change (only what changed), and fully every resync."""
         assert self._store is not None
         await self._store.wait_synced()
-        retry = self.config.veth_retry
-        full = True
+        self._full = True
+        retry_delay = self.config.veth_retry
         while True:
             self._wake.clear()
+            scope: tuple[set[str], set[IPv4Address]] | None = None
+            if not self._full:
+                scope = (self._dirty_keys, self._dirty_ips)
+            self._full, self._dirty_keys, self._dirty_ips = False, set(), set()
             try:
-                report = await asyncio.to_thread(self._reconcile_once, full)
+                retry_keys, retry_ips = await asyncio.to_thread(self._reconcile_once, scope)
             except Exception as exc:
                 # Whatever broke (netlink, a map), the pins keep the node fail
                 # closed; record it and try again rather than exit.
                 log.exception("reconcile failed")
                 self._errors.append({"at": time.time(), "error": f"reconcile failed: {exc}"})
-                report = None
-            if report is None or report.pending or report.errors:
-                delay = retry
-                retry = min(retry * 2, _RETRY_MAX)
+                self._full, retrying = True, True
+            else:
+                self._dirty_keys |= retry_keys
+                self._dirty_ips |= retry_ips
+                retrying = bool(retry_keys or retry_ips)
+            if retrying:
+                delay = retry_delay
+                retry_delay = min(retry_delay * 2, _RETRY_MAX)
             else:
                 delay = self.config.resync_interval
-                retry = self.config.veth_retry
+                retry_delay = self.config.veth_retry
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-                full = False
             except TimeoutError:
-                full = True
+                if not retrying:
+                    self._full = True  # periodic resync: repair drift
 
-    def _desired(self) -> DesiredState:
+    def _desired(self, workloads: Iterable[Workload] | None = None) -> DesiredState:
         assert self._store is not None and self._net is not None
         snap = self._store.current
         return desired_pods(
-            snap.local_workloads, self._node, self._net.veth_for, owner_of=snap.workload_by_ip
+            snap.local_workloads if workloads is None else workloads,
+            self._node,
+            self._net.veth_for,
+            owner_of=snap.workload_by_ip,
         )
 
-    def _reconcile_once(self, full: bool) -> ReconcileReport:
-        """One pass (in a worker thread): plan against the kernel, apply, report."""
+    def _scoped(
+        self, keys: set[str], ips: set[IPv4Address]
+    ) -> tuple[DesiredState, list[PodDataplaneState]]:
+        """Desired and actual state of the changed workloads and every address they touch.
+
+        Any local workload holding one of those addresses is included, so an
+        address handed from one workload to another is never unenrolled by a
+        partial view.
+        """
+        assert self._store is not None and self._plane is not None
+        local = self._store.current.local_workloads
+        concerned = set(ips)
+        for w in local:
+            if w.key in keys:
+                concerned.update(workload_ipv4s(w))
+        chosen = [
+            w for w in local if w.key in keys or concerned.intersection(workload_ipv4s(w))
+        ]
+        desired = self._desired(chosen)
+        concerned.update(d.ip for d in desired.pods)
+        actual = [s for ip in sorted(concerned) if (s := self._plane.pod(ip)) is not None]
+        return desired, actual
+
+    def _reconcile_once(
+        self, scope: tuple[set[str], set[IPv4Address]] | None
+    ) -> tuple[set[str], set[IPv4Address]]:
+        """One pass in a worker thread: plan against the kernel, apply, report.
+
+        ``scope`` limits the pass to changed workloads and addresses (None: all).
+        Returns what to retry (pods without a veth, failed actions).
+        """
         assert self._store is not None and self._plane is not None
         plane = self._plane
         t0 = time.monotonic()
         at = time.time()
         version = self._store.current.version
-        desired = self._desired()
-        actions = plan(desired.pods, plane.pods(), programs=self._programs)
+        if scope is None:
+            desired, actual = self._desired(), plane.pods()
+        else:
+            desired, actual = self._scoped(*scope)
+        actions = plan(desired.pods, actual, programs=self._programs)
         done: list[str] = []
         errors: list[str] = []
         pending: list[str] = []
+        retry_keys: set[str] = set()
+        retry_ips: set[IPv4Address] = set()
+        waiting: dict[str, str] = {}
         for action in actions:
             line = describe(action)
             if isinstance(action, AwaitVeth):
                 pending.append(line)
+                retry_keys.add(action.pod.key)
+                waiting[action.pod.key] = line
                 continue
             try:
                 _apply(plane, action)
             except AgentError as exc:
                 errors.append(f"{line}: failed: {exc}")
                 log.warning("%s: failed: %s", line, exc)
+                if isinstance(action, Unenroll):
+                    retry_ips.add(action.ip)
+                else:
+                    retry_keys.add(action.pod.key)
                 continue
             done.append(line)
             log.info("%s", line)
@@ -313,16 +377,30 @@ class AgentDaemon:
             at=at,
             duration_s=time.monotonic() - t0,
             state_version=version,
-            full=full,
+            full=scope is None,
             actions=tuple(done),
             errors=tuple(errors),
             pending=tuple(pending),
         )
+        log.debug(
+            "reconcile (%s): %d actions in %.1f ms",
+            "full" if scope is None else f"{len(desired.pods)} pods",
+            len(done),
+            report.duration_s * 1000,
+        )
         for e in errors:
             self._errors.append({"at": at, "error": e})
+        # A partial pass only speaks for the workloads it looked at.
+        if scope is None:
+            self._pending = waiting
+        else:
+            self._pending = {
+                k: v for k, v in self._pending.items() if k not in {d.key for d in desired.pods}
+                and k not in scope[0]
+            } | waiting
         self._last = report
         self._reconciles += 1
-        return report
+        return retry_keys, retry_ips
 
     # -- status API ----------------------------------------------------------------
 
@@ -356,6 +434,7 @@ class AgentDaemon:
                 "preflight": list(self._load.preflight) if self._load else [],
             },
             "watch": self._watch.status().to_json() if self._watch is not None else None,
+            "node_identity": self._identity.status() if self._identity is not None else None,
             "registry": {
                 "synced": bool(snap and snap.synced),
                 "version": snap.version if snap else 0,
@@ -368,6 +447,7 @@ class AgentDaemon:
             },
             "reconciles": self._reconciles,
             "last_reconcile": self._last.to_dict() if self._last else None,
+            "pending": [self._pending[k] for k in sorted(self._pending)],
             "errors": list(self._errors),
         }
 

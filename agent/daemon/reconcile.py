@@ -44,6 +44,7 @@ __all__ = [
     "desired_pods",
     "plan",
     "pod_problem",
+    "workload_ipv4s",
 ]
 
 
@@ -149,6 +150,11 @@ def _ipv4(text: str) -> IPv4Address | None:
         return addr
     mapped = addr.ipv4_mapped
     return mapped
+
+
+def workload_ipv4s(w: Workload) -> list[IPv4Address]:
+    """The IPv4 addresses of a workload (IPv4-mapped IPv6 included)."""
+    return [ip for text in w.ips if (ip := _ipv4(text)) is not None]
 
 
 def desired_pods(

@@ -43,13 +43,21 @@ from controller.api.model import (
 
 from .diff import Change, Key, diff_resources, index_state
 
-__all__ = ["DEFAULT_MAX_TOMBSTONES", "DiscoveryHub", "HubSubscription", "WatcherInfo"]
+__all__ = [
+    "DEFAULT_CONCURRENT_SNAPSHOTS",
+    "DEFAULT_MAX_TOMBSTONES",
+    "DiscoveryHub",
+    "HubSubscription",
+    "WatcherInfo",
+]
 
 log = logging.getLogger("veil.controller.discovery")
 
 # Removed keys remembered for resumption. Beyond this many, the oldest are
 # forgotten and nodes that fell further behind get a snapshot instead.
 DEFAULT_MAX_TOMBSTONES = 100_000
+# Snapshots being written at the same time (each is the whole registry).
+DEFAULT_CONCURRENT_SNAPSHOTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,7 @@ class HubSubscription:
         self._bundle_pending = False
         self._wake = asyncio.Event()
         self._closed = False
+        self._slot: asyncio.TimerHandle | None = None  # held while the snapshot is sent
         self.sent_version = 0
 
     def offer(self, changes: Iterable[Change]) -> None:
@@ -118,7 +127,10 @@ class HubSubscription:
 
     async def next(self) -> WatchUpdate:
         """The first message (snapshot or resume delta), then coalesced deltas."""
+        self._release_slot()
         if self._first is not None:
+            if self._first.snapshot:
+                await self._take_slot()
             first, self._first = self._first, None
             self.sent_version = first.version
             return first
@@ -136,8 +148,29 @@ class HubSubscription:
             self._wake.clear()
             await self._wake.wait()
 
+    async def _take_slot(self) -> None:
+        # A snapshot is converted to protobuf and serialized by the gRPC layer
+        # after next() returns: megabytes per node for a large mesh. Fifty nodes
+        # reconnecting at once (a controller restart) would hold all of them at
+        # the same time, so only a few snapshots are in flight; the slot is
+        # given back when the stream asks for the next message, i.e. once the
+        # snapshot is written, or after a deadline, so a node that never reads
+        # cannot hold it.
+        gate = self._hub._snapshot_slots
+        await gate.acquire()
+        self._slot = asyncio.get_running_loop().call_later(
+            self._hub.snapshot_slot_seconds, self._release_slot
+        )
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.cancel()
+            self._slot = None
+            self._hub._snapshot_slots.release()
+
     def close(self) -> None:
         """Stops delivery and forgets this watcher (idempotent)."""
+        self._release_slot()
         if not self._closed:
             self._closed = True
             self._pending = {}
@@ -149,9 +182,16 @@ class DiscoveryHub:
     """Implements controller.api.service.DiscoveryBackend over published states."""
 
     def __init__(
-        self, *, epoch: str | None = None, max_tombstones: int = DEFAULT_MAX_TOMBSTONES
+        self,
+        *,
+        epoch: str | None = None,
+        max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
+        concurrent_snapshots: int = DEFAULT_CONCURRENT_SNAPSHOTS,
+        snapshot_slot_seconds: float = 30.0,
     ) -> None:
         self.epoch = epoch or secrets.token_hex(8)
+        self._snapshot_slots = asyncio.Semaphore(concurrent_snapshots)
+        self.snapshot_slot_seconds = snapshot_slot_seconds
         self._max_tombstones = max_tombstones
         self._version = 0
         self._state = RegistryState()

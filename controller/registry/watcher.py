@@ -1,9 +1,10 @@
 """Watches the registry (one YAML file, or a directory of them) and publishes each valid version.
 
-Polling, not inotify: a stat every ``interval`` seconds is cheap, works on every
-filesystem (including ConfigMap volumes, which swap a symlink), and follows
-editors that save by writing a new file and renaming it over the old one (the
-inode changes, so the stamp changes). A file whose stamp changed is read and
+Polling, woken early by inotify: a stat every ``interval`` seconds is cheap,
+works on every filesystem (including ConfigMap volumes, which swap a symlink),
+and follows editors that save by writing a new file and renaming it over the old
+one (the inode changes, so the stamp changes); an inotify event on the
+directory only makes the next check happen now instead of at the next tick. A file whose stamp changed is read and
 hashed; it is parsed only when its content differs from the version cached for
 it, so an unchanged broken file is reported once, and in a directory only the
 edited file is parsed again. Reading, parsing and assembling run in a worker
@@ -30,6 +31,7 @@ from .document import decode_document, parse_fragment, read_registry_bytes
 from .errors import RegistryError
 from .fragments import RegistryFragment, assemble, rebase
 from .holder import RegistryHolder, describe_state
+from .inotify import DirectoryEvents
 
 __all__ = ["REGISTRY_SUFFIXES", "RegistryFileWatcher", "list_registry_files"]
 
@@ -37,6 +39,7 @@ log = logging.getLogger("veil.controller.registry")
 
 REGISTRY_SUFFIXES = (".yaml", ".yml", ".json")
 _MISSING_POLLS_BEFORE_ACTING = 2
+_SETTLE_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +176,18 @@ class RegistryFileWatcher:
         self._tried_ok = True
         return result
 
-    async def check(self) -> bool:
-        """One poll: reloads if anything changed. True when a new state was published."""
+    async def check(self, *, woken: bool = False) -> bool:
+        """One poll: reloads if anything changed. True when a new state was published.
+
+        ``woken`` marks a check triggered by a filesystem event rather than the
+        poll timer; such checks never count towards acting on a missing file,
+        so a burst of events during an editor's save cannot skip the grace poll.
+        """
         listing = list_registry_files(self.path)
         vanished = listing is None or any(f not in listing for f in self._stamps)
         if vanished:
+            if woken:
+                return False
             self._missing_polls += 1
             if self._missing_polls < _MISSING_POLLS_BEFORE_ACTING:
                 return False
@@ -218,13 +228,29 @@ class RegistryFileWatcher:
         return True
 
     async def run(self) -> None:
-        """Polls until cancelled. Never raises for a bad registry; reports it instead."""
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A bug here must not stop the watching; the state stays as it is.
-                log.exception("registry watcher failed on %s; retrying", self.path)
+        """Polls until cancelled, and checks at once when inotify reports a change.
+
+        Never raises for a bad registry; reports it instead.
+        """
+        directory = self.path if self.path.is_dir() else self.path.parent
+        events = DirectoryEvents.open(directory)
+        try:
+            while True:
+                woken = False
+                if events is not None:
+                    woken = await events.wait(self.interval)
+                    if woken:
+                        # Let the rest of a save (write, then rename) land first.
+                        await asyncio.sleep(_SETTLE_SECONDS)
+                else:
+                    await asyncio.sleep(self.interval)
+                try:
+                    await self.check(woken=woken)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug here must not stop the watching; the state stays as it is.
+                    log.exception("registry watcher failed on %s; retrying", self.path)
+        finally:
+            if events is not None:
+                events.close()

@@ -108,7 +108,13 @@ class HboneClientConnection(H2Endpoint):
         try:
             sid = self.conn.send_request(headers)
         except LocalProtocolError as exc:
-            raise StreamRefused(f"cannot open a stream to {peer}: {exc.message}") from None
+            detail = self.close_detail or exc.message
+            if self.conn.closed:
+                raise HboneConnectError(
+                    f"the HBONE connection to {peer} was closed: {detail}",
+                    hint="a server that refused our certificate says so in its GOAWAY",
+                ) from None
+            raise StreamRefused(f"cannot open a stream to {peer}: {detail}") from None
         stream = HboneStream(self, sid, authority)
         self.register(stream)
         self.flush()

@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ztunnel.errors import ConfigError
+
 __all__ = ["H2Settings", "HboneConfig", "RateWindow"]
 
 MiB = 1 << 20
+_MAX_WINDOW = (1 << 31) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +32,8 @@ class H2Settings:
     max_continuations: int = 8
     header_table_size: int = 4096
     # Rapid Reset (CVE-2023-44487): peer resets of streams it opened less than
-    # early_reset_age seconds ago; more than max_early_resets within
+    # early_reset_age seconds ago (or before we answered), plus streams refused
+    # for exceeding max_concurrent_streams; more than max_early_resets within
     # early_reset_period gets GOAWAY(ENHANCE_YOUR_CALM).
     early_reset_age: float = 1.0
     max_early_resets: int = 100
@@ -42,6 +46,22 @@ class H2Settings:
     # Streams reset recently, whose in-flight frames are ignored rather than
     # answered with another RST_STREAM.
     reset_memory: int = 1024
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 65_535 <= self.initial_stream_window <= _MAX_WINDOW:
+            problems.append(f"initial_stream_window {self.initial_stream_window} (65535..2^31-1)")
+        if not 65_535 <= self.connection_window <= _MAX_WINDOW:
+            problems.append(f"connection_window {self.connection_window} (65535..2^31-1)")
+        if not 16_384 <= self.max_frame_size <= (1 << 24) - 1:
+            problems.append(f"max_frame_size {self.max_frame_size} (16384..2^24-1)")
+        if self.max_concurrent_streams < 1:
+            problems.append(f"max_concurrent_streams {self.max_concurrent_streams} (at least 1)")
+        if problems:
+            raise ConfigError(
+                "invalid HTTP/2 settings: " + ", ".join(problems),
+                hint="the values in parentheses are the ranges RFC 9113 allows",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +79,9 @@ class HboneConfig:
     tcp_read_size: int = 256 * 1024
     tls_read_size: int = 1 * MiB
     shutdown_grace: float = 10.0
+    # A connection whose TLS write backlog passes this is aborted (a peer that
+    # stopped reading while still sending PINGs or HEADERS to answer).
+    max_write_backlog: int = 32 * MiB
 
 
 class RateWindow:

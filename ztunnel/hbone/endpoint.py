@@ -36,7 +36,7 @@ from .events import (
     WindowUpdated,
 )
 from .frames import ErrorCode
-from .stream import CloseReason, TunnelStream
+from .stream import PAUSE_CONN, CloseReason, TunnelStream
 
 __all__ = ["H2Endpoint"]
 
@@ -65,6 +65,7 @@ class H2Endpoint(asyncio.BufferedProtocol):
         self.local_addr: tuple[str, int] = ("", 0)
         self.transport: asyncio.Transport | None = None
         self.error: BaseException | None = None
+        self.close_detail = ""  # why the connection stopped taking streams, for errors
         self.streams: dict[int, TunnelStream] = {}
         self.blocked: set[TunnelStream] = set()  # streams waiting for send window
         self.write_paused = False
@@ -94,6 +95,14 @@ class H2Endpoint(asyncio.BufferedProtocol):
         except PeerVerificationError as exc:
             self.error = exc
             log.info("hbone peer %s refused: %s", _fmt(self.peer_addr), exc)
+            server = self.conn.role is Role.SERVER
+            if server and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                # Tell an h2 client why, so its error names the cause.
+                self.conn.initiate()
+                self.conn.close(ErrorCode.INADEQUATE_SECURITY, f"client refused: {exc.message}")
+                self.flush()
+                transport.close()
+                return
             transport.abort()
             return
         self.conn.initiate()
@@ -124,13 +133,13 @@ class H2Endpoint(asyncio.BufferedProtocol):
         self.write_paused = True
         for stream in self.streams.values():
             if stream._tcp is not None:
-                stream._tcp.pause(2)
+                stream._tcp.pause(PAUSE_CONN)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         for stream in list(self.streams.values()):
             if stream._tcp is not None:
-                stream._tcp.resume(2)
+                stream._tcp.resume(PAUSE_CONN)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for handle in (self._keepalive, self._idle):
@@ -154,6 +163,17 @@ class H2Endpoint(asyncio.BufferedProtocol):
         out = self.conn.data_to_send()
         t = self.transport
         if not out or t is None or t.is_closing():
+            return
+        if t.get_write_buffer_size() > self.config.max_write_backlog:
+            # Data is flow controlled and local reads pause above the high-water
+            # mark, so only control frames to a peer that stopped reading get here.
+            self.error = HboneError(
+                f"the HBONE peer {_fmt(self.peer_addr)} stopped reading; "
+                f"{t.get_write_buffer_size()} bytes are waiting",
+                hint="the connection is closed to bound memory",
+            )
+            log.info("%s", self.error)
+            t.abort()
             return
         if len(out) == 1:
             t.write(out[0])
@@ -202,9 +222,11 @@ class H2Endpoint(asyncio.BufferedProtocol):
         self.conn.reset_stream(event.stream_id, ErrorCode.PROTOCOL_ERROR)
 
     def _on_terminated(self, event: ConnectionTerminated) -> None:
+        who = "the peer" if event.remote else "us"
+        detail = f"GOAWAY {_code_name(event.error_code)} from {who}"
+        self.close_detail = f"{detail}: {event.message}" if event.message else detail
         if event.fatal:
-            who = "the peer" if event.remote else "us"
-            detail = f"GOAWAY {_code_name(event.error_code)} from {who}: {event.message}"
+            detail = self.close_detail
             for stream in list(self.streams.values()):
                 stream._on_connection_lost(detail)
             self.flush()
@@ -248,15 +270,19 @@ class H2Endpoint(asyncio.BufferedProtocol):
             self.flush()
         self._close_if_drained()
 
-    def terminate(self, reason: CloseReason, detail: str) -> None:
-        """Reset every stream with ``reason`` and close the connection now."""
+    def terminate(self, reason: CloseReason, detail: str, *, abort: bool = False) -> None:
+        """Reset every stream with ``reason`` and close the connection now; ``abort``
+        skips the TLS close_notify exchange (the peer is not answering)."""
         for stream in list(self.streams.values()):
             stream.close(reason, detail)
         if not self.conn.closed:
             self.conn.close(ErrorCode.NO_ERROR, detail)
         self.flush()
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     # ------------------------------------------------------------- timers
 
@@ -284,7 +310,7 @@ class H2Endpoint(asyncio.BufferedProtocol):
                 hint="the peer or the network path is down; the connection is closed",
             )
             log.info("%s", self.error)
-            self.terminate(CloseReason.CONNECTION_LOST, str(self.error))
+            self.terminate(CloseReason.CONNECTION_LOST, str(self.error), abort=True)
             return
         else:
             self.conn.send_ping(os.urandom(8))

@@ -222,7 +222,8 @@ class HboneClientPool:
             dial.future.exception()  # retrieved here: waiters may all be gone
         else:
             conn.reserved += dial.claimed
-            self._conns.setdefault(key, []).append(conn)
+            if not conn.closed.done():  # it may already have been refused and closed
+                self._conns.setdefault(key, []).append(conn)
             dial.future.set_result(conn)
         finally:
             dials = self._dials.get(key, [])
@@ -304,7 +305,7 @@ class HboneClientPool:
         if pending:
             await asyncio.wait(pending, timeout=grace)
         for c in self._all():
-            c.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended")
+            c.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended", abort=True)
         pending = [c.closed for c in conns if not c.closed.done()]
         if pending:
             await asyncio.wait(pending, timeout=1.0)

@@ -360,6 +360,10 @@ class H2Receiver(H2Core):
         if self.goaway_sent:
             raise StreamError(sid, E.REFUSED_STREAM, "the server is going away")
         if len(self._streams) >= self.settings.max_concurrent_streams:
+            # A refused stream did no work for its sender either: count it with
+            # early resets, or a HEADERS flood would buy one RST_STREAM each.
+            if self._early_resets.hit(self._clock()):
+                raise ConnError(E.ENHANCE_YOUR_CALM, "too many streams beyond the limit")
             raise StreamError(sid, E.REFUSED_STREAM, "too many concurrent streams")
         try:
             headers = validate_request(raw)

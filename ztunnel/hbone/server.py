@@ -207,6 +207,8 @@ class HboneServer:
         if endpoint.transport is None or endpoint.closed.done():
             return
         self._endpoints.add(endpoint)
+        if self._shutting_down:  # the handshake finished after shutdown() began
+            endpoint.close_gracefully("shutting down")
         await endpoint.closed
 
     def _spawn(self, stream: InboundStream) -> None:
@@ -266,7 +268,7 @@ class HboneServer:
             ep.close_gracefully("shutting down")
         await _wait_all((ep.closed for ep in endpoints), grace)
         for ep in list(self._endpoints):
-            ep.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended")
+            ep.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended", abort=True)
         await _wait_all((ep.closed for ep in endpoints), 1.0)
         tasks = list(self._tasks)
         await _wait_all(tasks, 1.0)

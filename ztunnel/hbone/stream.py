@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["CloseReason", "RelayResult", "TunnelStream", "relay"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_PAUSE_WINDOW = 1  # the stream's send window is exhausted
-_PAUSE_CONN = 2  # the TLS transport is above its high-water mark
+PAUSE_WINDOW = 1  # the stream's send window is exhausted
+PAUSE_CONN = 2  # the TLS transport is above its high-water mark
 
 
 class CloseReason(enum.Enum):
@@ -178,7 +178,7 @@ class TunnelStream:
             self._pending = bytes(data[sent:])
             self._ep.blocked.add(self)
             assert self._tcp is not None
-            self._tcp.pause(_PAUSE_WINDOW)
+            self._tcp.pause(PAUSE_WINDOW)
         self._ep.flush()
 
     def _on_window(self) -> None:
@@ -197,7 +197,7 @@ class TunnelStream:
         self._pending = None
         self._ep.blocked.discard(self)
         if self._tcp is not None:
-            self._tcp.resume(_PAUSE_WINDOW)
+            self._tcp.resume(PAUSE_WINDOW)
         if self._local_eof:
             self._send_end()
 
@@ -223,7 +223,7 @@ class TunnelStream:
             tcp.abort()
             return
         if self._ep.write_paused:
-            tcp.pause(_PAUSE_CONN)
+            tcp.pause(PAUSE_CONN)
         early, self._early = self._early, []
         for chunk in early:
             self._write_local(chunk)

@@ -30,7 +30,7 @@ from typing import Any
 
 from controller.api.model import Workload
 from controller.api.spiffe import SpiffeId
-from ztunnel.metrics import ConnectionReport, Reporter
+from ztunnel.metrics import ConnectionLabels, ConnectionReport, Reporter
 from ztunnel.policy import Connection, PolicyEngine, Verdict
 from ztunnel.state import Snapshot
 
@@ -83,6 +83,16 @@ class ConnectionInfo:
 
     def reporter(self) -> Reporter:
         return Reporter.SOURCE if self.direction is Direction.OUTBOUND else Reporter.DESTINATION
+
+    def labels(self) -> ConnectionLabels:
+        """Metric labels as the connection opens (no response flags yet)."""
+        return ConnectionLabels.of(
+            self.reporter(),
+            self.src_workload,
+            self.src_identity,
+            self.dst_workload,
+            self.dst_identity,
+        )
 
 
 @dataclass(eq=False, slots=True)

@@ -74,9 +74,8 @@ def refuse(
     if sock is not None:
         reset(sock)
     record = LiveConnection(id=0, info=info, authz=None, verdict=f"deny: {reason}")
-    report = record.report(response_flags=flags, policy=policy)
-    ctx.metrics.connection_opened(report.labels)
-    ctx.metrics.connection_closed(report)
+    ctx.metrics.connection_opened(info.labels())
+    ctx.metrics.connection_closed(record.report(response_flags=flags, policy=policy))
 
 
 async def proxied(
@@ -96,7 +95,7 @@ async def proxied(
     sockets: it closes or resets them however it ends.
     """
     conn = ctx.registry.add(info, authz=authz, verdict=verdict)
-    ctx.metrics.connection_opened(conn.report().labels)
+    ctx.metrics.connection_opened(info.labels())
     error: str | None = None
     flags: str | None = None
     try:

@@ -76,8 +76,15 @@ def listener_socket(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # SO_REUSEPORT lets a new ztunnel bind beside the old one during a
+        # rolling update (maxSurge 1), so the node never lacks a listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+            # The eBPF programs only steer to a listener carrying the
+            # ztunnel's mark (anything else on :15001 is a foreign listener and
+            # the SYN is dropped), and the egress guard passes marked replies.
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, MARK_ZTUNNEL)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -56,12 +56,16 @@ class Ca:
     """A test root CA that issues SVIDs (and deliberately broken certificates)."""
 
     trust_domain: str = TD
-    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
     cert: x509.Certificate = field(init=False)
 
     def __post_init__(self) -> None:
         now = datetime.now(UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test root {self.trust_domain}")])
+        name = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, f"test root {self.trust_domain}")]
+        )
         pub = self.key.public_key()
         self.cert = (
             x509.CertificateBuilder()
@@ -73,7 +77,8 @@ class Ca:
             .not_valid_after(now + timedelta(days=10))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
             .sign(self.key, hashes.SHA256())
@@ -101,10 +106,14 @@ class Ca:
         na = not_after or now + timedelta(hours=1)
         key = ec.generate_private_key(ec.SECP256R1())
         pub = key.public_key()
-        names = [x509.UniformResourceIdentifier(u) for u in (uris if uris is not None else [identity])]
+        names = [
+            x509.UniformResourceIdentifier(u) for u in (uris if uris is not None else [identity])
+        ]
+        # SVIDs have an empty subject; a SAN-less certificate needs a name instead.
+        subject = x509.Name([] if names else [x509.NameAttribute(NameOID.COMMON_NAME, "no-san")])
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(subject)
             .issuer_name(self.cert.subject)
             .public_key(pub)
             .serial_number(x509.random_serial_number())
@@ -112,27 +121,33 @@ class Ca:
             .not_valid_after(na)
             .add_extension(x509.BasicConstraints(ca=ca_leaf, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(True, False, False, False, False, ca_leaf, False, False, False), critical=True
+                x509.KeyUsage(True, False, False, False, False, ca_leaf, False, False, False),
+                critical=True,
             )
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
             )
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
-        else:
-            builder = builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no-san")]))
         cert = builder.sign(self.key, hashes.SHA256())
         key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         return WorkloadCertificate(
-            identity=SpiffeId.parse(identity) if identity.startswith("spiffe://") else SpiffeId(TD, "/x"),
+            identity=SpiffeId.parse(identity)
+            if identity.startswith("spiffe://")
+            else SpiffeId(TD, "/x"),
             key_pem=key_pem,
             chain_pem=(_pem(cert),),
             not_before=nb,

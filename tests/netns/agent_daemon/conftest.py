@@ -87,6 +87,13 @@ def registry_doc() -> dict[str, Any]:
             {"name": "server", "namespace": "legacy", "serviceAccount": "default",
              "node": "node-b", "ips": ["10.244.2.10"]},
         ],
+        "authorizationPolicies": [
+            {"name": "client-only", "namespace": "shop", "spec": {
+                "action": "ALLOW",
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/client"]}}],
+                           "to": [{"operation": {"ports": ["8080"]}}]}],
+            }},
+        ],
     }
 
 
@@ -243,8 +250,7 @@ class AgentNode:
 
         def ready() -> bool:
             st = self.status()
-            last = st.get("last_reconcile")
-            return bool(st["registry"]["synced"] and last and not last["pending"])
+            return bool(st["registry"]["synced"] and st["last_reconcile"] and not st["pending"])
 
         self.wait_for("the agent's first reconcile", ready, timeout, 0.1)
 
@@ -258,9 +264,9 @@ class AgentNode:
         self.agent = None
         return code
 
-    def veilctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def veilctl(self, *args: str, admin: str = "127.0.0.1:1") -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "agent.cli.veilctl", "--agent-socket", str(self.socket),
-                "--ztunnel-admin", "127.0.0.1:1", *args]
+                "--ztunnel-admin", admin, *args]
         return subprocess.run(self.in_node(argv), cwd=REPO, capture_output=True, text=True,
                               timeout=30, check=False)
 

@@ -7,6 +7,7 @@ node healthy for the next, and the last one uninstalls.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ from agent.lab import in_netns
 from agent.net import routing, tc
 from agent.net.tc import Hook
 
-from .conftest import AgentNode, json_out, probe, registry_doc
+from .conftest import AgentNode, json_out, probe, registry_doc, veil
 
 SERVER = "10.244.2.10"
 
@@ -216,6 +217,77 @@ def test_verify_finds_a_detached_filter_and_resync_repairs_it(agent_node: AgentN
     os.killpg(env.agent.pid, signal.SIGHUP)  # reconcile now instead of at the next resync
     wait_pod(env, "shop/client", "enrolled")
     assert env.veilctl("verify").returncode == 0
+
+
+def test_preflight_and_startup_failures_are_explained(agent_node: AgentNode) -> None:
+    env = agent_node
+    ok = env.veil("agent", "preflight", "--pin-dir", str(env.pin_dir))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert [line.split()[:2] for line in ok.stdout.splitlines()[1:6]] == [
+        ["privileges", "ok"], ["bcc", "ok"], ["kernel", "headers"], ["bpffs", "ok"],
+        ["bpf_sk_assign", "ok"],
+    ]
+
+    other = str(env.work / "other.sock")
+    no_join = env.veil("agent", "run", "--state-dir", str(env.work / "nowhere"),
+                       "--status-socket", other)
+    assert no_join.returncode == 1
+    assert "no node credentials" in no_join.stderr and "veil node join" in no_join.stderr
+
+    not_bpffs = env.veil("agent", "run", "--state-dir", str(env.state_dir),
+                         "--pin-dir", "/tmp/veil-not-bpffs", "--status-socket", other)
+    assert not_bpffs.returncode == 1
+    assert "node preflight failed" in not_bpffs.stderr
+    assert "not on a bpf filesystem" in not_bpffs.stderr and "hint:" in not_bpffs.stderr
+    assert "Traceback" not in not_bpffs.stderr
+
+    twice = env.veil("agent", "run", "--state-dir", str(env.state_dir),
+                     "--status-socket", str(env.socket))
+    assert twice.returncode == 1 and "another agent is running" in twice.stderr
+
+
+def test_veilctl_reads_a_real_ztunnel(agent_node: AgentNode) -> None:
+    """workloads, policies, certs, connections and status from ``veil ztunnel run``.
+
+    The capture ports belong to the stand-in, so this ztunnel listens elsewhere;
+    its admin API is the real one on 127.0.0.1:15000 of the node.
+    """
+    env = agent_node
+    zt = env.topo.popen(
+        env.node,
+        veil("ztunnel", "run", "--node", "node-a", "--state-dir", str(env.state_dir),
+             "--outbound-port", "25001", "--inbound-plaintext-port", "25006",
+             "--hbone-port", "25008", "--metrics-address", "127.0.0.1:25020",
+             "--readiness-address", "127.0.0.1:25021"),
+        log_path=env.work / "ztunnel.log",
+    )
+    admin = "127.0.0.1:15000"
+    try:
+        def certs_valid() -> bool:
+            done = env.veilctl("certs", "-o", "json", admin=admin)
+            return done.returncode == 0 and sorted(
+                c["identity"] for c in json.loads(done.stdout) if c["state"] == "valid"
+            ) == ["spiffe://cluster.local/ns/shop/sa/client",
+                  "spiffe://cluster.local/ns/shop/sa/other"]
+
+        env.wait_for("the ztunnel's certificates", certs_valid, timeout=30.0, step=0.3)
+        workloads = env.veilctl("workloads", admin=admin)
+        assert workloads.returncode == 0, workloads.stderr
+        names = [line.split()[0] for line in workloads.stdout.splitlines()[1:]]
+        assert names == ["legacy/plain", "shop/client", "shop/other"]
+        assert len(json_out(env.veilctl("workloads", "--all", "-o", "json", admin=admin))) == 4
+        policies = env.veilctl("policies", admin=admin)
+        assert "shop/client-only" in policies.stdout and "ALLOW" in policies.stdout
+        assert "principals=cluster.local/ns/shop/sa/client; to ports=8080" in policies.stdout
+        certs = env.veilctl("certs", admin=admin).stdout
+        assert "spiffe://cluster.local/ns/shop/sa/client  valid" in certs
+        assert env.veilctl("connections", admin=admin).stdout.strip() == "(no live connections)"
+        status = env.veilctl("status", admin=admin)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "ztunnel state" in status.stdout and "synced, version" in status.stdout
+    finally:
+        zt.close()
+    assert zt.log_text()  # it ran and logged
 
 
 def test_sigterm_keeps_programs_and_uninstall_removes_everything(agent_node: AgentNode) -> None:

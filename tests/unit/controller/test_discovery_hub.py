@@ -279,3 +279,29 @@ async def test_watchers_converge(
         again = hub.subscribe("again", ALL, "e", version)
         _apply(copy, await again.next())
         assert copy == expected
+
+
+async def test_concurrent_snapshots_are_limited_and_a_stuck_reader_cannot_hold_a_slot() -> None:
+    hub = DiscoveryHub(concurrent_snapshots=1, snapshot_slot_seconds=0.3)
+    hub.publish(state(w("a")))
+    first = hub.subscribe("n1", ALL, "", 0)
+    second = hub.subscribe("n2", ALL, "", 0)
+    third = hub.subscribe("n3", ALL, "", 0)
+    assert (await nxt(first)).snapshot
+    # n1's snapshot is "being written" until it asks for more: n2 waits.
+    waiting = asyncio.create_task(second.next())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    reading = asyncio.create_task(first.next())  # n1 done with its snapshot: slot freed
+    assert (await asyncio.wait_for(waiting, 1)).snapshot
+    # n2 never asks again; its slot expires and n3 still gets its snapshot.
+    assert (await asyncio.wait_for(third.next(), 2)).snapshot
+    reading.cancel()
+    for sub in (first, second, third):
+        sub.close()
+    # Resume deltas are small and never wait for a slot.
+    hub2 = DiscoveryHub(epoch="e", concurrent_snapshots=1)
+    hub2.publish(state(w("a")))
+    held = hub2.subscribe("n1", ALL, "", 0)
+    await nxt(held)
+    assert not (await nxt(hub2.subscribe("n2", ALL, "e", hub2.version))).snapshot

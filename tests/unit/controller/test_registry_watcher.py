@@ -255,3 +255,37 @@ async def test_restored_file_clears_the_error(tmp_path: Path) -> None:
     assert not await watcher.check()
     assert holder.last_error is None
     assert holder.generation == 1
+
+
+async def test_inotify_wakes_the_watcher_long_before_the_poll(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(path, holder, interval=30)  # the timer alone would be too late
+    watcher.load_initial()
+    changed = asyncio.Event()
+    holder.subscribe(lambda _: changed.set())
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.sleep(0.1)  # let run() set up its watch
+        tmp = tmp_path / ".registry.yaml.new"
+        tmp.write_text(DOC.format(ip="10.0.0.2"))
+        os.replace(tmp, path)
+        await asyncio.wait_for(changed.wait(), timeout=5)
+        assert holder.current().workloads[0].ips == ("10.0.0.2",)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_event_driven_checks_never_act_on_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    write(path, DOC.format(ip="10.0.0.1"))
+    holder = RegistryHolder()
+    watcher = RegistryFileWatcher(path, holder)
+    watcher.load_initial()
+    path.rename(tmp_path / "away")
+    for _ in range(5):
+        assert not await watcher.check(woken=True)
+    assert holder.last_error is None

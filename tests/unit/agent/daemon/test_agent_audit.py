@@ -51,6 +51,12 @@ PODS = (
     Pod(A, 5, "vh5", True, IN, EG, PodCounters(3, 1, 9, {DropReason.SPOOFED_SOURCE: 2})),
     Pod(B, 6, "vh6", False, IN, None, PodCounters()),
 )
+LISTENING = (
+    Listener(15001, "0.0.0.0", 0x200),
+    Listener(15006, "0.0.0.0", 0x200),
+    Listener(15008, "0.0.0.0", 0x1200),  # other bits outside the mask are fine
+    Listener(22, "0.0.0.0", 0),
+)
 HEALTHY = AuditInput(
     synced=True,
     desired=DESIRED,
@@ -58,12 +64,7 @@ HEALTHY = AuditInput(
     local_ips={A: 5},
     node=NODE,
     cflags=("-DVEIL_OUTBOUND_PORT=15001",),
-    listening=(
-        Listener(15001, "0.0.0.0", 0x200),
-        Listener(15006, "0.0.0.0", 0x200),
-        Listener(15008, "0.0.0.0", 0x1200),  # other bits outside the mask are fine
-        Listener(22, "0.0.0.0", 0),
-    ),
+    listening=LISTENING,
 )
 
 
@@ -103,14 +104,14 @@ def test_healthy_node_has_no_findings() -> None:
             "pods",
             "no host veth",
         ),
-        ({"listening": HEALTHY.listening[1:]}, "listeners", "nothing listens on :15001"),
+        ({"listening": LISTENING[1:]}, "listeners", "nothing listens on :15001"),
         (
-            {"listening": (Listener(15001, "0.0.0.0", 0), *HEALTHY.listening[1:])},
+            {"listening": (Listener(15001, "0.0.0.0", 0), *LISTENING[1:])},
             "listeners",
             "lacks the ztunnel mark 0x200 (it has 0x0)",
         ),
         (
-            {"listening": (Listener(15001, "127.0.0.1", 0x200), *HEALTHY.listening[1:])},
+            {"listening": (Listener(15001, "127.0.0.1", 0x200), *LISTENING[1:])},
             "listeners",
             "listens on 127.0.0.1 only",
         ),

@@ -187,3 +187,12 @@ def test_usage_errors_exit_2() -> None:
 
 def test_bad_admin_address_is_an_error() -> None:
     assert veilctl.main(["--ztunnel-admin", "nonsense", "status"]) == veilctl.EXIT_FINDINGS
+
+
+def test_ztunnel_summary() -> None:
+    summary = veilctl.ztunnel_summary(ztunnel_dump())
+    assert summary is not None
+    assert summary["local_workloads"] == 1
+    assert summary["certificates"] == {"valid": 2, "pending": 0, "expired": 0}
+    assert summary["connections"] == 1 and summary["state"]["version"] == 4
+    assert veilctl.ztunnel_summary(None) is None

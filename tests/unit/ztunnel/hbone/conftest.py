@@ -35,8 +35,13 @@ class TestCa:
             .not_valid_before(now - timedelta(hours=1))
             .not_valid_after(now + timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
             .sign(self.key, hashes.SHA256())
         )
 
@@ -51,7 +56,11 @@ class TestCa:
         ca_leaf: bool = False,
     ) -> WorkloadCertificate:
         now = datetime.now(UTC)
-        nb, na = (now - timedelta(hours=3), now - timedelta(hours=1)) if expired else (now - timedelta(minutes=5), now + timedelta(hours=1))
+        nb, na = (
+            (now - timedelta(hours=3), now - timedelta(hours=1))
+            if expired
+            else (now - timedelta(minutes=5), now + timedelta(hours=1))
+        )
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -62,16 +71,28 @@ class TestCa:
             .not_valid_before(nb)
             .not_valid_after(na)
             .add_extension(x509.BasicConstraints(ca=ca_leaf, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, ca_leaf, False, False, False), critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+                x509.KeyUsage(True, False, False, False, False, ca_leaf, False, False, False),
+                critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
         )
         if uris:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+                critical=False,
             )
         cert = builder.sign(self.key, hashes.SHA256())
         try:
@@ -81,7 +102,9 @@ class TestCa:
         return WorkloadCertificate(
             identity=identity,
             key_pem=key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
             ),
             chain_pem=(cert.public_bytes(serialization.Encoding.PEM),),
             not_before=nb,

@@ -78,7 +78,9 @@ def raw_server(clock: Clock | None = None, settings: H2Settings | None = None) -
     s = H2Connection(Role.SERVER, settings, clock=clock or Clock())
     s.initiate()
     s.data_to_send()
-    assert s.receive_data(fr.PREFACE + fr.settings_frame([])) == [RemoteSettingsChanged(fr.MAX_WINDOW, 65535, 16384)]
+    assert s.receive_data(fr.PREFACE + fr.settings_frame([])) == [
+        RemoteSettingsChanged(fr.MAX_WINDOW, 65535, 16384)
+    ]
     s.data_to_send()
     return s
 
@@ -108,7 +110,10 @@ def test_preface_settings_and_connection_window() -> None:
     assert fr.parse_u32(frames[1][3]) == 16 * MiB - 65535
     s = H2Connection(Role.SERVER)
     s.initiate()
-    assert dict(fr.parse_settings(parse_frames(out(s))[0][3]))[fr.SettingCode.MAX_CONCURRENT_STREAMS] == 200
+    assert (
+        dict(fr.parse_settings(parse_frames(out(s))[0][3]))[fr.SettingCode.MAX_CONCURRENT_STREAMS]
+        == 200
+    )
 
 
 def test_connect_roundtrip_with_half_close() -> None:
@@ -192,13 +197,17 @@ def test_flow_control_violation_is_a_connection_error() -> None:
     events += s.receive_data(frame(T.DATA, 0, 1, b"x"))
     assert isinstance(events[-1], StreamReset) and events[-1].error_code == E.FLOW_CONTROL_ERROR
     frames = parse_frames(out(s))
-    assert (T.RST_STREAM, 1, E.FLOW_CONTROL_ERROR) in [(f[0], f[2], fr.parse_u32(f[3])) for f in frames if f[0] == T.RST_STREAM]
+    assert (T.RST_STREAM, 1, E.FLOW_CONTROL_ERROR) in [
+        (f[0], f[2], fr.parse_u32(f[3])) for f in frames if f[0] == T.RST_STREAM
+    ]
 
 
 def test_oversized_frame_is_frame_size_error() -> None:
     s = raw_server()
     events = s.receive_data(fr.pack_header(MiB + 1, T.DATA, 0, 1))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.FRAME_SIZE_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.FRAME_SIZE_ERROR
+    )
     assert goaway_code(out(s)) == E.FRAME_SIZE_ERROR
     assert s.closed and s.receive_data(b"anything") == []
 
@@ -208,27 +217,35 @@ def test_invalid_preface_is_refused() -> None:
     s.initiate()
     s.data_to_send()
     events = s.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_first_frame_must_be_settings() -> None:
     s = H2Connection(Role.SERVER)
     events = s.receive_data(fr.PREFACE + fr.ping_frame(b"12345678"))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_push_promise_is_a_protocol_error() -> None:
-    c, s = pair()
+    c, _s = pair()
     sid = c.send_request(CONNECT)
     events = c.receive_data(frame(T.PUSH_PROMISE, F.END_HEADERS, sid, b"\x00\x00\x00\x02"))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_unknown_frames_and_priority_are_ignored() -> None:
     s = raw_server()
     enc = hpack.Encoder()
     data = frame(0x42, 0xFF, 0, b"whatever") + frame(T.PRIORITY, 0, 3, b"\x00\x00\x00\x01\x10")
-    data += frame(T.HEADERS, F.END_HEADERS | F.PRIORITY, 1, b"\x00\x00\x00\x00\x10" + request_block(enc))
+    data += frame(
+        T.HEADERS, F.END_HEADERS | F.PRIORITY, 1, b"\x00\x00\x00\x00\x10" + request_block(enc)
+    )
     events = s.receive_data(data)
     assert events == [RequestReceived(1, tuple(CONNECT), False)]
 
@@ -240,12 +257,16 @@ def test_padded_data_and_headers() -> None:
     s.receive_data(frame(T.HEADERS, F.END_HEADERS | F.PADDED, 1, bytes([3]) + block + b"\0\0\0"))
     s.send_response(1, 200)
     s.data_to_send()
-    events = s.receive_data(frame(T.DATA, F.PADDED | F.END_STREAM, 1, bytes([4]) + b"data" + b"\0" * 4))
+    events = s.receive_data(
+        frame(T.DATA, F.PADDED | F.END_STREAM, 1, bytes([4]) + b"data" + b"\0" * 4)
+    )
     assert [type(e) for e in events] == [DataReceived, StreamEnded]
     assert isinstance(events[0], DataReceived) and bytes(events[0].data) == b"data"
     bad = raw_server()
     events = bad.receive_data(frame(T.DATA, F.PADDED, 1, bytes([9]) + b"short"))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_continuation_flood_gets_enhance_your_calm() -> None:
@@ -256,7 +277,10 @@ def test_continuation_flood_gets_enhance_your_calm() -> None:
     for _ in range(20):
         data += frame(T.CONTINUATION, 0, 1, b"")
     events = s.receive_data(data)
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
     assert goaway_code(out(s)) == E.ENHANCE_YOUR_CALM
 
 
@@ -274,7 +298,9 @@ def test_interleaved_frame_inside_header_block_is_an_error() -> None:
     s = raw_server()
     block = request_block(hpack.Encoder())
     events = s.receive_data(frame(T.HEADERS, 0, 1, block[:3]) + fr.ping_frame(b"abcdefgh"))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_oversized_header_block_gets_enhance_your_calm() -> None:
@@ -282,7 +308,10 @@ def test_oversized_header_block_gets_enhance_your_calm() -> None:
     enc = hpack.Encoder()
     block = request_block(enc, [*CONNECT, ("x-big", "a" * 20000)])
     events = s.receive_data(frame(T.HEADERS, F.END_HEADERS, 1, block))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
 
 
 def test_huge_decoded_header_list_gets_enhance_your_calm() -> None:
@@ -292,13 +321,19 @@ def test_huge_decoded_header_list_gets_enhance_your_calm() -> None:
     block = request_block(enc, [*CONNECT] + [("x-rep", "b" * 1000)] * 10)
     assert len(block) < 4096
     events = s.receive_data(frame(T.HEADERS, F.END_HEADERS, 1, block))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
 
 
 def test_bad_hpack_is_compression_error() -> None:
     s = raw_server()
     events = s.receive_data(frame(T.HEADERS, F.END_HEADERS, 1, b"\xff\xff\xff\xff\xff"))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.COMPRESSION_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.COMPRESSION_ERROR
+    )
 
 
 def test_malformed_request_is_a_stream_error_only() -> None:
@@ -329,16 +364,24 @@ def test_rapid_reset_gets_goaway() -> None:
     data = b""
     for i in range(11):
         sid = 2 * i + 1
-        data += frame(T.HEADERS, F.END_HEADERS, sid, enc.encode(CONNECT)) + fr.rst_stream_frame(sid, E.CANCEL)
+        data += frame(T.HEADERS, F.END_HEADERS, sid, enc.encode(CONNECT)) + fr.rst_stream_frame(
+            sid, E.CANCEL
+        )
     events = s.receive_data(data)
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
     # The same resets spread over time are fine.
     slow = raw_server(clock, H2Settings(max_early_resets=10, early_reset_period=10.0))
     enc = hpack.Encoder()
     for i in range(30):
         clock.now += 2
         sid = 2 * i + 1
-        got = slow.receive_data(frame(T.HEADERS, F.END_HEADERS, sid, enc.encode(CONNECT)) + fr.rst_stream_frame(sid, E.CANCEL))
+        got = slow.receive_data(
+            frame(T.HEADERS, F.END_HEADERS, sid, enc.encode(CONNECT))
+            + fr.rst_stream_frame(sid, E.CANCEL)
+        )
         assert not any(isinstance(e, ConnectionTerminated) for e in got)
 
 
@@ -348,19 +391,28 @@ def test_ping_is_answered_and_ping_flood_gets_goaway() -> None:
     assert s.receive_data(fr.ping_frame(b"12345678")) == []
     assert parse_frames(out(s)) == [(T.PING, F.ACK, 0, b"12345678")]
     events = s.receive_data(fr.ping_frame(b"abcdefgh") * 150)
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
 
 
 def test_settings_flood_gets_goaway() -> None:
     s = raw_server()
     events = s.receive_data(fr.settings_frame([]) * 150)
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
 
 
 def test_empty_frame_flood_gets_goaway() -> None:
     s = raw_server()
     events = s.receive_data(frame(0x77, 0, 0) * 1500)
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )
 
 
 def test_ping_ack_event_and_keepalive_api() -> None:
@@ -381,14 +433,19 @@ def test_settings_changes_adjust_stream_windows() -> None:
     assert isinstance(events[0], RemoteSettingsChanged)
     assert c.send_window(sid) == min(before, 1000) == 1000
     events = c.receive_data(fr.settings_frame([(fr.SettingCode.INITIAL_WINDOW_SIZE, 1 << 31)]))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.FLOW_CONTROL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.FLOW_CONTROL_ERROR
+    )
 
 
 def test_client_refuses_push_enabled_by_server() -> None:
     c = H2Connection(Role.CLIENT)
     c.initiate()
     events = c.receive_data(fr.settings_frame([(fr.SettingCode.ENABLE_PUSH, 1)]))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_window_update_events_and_overflow() -> None:
@@ -401,7 +458,9 @@ def test_window_update_events_and_overflow() -> None:
     events = c.receive_data(fr.window_update_frame(sid, fr.MAX_WINDOW))
     assert events == [StreamReset(sid, E.FLOW_CONTROL_ERROR, False)]
     events = c.receive_data(fr.window_update_frame(0, 0))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_goaway_refuses_unprocessed_streams_and_blocks_new_ones() -> None:
@@ -443,18 +502,22 @@ def test_frames_on_reset_streams_are_ignored_but_count_against_the_window() -> N
     assert not any(f[0] == T.RST_STREAM for f in parse_frames(out(s)))
     # DATA on a stream that never existed is a connection error.
     events = s.receive_data(frame(T.DATA, 0, 9, b"x"))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_client_rejects_server_initiated_streams() -> None:
     c, _ = pair()
     enc = hpack.Encoder()
     events = c.receive_data(frame(T.HEADERS, F.END_HEADERS, 2, enc.encode([(":status", "200")])))
-    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    assert (
+        isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == E.PROTOCOL_ERROR
+    )
 
 
 def test_informational_response_is_skipped() -> None:
-    c, s = pair()
+    c, _s = pair()
     sid = c.send_request(CONNECT)
     enc = hpack.Encoder()
     c.receive_data(b"")
@@ -500,3 +563,16 @@ def test_local_misuse_raises_local_protocol_error() -> None:
     s.close(E.INTERNAL_ERROR)
     with pytest.raises(LocalProtocolError):
         s.send_data(sid, b"x")
+
+
+def test_headers_flood_beyond_the_stream_limit_gets_goaway() -> None:
+    s = raw_server(settings=H2Settings(max_concurrent_streams=1, max_early_resets=20))
+    enc = hpack.Encoder()
+    data = b"".join(
+        frame(T.HEADERS, F.END_HEADERS, 2 * i + 1, enc.encode(CONNECT)) for i in range(30)
+    )
+    events = s.receive_data(data)
+    assert (
+        isinstance(events[-1], ConnectionTerminated)
+        and events[-1].error_code == E.ENHANCE_YOUR_CALM
+    )

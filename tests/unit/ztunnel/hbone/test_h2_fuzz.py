@@ -23,10 +23,25 @@ LIMITS = H2Settings(max_concurrent_streams=8)
 stream_ids = st.sampled_from([0, 1, 2, 3, 5, 7, 9, 11, 0x7FFFFFFF])
 flags = st.integers(0, 255)
 header_names = st.sampled_from(
-    [":method", ":authority", ":path", ":scheme", ":status", ":protocol", "forwarded", "te",
-     "connection", "x-a", "Upper", "", "baggage"]
+    [
+        ":method",
+        ":authority",
+        ":path",
+        ":scheme",
+        ":status",
+        ":protocol",
+        "forwarded",
+        "te",
+        "connection",
+        "x-a",
+        "Upper",
+        "",
+        "baggage",
+    ]
 )
-header_values = st.sampled_from(["CONNECT", "GET", "10.0.0.1:80", "[::1]:1", "trailers", "a\r\nb", "", "x" * 300])
+header_values = st.sampled_from(
+    ["CONNECT", "GET", "10.0.0.1:80", "[::1]:1", "trailers", "a\r\nb", "", "x" * 300]
+)
 headers = st.lists(st.tuples(header_names, header_values), max_size=8)
 
 
@@ -45,7 +60,9 @@ def frames(draw: st.DrawFn) -> bytes:
         body = fr.settings_frame(pairs)[9:]
         return fr.pack_header(len(body), T.SETTINGS, fl, sid) + body
     if kind == T.WINDOW_UPDATE:
-        return fr.pack_header(4, T.WINDOW_UPDATE, fl, sid) + draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big")
+        return fr.pack_header(4, T.WINDOW_UPDATE, fl, sid) + draw(
+            st.integers(0, 2**32 - 1)
+        ).to_bytes(4, "big")
     length = draw(st.integers(0, 64))
     payload = draw(st.binary(min_size=length, max_size=length))
     if kind == T.DATA and draw(st.booleans()):
@@ -60,7 +77,11 @@ def sessions(draw: st.DrawFn) -> list[bytes]:
     out = [fr.PREFACE + fr.settings_frame([])]
     next_sid, opened = 1, [1]
     for _ in range(draw(st.integers(1, 30))):
-        op = draw(st.sampled_from(["open", "open", "data", "data", "rst", "wu", "ping", "end", "split", "noise"]))
+        op = draw(
+            st.sampled_from(
+                ["open", "open", "data", "data", "rst", "wu", "ping", "end", "split", "noise"]
+            )
+        )
         sid = draw(st.sampled_from(opened))
         if op == "open":
             authority = draw(st.sampled_from(["10.0.0.1:80", "[fd00::1]:443", "bad", "10.0.0.1:0"]))
@@ -70,7 +91,9 @@ def sessions(draw: st.DrawFn) -> list[bytes]:
             opened.append(next_sid)
             next_sid += 2
         elif op == "split":
-            block = enc.encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("x", "y" * 50)])
+            block = enc.encode(
+                [(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("x", "y" * 50)]
+            )
             parts = [block[i : i + 16] for i in range(0, len(block), 16)]
             out.append(fr.pack_header(len(parts[0]), T.HEADERS, 0, next_sid) + parts[0])
             for i, part in enumerate(parts[1:], 1):
@@ -90,7 +113,11 @@ def sessions(draw: st.DrawFn) -> list[bytes]:
         elif op == "rst":
             out.append(fr.rst_stream_frame(sid, draw(st.integers(0, 13))))
         elif op == "wu":
-            out.append(fr.window_update_frame(draw(st.sampled_from([0, sid])), draw(st.integers(0, 2**31 - 1))))
+            out.append(
+                fr.window_update_frame(
+                    draw(st.sampled_from([0, sid])), draw(st.integers(0, 2**31 - 1))
+                )
+            )
         elif op == "ping":
             out.append(fr.ping_frame(b"12345678", ack=draw(st.booleans())))
         elif op == "end":
@@ -108,10 +135,9 @@ def check(conn: H2Connection, chunks: list[bytes]) -> None:
             assert events == []
             continue
         for i, event in enumerate(events):
-            if isinstance(event, ConnectionTerminated):
-                if event.fatal or not event.remote:
-                    assert i == len(events) - 1
-                    terminated = True
+            if isinstance(event, ConnectionTerminated) and (event.fatal or not event.remote):
+                assert i == len(events) - 1
+                terminated = True
             if isinstance(event, DataReceived):
                 # The driver delivers and acknowledges, as the relay does.
                 conn.acknowledge_received_data(event.stream_id, len(event.data))
@@ -192,7 +218,9 @@ def test_request_reset_churn_never_exceeds_stream_limit(ops: list[tuple[bool, in
     for opens, pick in ops:
         if opens or not live:
             block = enc.encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
-            events = s.receive_data(fr.pack_header(len(block), T.HEADERS, F.END_HEADERS, sid) + block)
+            events = s.receive_data(
+                fr.pack_header(len(block), T.HEADERS, F.END_HEADERS, sid) + block
+            )
             if any(isinstance(e, RequestReceived) for e in events):
                 live.append(sid)
             sid += 2

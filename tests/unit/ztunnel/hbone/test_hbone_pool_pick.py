@@ -7,8 +7,17 @@ import pytest
 from ztunnel.hbone.pool import ConnectionView, pick_connection
 
 
-def view(active: int = 0, reserved: int = 0, *, usable: bool = True, limit: int = 1000, expired: bool = False) -> ConnectionView:
-    return ConnectionView(usable=usable, active=active, reserved=reserved, peer_limit=limit, cert_expired=expired)
+def view(
+    active: int = 0,
+    reserved: int = 0,
+    *,
+    usable: bool = True,
+    limit: int = 1000,
+    expired: bool = False,
+) -> ConnectionView:
+    return ConnectionView(
+        usable=usable, active=active, reserved=reserved, peer_limit=limit, cert_expired=expired
+    )
 
 
 @pytest.mark.parametrize(

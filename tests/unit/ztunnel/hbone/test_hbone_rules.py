@@ -24,8 +24,17 @@ PEER = SpiffeId("cluster.local", "/ns/a/sa/b")
 
 
 def test_frame_header_roundtrip() -> None:
-    for length, ftype, flags, sid in [(0, 0, 0, 0), (16_777_215, 9, 255, 2**31 - 1), (1 << 20, 0, 1, 7)]:
-        assert fr.unpack_header(fr.pack_header(length, ftype, flags, sid)) == (length, ftype, flags, sid)
+    for length, ftype, flags, sid in [
+        (0, 0, 0, 0),
+        (16_777_215, 9, 255, 2**31 - 1),
+        (1 << 20, 0, 1, 7),
+    ]:
+        assert fr.unpack_header(fr.pack_header(length, ftype, flags, sid)) == (
+            length,
+            ftype,
+            flags,
+            sid,
+        )
     # The reserved bit is ignored on receipt.
     raw = bytearray(fr.pack_header(4, 8, 0, 5))
     raw[5] |= 0x80
@@ -37,7 +46,7 @@ def test_headers_are_split_into_continuations() -> None:
     heads = []
     pos = 0
     while pos < len(data):
-        length, ftype, flags, sid = fr.unpack_header(data, pos)
+        length, ftype, flags, _sid = fr.unpack_header(data, pos)
         heads.append((length, ftype, flags))
         pos += 9 + length
     assert heads == [
@@ -116,7 +125,12 @@ def test_malformed_requests(raw: list[tuple[bytes, bytes]]) -> None:
 def test_valid_request_and_response() -> None:
     assert validate_request([*CONNECT_OK, (b"te", b"trailers")])[0] == (":method", "CONNECT")
     assert validate_response([(b":status", b"200"), (b"server", b"x")])[0] == 200
-    for bad in ([], [(b":status", b"20")], [(b":status", b"\xb2\xb2\xb2")], [(b":status", b"200"), (b":path", b"/")]):
+    for bad in (
+        [],
+        [(b":status", b"20")],
+        [(b":status", b"\xb2\xb2\xb2")],
+        [(b":status", b"200"), (b":path", b"/")],
+    ):
         with pytest.raises(MalformedHeaders):
             validate_response(bad)
 
@@ -137,8 +151,21 @@ def test_parse_authority(text: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:+80", "fd00::1:80", "[fd00::1]",
-     "[10.0.0.1]:80", "example.com:80", "010.0.0.1:80", "[fe80::1%eth0]:80", "10.0.0.1:80x", "[fd00::1]x:1"],
+    [
+        "",
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:+80",
+        "fd00::1:80",
+        "[fd00::1]",
+        "[10.0.0.1]:80",
+        "example.com:80",
+        "010.0.0.1:80",
+        "[fe80::1%eth0]:80",
+        "10.0.0.1:80x",
+        "[fd00::1]x:1",
+    ],
 )
 def test_parse_authority_refuses(text: str) -> None:
     with pytest.raises(BadAuthority):
@@ -161,7 +188,9 @@ def test_parse_forwarded(value: str, expected: tuple[str, int | None] | None) ->
     assert parse_forwarded(value) == expected
 
 
-@pytest.mark.parametrize("value", ["for", 'for="10.1.2.3:x"', "for=[::1]:1", 'for="host.example:80"'])
+@pytest.mark.parametrize(
+    "value", ["for", 'for="10.1.2.3:x"', "for=[::1]:1", 'for="host.example:80"']
+)
 def test_parse_forwarded_refuses(value: str) -> None:
     with pytest.raises(BadAuthority):
         parse_forwarded(value)
@@ -173,7 +202,9 @@ def test_forwarded_roundtrip() -> None:
 
 
 def _decide(headers: list[tuple[str, str]], l3: str = "10.0.0.1") -> ConnectRequest | Rejection:
-    return decide_request(headers, stream_id=1, peer_identity=PEER, l3_dst=l3, peer_addr=("10.9.0.1", 5555))
+    return decide_request(
+        headers, stream_id=1, peer_identity=PEER, l3_dst=l3, peer_addr=("10.9.0.1", 5555)
+    )
 
 
 @pytest.mark.parametrize(
@@ -181,9 +212,22 @@ def _decide(headers: list[tuple[str, str]], l3: str = "10.0.0.1") -> ConnectRequ
     [
         ([(":method", "CONNECT"), (":authority", "10.0.0.2:80")], "10.0.0.1", 400),  # other pod
         ([(":method", "CONNECT"), (":authority", "10.0.0.1:80")], "::ffff:10.0.0.2", 400),
-        ([(":method", "GET"), (":authority", "10.0.0.1:80"), (":scheme", "https"), (":path", "/")], "10.0.0.1", 400),
+        (
+            [
+                (":method", "GET"),
+                (":authority", "10.0.0.1:80"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+            "10.0.0.1",
+            400,
+        ),
         ([(":method", "CONNECT"), (":authority", "pod.example:80")], "10.0.0.1", 400),
-        ([(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("forwarded", "for")], "10.0.0.1", 400),
+        (
+            [(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("forwarded", "for")],
+            "10.0.0.1",
+            400,
+        ),
     ],
 )
 def test_decide_request_rejections(headers: list[tuple[str, str]], l3: str, status: int) -> None:
@@ -192,7 +236,9 @@ def test_decide_request_rejections(headers: list[tuple[str, str]], l3: str, stat
 
 
 def test_decide_request_accepts_the_client_headers() -> None:
-    headers = request_headers("fd00::7", 8080, ("fd00::9", 40000), traceparent="00-abc-def-01", baggage="k=v")
+    headers = request_headers(
+        "fd00::7", 8080, ("fd00::9", 40000), traceparent="00-abc-def-01", baggage="k=v"
+    )
     decision = _decide(headers, l3="fd00::7")
     assert decision == ConnectRequest(
         stream_id=1,
@@ -207,4 +253,24 @@ def test_decide_request_accepts_the_client_headers() -> None:
     )
     assert isinstance(decision, ConnectRequest) and decision.authority == "[fd00::7]:8080"
     # IPv4-mapped destinations (dual-stack listeners) compare as IPv4.
-    assert isinstance(_decide([(":method", "CONNECT"), (":authority", "10.0.0.1:80")], "::ffff:10.0.0.1"), ConnectRequest)
+    assert isinstance(
+        _decide([(":method", "CONNECT"), (":authority", "10.0.0.1:80")], "::ffff:10.0.0.1"),
+        ConnectRequest,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial_stream_window": 1 << 31},
+        {"connection_window": 100},
+        {"max_frame_size": 1000},
+        {"max_concurrent_streams": 0},
+    ],
+)
+def test_invalid_h2_settings_are_refused(kwargs: dict[str, int]) -> None:
+    from ztunnel.errors import ConfigError
+    from ztunnel.hbone.config import H2Settings
+
+    with pytest.raises(ConfigError, match="invalid HTTP/2 settings"):
+        H2Settings(**kwargs)  # type: ignore[arg-type]

@@ -6,8 +6,8 @@ import ssl
 from dataclasses import replace
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import SpiffeId
@@ -60,7 +60,8 @@ def der(pem: bytes) -> bytes:
 def test_mutual_tls_verifies_both_identities(test_ca) -> None:  # type: ignore[no-untyped-def]
     bundle = test_ca.bundle()
     client, server = handshake(
-        client_context(test_ca.issue([CLIENT]), bundle), server_context(test_ca.issue([SERVER]), bundle)
+        client_context(test_ca.issue([CLIENT]), bundle),
+        server_context(test_ca.issue([SERVER]), bundle),
     )
     assert client.version() == "TLSv1.3"
     check_alpn(client)
@@ -75,7 +76,9 @@ def test_wrong_server_identity_is_refused(test_ca) -> None:  # type: ignore[no-u
         client_context(test_ca.issue([CLIENT]), bundle),
         server_context(test_ca.issue(["spiffe://cluster.local/ns/default/sa/impostor"]), bundle),
     )
-    with pytest.raises(PeerVerificationError, match="expected spiffe://cluster.local/ns/default/sa/server"):
+    with pytest.raises(
+        PeerVerificationError, match=r"expected spiffe://cluster\.local/ns/default/sa/server"
+    ):
         verify_peer(client, SpiffeId.parse(SERVER), TD)
 
 
@@ -95,7 +98,10 @@ def test_foreign_trust_domain_is_refused_both_ways(test_ca) -> None:  # type: ig
 def test_other_ca_and_expired_certificates_fail_the_handshake(test_ca, other_ca) -> None:  # type: ignore[no-untyped-def]
     bundle = test_ca.bundle()
     with pytest.raises(ssl.SSLError, match="certificate verify failed"):
-        handshake(client_context(test_ca.issue([CLIENT]), bundle), server_context(other_ca.issue([SERVER]), bundle))
+        handshake(
+            client_context(test_ca.issue([CLIENT]), bundle),
+            server_context(other_ca.issue([SERVER]), bundle),
+        )
     with pytest.raises(ssl.SSLError, match="certificate verify failed"):
         handshake(
             client_context(test_ca.issue([CLIENT]), bundle),
@@ -103,7 +109,10 @@ def test_other_ca_and_expired_certificates_fail_the_handshake(test_ca, other_ca)
         )
     # A client certificate from another CA is refused by the server.
     with pytest.raises(ssl.SSLError):
-        handshake(client_context(other_ca.issue([CLIENT]), bundle), server_context(test_ca.issue([SERVER]), bundle))
+        handshake(
+            client_context(other_ca.issue([CLIENT]), bundle),
+            server_context(test_ca.issue([SERVER]), bundle),
+        )
 
 
 def test_alpn_other_than_h2_is_refused(test_ca) -> None:  # type: ignore[no-untyped-def]
@@ -141,7 +150,10 @@ def test_identity_from_der_refuses_ca_leaf_and_garbage(test_ca) -> None:  # type
 
 def test_contexts_are_tls13_only_and_require_peer_certificates(test_ca) -> None:  # type: ignore[no-untyped-def]
     bundle = test_ca.bundle()
-    for ctx in (client_context(test_ca.issue([CLIENT]), bundle), server_context(test_ca.issue([SERVER]), bundle)):
+    for ctx in (
+        client_context(test_ca.issue([CLIENT]), bundle),
+        server_context(test_ca.issue([SERVER]), bundle),
+    ):
         assert ctx.minimum_version is ssl.TLSVersion.TLSv1_3
         assert ctx.maximum_version is ssl.TLSVersion.TLSv1_3
         assert ctx.verify_mode is ssl.CERT_REQUIRED
@@ -156,7 +168,9 @@ def test_bad_credentials_are_reported(test_ca) -> None:  # type: ignore[no-untyp
     with pytest.raises(CredentialError, match="no root"):
         client_context(a, TrustBundle(TD, ()))
     with pytest.raises(CredentialError, match="trust bundle"):
-        client_context(a, TrustBundle(TD, (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",)))
+        client_context(
+            a, TrustBundle(TD, (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",))
+        )
     with pytest.raises(CredentialError, match="empty chain"):
         server_context(replace(a, chain_pem=()), bundle)
 
