@@ -31,9 +31,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import psutil
@@ -67,6 +68,9 @@ SERVING_DNS_NAMES = ("veil-controller", "veil-controller.veil-system.svc", "loca
 HEALTH_SERVICES = ("", "veil.v1.Identity", "veil.v1.Discovery")
 
 _SERVER_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: a second controller started by mistake
+    # would silently share the port and take half of the nodes. Fail instead.
+    ("grpc.so_reuseport", 0),
     # Nodes ping every 30 s on otherwise idle watch streams; allow it, or the
     # server would answer with GOAWAY (too_many_pings) and drop the watch.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -287,10 +291,10 @@ class Controller:
             registry_summary=describe_state(self.registry.current()),
         )
 
-    def _spawn(self, coro: object, what: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         async def guarded() -> None:
             try:
-                await coro  # type: ignore[misc]
+                await coro
             except asyncio.CancelledError:
                 raise
             except Exception:

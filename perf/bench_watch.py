@@ -209,7 +209,6 @@ class ControllerProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env={**os.environ, **dict(e.split("=", 1) for e in os.environ.get("BENCH_CTL_ENV", "").split() if e)},
         )
         stdout = self.proc.stdout
         assert stdout is not None

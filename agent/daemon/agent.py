@@ -326,8 +326,22 @@ class AgentDaemon:
             w for w in local if w.key in keys or concerned.intersection(workload_ipv4s(w))
         ]
         desired = self._desired(chosen)
+        plane = self._plane
+        # A new pod (the common change) has no entry on its veth: one map lookup
+        # says so, instead of scanning every pod entry for its address. A stale
+        # entry elsewhere is dropped by enroll() itself.
+        fresh = {
+            d.ip
+            for d in desired.pods
+            if d.ifindex is not None
+            and ((entry := plane.maps.pod(d.ifindex)) is None or entry.ip != d.ip)
+        }
         concerned.update(d.ip for d in desired.pods)
-        actual = [s for ip in sorted(concerned) if (s := self._plane.pod(ip)) is not None]
+        actual = [
+            state
+            for ip in sorted(concerned - fresh)
+            if (state := plane.pod(ip)) is not None
+        ]
         return desired, actual
 
     def _reconcile_once(

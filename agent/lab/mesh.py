@@ -101,6 +101,7 @@ class LabMesh:
         self.ztunnels: dict[str, LabProcess] = {}
         self.agents: dict[str, LabProcess] = {}
         self._closed = False
+        self._pin_root_existed = PIN_ROOT.exists()
         self._declare()
 
     # -- layout ------------------------------------------------------------
@@ -395,6 +396,11 @@ class LabMesh:
             self._uninstall_pins(node, errors)
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.agent_socket(node).parent.parent)
+        # The lab's pin directories live under the production default; remove
+        # that parent only when the lab made it and nothing else uses it.
+        if not self._pin_root_existed:
+            with contextlib.suppress(OSError):
+                PIN_ROOT.rmdir()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if errors:

@@ -120,7 +120,10 @@ class HboneClientConnection(H2Endpoint):
         self.flush()
         timeout = self.config.stream_open_timeout
         try:
-            status = await asyncio.wait_for(asyncio.shield(stream._response), timeout)
+            # No shield: a cancelled wait cancels only this stream's own future,
+            # which nothing else awaits.
+            async with asyncio.timeout(timeout):
+                status = await stream._response
         except TimeoutError:
             stream.close(CloseReason.CLOSED, "no answer to CONNECT")
             raise HboneConnectError(

@@ -77,7 +77,10 @@ class HboneConfig:
     keepalive_interval: float = 30.0  # PING after this long without a frame from the peer
     keepalive_timeout: float = 10.0  # close if the PING is not acknowledged in time
     tcp_read_size: int = 256 * 1024
-    tls_read_size: int = 1 * MiB
+    # uvloop decrypts at most one 256 KiB read of ciphertext per callback, so a
+    # larger plaintext buffer is never filled; the same size as tcp_read_size
+    # lets both directions share one buffer pool.
+    tls_read_size: int = 256 * 1024
     shutdown_grace: float = 10.0
     # A connection whose TLS write backlog passes this is aborted (a peer that
     # stopped reading while still sending PINGs or HEADERS to answer).

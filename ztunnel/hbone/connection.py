@@ -106,7 +106,7 @@ class H2Connection(H2Receiver):
         return stream
 
     def _encode_headers(self, sid: int, headers: Sequence[tuple[str, str]], end: bool) -> None:
-        block = self._encoder.encode(list(headers))
+        block = self._encoder.encode(headers)
         self._out.append(fr.headers_frames(sid, block, end, self.peer_max_frame_size))
 
     def send_request(self, headers: Sequence[tuple[str, str]]) -> int:

@@ -18,6 +18,7 @@ from . import frames as fr
 from .config import H2Settings, RateWindow
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import ConnectionTerminated, Event, StreamReset
+from .hpack_encoder import HeaderEncoder
 from .streams import H2Stream, Input, State, StreamStateError
 
 __all__ = ["ConnError", "H2Core", "Role", "StreamError"]
@@ -80,7 +81,7 @@ class H2Core:
         self._conn_recv_window = fr.DEFAULT_WINDOW
         self._conn_unacked = 0
         self._settings_unacked = 0
-        self._encoder = hpack.Encoder()
+        self._encoder = HeaderEncoder()
         self._decoder = hpack.Decoder(max_header_list_size=cfg.max_header_list_size)
         self._decoder.max_allowed_table_size = cfg.header_table_size
         self._early_resets = RateWindow(cfg.max_early_resets, cfg.early_reset_period)

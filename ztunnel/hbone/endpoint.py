@@ -127,6 +127,7 @@ class H2Endpoint(asyncio.BufferedProtocol):
         self.flush()
 
     def eof_received(self) -> bool:
+        self._view = None  # the read that found EOF got a buffer it never filled
         return False  # TLS close_notify or TCP FIN: the connection is over
 
     def pause_writing(self) -> None:
@@ -142,6 +143,7 @@ class H2Endpoint(asyncio.BufferedProtocol):
                 stream._tcp.resume(PAUSE_CONN)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._view = None
         for handle in (self._keepalive, self._idle):
             if handle is not None:
                 handle.cancel()

@@ -438,7 +438,7 @@ class H2Receiver(H2Core):
             raise ConnError(E.ENHANCE_YOUR_CALM, "too many SETTINGS and PING frames")
         for code, value in fr.parse_settings(body):
             if code == S.HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = min(value, self.settings.header_table_size)
+                self._encoder.peer_table_size_changed()
             elif code == S.ENABLE_PUSH:
                 if value > 1 or (value and self.role is Role.CLIENT):
                     raise ConnError(E.PROTOCOL_ERROR, f"invalid SETTINGS_ENABLE_PUSH {value}")

@@ -94,7 +94,8 @@ class TunnelStream:
         self._remote_eof = False
         self._tcp_write_paused = False
         self._result: RelayResult | None = None
-        self._done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        # Created when someone waits (relay() does); see _waiter().
+        self._done: asyncio.Future[RelayResult] | None = None
 
     @property
     def peer_identity(self) -> SpiffeId | None:
@@ -111,7 +112,18 @@ class TunnelStream:
         return self._result is not None
 
     async def wait_closed(self) -> RelayResult:
-        return await asyncio.shield(self._done)
+        return await asyncio.shield(self._waiter())
+
+    def _waiter(self) -> asyncio.Future[RelayResult]:
+        """The future :meth:`_finish` resolves. relay() awaits it without a shield
+        (one object fewer per live connection), so a cancelled relay cancels it;
+        the next waiter then gets a fresh one."""
+        done = self._done
+        if done is None or done.cancelled():
+            done = self._done = asyncio.get_running_loop().create_future()
+            if self._result is not None:
+                done.set_result(self._result)
+        return done
 
     def close(self, reason: CloseReason = CloseReason.CLOSED, detail: str = "") -> None:
         """Reset the stream and the local socket now (policy re-check, shutdown)."""
@@ -279,7 +291,9 @@ class TunnelStream:
         self._release_held()
         self._ep.blocked.discard(self)
         self._ep.unregister(self)
-        self._done.set_result(self._result)
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(self._result)
 
     def _prepare_relay(self) -> None:
         """Hook run by :func:`relay` before attaching the socket (server: send 200)."""
@@ -287,6 +301,8 @@ class TunnelStream:
 
 class _TcpSide(asyncio.BufferedProtocol):
     """The local TCP socket of a tunnel."""
+
+    __slots__ = ("_closing", "_paused", "_rbuf", "_stream", "_view", "transport")
 
     def __init__(self, stream: TunnelStream, read_size: int) -> None:
         self._stream = stream
@@ -319,10 +335,14 @@ class _TcpSide(asyncio.BufferedProtocol):
         self._stream._local_data(view[:nbytes])
 
     def eof_received(self) -> bool:
+        # The read that found EOF (or an error) got a buffer and never filled
+        # it: drop it, or this half-closed socket keeps a pooled buffer busy.
+        self._view = None
         self._stream._local_eof_received()
         return True  # keep the write side open: the other direction may go on
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._view = None
         self._stream._on_tcp_lost(exc)
 
     def pause_writing(self) -> None:
@@ -392,7 +412,7 @@ async def relay(stream: TunnelStream, local: socket.socket | asyncio.Transport) 
             local.set_protocol(proto)
             proto.connection_made(local)
             local.resume_reading()
-        return await asyncio.shield(stream._done)
+        return await stream._waiter()
     except asyncio.CancelledError:
         stream._abort(CloseReason.CANCELLED, "the relay task was cancelled", reset=True)
         raise
@@ -400,4 +420,4 @@ async def relay(stream: TunnelStream, local: socket.socket | asyncio.Transport) 
         stream._abort(CloseReason.LOCAL_RESET, str(exc), reset=True)
         if isinstance(local, socket.socket):
             local.close()
-        return await asyncio.shield(stream._done)
+        return await asyncio.shield(stream._waiter())

@@ -78,6 +78,12 @@ class Listener:
 
     def _spawn(self, conn: socket.socket) -> None:
         conn.setblocking(False)
+        # Every relay writes what it read at once; Nagle would hold a small
+        # reply until the peer's delayed ACK (tens of milliseconds) whenever an
+        # earlier segment is still unacknowledged. Accepted sockets do not
+        # inherit it from the listener, so it is set on each one.
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
         # The handler owns ``conn`` (it may already belong to a transport when
         # something fails, so nothing here closes it). No wrapper coroutine:

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from cryptography import x509
 
@@ -142,3 +143,29 @@ async def test_trust_bundle_follows_ca_rotate(controller: RunningController) -> 
     finally:
         await watch.close()
     assert stop_process(controller.proc) == 0
+
+
+def test_second_controller_on_the_same_port_fails_instead_of_sharing(
+    controller: RunningController, tmp_path: Path
+) -> None:
+    other = subprocess.run(
+        veil_argv(
+            "controller",
+            "run",
+            "--registry",
+            str(controller.registry),
+            "--state-dir",
+            str(tmp_path / "other-state"),
+            "--listen",
+            controller.mtls,
+            "--join-listen",
+            "127.0.0.1:0",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.returncode == 1
+    assert f"cannot listen on {controller.mtls} (mTLS listener)" in other.stderr
+    assert controller.alive()

@@ -1,9 +1,10 @@
 """The mesh the ztunnel's netns tests run on, and helpers to act as its pods.
 
 One :class:`agent.lab.mesh.LabMesh` per module: ``veil controller run`` in the
-underlay namespace, two joined nodes each running ``veil ztunnel run``, pods
-steered by nftables TPROXY (``agent.lab.tproxy``). The eBPF steering is meant to
-pass the same tests: run them with ``VEIL_ZTUNNEL_TEST_STEERING=ebpf``.
+underlay namespace, two joined nodes each running ``veil ztunnel run`` and
+``veil agent run``, pods steered by the agent's eBPF programs. The same tests
+also pass on the nftables TPROXY steering that preceded it
+(``VEIL_ZTUNNEL_TEST_STEERING=tproxy``).
 Tests that change the registry restore it before they end. Everything the
 mesh creates is removed when the module ends, also on failure.
 """
@@ -22,7 +23,7 @@ from agent.lab.mesh import LabMesh
 from agent.lab.netns import in_netns
 
 NODE_A, NODE_B = "node-a", "node-b"
-STEERING = os.environ.get("VEIL_ZTUNNEL_TEST_STEERING", "tproxy")
+STEERING = os.environ.get("VEIL_ZTUNNEL_TEST_STEERING", "ebpf")
 APP_PORT = 8080
 
 # node-a: checkout, other, intruder (shop, enrolled), legacy-client (plain)

@@ -48,7 +48,7 @@ def _imports_pb(path: pathlib.Path) -> bool:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = [node.module or ""] + [a.name for a in node.names]
-        if any(n.endswith("_pb2") or n.endswith("_pb2_grpc") for n in names):
+        if any(n.rsplit(".", 1)[-1] in ("veil_pb2", "veil_pb2_grpc") for n in names):
             return True
     return False
 
