@@ -351,7 +351,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             creds = await join_nodes(ctl, args.watchers)
             t = time.perf_counter()
             watchers = [WatchingNode(c) for c in creds]
-            await asyncio.wait_for(asyncio.gather(*(w.snapshot.wait() for w in watchers)), 300)
+            try:
+                await asyncio.wait_for(asyncio.gather(*(w.snapshot.wait() for w in watchers)), 300)
+            except TimeoutError:
+                have = sum(1 for w in watchers if w.snapshot.is_set())
+                raise SystemExit(
+                    f"only {have}/{len(watchers)} watchers received their snapshot within 300 s"
+                ) from None
             snapshot_s = time.perf_counter() - t
             sizes = {w.resources for w in watchers}
             print(

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ztunnel.config import config_fields, config_from_args
+from ztunnel.config import add_config_arguments, config_fields, config_from_args
 
 __all__ = ["add_ztunnel_parser", "run_command"]
 
@@ -43,12 +43,7 @@ def add_ztunnel_parser(sub: _Sub) -> None:
     run.add_argument(
         "--node", dest="node_name", default=None, metavar="NAME", help="this node's name"
     )
-    for field, (flag, env) in config_fields().items():
-        if field in _SKIPPED:
-            continue
-        run.add_argument(
-            flag, dest=field, default=None, metavar=env.removeprefix("VEIL_"), help=f"(env {env})"
-        )
+    add_config_arguments(run, skip=_SKIPPED)
     run.set_defaults(func=run_command)
 
 

@@ -13,7 +13,7 @@ import argparse
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from controller.api.dataplane import (
     OUTBOUND_PORT,
     READINESS_PORT,
 )
+from controller.api.settings import Setting, add_setting_arguments, resolve_settings
 
 from .errors import ConfigError
 
@@ -179,15 +180,6 @@ def _validate(c: ZtunnelConfig) -> None:
         raise _err("log_level", f"{c.log_level!r} is not a level", "use DEBUG, INFO, WARNING or ERROR")
 
 
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    field: str
-    flag: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-
-
 def _path(text: str) -> Path:
     if not text:
         raise ValueError("empty path")
@@ -211,43 +203,43 @@ def _int(text: str) -> int:
 
 
 _SPECS = (
-    _Spec("node_name", "--node-name", "VEIL_NODE_NAME", str, "this node's name (required)"),
-    _Spec("state_dir", "--state-dir", "VEIL_STATE_DIR", _path, "node credentials directory"),
-    _Spec("controller_address", "--controller-address", "VEIL_CONTROLLER_ADDRESS", str,
+    Setting("node_name", "--node-name", "VEIL_NODE_NAME", str, "this node's name (required)"),
+    Setting("state_dir", "--state-dir", "VEIL_STATE_DIR", _path, "node credentials directory"),
+    Setting("controller_address", "--controller-address", "VEIL_CONTROLLER_ADDRESS", str,
           "controller host:port (default: the address stored at join)"),
-    _Spec("listen_address", "--listen-address", "VEIL_LISTEN_ADDRESS", str,
+    Setting("listen_address", "--listen-address", "VEIL_LISTEN_ADDRESS", str,
           "address of the 15001/15006/15008 listeners"),
-    _Spec("outbound_port", "--outbound-port", "VEIL_OUTBOUND_PORT", _port, "outbound capture port"),
-    _Spec("inbound_plaintext_port", "--inbound-plaintext-port", "VEIL_INBOUND_PLAINTEXT_PORT",
+    Setting("outbound_port", "--outbound-port", "VEIL_OUTBOUND_PORT", _port, "outbound capture port"),
+    Setting("inbound_plaintext_port", "--inbound-plaintext-port", "VEIL_INBOUND_PLAINTEXT_PORT",
           _port, "inbound plaintext port"),
-    _Spec("hbone_port", "--hbone-port", "VEIL_HBONE_PORT", _port, "HBONE (mTLS) port"),
-    _Spec("admin_address", "--admin-address", "VEIL_ADMIN_ADDRESS", parse_host_port,
+    Setting("hbone_port", "--hbone-port", "VEIL_HBONE_PORT", _port, "HBONE (mTLS) port"),
+    Setting("admin_address", "--admin-address", "VEIL_ADMIN_ADDRESS", parse_host_port,
           "admin API host:port (loopback only)"),
-    _Spec("metrics_address", "--metrics-address", "VEIL_METRICS_ADDRESS", parse_host_port,
+    Setting("metrics_address", "--metrics-address", "VEIL_METRICS_ADDRESS", parse_host_port,
           "Prometheus host:port"),
-    _Spec("readiness_address", "--readiness-address", "VEIL_READINESS_ADDRESS", parse_host_port,
+    Setting("readiness_address", "--readiness-address", "VEIL_READINESS_ADDRESS", parse_host_port,
           "readiness probe host:port"),
-    _Spec("drain_grace_period", "--drain-grace-period", "VEIL_DRAIN_GRACE_PERIOD", parse_duration,
+    Setting("drain_grace_period", "--drain-grace-period", "VEIL_DRAIN_GRACE_PERIOD", parse_duration,
           "how long to let connections finish at shutdown"),
-    _Spec("cert_ttl", "--cert-ttl", "VEIL_CERT_TTL", _optional_duration,
+    Setting("cert_ttl", "--cert-ttl", "VEIL_CERT_TTL", _optional_duration,
           "requested workload certificate lifetime (default: controller's)"),
-    _Spec("key_dir", "--key-dir", "VEIL_KEY_DIR", _path,
+    Setting("key_dir", "--key-dir", "VEIL_KEY_DIR", _path,
           "keep workload keys in 0600 files here (default: memory only)"),
-    _Spec("pool_idle_timeout", "--pool-idle-timeout", "VEIL_POOL_IDLE_TIMEOUT", parse_duration,
+    Setting("pool_idle_timeout", "--pool-idle-timeout", "VEIL_POOL_IDLE_TIMEOUT", parse_duration,
           "close idle pooled HBONE connections after this long"),
-    _Spec("connect_timeout", "--connect-timeout", "VEIL_CONNECT_TIMEOUT", parse_duration,
+    Setting("connect_timeout", "--connect-timeout", "VEIL_CONNECT_TIMEOUT", parse_duration,
           "upstream connect timeout"),
-    _Spec("xds_backoff_initial", "--xds-backoff-initial", "VEIL_XDS_BACKOFF_INITIAL",
+    Setting("xds_backoff_initial", "--xds-backoff-initial", "VEIL_XDS_BACKOFF_INITIAL",
           parse_duration, "first controller reconnect delay"),
-    _Spec("xds_backoff_max", "--xds-backoff-max", "VEIL_XDS_BACKOFF_MAX", parse_duration,
+    Setting("xds_backoff_max", "--xds-backoff-max", "VEIL_XDS_BACKOFF_MAX", parse_duration,
           "largest controller reconnect delay"),
-    _Spec("cert_retry_initial", "--cert-retry-initial", "VEIL_CERT_RETRY_INITIAL", parse_duration,
+    Setting("cert_retry_initial", "--cert-retry-initial", "VEIL_CERT_RETRY_INITIAL", parse_duration,
           "first certificate retry delay"),
-    _Spec("cert_retry_max", "--cert-retry-max", "VEIL_CERT_RETRY_MAX", parse_duration,
+    Setting("cert_retry_max", "--cert-retry-max", "VEIL_CERT_RETRY_MAX", parse_duration,
           "largest certificate retry delay"),
-    _Spec("metrics_max_label_sets", "--metrics-max-label-sets", "VEIL_METRICS_MAX_LABEL_SETS",
+    Setting("metrics_max_label_sets", "--metrics-max-label-sets", "VEIL_METRICS_MAX_LABEL_SETS",
           _int, "cap on distinct label sets per metric"),
-    _Spec("log_level", "--log-level", "VEIL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("log_level", "--log-level", "VEIL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
 )
 _SPECS_BY_FIELD = {s.field: s for s in _SPECS}
 
@@ -257,10 +249,11 @@ def config_fields() -> dict[str, tuple[str, str]]:
     return {s.field: (s.flag, s.env) for s in _SPECS}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()
+) -> None:
     """Adds one flag per config field; flags default to unset so env vars can apply."""
-    for s in _SPECS:
-        parser.add_argument(s.flag, dest=s.field, default=None, metavar=s.env, help=s.help)
+    add_setting_arguments(parser, _SPECS, skip=skip)
 
 
 def config_from_args(
@@ -273,30 +266,7 @@ def config_from_args(
     Raises :class:`~ztunnel.errors.ConfigError` naming the flag and variable.
     """
     env = os.environ if environ is None else environ
-    given: Mapping[str, Any]
-    if args is None:
-        given = {}
-    elif isinstance(args, argparse.Namespace):
-        given = vars(args)
-    else:
-        given = args
-    values: dict[str, Any] = {}
-    for s in _SPECS:
-        raw = given.get(s.field)
-        origin = s.flag
-        if raw is None and s.env in env:
-            raw, origin = env[s.env], s.env
-        if raw is None:
-            continue
-        if isinstance(raw, str):
-            try:
-                values[s.field] = s.parse(raw)
-            except ValueError as e:
-                raise ConfigError(
-                    f"invalid {origin}: {e}", hint=f"see --help for {s.flag}: {s.help}"
-                ) from None
-        else:
-            values[s.field] = raw
+    values = resolve_settings(_SPECS, args, env, ConfigError)
     if "node_name" not in values:
         raise ConfigError(
             "no node name given",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from agent.bpf.pins import DEFAULT_PIN_DIR, validate_pin_dir
 from agent.errors import BpfError
+from controller.api.settings import Setting, add_setting_arguments, resolve_settings
 
 from .errors import AgentConfigError
 
@@ -153,34 +154,24 @@ def _ipv4(text: str) -> IPv4Address:
         raise ValueError(f"{text!r} is not an IPv4 address") from None
 
 
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    field: str
-    flag: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-    is_switch: bool = False
-
-
 _SPECS: Final = (
-    _Spec("node", "--node", "VEIL_NODE_NAME", str,
+    Setting("node", "--node", "VEIL_NODE_NAME", str,
           "this node's name (default: the name stored by `veil node join`)"),
-    _Spec("state_dir", "--state-dir", "VEIL_STATE_DIR", _path,
+    Setting("state_dir", "--state-dir", "VEIL_STATE_DIR", _path,
           f"node credentials directory shared with the ztunnel (default {DEFAULT_STATE_DIR})"),
-    _Spec("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
+    Setting("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
           f"bpffs directory for Veil's maps and programs (default {DEFAULT_PIN_DIR})"),
-    _Spec("uplink", "--uplink", "VEIL_UPLINK", str,
+    Setting("uplink", "--uplink", "VEIL_UPLINK", str,
           "the node's uplink interface (default: the route to the controller)"),
-    _Spec("status_socket", "--status-socket", "VEIL_AGENT_SOCKET", _path,
+    Setting("status_socket", "--status-socket", "VEIL_AGENT_SOCKET", _path,
           f"unix socket of the status API read by veilctl (default {DEFAULT_STATUS_SOCKET})"),
-    _Spec("probe_source", "--probe-source", "VEIL_PROBE_SOURCE", _ipv4,
+    Setting("probe_source", "--probe-source", "VEIL_PROBE_SOURCE", _ipv4,
           "node IPv4 address kubelet probes come from (let through the egress guard)"),
-    _Spec("drop_udp", "--drop-udp", "VEIL_DROP_UDP", parse_bool,
+    Setting("drop_udp", "--drop-udp", "VEIL_DROP_UDP", parse_bool,
           "drop enrolled pods' non-DNS UDP (the mesh cannot police it)", is_switch=True),
-    _Spec("resync_interval", "--resync-interval", "VEIL_RESYNC_INTERVAL", parse_duration,
+    Setting("resync_interval", "--resync-interval", "VEIL_RESYNC_INTERVAL", parse_duration,
           "full reconcile against the kernel this often (default 30s)"),
-    _Spec("veth_retry", "--veth-retry", "VEIL_VETH_RETRY", parse_duration,
+    Setting("veth_retry", "--veth-retry", "VEIL_VETH_RETRY", parse_duration,
           "first retry delay for pods whose veth is not there yet (default 200ms)"),
 )
 _SPECS_BY_FIELD: Final = {s.field: s for s in _SPECS}
@@ -193,16 +184,7 @@ def config_fields() -> dict[str, tuple[str, str]]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; flags default to unset so the environment can apply."""
-    for s in _SPECS:
-        if s.is_switch:
-            parser.add_argument(
-                s.flag, dest=s.field, action="store_const", const="1", default=None,
-                help=f"{s.help} (env {s.env})",
-            )
-        else:
-            parser.add_argument(
-                s.flag, dest=s.field, default=None, metavar="VALUE", help=f"{s.help} (env {s.env})"
-            )
+    add_setting_arguments(parser, _SPECS)
 
 
 def config_from_args(
@@ -211,28 +193,4 @@ def config_from_args(
 ) -> AgentConfig:
     """Flags beat ``VEIL_*`` variables beat defaults; AgentConfigError names the culprit."""
     env = os.environ if environ is None else environ
-    given: Mapping[str, Any]
-    if args is None:
-        given = {}
-    elif isinstance(args, argparse.Namespace):
-        given = vars(args)
-    else:
-        given = args
-    values: dict[str, Any] = {}
-    for s in _SPECS:
-        raw = given.get(s.field)
-        origin = s.flag
-        if raw is None and s.env in env:
-            raw, origin = env[s.env], s.env
-        if raw is None:
-            continue
-        if isinstance(raw, str):
-            try:
-                values[s.field] = s.parse(raw)
-            except ValueError as e:
-                raise AgentConfigError(
-                    f"invalid {origin}: {e}", hint=f"{s.flag}: {s.help}"
-                ) from None
-        else:
-            values[s.field] = raw
-    return AgentConfig(**values)
+    return AgentConfig(**resolve_settings(_SPECS, args, env, AgentConfigError))

@@ -53,7 +53,9 @@ __all__ = ["HboneServer", "InboundHandler", "InboundStream", "SelectCert"]
 log = logging.getLogger(__name__)
 
 SelectCert = Callable[[str], WorkloadCredential | None]
-InboundHandler = Callable[["InboundStream"], Awaitable[None]]
+# An async handler, or a plain one that decides at once and returns what is left
+# to await (None: nothing), which saves a coroutine frame per live stream.
+InboundHandler = Callable[["InboundStream"], Awaitable[None] | None]
 
 
 class InboundStream(TunnelStream):
@@ -218,7 +220,9 @@ class HboneServer:
 
     async def _run_handler(self, stream: InboundStream) -> None:
         try:
-            await self._handler(stream)
+            pending = self._handler(stream)
+            if pending is not None:
+                await pending
         except asyncio.CancelledError:
             stream.close(CloseReason.CANCELLED, "the inbound handler was cancelled")
             raise

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId
@@ -194,7 +195,9 @@ class InboundProxy:
             log.warning("hbone: no certificate yet for %s (%s); refusing", identity, dst_ip)
         return cert
 
-    async def _handle(self, stream: InboundStream) -> None:
+    def _handle(self, stream: InboundStream) -> Coroutine[Any, Any, None] | None:
+        """Decides one CONNECT at once; returns the coroutine relaying it, or None
+        when it was answered with an error here."""
         ctx = self._ctx
         req = stream.request
         snap = ctx.store.current
@@ -226,12 +229,12 @@ class InboundProxy:
             reason = f"{req.host} is not an enrolled workload of this node"
             stream.reject(STATUS_UNAVAILABLE, reason)
             refuse(ctx, None, info, reason, FLAG_NO_ROUTE)
-            return
+            return None
         if not isinstance(source, InboundSource):
             log.warning("hbone CONNECT from %s refused: %s", req.peer_identity, source)
             stream.reject(STATUS_DENIED, source)
             refuse(ctx, None, info, source, FLAG_POLICY_DENIED)
-            return
+            return None
         authz = Connection(
             src_ip=source.ip, dst_ip=req.host, dst_port=req.port, src_identity=req.peer_identity
         )
@@ -246,7 +249,7 @@ class InboundProxy:
             )
             stream.reject(STATUS_DENIED, verdict.reason)
             refuse(ctx, None, info, verdict.reason, FLAG_POLICY_DENIED, policy=verdict.policy)
-            return
+            return None
 
         async def relay(conn: LiveConnection) -> RelayResult:
             try:
@@ -261,7 +264,7 @@ class InboundProxy:
             result = await relay_stream(stream, sock)
             return stream_result(result.bytes_down, result.bytes_up, result.reason, result.detail)
 
-        await proxied(ctx, info, relay, authz=authz, policy=verdict.policy)
+        return proxied(ctx, info, relay, authz=authz, policy=verdict.policy)
 
     async def shutdown(self, grace: float) -> None:
         """GOAWAY to every HBONE peer, drain for ``grace`` seconds, reset the rest."""

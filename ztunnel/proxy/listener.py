@@ -21,7 +21,9 @@ __all__ = ["ConnectionHandler", "Listener"]
 
 log = logging.getLogger("veil.ztunnel.proxy")
 
-ConnectionHandler = Callable[[socket.socket], Coroutine[Any, Any, None]]
+# Returns the coroutine that serves the connection, or None when the handler
+# already dealt with it synchronously (a refusal needs no task).
+ConnectionHandler = Callable[[socket.socket], Coroutine[Any, Any, None] | None]
 # Accepted per wake-up before yielding to the loop, so one busy listener does
 # not starve the others.
 _ACCEPT_BATCH = 128
@@ -88,7 +90,17 @@ class Listener:
         # The handler owns ``conn`` (it may already belong to a transport when
         # something fails, so nothing here closes it). No wrapper coroutine:
         # with 10,000 live connections every frame per connection counts.
-        task = asyncio.get_running_loop().create_task(self._handler(conn))
+        try:
+            serving = self._handler(conn)
+        except Exception:
+            # A synchronous routing failure must not end the accept loop.
+            log.exception("%s listener: connection handler failed", self.name)
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
+        if serving is None:
+            return
+        task = asyncio.get_running_loop().create_task(serving)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId
 from ztunnel.errors import CertificateError
@@ -89,22 +91,28 @@ class OutboundProxy:
         self._cert_timeout = cert_timeout
         self._peer_port = peer_hbone_port
 
-    async def handle(self, sock: socket.socket) -> None:
-        """Handles one connection accepted on 15001; owns ``sock``."""
+    def handle(self, sock: socket.socket) -> Coroutine[Any, Any, None] | None:
+        """Handles one connection accepted on 15001; owns ``sock``.
+
+        Routing is synchronous: a refused connection is reset here and None is
+        returned (no task needed); otherwise the returned coroutine proxies the
+        connection. Fewer coroutine frames per live connection: each one stays
+        in memory for the connection's whole life.
+        """
         ctx = self._ctx
         try:
             src = peer_address(sock)
             dst = local_address(sock)
         except OSError:
             sock.close()
-            return
+            return None
         snap = ctx.store.current
         if dst.port in ctx.own_ports and snap.workload_by_ip(dst.ip) is None:
             # Addressed to a ztunnel listener itself (not steered): relaying it
             # would connect the ztunnel to itself.
             info = ConnectionInfo(Direction.OUTBOUND, src, dst, "refuse")
             refuse(ctx, sock, info, "connection addressed to the ztunnel itself", FLAG_NO_ROUTE)
-            return
+            return None
         decision = route(snap, src.ip, dst.ip, dst.port, choose=ctx.choose)
         if isinstance(decision, Refuse):
             info = ConnectionInfo(
@@ -112,7 +120,7 @@ class OutboundProxy:
             )
             log.info("refused outbound %s -> %s: %s", src, dst, decision.reason)
             refuse(ctx, sock, info, decision.reason, FLAG_NO_ROUTE)
-            return
+            return None
         try:
             src_identity = decision.source.identity
         except InvalidSpiffeId as e:
@@ -120,17 +128,16 @@ class OutboundProxy:
                 Direction.OUTBOUND, src, dst, "refuse", src_workload=decision.source
             )
             refuse(ctx, sock, info, f"source has no valid identity: {e}", FLAG_NO_ROUTE)
-            return
+            return None
         if isinstance(decision, Hbone):
-            await self._hbone(sock, src, decision, src_identity)
-        elif isinstance(decision, SameNode):
-            await self._same_node(sock, src, decision, src_identity)
-        else:
-            await self._passthrough(sock, src, decision, src_identity)
+            return self._hbone(sock, src, decision, src_identity)
+        if isinstance(decision, SameNode):
+            return self._same_node(sock, src, decision, src_identity)
+        return self._passthrough(sock, src, decision, src_identity)
 
-    async def _hbone(
+    def _hbone(
         self, sock: socket.socket, src: Address, decision: Hbone, src_identity: SpiffeId
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         ctx = self._ctx
         target = Address(decision.dst_ip, decision.dst_port)
         info = ConnectionInfo(
@@ -159,7 +166,7 @@ class OutboundProxy:
             result = await relay_stream(stream, sock)
             return stream_result(result.bytes_up, result.bytes_down, result.reason, result.detail)
 
-        await proxied(ctx, info, relay)
+        return proxied(ctx, info, relay)
 
     async def _open(
         self,
@@ -195,9 +202,9 @@ class OutboundProxy:
         except HboneError as e:
             raise TunnelError(e.message, hint=e.hint, status=None) from None
 
-    async def _same_node(
+    def _same_node(
         self, sock: socket.socket, src: Address, decision: SameNode, src_identity: SpiffeId
-    ) -> None:
+    ) -> Coroutine[Any, Any, None] | None:
         """Enforces the destination's policy here and connects locally, without TLS."""
         ctx = self._ctx
         dest = decision.destination
@@ -223,7 +230,7 @@ class OutboundProxy:
         if not verdict.allowed:
             log.info("refused same-node %s -> %s: %s", src, target, verdict.reason)
             refuse(ctx, sock, info, verdict.reason, FLAG_POLICY_DENIED, policy=verdict.policy)
-            return
+            return None
 
         async def relay(conn: LiveConnection) -> RelayResult:
             try:
@@ -233,11 +240,11 @@ class OutboundProxy:
                 raise
             return await relay_sockets(sock, upstream, conn.track_bytes())
 
-        await proxied(ctx, info, relay, authz=authz, policy=verdict.policy)
+        return proxied(ctx, info, relay, authz=authz, policy=verdict.policy)
 
-    async def _passthrough(
+    def _passthrough(
         self, sock: socket.socket, src: Address, decision: Passthrough, src_identity: SpiffeId
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         ctx = self._ctx
         target = Address(decision.dst_ip, decision.dst_port)
         info = ConnectionInfo(
@@ -260,4 +267,4 @@ class OutboundProxy:
                 raise
             return await relay_sockets(sock, upstream, conn.track_bytes())
 
-        await proxied(ctx, info, relay, verdict=f"allow: {decision.reason or 'passthrough'}")
+        return proxied(ctx, info, relay, verdict=f"allow: {decision.reason or 'passthrough'}")
