@@ -97,6 +97,13 @@ def parse_duration(text: str) -> timedelta:
 # (dest, flag, env, help, default as text or None)
 _SETTINGS: tuple[tuple[str, str, str, str, str | None], ...] = (
     (
+        "source",
+        "--source",
+        "VEIL_SOURCE",
+        "registry source: yaml (the --registry file) or kubernetes (the cluster's API)",
+        "yaml",
+    ),
+    (
         "registry",
         "--registry",
         "VEIL_REGISTRY",
@@ -192,6 +199,7 @@ class ControllerConfig:
     ca_key: Path | None
     ca_chain: Path | None
     registry_poll: float
+    source: str = "yaml"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerConfig:
@@ -280,7 +288,17 @@ class ControllerConfig:
             ) from None
         if not 0.05 <= poll <= 60:
             raise fail("registry_poll", f"{poll} s is out of range", "use 0.05 to 60 seconds")
+        source = raw["source"] or "yaml"
+        if source not in ("yaml", "kubernetes"):
+            raise fail("source", f"{source!r} is not a registry source", "use yaml or kubernetes")
+        if source == "kubernetes" and (ca_cert is not None or registry is not None):
+            raise fail(
+                "source",
+                "--registry and --ca-cert do not apply with --source kubernetes",
+                "the cluster is the registry; plug in a CA with the Secret veil-system/cacerts",
+            )
         return cls(
+            source=source,
             registry=registry,
             state_dir=Path(raw["state_dir"] or str(DEFAULT_STATE_DIR)),
             listen=listen,

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psutil
@@ -43,12 +43,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from controller.api.model import TrustBundle
 from controller.api.service import add_services
-from controller.auth import JoinTokenStore
+from controller.auth import JoinTokenStore, NodeAuthenticator
 from controller.ca import CertificateAuthority
 from controller.config import ConfigError, ControllerConfig, ListenAddress, add_run_arguments
 from controller.discovery import DiscoveryHub
 from controller.identity import IdentityService
 from controller.registry import RegistryFileWatcher, RegistryHolder, describe_state
+
+if TYPE_CHECKING:
+    from controller.k8s import KubernetesRuntime
 
 __all__ = [
     "SERVING_DNS_NAMES",
@@ -204,16 +207,21 @@ def _bound(addr: ListenAddress, port: int) -> str:
 class Controller:
     """The wired controller. ``start()`` binds and serves; ``stop()`` shuts down cleanly."""
 
-    def __init__(self, config: ControllerConfig) -> None:
+    def __init__(self, config: ControllerConfig, k8s: KubernetesRuntime | None = None) -> None:
         self.config = config
-        self.ca = CertificateAuthority.load_or_create(
-            config.state_dir,
-            config.trust_domain,
-            ca_cert=config.ca_cert,
-            ca_key=config.ca_key,
-            ca_chain=config.ca_chain,
-        )
-        self.registry = RegistryHolder(trust_domain=self.ca.trust_domain)
+        self.k8s = k8s
+        if k8s is not None:
+            self.ca = k8s.ca
+            self.registry = k8s.holder
+        else:
+            self.ca = CertificateAuthority.load_or_create(
+                config.state_dir,
+                config.trust_domain,
+                ca_cert=config.ca_cert,
+                ca_key=config.ca_key,
+                ca_chain=config.ca_chain,
+            )
+            self.registry = RegistryHolder(trust_domain=self.ca.trust_domain)
         self.watcher: RegistryFileWatcher | None = None
         if config.registry is not None:
             self.watcher = RegistryFileWatcher(
@@ -226,9 +234,10 @@ class Controller:
         self.hub.publish(self.registry.current())
         self.registry.subscribe(self.hub.publish)
         self.tokens = JoinTokenStore(config.state_dir, ca_fingerprint=lambda: self.ca.fingerprint)
+        authenticator: NodeAuthenticator = k8s.authenticator if k8s is not None else self.tokens
         self.identity = IdentityService(
             self.ca,
-            self.tokens,
+            authenticator,
             self.registry.current,
             default_ttl=config.default_ttl,
             max_ttl=config.max_ttl,
@@ -249,6 +258,10 @@ class Controller:
     async def start(self) -> StartupInfo:
         """Binds both listeners and starts serving and the background watchers."""
         self._loop = asyncio.get_running_loop()
+        if self.k8s is not None:
+            # Serve nodes only once the first complete list of the cluster is published.
+            self._spawn(self.k8s.run(), "kubernetes source")
+            await self.k8s.wait_synced()
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         add_services(server, self.identity, self.hub)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -278,7 +291,8 @@ class Controller:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ca.add_listener(self._bundle_changed_threadsafe)
-        self._spawn(self.ca.watch_state_dir(), "CA state watcher")
+        if self.k8s is None:  # in Kubernetes mode the runtime reloads the CA Secret
+            self._spawn(self.ca.watch_state_dir(), "CA state watcher")
         self._spawn(self._renew_serving_certificate(), "serving certificate renewal")
         if self.watcher is not None:
             self._spawn(self.watcher.run(), "registry file watcher")
@@ -287,7 +301,11 @@ class Controller:
             join_listen=_bound(cfg.join_listen, ports[1]),
             trust_domain=self.ca.trust_domain,
             ca_fingerprint=self.ca.fingerprint,
-            registry=str(cfg.registry) if cfg.registry is not None else "(none: empty)",
+            registry="kubernetes"
+            if self.k8s is not None
+            else str(cfg.registry)
+            if cfg.registry is not None
+            else "(none: empty)",
             registry_summary=describe_state(self.registry.current()),
         )
 
@@ -350,8 +368,17 @@ async def _serve(config: ControllerConfig, started: Callable[[StartupInfo], None
     # the moment it reads the startup line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    k8s: KubernetesRuntime | None = None
     try:
-        controller = Controller(config)
+        if config.source == "kubernetes":
+            from controller.k8s import KubernetesOptions, build_kubernetes_source
+
+            k8s = await build_kubernetes_source(
+                RegistryHolder(trust_domain=config.trust_domain),
+                KubernetesOptions(trust_domain=config.trust_domain),
+                state_dir=config.state_dir,
+            )
+        controller = Controller(config, k8s)
         info = await controller.start()
         try:
             started(info)
@@ -360,6 +387,8 @@ async def _serve(config: ControllerConfig, started: Callable[[StartupInfo], None
         finally:
             await controller.stop()
     finally:
+        if k8s is not None:
+            await k8s.close()  # releases the Lease: the standby takes over at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0

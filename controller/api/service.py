@@ -14,7 +14,6 @@ request field.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -149,9 +148,10 @@ class _DiscoveryServicer(pb_grpc.DiscoveryServicer):
         self._backend = backend
         self._identity = identity
 
-    async def Watch(  # type: ignore[override]
-        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchResponse]:
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        # Sent with context.write rather than yield: gRPC keeps a yielded
+        # message alive until the next one, and the first message is a whole
+        # registry snapshot, so every idle watcher would pin one in memory.
         try:
             node = peer_node(context, self._identity.trust_domain())
             types = frozenset(ResourceType(t) for t in request.types if t) or frozenset(ResourceType)
@@ -170,8 +170,12 @@ class _DiscoveryServicer(pb_grpc.DiscoveryServicer):
         sub = self._backend.subscribe(node, types, request.epoch, int(request.version))
         try:
             while True:
-                update = await sub.next()
-                yield watch_response_to_pb(update)
+                try:
+                    update = await sub.next()
+                except ApiError as e:  # e.g. the hub is shutting down: UNAVAILABLE
+                    await _abort(context, e)
+                    return
+                await context.write(watch_response_to_pb(update))
         finally:
             sub.close()
 

@@ -36,7 +36,19 @@ __all__ = ["H2Receiver"]
 
 E = fr.ErrorCode
 T = fr.FrameType
-F = fr.Flag
+
+
+class F:
+    """Flag bits as plain ints: IntFlag arithmetic builds enum members on every
+    ``&``, which showed up on the per-frame path."""
+
+    END_STREAM = int(fr.Flag.END_STREAM)
+    ACK = int(fr.Flag.ACK)
+    END_HEADERS = int(fr.Flag.END_HEADERS)
+    PADDED = int(fr.Flag.PADDED)
+    PRIORITY = int(fr.Flag.PRIORITY)
+
+
 S = fr.SettingCode
 _MAX_SETTINGS_PER_FRAME = 64
 _MAX_GOAWAY_DEBUG = 16_384

@@ -86,7 +86,7 @@ class TunnelStream:
         self.bytes_up = 0
         self.bytes_down = 0
         self._tcp: _TcpSide | None = None
-        self._early: list[bytes] = []  # peer bytes that arrived before the socket
+        self._early: list[bytes] | None = None  # peer bytes that arrived before the socket
         self._held = 0  # received bytes not yet acknowledged to the peer
         self._pending: bytes | memoryview | None = None  # local bytes waiting for window
         self._local_eof = False
@@ -134,6 +134,8 @@ class TunnelStream:
     def _on_data(self, data: memoryview) -> None:
         self._held += len(data)
         if self._tcp is None or self._early:
+            if self._early is None:
+                self._early = []
             self._early.append(bytes(data))
         else:
             self._write_local(data)
@@ -236,8 +238,8 @@ class TunnelStream:
             return
         if self._ep.write_paused:
             tcp.pause(PAUSE_CONN)
-        early, self._early = self._early, []
-        for chunk in early:
+        early, self._early = self._early, None
+        for chunk in early or ():
             self._write_local(chunk)
         if self._remote_eof:
             tcp.write_eof()
@@ -285,7 +287,7 @@ class TunnelStream:
         if self._result is not None:
             return
         self._result = RelayResult(self.bytes_up, self.bytes_down, reason, detail)
-        self._early.clear()
+        self._early = None
         self._pending = None
         # Whatever was received and not delivered still holds connection window.
         self._release_held()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from controller.api.dataplane import MARK_ZTUNNEL
+from controller.api.spiffe import SpiffeId
 from ztunnel.metrics import TrafficMetrics
 from ztunnel.policy import Connection
 from ztunnel.state import RoundRobin, StateStore
@@ -31,12 +32,32 @@ from .errors import ProxyError
 from .relay import RelayResult
 from .sockets import reset
 
-__all__ = ["ProxyContext", "RelayFn", "proxied", "refuse"]
+__all__ = ["ProxyContext", "RelayFn", "intern_identity", "proxied", "refuse"]
 
 log = logging.getLogger("veil.ztunnel.proxy")
 
 # Runs the data phase of one connection with its live counters; returns how it ended.
 RelayFn = Callable[[LiveConnection], Awaitable[RelayResult]]
+
+_IDENTITIES: dict[SpiffeId, SpiffeId] = {}
+_MAX_IDENTITIES = 4096
+
+
+def intern_identity(identity: SpiffeId) -> SpiffeId:
+    """One shared instance per SPIFFE ID.
+
+    ``Workload.identity`` builds a new object on every call, and each live
+    connection keeps its source and destination identities (policy re-checks,
+    config_dump); with 10,000 connections to one service that is 20,000 equal
+    objects. Bounded: the table starts over when it grows past a few thousand.
+    """
+    shared = _IDENTITIES.get(identity)
+    if shared is not None:
+        return shared
+    if len(_IDENTITIES) >= _MAX_IDENTITIES:
+        _IDENTITIES.clear()
+    _IDENTITIES[identity] = identity
+    return identity
 
 
 @dataclass(eq=False)

@@ -58,7 +58,7 @@ from .connections import (
     Direction,
     LiveConnection,
 )
-from .context import ProxyContext, proxied, refuse
+from .context import ProxyContext, intern_identity, proxied, refuse
 from .errors import UpstreamConnectError
 from .plaintext import connect_to_pod
 from .relay import RelayResult
@@ -206,7 +206,7 @@ class InboundProxy:
         dst_identity: SpiffeId | None = None
         if dest is not None:
             try:
-                dst_identity = dest.identity
+                dst_identity = intern_identity(dest.identity)
             except InvalidSpiffeId:
                 dst_identity = None
         source = inbound_source(snap, req)

@@ -39,7 +39,7 @@ from .connections import (
     Direction,
     LiveConnection,
 )
-from .context import ProxyContext, proxied, refuse
+from .context import ProxyContext, intern_identity, proxied, refuse
 from .errors import NoRouteError, TunnelError
 from .inbound import stream_result
 from .plaintext import connect_to_pod
@@ -122,7 +122,7 @@ class OutboundProxy:
             refuse(ctx, sock, info, decision.reason, FLAG_NO_ROUTE)
             return None
         try:
-            src_identity = decision.source.identity
+            src_identity = intern_identity(decision.source.identity)
         except InvalidSpiffeId as e:
             info = ConnectionInfo(
                 Direction.OUTBOUND, src, dst, "refuse", src_workload=decision.source
@@ -148,7 +148,7 @@ class OutboundProxy:
             src_workload=decision.source,
             dst_workload=decision.destination,
             src_identity=src_identity,
-            dst_identity=decision.expected_identity,
+            dst_identity=intern_identity(decision.expected_identity),
         )
         hbone_ip, hbone_port = decision.hbone_addr
         if self._peer_port is not None:
