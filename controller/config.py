@@ -104,6 +104,28 @@ _SETTINGS: tuple[tuple[str, str, str, str, str | None], ...] = (
         "yaml",
     ),
     (
+        "kube_api",
+        "--kube-api",
+        "VEIL_KUBE_API",
+        "Kubernetes API server URL, to run --source kubernetes outside the cluster "
+        "(default: the in-cluster ServiceAccount)",
+        None,
+    ),
+    (
+        "kube_token_file",
+        "--kube-token-file",
+        "VEIL_KUBE_TOKEN_FILE",
+        "bearer token file for --kube-api",
+        None,
+    ),
+    (
+        "kube_ca_file",
+        "--kube-ca-file",
+        "VEIL_KUBE_CA_FILE",
+        "CA bundle that signs the --kube-api server certificate",
+        None,
+    ),
+    (
         "registry",
         "--registry",
         "VEIL_REGISTRY",
@@ -200,6 +222,9 @@ class ControllerConfig:
     ca_chain: Path | None
     registry_poll: float
     source: str = "yaml"
+    kube_api: str | None = None
+    kube_token_file: Path | None = None
+    kube_ca_file: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerConfig:
@@ -297,7 +322,24 @@ class ControllerConfig:
                 "--registry and --ca-cert do not apply with --source kubernetes",
                 "the cluster is the registry; plug in a CA with the Secret veil-system/cacerts",
             )
+        kube_api = raw["kube_api"] or None
+        kube_token_file = Path(raw["kube_token_file"]) if raw["kube_token_file"] else None
+        kube_ca_file = Path(raw["kube_ca_file"]) if raw["kube_ca_file"] else None
+        if kube_api is not None:
+            if source != "kubernetes":
+                raise fail("kube_api", "only applies with --source kubernetes", "add --source kubernetes")
+            if not kube_api.startswith(("http://", "https://")):
+                raise fail("kube_api", f"{kube_api!r} is not a URL", "e.g. https://10.0.0.1:6443")
+            if kube_token_file is None or not kube_token_file.is_file():
+                raise fail(
+                    "kube_token_file",
+                    f"{kube_token_file or 'no file'} is not a readable token file",
+                    "pass --kube-token-file with a bearer token for the API server",
+                )
         return cls(
+            kube_api=kube_api,
+            kube_token_file=kube_token_file,
+            kube_ca_file=kube_ca_file,
             source=source,
             registry=registry,
             state_dir=Path(raw["state_dir"] or str(DEFAULT_STATE_DIR)),

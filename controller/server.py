@@ -372,11 +372,23 @@ async def _serve(config: ControllerConfig, started: Callable[[StartupInfo], None
     try:
         if config.source == "kubernetes":
             from controller.k8s import KubernetesOptions, build_kubernetes_source
+            from controller.k8s.client import KubeClient
+
+            factory = KubeClient.in_cluster
+            if config.kube_api is not None and config.kube_token_file is not None:
+                api, token_file = config.kube_api, config.kube_token_file
+                ca_file = str(config.kube_ca_file) if config.kube_ca_file else None
+
+                def factory() -> KubeClient:
+                    return KubeClient.for_host(
+                        api, token_file.read_text().strip(), ca_file=ca_file
+                    )
 
             k8s = await build_kubernetes_source(
                 RegistryHolder(trust_domain=config.trust_domain),
                 KubernetesOptions(trust_domain=config.trust_domain),
                 state_dir=config.state_dir,
+                client_factory=factory,
             )
         controller = Controller(config, k8s)
         info = await controller.start()

@@ -18,6 +18,10 @@ APT_PACKAGES=(
   nghttp2-proxy nghttp2-client tinyproxy openssl make
 )
 
+# The HBONE interop test drives our server with Node.js's own http2 client. The
+# machine image ships Node.js 20; fall back to Debian's when it is absent.
+command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -38,11 +38,12 @@ class HboneStream(TunnelStream):
         self.authority = authority
         self.status: int | None = None
         self._refused = False
-        self._response: asyncio.Future[int | None] = endpoint.loop.create_future()
+        # Until the CONNECT is answered; dropped then (one object fewer per live stream).
+        self._response: asyncio.Future[int | None] | None = endpoint.loop.create_future()
 
     def _on_response(self, status: int) -> None:
         self.status = status
-        if not self._response.done():
+        if self._response is not None and not self._response.done():
             self._response.set_result(status)
 
     def _on_reset(self, code: int, remote: bool) -> None:
@@ -51,7 +52,7 @@ class HboneStream(TunnelStream):
 
     def _finish(self, reason: CloseReason, detail: str) -> None:
         super()._finish(reason, detail)
-        if not self._response.done():
+        if self._response is not None and not self._response.done():
             self._response.set_result(None)
 
 
@@ -119,11 +120,13 @@ class HboneClientConnection(H2Endpoint):
         self.register(stream)
         self.flush()
         timeout = self.config.stream_open_timeout
+        response = stream._response
+        assert response is not None
         try:
             # No shield: a cancelled wait cancels only this stream's own future,
             # which nothing else awaits.
             async with asyncio.timeout(timeout):
-                status = await stream._response
+                status = await response
         except TimeoutError:
             stream.close(CloseReason.CLOSED, "no answer to CONNECT")
             raise HboneConnectError(
@@ -133,6 +136,7 @@ class HboneClientConnection(H2Endpoint):
         except asyncio.CancelledError:
             stream.close(CloseReason.CANCELLED, "cancelled while waiting for the CONNECT answer")
             raise
+        stream._response = None
         if status is None:
             result = stream.result
             detail = result.detail if result else "stream ended"

@@ -120,7 +120,11 @@ async def proxied(
     error: str | None = None
     flags: str | None = None
     try:
-        result = await relay(conn)
+        running = relay(conn)
+        # The closure (and the objects only it refers to) need not live as long
+        # as the connection: its coroutine keeps what it uses.
+        del relay
+        result = await running
         error, flags = result.error, result.flags
     except asyncio.CancelledError:
         if conn.close_reason is None:
