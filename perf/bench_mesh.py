@@ -453,7 +453,9 @@ def _ratio(metric: str, value: float, baseline: float | None) -> dict[str, Any]:
     }
 
 
-def run_bench(connections: int, seconds: float, rounds: int, work: Path) -> dict[str, Any]:
+def run_bench(
+    connections: int, seconds: float, rounds: int, work: Path, steering: str = "ebpf"
+) -> dict[str, Any]:
     from agent.lab.mesh import LabMesh
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -469,7 +471,7 @@ def run_bench(connections: int, seconds: float, rounds: int, work: Path) -> dict
     registry.write_text(yaml.safe_dump(_registry(), sort_keys=False))
     (work / "mesh").mkdir()
     # Production logging (INFO: one access log line per connection) on purpose.
-    mesh = LabMesh(registry, workdir=work / "mesh", steering="tproxy")
+    mesh = LabMesh(registry, workdir=work / "mesh", steering=steering)
     with mesh:
         mesh.start()
         bench = Bench(mesh, work, seconds)
@@ -557,18 +559,32 @@ def run_bench(connections: int, seconds: float, rounds: int, work: Path) -> dict
     }
 
 
-def write_outputs(result: dict[str, Any], results_dir: Path = RESULTS) -> None:
+def write_outputs(result: dict[str, Any], results_dir: Path = RESULTS, name: str = "mesh") -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "mesh.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     latest = results_dir / "latest.json"
     try:
         doc = json.loads(latest.read_text())
     except (OSError, ValueError):
         doc = {}
-    doc.setdefault("benchmarks", {})["mesh"] = result
+    doc.setdefault("benchmarks", {})[name] = result
     doc["generated"] = result["generated"]
     latest.write_text(json.dumps(doc, indent=2) + "\n")
-    _chart(result, results_dir / "mesh.png")
+    _chart(result, results_dir / f"{name}.png")
+
+
+def print_side_by_side(by_steering: dict[str, dict[str, Any]]) -> None:
+    """The same metrics under each steering, for comparing eBPF with nftables."""
+    names = list(next(iter(by_steering.values()))["metrics"])
+    heads = "".join(f" {s + ' value':>14} {s + ' ratio':>12}" for s in by_steering)
+    print(f"\n{'metric':30}{heads}")
+    for n in names:
+        row = ""
+        for result in by_steering.values():
+            m = result["metrics"][n]
+            ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}"
+            row += f" {m['value']:>14.3f} {ratio:>12}"
+        print(f"{n:30}{row}")
 
 
 def _chart(result: dict[str, Any], path: Path) -> None:
@@ -628,14 +644,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput/cps run")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians count")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--steering",
+        choices=["ebpf", "tproxy", "both"],
+        default="both",
+        help="how pods are steered into the ztunnel: the agent's eBPF programs (results "
+        "'mesh'), nftables TPROXY (results 'mesh-tproxy'), or both, side by side",
+    )
     args = parser.parse_args(args_list)
     if os.geteuid() != 0:
         raise SystemExit("bench_mesh builds network namespaces: run it as root")
-    with tempfile.TemporaryDirectory(prefix="veil-bench-mesh-") as tmp:
-        result = run_bench(args.connections, args.seconds, args.rounds, Path(tmp))
-    write_outputs(result, args.results)
-    print_table(result)
-    return result
+    steerings = ["ebpf", "tproxy"] if args.steering == "both" else [args.steering]
+    results: dict[str, dict[str, Any]] = {}
+    for steering in steerings:
+        with tempfile.TemporaryDirectory(prefix="veil-bench-mesh-") as tmp:
+            result = run_bench(args.connections, args.seconds, args.rounds, Path(tmp), steering)
+        result["steering"] = steering
+        write_outputs(result, args.results, "mesh" if steering == "ebpf" else "mesh-tproxy")
+        print(f"\n== steering: {steering}")
+        print_table(result)
+        results[steering] = result
+    if len(results) > 1:
+        print_side_by_side(results)
+    return results["ebpf"] if "ebpf" in results else results[steerings[0]]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from typing import TYPE_CHECKING
 
@@ -64,9 +66,30 @@ def run_command(args: argparse.Namespace) -> int:
     # Imported here so `veil --help` does not load the data path.
     from ztunnel.app import run_ztunnel
 
+    listener = _access_log_off_the_loop()
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(run_ztunnel(config))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_ztunnel(config))
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(run_ztunnel(config))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(run_ztunnel(config))
+    finally:
+        listener.stop()  # flushes every queued access log line
+
+
+def _access_log_off_the_loop() -> logging.handlers.QueueListener:
+    """Writes access log lines from a thread, not the event loop.
+
+    One line per closed connection; a blocking write to stderr or a pipe on the
+    loop cost about 0.3 ms per connection in profiles of the new-connection rate.
+    The queue is unbounded but drained continuously, so lines are never lost.
+    """
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handlers = logging.getLogger().handlers
+    listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+    access = logging.getLogger("veil.access")
+    access.addHandler(logging.handlers.QueueHandler(q))
+    access.propagate = False
+    listener.start()
+    return listener

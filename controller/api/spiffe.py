@@ -9,6 +9,7 @@ segments and no trailing slash; no query, fragment, port or user info; at most
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -118,8 +119,13 @@ def _check_k8s_name(kind: str, value: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=16384)
 def workload_identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
-    """``spiffe://<td>/ns/<ns>/sa/<sa>``, validated."""
+    """``spiffe://<td>/ns/<ns>/sa/<sa>``, validated.
+
+    Memoised (bounded): the data path asks for the same identities on every
+    connection. An invalid input raises every time, since exceptions are not cached.
+    """
     validate_trust_domain(trust_domain)
     _check_k8s_name("namespace", namespace)
     _check_k8s_name("service account", service_account)

@@ -30,7 +30,8 @@ _ACCEPT_BATCH = 128
 
 
 class Listener:
-    """Accepts on ``sock`` and runs ``handler(conn)`` in a task per connection.
+    """Accepts on ``sock`` and runs what ``handler(conn)`` returns in a task per
+    connection (nothing when it returns None: it dealt with the socket at once).
 
     ``handler`` owns the accepted socket (closes or resets it).
     """

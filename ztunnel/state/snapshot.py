@@ -12,6 +12,7 @@ policies live in a namespace.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
@@ -40,8 +41,12 @@ log = logging.getLogger("veil.ztunnel.state")
 # against a caller passing unbounded made-up workloads.
 _MEMO_LIMIT = 65_536
 
+@functools.lru_cache(maxsize=65536)
 def normalize_ip(ip: str) -> str:
     """The canonical text of an IP address, or ``ip`` unchanged when it is not one.
+
+    Memoised (bounded): the same pod and peer addresses recur on every
+    connection, and ``ipaddress`` parsing costs tens of microseconds each.
 
     IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``, what a dual-stack socket
     reports for an IPv4 peer) become plain IPv4 so they find the same workload.
