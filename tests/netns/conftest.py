@@ -6,6 +6,7 @@ labs of other live sessions on the same machine are left alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.netns)
+
+
+_PIN_ROOT = Path("/sys/fs/bpf/veil")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pin_root_left_as_found() -> Iterator[None]:
+    """Tests pin under per-test directories below /sys/fs/bpf/veil (the production
+    default); remove that parent at the end if this session created it."""
+    existed = _PIN_ROOT.exists()
+    yield
+    if not existed:
+        with contextlib.suppress(OSError):  # not empty: a test leaked pins; keep the evidence
+            _PIN_ROOT.rmdir()
 
 
 @pytest.fixture(scope="session", autouse=True)
