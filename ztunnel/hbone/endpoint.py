@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar, cast
 
 from controller.api.spiffe import SpiffeId
 from ztunnel.tls import PeerVerificationError, check_alpn, verify_peer
@@ -38,7 +39,7 @@ from .events import (
 from .frames import ErrorCode
 from .stream import PAUSE_CONN, CloseReason, TunnelStream
 
-__all__ = ["H2Endpoint"]
+__all__ = ["H2Endpoint", "close_selected", "drain", "wait_all"]
 
 log = logging.getLogger(__name__)
 _COALESCE = 64 * 1024  # join writes up to this size: fewer, fuller TLS records
@@ -338,3 +339,36 @@ def _code_name(code: int) -> str:
         return ErrorCode(code).name
     except ValueError:
         return hex(code)
+
+
+S = TypeVar("S", bound=TunnelStream)
+
+
+def close_selected(
+    streams: Iterable[S], predicate: Callable[[S], bool], reason: CloseReason, detail: str
+) -> int:
+    """Resets the streams ``predicate`` selects (policy re-check); returns how many."""
+    chosen = [s for s in streams if predicate(s)]
+    for stream in chosen:
+        stream.close(reason, detail)
+    return len(chosen)
+
+
+async def drain(endpoints: Sequence[H2Endpoint], grace: float) -> None:
+    """Graceful shutdown of a set of connections, client or server side alike.
+
+    GOAWAY on each, let their streams finish for ``grace`` seconds, then reset
+    what is left and wait (briefly) for the transports to close.
+    """
+    for ep in endpoints:
+        ep.close_gracefully("shutting down")
+    await wait_all((ep.closed for ep in endpoints), grace)
+    for ep in endpoints:
+        ep.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended", abort=True)
+    await wait_all((ep.closed for ep in endpoints), 1.0)
+
+
+async def wait_all(futures: Iterable[asyncio.Future[None]], timeout: float) -> None:
+    pending = [f for f in futures if not f.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)

@@ -29,6 +29,7 @@ from ztunnel.tls import CredentialError, TlsContextCache, WorkloadCredential
 from .client import HboneClientConnection, HboneStream, connect_hbone
 from .config import HboneConfig
 from .connect import BadAuthority, parse_authority
+from .endpoint import close_selected, drain
 from .errors import HboneConnectError, StreamRefused
 from .stream import CloseReason
 
@@ -288,24 +289,11 @@ class HboneClientPool:
         detail: str = "no longer allowed by policy",
     ) -> int:
         """Reset the live streams ``predicate`` selects; returns how many."""
-        chosen = [s for s in self.streams() if predicate(s)]
-        for stream in chosen:
-            stream.close(reason, detail)
-        return len(chosen)
+        return close_selected(self.streams(), predicate, reason, detail)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """GOAWAY on every connection, let streams drain for ``grace`` seconds, then
         reset what is left and close."""
         self._closing = True
         grace = self.config.shutdown_grace if grace is None else grace
-        conns = self._all()
-        for c in conns:
-            c.close_gracefully("shutting down")
-        pending = [c.closed for c in conns if not c.closed.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=grace)
-        for c in self._all():
-            c.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended", abort=True)
-        pending = [c.closed for c in conns if not c.closed.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        await drain(self._all(), grace)

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 from controller.api.model import TrustBundle
 from ztunnel.tls import CredentialError, TlsContextCache, WorkloadCredential
@@ -42,7 +42,7 @@ from ztunnel.tls import CredentialError, TlsContextCache, WorkloadCredential
 from .config import HboneConfig
 from .connect import STATUS_BAD_REQUEST, ConnectRequest, Rejection, decide_request, normalize_ip
 from .connection import Role
-from .endpoint import H2Endpoint
+from .endpoint import H2Endpoint, close_selected, drain, wait_all
 from .errors import LocalProtocolError
 from .events import RequestReceived
 from .frames import ErrorCode
@@ -257,31 +257,16 @@ class HboneServer:
         detail: str = "no longer allowed by policy",
     ) -> int:
         """Reset the live streams ``predicate`` selects; returns how many."""
-        chosen = [s for s in self.streams() if predicate(s)]
-        for stream in chosen:
-            stream.close(reason, detail)
-        return len(chosen)
+        return close_selected(self.streams(), predicate, reason, detail)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """GOAWAY to every connection, let streams drain for ``grace`` seconds, then
         reset what is left and close."""
         self._shutting_down = True
         grace = self.config.shutdown_grace if grace is None else grace
-        endpoints = list(self._endpoints)
-        for ep in endpoints:
-            ep.close_gracefully("shutting down")
-        await _wait_all((ep.closed for ep in endpoints), grace)
-        for ep in list(self._endpoints):
-            ep.terminate(CloseReason.SHUTDOWN, "shutdown grace period ended", abort=True)
-        await _wait_all((ep.closed for ep in endpoints), 1.0)
+        await drain(list(self._endpoints), grace)
         tasks = list(self._tasks)
-        await _wait_all(tasks, 1.0)
+        await wait_all(tasks, 1.0)
         for task in tasks:
             task.cancel()
-        await _wait_all(tasks, 1.0)
-
-
-async def _wait_all(futures: Iterable[asyncio.Future[None]], timeout: float) -> None:
-    pending = [f for f in futures if not f.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
+        await wait_all(tasks, 1.0)
