@@ -9,13 +9,13 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m agent.cli.veil demo
+	$(PY) -m cli.veil demo
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint:
-	$(VENV)/bin/ruff check controller agent ztunnel tests perf
+	$(VENV)/bin/ruff check veil controller node agent ztunnel lab cli tests perf
 	$(VENV)/bin/mypy
 
 unit: setup

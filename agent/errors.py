@@ -8,7 +8,7 @@ they happen; nothing above agent/bpf and agent/net sees them.
 
 from __future__ import annotations
 
-from controller.api.errors import VeilError
+from veil.errors import VeilError
 
 __all__ = [
     "AgentError",

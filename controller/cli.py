@@ -7,8 +7,8 @@
   ``join`` (token -> node certificate), ``certificate`` (a workload SVID over
   mTLS, PEM on stdout), ``renew`` (a new node certificate), ``status``.
 
-Handlers raise :class:`~controller.api.errors.VeilError` subclasses; the
-dispatcher in :mod:`agent.cli.veil` prints them with their hint and exits 1.
+Handlers raise :class:`~veil.errors.VeilError` subclasses; the
+dispatcher in :mod:`cli.veil` prints them with their hint and exits 1.
 Tables by default, stable JSON with ``-o json``; data goes to stdout, notes for
 humans to stderr, so ``veil controller token create ... > token`` works.
 """
@@ -111,7 +111,7 @@ def _add_ca_files(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_token_create(args: argparse.Namespace) -> int:
-    from controller.api.dataplane import CONTROLLER_JOIN_PORT
+    from controller.api.ports import CONTROLLER_JOIN_PORT
     from controller.auth import JoinTokenStore
     from controller.ca import CertificateAuthority
 
@@ -340,7 +340,7 @@ def _read_file(path: str, what: str) -> bytes:
 
 
 def _cmd_node_join(args: argparse.Namespace) -> int:
-    from controller.node import join
+    from node import join
 
     token = args.token or os.environ.get("VEIL_JOIN_TOKEN", "")
     if args.token_file:
@@ -371,8 +371,8 @@ def _cmd_node_join(args: argparse.Namespace) -> int:
 
 
 def _cmd_node_certificate(args: argparse.Namespace) -> int:
-    from controller.ca.statefile import atomic_write
-    from controller.node import load_node_credentials, request_certificate
+    from node import load_node_credentials, request_certificate
+    from veil.files import atomic_write
 
     identity = SpiffeId.parse(args.identity)
     creds = load_node_credentials(args.state_dir)
@@ -392,7 +392,7 @@ def _cmd_node_certificate(args: argparse.Namespace) -> int:
 
 
 def _cmd_node_renew(args: argparse.Namespace) -> int:
-    from controller.node import renew_node_certificate
+    from node import renew_node_certificate
 
     creds = asyncio.run(renew_node_certificate(args.state_dir, args.timeout))
     _note(f"renewed {creds.identity}; valid until {_iso(creds.not_after)}")
@@ -405,7 +405,7 @@ def _cmd_node_status(args: argparse.Namespace) -> int:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from controller.node import load_node_credentials
+    from node import load_node_credentials
 
     creds = load_node_credentials(args.state_dir)
     roots = [

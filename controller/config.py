@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from controller.api.dataplane import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
+from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
 from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, validate_trust_domain
 from controller.errors import ControllerError
 

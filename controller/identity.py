@@ -1,6 +1,6 @@
 """The Identity service: node joins and node-scoped workload certificates.
 
-:class:`IdentityService` implements :class:`controller.api.service.IdentityBackend`.
+:class:`IdentityService` implements :class:`controller.service.IdentityBackend`.
 The decisions are pure functions with table-driven tests:
 
 * :func:`parse_requested_identity`: the requested SPIFFE ID is valid and in our
@@ -21,8 +21,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from controller.api.errors import ApiError
-from controller.api.model import RegistryState
-from controller.api.service import JoinResult
+from controller.api.model import JoinResult, RegistryState
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId, node_identity
 from controller.auth.protocol import NodeAuthenticator
 from controller.ca.authority import CertificateAuthority, IssuedCertificate

@@ -42,13 +42,13 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from controller.api.model import TrustBundle
-from controller.api.service import add_services
 from controller.auth import JoinTokenStore, NodeAuthenticator
 from controller.ca import CertificateAuthority
 from controller.config import ConfigError, ControllerConfig, ListenAddress, add_run_arguments
 from controller.discovery import DiscoveryHub
 from controller.identity import IdentityService
 from controller.registry import RegistryFileWatcher, RegistryHolder, describe_state
+from controller.service import add_services
 
 if TYPE_CHECKING:
     from controller.k8s import KubernetesRuntime

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from controller.api.spiffe import SpiffeId  # noqa: E402
 from controller.auth import JoinTokenStore  # noqa: E402
 from controller.ca import CertificateAuthority  # noqa: E402
-from controller.node import NodeCredentials, build_csr, generate_key, join  # noqa: E402
+from node import NodeCredentials, build_csr, generate_key, join  # noqa: E402
 
 TD = "cluster.local"
 TARGET = 500.0  # certificates per second
@@ -83,7 +83,7 @@ class ControllerProcess:
             [
                 sys.executable,
                 "-m",
-                "agent.cli.veil",
+                "cli.veil",
                 "--log-level",
                 "warning",
                 "controller",

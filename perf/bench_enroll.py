@@ -1,6 +1,6 @@
 """Enrollment speed of the node agent: registry change -> redirection active, on the lab.
 
-Setup: one lab node (E1's :class:`agent.lab.Topology`) with ``--pods`` pods
+Setup: one lab node (E1's :class:`lab.Topology`) with ``--pods`` pods
 (default 200) plus ``--samples`` spare pods, the real controller
 (``veil controller run`` in the underlay namespace; it notices registry edits
 through inotify, polling every 50 ms as a fallback), the node joined with a token, and ``veil agent run`` in the node's
@@ -56,11 +56,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.bpf import DataplaneMaps, PinLayout, uninstall_node  # noqa: E402
-from agent.lab import LabError, LabPod, Topology, in_netns, wait_listening  # noqa: E402
 from agent.net import tc  # noqa: E402
 from agent.net.tc import Hook  # noqa: E402
 from agent.status import StatusClient, StatusUnavailable  # noqa: E402
-from controller.api.dataplane import CONTROLLER_JOIN_PORT, CONTROLLER_PORT  # noqa: E402
+from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT  # noqa: E402
+from lab import LabError, LabPod, Topology, in_netns, wait_listening  # noqa: E402
 
 RESULTS = ROOT / "perf" / "results" / "enroll.json"
 PIN_ROOT = Path("/sys/fs/bpf/veil-bench")
@@ -70,7 +70,7 @@ REGISTRY_POLL = "0.05"
 
 
 def _veil(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli.veil", "--log-level", "warning", *args]
+    return [sys.executable, "-m", "cli.veil", "--log-level", "warning", *args]
 
 
 def _workload(pod: LabPod) -> dict[str, Any]:

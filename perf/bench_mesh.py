@@ -1,6 +1,6 @@
 """The mesh data path against direct traffic and an stunnel4 mTLS chain, on the lab.
 
-Setup (one run, one topology): E1's lab (:class:`agent.lab.mesh.LabMesh`) with
+Setup (one run, one topology): E1's lab (:class:`lab.mesh.LabMesh`) with
 two nodes, the real controller and ``veil ztunnel run`` on each node, pods
 steered by nftables TPROXY. Six pods:
 
@@ -319,7 +319,7 @@ class Bench:
         return str(self.mesh.pod(pod).ip)
 
     def run_json(self, pod: str, argv: list[str], timeout: float = 120) -> Any:
-        from agent.lab.process import netns_argv
+        from lab.process import netns_argv
 
         done = subprocess.run(
             netns_argv(self.ns(pod), argv), capture_output=True, timeout=timeout, cwd=ROOT
@@ -332,7 +332,7 @@ class Bench:
         return [sys.executable, "-m", "perf.bench_mesh", "worker", *(str(a) for a in args)]
 
     def start_servers(self) -> None:
-        from agent.lab.process import wait_listening
+        from lab.process import wait_listening
 
         for pod in ("server", "plain-server", "peer", "plain-peer"):
             proc = self.topo.popen(self.ns(pod), ["iperf3", "-s", "-p", str(IPERF_PORT)])
@@ -344,7 +344,7 @@ class Bench:
             wait_listening(proc, ECHO_PORT, 10)
 
     def start_stunnel(self) -> None:
-        from agent.lab.process import wait_listening
+        from lab.process import wait_listening
 
         material = _stunnel_material(self.work)
         node_a, node_b = self.topo.node("node-a"), self.topo.node("node-b")
@@ -377,7 +377,7 @@ class Bench:
         pod, host, port = self.target(path, IPERF_PORT)
         argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(self.seconds), "-O", "1"]
         argv += ["-P", str(streams), "-J"]
-        from agent.lab.process import netns_argv
+        from lab.process import netns_argv
 
         done = subprocess.run(
             netns_argv(self.ns(pod), argv), capture_output=True, timeout=self.seconds + 60
@@ -413,7 +413,7 @@ class Bench:
         return out
 
     def rss_with_connections(self, count: int) -> dict[str, Any]:
-        from agent.lab.process import netns_argv
+        from lab.process import netns_argv
 
         before = self.ztunnel_rss()
         pod, host, port = self.target("mesh", ECHO_PORT)
@@ -458,7 +458,7 @@ def _ratio(metric: str, value: float, baseline: float | None) -> dict[str, Any]:
 def run_bench(
     connections: int, seconds: float, rounds: int, work: Path, steering: str = "ebpf"
 ) -> dict[str, Any]:
-    from agent.lab.mesh import LabMesh
+    from lab.mesh import LabMesh
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -60,7 +60,7 @@ from controller.api.model import ResourceType, Workload, resource_key  # noqa: E
 from controller.api.spiffe import node_identity  # noqa: E402
 from controller.auth import JoinTokenStore  # noqa: E402
 from controller.ca import CertificateAuthority  # noqa: E402
-from controller.node import NodeCredentials, build_csr, generate_key, key_pem  # noqa: E402
+from node import NodeCredentials, build_csr, generate_key, key_pem  # noqa: E402
 
 TD = "cluster.local"
 TARGET_P99_S = 1.0
@@ -189,7 +189,7 @@ class ControllerProcess:
             [
                 sys.executable,
                 "-m",
-                "agent.cli.veil",
+                "cli.veil",
                 "--log-level",
                 "info",
                 "controller",

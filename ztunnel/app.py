@@ -32,9 +32,12 @@ from functools import partial
 from pathlib import Path
 
 from controller.api.client import ControllerClient
-from controller.api.dataplane import MARK_ZTUNNEL
 from controller.api.model import ResourceType, TrustBundle, WatchUpdate
-from controller.node import NodeCredentials, load_node_credentials
+from node import NodeCredentials, load_node_credentials
+from node.backoff import Backoff
+from node.dataplane import MARK_ZTUNNEL
+from node.state import StateChange, StateStore
+from node.watch import WatchClient
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
 from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import ConfigError
@@ -49,10 +52,7 @@ from ztunnel.proxy.listener import ConnectionHandler, Listener
 from ztunnel.proxy.outbound import OutboundProxy
 from ztunnel.proxy.plaintext import handle_plaintext
 from ztunnel.proxy.sockets import Address, connect_upstream, listener_socket
-from ztunnel.state import StateChange, StateStore
 from ztunnel.tls import TlsContextCache
-from ztunnel.xds import WatchClient
-from ztunnel.xds.backoff import Backoff
 
 __all__ = ["Ztunnel", "run_ztunnel"]
 

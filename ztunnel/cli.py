@@ -4,8 +4,8 @@
 until SIGTERM/SIGINT, then drains. Every setting of
 :class:`~ztunnel.config.ZtunnelConfig` is a flag here and a ``VEIL_*``
 environment variable (flags win). The handler returns an exit code and raises
-:class:`~controller.api.errors.VeilError` subclasses (printed with their hint
-by the dispatcher in :mod:`agent.cli.veil`).
+:class:`~veil.errors.VeilError` subclasses (printed with their hint
+by the dispatcher in :mod:`cli.veil`).
 """
 
 from __future__ import annotations

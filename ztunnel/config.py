@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.api.dataplane import (
+from node.dataplane import (
     ADMIN_PORT,
     HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
@@ -26,7 +26,7 @@ from controller.api.dataplane import (
     OUTBOUND_PORT,
     READINESS_PORT,
 )
-from controller.api.settings import Setting, add_setting_arguments, resolve_settings
+from veil.settings import Setting, add_setting_arguments, resolve_settings
 
 from .errors import ConfigError
 

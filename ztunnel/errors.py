@@ -1,20 +1,19 @@
 """The ztunnel room's error family.
 
 Every error the ztunnel raises on purpose derives from :class:`ZtunnelError`
-(itself a :class:`~controller.api.errors.VeilError`), so the CLI can print the
+(itself a :class:`~veil.errors.VeilError`), so the CLI can print the
 message and hint of any of them the same way. Subpackages add subclasses here
 or in their own package (``ztunnel.hbone`` and ``ztunnel.tls`` do the latter).
 """
 
 from __future__ import annotations
 
-from controller.api.errors import VeilError
+from veil.errors import VeilError
 
 __all__ = [
     "AdminBindError",
     "CertificateError",
     "ConfigError",
-    "StateError",
     "ZtunnelError",
 ]
 
@@ -31,10 +30,6 @@ class CertificateError(ZtunnelError):
     """A workload certificate could not be obtained, or the controller's answer
     failed the node's own checks (wrong SAN, does not chain to the trust bundle)."""
 
-
-class StateError(ZtunnelError):
-    """The control-plane state could not be applied (for example a delta whose
-    version does not follow the one held)."""
 
 
 class AdminBindError(ZtunnelError):

@@ -35,7 +35,7 @@ from typing import Any, Final
 from agent.bpf import syscall
 from agent.errors import BpfError
 from agent.net.tc import Hook
-from controller.api import dataplane as dp
+from node import dataplane as dp
 
 __all__ = [
     "DEFAULT_EBPF_DIR",

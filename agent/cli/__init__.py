@@ -1,1 +1,1 @@
-"""Command-line entry points: ``veil`` (run the components) and ``veilctl`` (inspect a node)."""
+"""Command-line entry points of the node: ``veil agent`` subcommands and ``veilctl``."""

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from agent.cli.output import Column, render, render_kv
 from agent.status.client import StatusClient, StatusUnavailable, get_json
-from controller.api.errors import VeilError
+from veil.errors import VeilError
 
 __all__ = [
     "EXIT_FINDINGS",

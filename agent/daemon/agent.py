@@ -48,9 +48,10 @@ from agent.bpf import Dataplane, DataplaneOptions, PodDataplaneState
 from agent.errors import AgentError
 from agent.status import StatusServer
 from controller.api.model import ResourceType, Workload
-from controller.node import NodeCredentials, load_node_credentials
-from ztunnel.state import StateChange, StateStore
-from ztunnel.xds import Backoff, WatchClient
+from node import NodeCredentials, load_node_credentials
+from node.state import StateChange, StateStore
+from node.backoff import Backoff
+from node.watch import WatchClient
 
 from .audit import AuditInput, audit
 from .config import AgentConfig

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.bpf import NodeDataplaneState, PodDataplaneState
-from controller.api.dataplane import (
+from node.dataplane import (
     HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
     MARK_MASK,

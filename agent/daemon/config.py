@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from agent.bpf.pins import DEFAULT_PIN_DIR, validate_pin_dir
 from agent.errors import BpfError
-from controller.api.settings import Setting, add_setting_arguments, resolve_settings
+from veil.settings import Setting, add_setting_arguments, resolve_settings
 
 from .errors import AgentConfigError
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from controller.api.client import ControllerClient
-from controller.api.errors import VeilError
 from controller.api.model import ResourceType, WatchUpdate
-from controller.node import NodeCredentials, load_node_credentials, renew_node_certificate
+from node import NodeCredentials, load_node_credentials, renew_node_certificate
+from veil.errors import VeilError
 
 __all__ = ["NodeIdentity", "renewal_due"]
 
@@ -62,7 +62,7 @@ class NodeIdentity:
         self.last_error: str | None = None
         self.renewals = 0
 
-    # -- the watch source (ztunnel.xds.WatchSource) ---------------------------------
+    # -- the watch source (node.watch.WatchSource) ---------------------------------
 
     def watch(
         self,

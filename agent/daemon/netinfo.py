@@ -19,8 +19,8 @@ from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
 
 from agent.errors import AgentError
 from agent.net import veth
-from controller.api.errors import VeilError
-from controller.node import split_host_port
+from node import split_host_port
+from veil.errors import VeilError
 
 from .audit import Listener, listeners_from_proc
 from .errors import AgentStartupError

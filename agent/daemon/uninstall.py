@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 from agent.bpf import PinLayout, uninstall_node
 from agent.bpf.pins import validate_pin_dir
 from agent.net import routing, tc, veth
-from controller.api.dataplane import MARK_MASK, MARK_REDIRECT, ROUTE_TABLE, RULE_PRIORITY
+from node.dataplane import MARK_MASK, MARK_REDIRECT, ROUTE_TABLE, RULE_PRIORITY
 
 __all__ = ["NodeInstall", "UninstallReport", "scan", "uninstall"]
 

@@ -22,7 +22,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
 
 from agent.errors import NetlinkError
-from controller.api.dataplane import MARK_MASK, MARK_REDIRECT, ROUTE_TABLE, RULE_PRIORITY
+from node.dataplane import MARK_MASK, MARK_REDIRECT, ROUTE_TABLE, RULE_PRIORITY
 
 __all__ = ["PolicyRouting", "ensure_policy_routing", "policy_routing", "remove_policy_routing"]
 

@@ -11,7 +11,7 @@ import json
 import socket
 from typing import Any
 
-from controller.api.errors import VeilError
+from veil.errors import VeilError
 
 __all__ = ["StatusClient", "StatusUnavailable", "get_json"]
 

@@ -1,5 +1,5 @@
 """The controller API: the .proto, its generated code, and the frozen model types.
 
 This package is the one contract every node imports. Only ``wire``, ``client``
-and ``service`` import the generated ``_pb2`` modules.
+and ``controller.service`` import the generated ``_pb2`` modules.
 """

@@ -15,8 +15,7 @@ import grpc
 from . import veil_pb2 as pb
 from . import veil_pb2_grpc as pb_grpc
 from .errors import ApiError
-from .model import ResourceType, WatchUpdate
-from .service import JoinResult
+from .model import JoinResult, ResourceType, WatchUpdate
 from .wire import watch_update_from_pb
 
 __all__ = ["CONTROLLER_SERVER_NAME", "ControllerClient", "join_node", "map_rpc_error"]

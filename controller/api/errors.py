@@ -1,28 +1,14 @@
-"""The root of Veil's error hierarchy, shared by every room.
+"""Errors that cross the controller's gRPC boundary.
 
-Each room defines one family below :class:`VeilError` (``ControllerError``,
-``AgentError``, ``ZtunnelError``). Every message a user can see says what was
-wrong, what was expected, and what to do next; ``hint`` carries the last part so
-CLIs can print it on its own line.
+:class:`ApiError` carries the gRPC status name a client acts on. The root of the
+hierarchy, :class:`veil.errors.VeilError`, lives in the project foundation.
 """
 
 from __future__ import annotations
 
-__all__ = ["ApiError", "VeilError"]
+from veil.errors import VeilError
 
-
-class VeilError(Exception):
-    """Base class of every error Veil raises on purpose."""
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message} ({self.hint})"
-        return self.message
+__all__ = ["ApiError"]
 
 
 class ApiError(VeilError):

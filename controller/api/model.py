@@ -20,6 +20,7 @@ __all__ = [
     "OPT_OUT",
     "ROOT_NAMESPACE",
     "AuthorizationPolicy",
+    "JoinResult",
     "Labels",
     "Namespace",
     "Operation",
@@ -282,3 +283,13 @@ class WatchUpdate:
     upserts: tuple[Resource, ...] = ()
     removals: tuple[tuple[ResourceType, str], ...] = ()
     trust_bundle: TrustBundle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    """What ``Identity.JoinNode`` answers: the node's certificate and the trust bundle."""
+
+    node: str
+    cert_chain: tuple[bytes, ...]  # PEM, leaf first
+    trust_bundle: tuple[bytes, ...]  # PEM roots
+    trust_domain: str

@@ -13,7 +13,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .errors import VeilError
+from veil.errors import VeilError
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",

@@ -1,6 +1,6 @@
 """Conversion between protobuf messages and the frozen model types.
 
-This module, :mod:`controller.api.client` and :mod:`controller.api.service` are
+This module, :mod:`controller.api.client` and :mod:`controller.service` are
 the only places that touch generated ``_pb2`` code. Everything else in Veil
 works with :mod:`controller.api.model`.
 """

@@ -7,8 +7,9 @@ name and carrying the CA fingerprint, stored hashed).
 
 from __future__ import annotations
 
+from controller.api.token import TOKEN_PREFIX, JoinToken
+
 from .protocol import NodeAuthenticator
-from .token import TOKEN_PREFIX, JoinToken
 from .token_store import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, JoinTokenStore, TokenInfo
 
 __all__ = [

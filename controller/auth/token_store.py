@@ -22,11 +22,10 @@ from typing import Any
 
 from controller.api.errors import ApiError
 from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, node_identity
+from controller.api.token import JoinToken
 from controller.ca.authority import Clock, utc_now
-from controller.ca.statefile import atomic_write, exclusive_lock
 from controller.errors import TokenError
-
-from .token import JoinToken
+from veil.files import atomic_write, exclusive_lock
 
 __all__ = ["DEFAULT_TOKEN_TTL", "MAX_TOKEN_TTL", "JoinTokenStore", "TokenInfo"]
 

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controller.errors import CaError
-
-from .statefile import atomic_write, exclusive_lock
+from veil.files import atomic_write, exclusive_lock
 
 __all__ = ["AuthorityRecord", "CaState", "CaStore", "FileCaStore"]
 

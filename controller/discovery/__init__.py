@@ -1,6 +1,6 @@
 """Discovery: streams the registry and the trust bundle to every node.
 
-:class:`DiscoveryHub` implements :class:`controller.api.service.DiscoveryBackend`
+:class:`DiscoveryHub` implements :class:`controller.service.DiscoveryBackend`
 (snapshot then deltas, resume by epoch and version, per-watcher coalescing).
 """
 

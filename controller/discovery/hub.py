@@ -71,7 +71,7 @@ class WatcherInfo:
 
 
 class HubSubscription:
-    """One node's view of the hub; implements controller.api.service.Subscription."""
+    """One node's view of the hub; implements controller.service.Subscription."""
 
     def __init__(
         self, hub: DiscoveryHub, node: str, types: frozenset[ResourceType], first: WatchUpdate
@@ -179,7 +179,7 @@ class HubSubscription:
 
 
 class DiscoveryHub:
-    """Implements controller.api.service.DiscoveryBackend over published states."""
+    """Implements controller.service.DiscoveryBackend over published states."""
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import DEFAULT_CONTROLLER_IP, LabError, Topology, cleanup_stale
+from lab import DEFAULT_CONTROLLER_IP, LabError, Topology, cleanup_stale
 
 _HERE = Path(__file__).parent
 

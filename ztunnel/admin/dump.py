@@ -21,9 +21,9 @@ from controller.api.model import (
     Workload,
 )
 from controller.api.spiffe import InvalidSpiffeId
+from node.state.snapshot import Snapshot
 
 from ..policy.peer_auth import effective_mode
-from ..state.snapshot import Snapshot
 
 __all__ = [
     "config_dump",

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from node.state.store import StateStore
+
 from ..identity.manager import CertManager
-from ..state.store import StateStore
 
 __all__ = ["Readiness", "ReadinessCheck", "ReadinessResult"]
 

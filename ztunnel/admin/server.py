@@ -22,12 +22,13 @@ from typing import Any
 
 from aiohttp import web
 
+from node.state.store import StateStore
+from node.watch import WatchStatus
+
 from ..config import ZtunnelConfig, is_loopback
 from ..errors import AdminBindError
 from ..identity.manager import CertManager
 from ..metrics.prometheus import CONTENT_TYPE, Registry
-from ..state.store import StateStore
-from ..xds.watch import WatchStatus
 from .dump import config_dump
 from .readiness import Readiness
 

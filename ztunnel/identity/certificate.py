@@ -3,7 +3,7 @@
 The node generates an ECDSA P-256 key per request and sends a CSR whose only
 subjectAltName is the workload's SPIFFE URI. It accepts the controller's
 answer only after checking it itself (with the same node-side checks the node
-certificate gets, :func:`controller.node.csr.check_issued_chain`): the leaf
+certificate gets, :func:`node.csr.check_issued_chain`): the leaf
 carries exactly that one URI SAN, certifies the key generated here, is not a
 CA, is valid now, and chains to the trust bundle. The controller is trusted to
 sign, not to decide which identity this node speaks as.
@@ -20,8 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import SpiffeId
-from controller.errors import NodeCredentialsError
-from controller.node.csr import (
+from node.csr import (
     build_csr,
     check_issued_chain,
     generate_key,
@@ -29,6 +28,7 @@ from controller.node.csr import (
     load_key,
     split_pem_chain,
 )
+from node.errors import NodeCredentialsError
 
 from ..errors import CertificateError
 

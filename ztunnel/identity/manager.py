@@ -10,7 +10,7 @@ there is never more than one request in flight per identity. The worker:
 - refreshes at once when a new trust bundle no longer validates the one held.
 
 Identities come from the state store: :meth:`CertManager.on_state_change` is a
-:class:`~ztunnel.state.StateStore` subscriber that starts workers for new local
+:class:`~node.state.StateStore` subscriber that starts workers for new local
 workloads (prefetch) and stops them for workloads that left. ``fetch`` also
 starts a worker on demand and waits for the first result.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,10 +33,11 @@ from typing import Protocol
 from controller.api.errors import ApiError
 from controller.api.model import TrustBundle
 from controller.api.spiffe import SpiffeId
+from node.backoff import Backoff
+from node.state.store import StateChange
+from veil.files import atomic_write
 
 from ..errors import CertificateError
-from ..state.store import StateChange
-from ..xds.backoff import Backoff
 from .certificate import (
     WorkloadCertificate,
     build_csr,
@@ -378,8 +378,8 @@ class CertManager:
             return
         key_path, crt_path = paths
         key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _atomic_write(key_path, cert.key_pem, 0o600)
-        _atomic_write(crt_path, b"".join(cert.chain_pem), 0o644)
+        atomic_write(key_path, cert.key_pem, 0o600)
+        atomic_write(crt_path, b"".join(cert.chain_pem), 0o644)
 
     def _remove_files(self, identity: SpiffeId) -> None:
         paths = self._paths(identity)
@@ -387,17 +387,3 @@ class CertManager:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Writes via a temp file created with ``mode`` (a key is never world-readable,
-    not even for a moment) and renames it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)  # the umask may have narrowed the mode given to open
-    os.replace(tmp, path)

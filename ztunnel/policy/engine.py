@@ -12,7 +12,7 @@ entry that slipped past the controller) fails closed: an invalid DENY policy
 counts as matching, an invalid ALLOW policy matches nothing. A policy we
 cannot understand therefore never widens access.
 
-:class:`PolicyEngine` binds the functions to a :class:`~ztunnel.state.StateStore`
+:class:`PolicyEngine` binds the functions to a :class:`~node.state.StateStore`
 for the proxy, and re-checks live connections when the state changes.
 """
 
@@ -24,9 +24,9 @@ from typing import TypeVar
 
 from controller.api.model import AuthorizationPolicy, PeerAuthMode, PolicyAction, Workload
 from controller.api.spiffe import SpiffeId
+from node.state.snapshot import Snapshot
+from node.state.store import StateStore
 
-from ..state.snapshot import Snapshot
-from ..state.store import StateStore
 from .match import ConnectionFacts, compile_policy
 from .peer_auth import effective_mode
 

@@ -12,8 +12,7 @@ know).
 from __future__ import annotations
 
 from controller.api.model import ROOT_NAMESPACE, PeerAuthentication, PeerAuthMode, Workload
-
-from ..state.snapshot import Snapshot
+from node.state.snapshot import Snapshot
 
 __all__ = ["DEFAULT_MODE", "effective_mode", "mode_source"]
 

@@ -30,9 +30,9 @@ from typing import Any
 
 from controller.api.model import Workload
 from controller.api.spiffe import SpiffeId
+from node.state import Snapshot
 from ztunnel.metrics import ConnectionLabels, ConnectionReport, Reporter
 from ztunnel.policy import Connection, PolicyEngine, Verdict
-from ztunnel.state import Snapshot
 
 from .relay import ByteCounters, Counters
 from .sockets import Address

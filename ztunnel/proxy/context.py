@@ -2,7 +2,7 @@
 and the bookkeeping every proxied connection goes through.
 
 A listener module receives one :class:`ProxyContext`; it reads the current
-snapshot from the store, decides with the pure functions of ``ztunnel.state``
+snapshot from the store, decides with the pure functions of ``node.state``
 and ``ztunnel.policy``, and then calls :func:`proxied` (register, count, relay,
 log) or :func:`refuse` (reset, count, log).
 """
@@ -16,11 +16,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from controller.api.dataplane import MARK_ZTUNNEL
 from controller.api.spiffe import SpiffeId
+from node.dataplane import MARK_ZTUNNEL
+from node.state import StateStore
 from ztunnel.metrics import TrafficMetrics
 from ztunnel.policy import Connection
-from ztunnel.state import RoundRobin, StateStore
 
 from .connections import (
     FLAG_DOWNSTREAM_CLOSED,
@@ -30,6 +30,7 @@ from .connections import (
 )
 from .errors import ProxyError
 from .relay import RelayResult
+from .route import RoundRobin
 from .sockets import reset
 
 __all__ = ["ProxyContext", "RelayFn", "intern_identity", "proxied", "refuse"]

@@ -38,6 +38,7 @@ from typing import Any
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from node.state import Snapshot
 from ztunnel.errors import CertificateError
 from ztunnel.hbone.config import HboneConfig
 from ztunnel.hbone.connect import STATUS_DENIED, STATUS_UNAVAILABLE, ConnectRequest
@@ -46,7 +47,6 @@ from ztunnel.hbone.stream import CloseReason
 from ztunnel.hbone.stream import relay as relay_stream
 from ztunnel.identity import CertManager, WorkloadCertificate
 from ztunnel.policy import Connection, authorize
-from ztunnel.state import Snapshot
 from ztunnel.tls import TlsContextCache
 
 from .connections import (

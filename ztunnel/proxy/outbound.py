@@ -2,7 +2,7 @@
 
 For each accepted connection: the original destination is ``getsockname()``,
 the source workload is the local enrolled workload owning ``getpeername()``'s
-IP, and :func:`ztunnel.state.route` says what to do:
+IP, and :func:`ztunnel.proxy.route` says what to do:
 
 * ``Hbone``: open a CONNECT stream through the pooled mTLS HTTP/2 connections
   to the destination's ztunnel, presenting the *source* workload's certificate
@@ -30,7 +30,6 @@ from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneError, HboneStre
 from ztunnel.hbone import relay as relay_stream
 from ztunnel.identity import CertManager
 from ztunnel.policy import Connection, authorize
-from ztunnel.state import Hbone, Passthrough, Refuse, SameNode, route
 
 from .connections import (
     FLAG_NO_ROUTE,
@@ -44,6 +43,7 @@ from .errors import NoRouteError, TunnelError
 from .inbound import stream_result
 from .plaintext import connect_to_pod
 from .relay import RelayResult, relay_sockets
+from .route import Hbone, Passthrough, Refuse, SameNode, route
 from .sockets import Address, connect_upstream, local_address, peer_address, reset
 
 __all__ = ["OutboundProxy"]

@@ -25,7 +25,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from controller.api.dataplane import MARK_ZTUNNEL
+from node.dataplane import MARK_ZTUNNEL
 
 from .errors import UpstreamConnectError
 

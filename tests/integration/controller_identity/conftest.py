@@ -21,12 +21,12 @@ import grpc
 import pytest
 
 from controller.api.model import RegistryState, TrustBundle, Workload
-from controller.api.service import add_services
 from controller.auth import JoinTokenStore
 from controller.ca import CertificateAuthority
 from controller.discovery import DiscoveryHub
 from controller.identity import IdentityService
 from controller.registry import RegistryHolder
+from controller.service import add_services
 
 TD = "cluster.local"
 REPO = Path(__file__).resolve().parents[3]
@@ -142,7 +142,7 @@ def veil(
 ) -> subprocess.CompletedProcess[str]:
     """Runs the real ``veil`` CLI in a subprocess (blocking; use ``await asyncio.to_thread``)."""
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli.veil", "--log-level", "warning", *args],
+        [sys.executable, "-m", "cli.veil", "--log-level", "warning", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,

@@ -53,7 +53,7 @@ def running_controller(tmp_path: Path) -> Iterator[dict[str, Any]]:
         [
             sys.executable,
             "-m",
-            "agent.cli.veil",
+            "cli.veil",
             "--log-level",
             "warning",
             "controller",

@@ -15,8 +15,8 @@ from controller.api.client import ControllerClient, join_node
 from controller.api.errors import ApiError
 from controller.api.spiffe import SpiffeId, node_identity
 from controller.auth import JoinTokenStore
-from controller.errors import NodeCredentialsError
-from controller.node import NodeCredentials, build_csr, generate_key, join, request_certificate
+from node import NodeCredentials, build_csr, generate_key, join, request_certificate
+from node.errors import NodeCredentialsError
 
 CART = "spiffe://cluster.local/ns/shop/sa/cart"  # runs on node-1
 PAYMENTS = "spiffe://cluster.local/ns/shop/sa/payments"  # runs on node-2
@@ -161,7 +161,7 @@ async def test_a_workload_certificate_is_not_a_node_credential(
 
 
 async def test_own_node_certificate_can_be_renewed(node1: NodeCredentials, tmp_path: Path) -> None:
-    from controller.node import renew_node_certificate
+    from node import renew_node_certificate
 
     renewed = await renew_node_certificate(tmp_path / "n1")
     assert renewed.key_pem != node1.key_pem

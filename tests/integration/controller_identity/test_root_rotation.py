@@ -17,7 +17,7 @@ from cryptography import x509
 
 from controller.api.errors import ApiError
 from controller.api.spiffe import SpiffeId
-from controller.node import join, refresh_trust_bundle, request_certificate
+from node import join, refresh_trust_bundle, request_certificate
 
 CART = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")
 PAYMENTS = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/payments")

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controller.api.spiffe import SpiffeId
-from controller.node import join, request_certificate
+from node import join, request_certificate
 
 TD = "cluster.local"
 CART = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")

@@ -37,7 +37,7 @@ from controller.api.model import Resource, ResourceType, WatchUpdate, resource_k
 from controller.api.spiffe import node_identity
 from controller.auth import JoinTokenStore
 from controller.ca import CertificateAuthority
-from controller.node import NodeCredentials, build_csr, generate_key, key_pem
+from node import NodeCredentials, build_csr, generate_key, key_pem
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "examples" / "registry.yaml"
@@ -46,7 +46,7 @@ START_TIMEOUT = 30.0
 
 
 def veil_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli.veil", *args]
+    return [sys.executable, "-m", "cli.veil", *args]
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 def veil(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli.veil", *args],
+        [sys.executable, "-m", "cli.veil", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
 
@@ -44,7 +44,7 @@ def controller(apiserver: ThreadedApiServer, tmp_path: Path) -> Iterator[tuple[s
     log = (tmp_path / "controller.log").open("w")
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "agent.cli.veil", "controller", "run",
+            sys.executable, "-m", "cli.veil", "controller", "run",
             "--source", "kubernetes",
             "--kube-api", apiserver.url,
             "--kube-token-file", str(token_file),

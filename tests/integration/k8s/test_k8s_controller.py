@@ -29,14 +29,14 @@ from cryptography.x509.oid import NameOID
 from controller.api.client import ControllerClient, join_node
 from controller.api.errors import ApiError
 from controller.api.model import ResourceType, Workload
-from controller.api.service import add_services
 from controller.api.spiffe import SpiffeId, node_identity
 from controller.discovery import DiscoveryHub
 from controller.identity import IdentityService
 from controller.k8s import KubernetesOptions, KubernetesRuntime, build_kubernetes_source
-from controller.node.csr import build_csr, generate_key, key_pem
 from controller.registry import RegistryHolder
 from controller.server import SERVING_DNS_NAMES, ServingCredentials
+from controller.service import add_services
+from node.csr import build_csr, generate_key, key_pem
 
 from .apiserver_double import RegisteredToken
 from .conftest import FAST_LEASE, FAST_WATCH, ThreadedApiServer, eventually, namespace, pod

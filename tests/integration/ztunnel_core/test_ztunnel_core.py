@@ -3,7 +3,7 @@
 A node joins with a real token; the ztunnel pieces (state store, Discovery
 watch, CertManager, admin/metrics/readiness servers) run in this process over
 the node's mTLS credentials, loaded from the state dir with
-controller.node.load_node_credentials as the ztunnel does. The controller is
+node.load_node_credentials as the ztunnel does. The controller is
 stopped and started again to check that the node keeps serving the last state
 and certificates and then reconnects.
 """
@@ -23,14 +23,15 @@ from cryptography import x509
 
 from controller.api.client import ControllerClient
 from controller.api.spiffe import SpiffeId
-from controller.node import NodeCredentials, join, load_node_credentials
+from node import NodeCredentials, join, load_node_credentials
+from node.state import StateStore
+from node.watch import Backoff, WatchClient
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
 from ztunnel.errors import AdminBindError
 from ztunnel.identity import CertManager
 from ztunnel.metrics import ConnectionLabels, ConnectionReport, Registry, Reporter, TrafficMetrics
 from ztunnel.policy import Connection, PolicyEngine
-from ztunnel.state import Hbone, StateStore, route
-from ztunnel.xds import Backoff, WatchClient
+from ztunnel.proxy.route import Hbone, route
 
 from .conftest import ControllerProcess, example_doc
 

@@ -9,9 +9,9 @@ import pytest
 
 from controller.api.model import Labels, Workload
 from controller.api.spiffe import SpiffeId, workload_identity
+from node.state import Snapshot, build_snapshot
 from ztunnel.hbone import ConnectRequest
 from ztunnel.proxy.inbound import InboundSource, inbound_source
-from ztunnel.state import Snapshot, build_snapshot
 
 CHECKOUT = workload_identity("cluster.local", "shop", "checkout")
 

@@ -4,7 +4,7 @@ Shared by the loopback tests (``tests/integration/ztunnel_proxy``) and the
 network-namespace tests (``tests/netns/ztunnel``, which load this file by
 path). The controller is ``veil controller run`` as a subprocess, optionally
 inside a network namespace; nodes join it with real single-use tokens through
-:func:`controller.node.join` (CA pinning included). Every process is stopped
+:func:`node.join` (CA pinning included). Every process is stopped
 by :meth:`ControllerProcess.stop`, which the fixtures call in ``finally``.
 """
 
@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from agent.lab.process import netns_argv
 from controller.auth import JoinTokenStore
 from controller.ca import CertificateAuthority
-from controller.node import NodeCredentials, join
+from lab.process import netns_argv
+from node import NodeCredentials, join
 
 REPO = Path(__file__).resolve().parents[3]
 _STARTUP = re.compile(r"veil controller serving: mTLS (\S+):(\d+), join (\S+):(\d+),")
@@ -35,7 +35,7 @@ START_TIMEOUT = 30.0
 
 
 def veil_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli.veil", *args]
+    return [sys.executable, "-m", "cli.veil", *args]
 
 
 def clean_env() -> dict[str, str]:

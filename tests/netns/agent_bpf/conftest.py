@@ -28,9 +28,9 @@ import pytest
 
 from agent.bpf import Dataplane
 from agent.bpf.dataplane import uninstall_node
-from agent.lab import LabNode, LabPod, Topology, in_netns
-from agent.lab.netns import list_netns
-from controller.api.dataplane import MARK_ZTUNNEL
+from lab import LabNode, LabPod, Topology, in_netns
+from lab.netns import list_netns
+from node.dataplane import MARK_ZTUNNEL
 
 TEST_PIN_ROOT = Path("/sys/fs/bpf/veil-test")
 IP_TRANSPARENT = 19

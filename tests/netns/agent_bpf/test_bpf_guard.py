@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from agent.bpf import DropReason
-from agent.lab.apps import serve
-from controller.api.dataplane import MARK_ZTUNNEL, OUTBOUND_PORT
+from lab.apps import serve
+from node.dataplane import MARK_ZTUNNEL, OUTBOUND_PORT
 
 
 def _wait_for(predicate: Any, timeout: float = 2.0) -> bool:

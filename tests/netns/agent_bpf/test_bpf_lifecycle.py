@@ -15,8 +15,8 @@ import pytest
 from agent.bpf import Dataplane, DataplaneOptions, DataplaneView, DropReason, syscall
 from agent.bpf.maps import MAP_LAYOUTS
 from agent.bpf.pins import PinLayout
-from agent.lab import Topology, in_netns
-from controller.api.dataplane import MARK_REDIRECT, OUTBOUND_PORT, ROUTE_TABLE
+from lab import Topology, in_netns
+from node.dataplane import MARK_REDIRECT, OUTBOUND_PORT, ROUTE_TABLE
 
 HOLDER = Path(__file__).with_name("dataplane_holder.py")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from agent.bpf import DropReason
-from agent.lab.apps import serve
-from controller.api.dataplane import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from lab.apps import serve
+from node.dataplane import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 
 # An address in node-b's pod CIDR where no pod exists: only capture can answer it.
 NOWHERE = "10.244.2.250"

@@ -40,7 +40,9 @@ import pytest
 import yaml
 
 from agent.bpf import uninstall_node
-from agent.lab import (
+from agent.status import StatusClient, StatusUnavailable
+from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
+from lab import (
     LabError,
     LabNode,
     LabPod,
@@ -49,16 +51,8 @@ from agent.lab import (
     in_netns,
     wait_listening,
 )
-from agent.lab.netns import list_netns, netns_path
-from agent.status import StatusClient, StatusUnavailable
-from controller.api.dataplane import (
-    CONTROLLER_JOIN_PORT,
-    CONTROLLER_PORT,
-    HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT,
-    MARK_ZTUNNEL,
-    OUTBOUND_PORT,
-)
+from lab.netns import list_netns, netns_path
+from node.dataplane import HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_ZTUNNEL, OUTBOUND_PORT
 
 REPO = Path(__file__).resolve().parents[3]
 PIN_ROOT = Path("/sys/fs/bpf/veil-agentd")
@@ -67,7 +61,7 @@ _IP_TRANSPARENT = 19
 
 
 def veil(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli.veil", *args]
+    return [sys.executable, "-m", "cli.veil", *args]
 
 
 def registry_doc() -> dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from agent.lab import in_netns
 from agent.net import routing, tc
 from agent.net.tc import Hook
+from lab import in_netns
 
 from .conftest import AgentNode, json_out, probe, registry_doc, veil
 

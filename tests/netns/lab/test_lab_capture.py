@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.lab import LabPod, Topology, in_netns
-from agent.lab.apps import echo_roundtrip, listen, serve, sink_bytes
-from agent.lab.capture import (
+from lab import LabPod, Topology, in_netns
+from lab.apps import echo_roundtrip, listen, serve, sink_bytes
+from lab.capture import (
     UnderlayCapture,
     parse_tcp_frame,
     summarize_pcap,

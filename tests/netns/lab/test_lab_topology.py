@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import LabError, Topology, cleanup_stale, in_netns
-from agent.lab.apps import echo_roundtrip, serve, sink_bytes, source_bytes, whoami
-from agent.lab.netns import list_netns
+from lab import LabError, Topology, cleanup_stale, in_netns
+from lab.apps import echo_roundtrip, serve, sink_bytes, source_bytes, whoami
+from lab.netns import list_netns
 
 
 def _root_links() -> set[str]:
@@ -220,7 +220,7 @@ def test_close_removes_everything_even_when_the_body_raises(tmp_path: Path) -> N
 _CRASHING_RUN = textwrap.dedent(
     """
     import os, subprocess
-    from agent.lab import Topology
+    from lab import Topology
     topo = Topology.standard(nodes=1, pods_per_node=1)
     subprocess.Popen(["ip", "netns", "exec", topo.pods[0].netns, "sleep", "60"],
                      start_new_session=True, stdout=subprocess.DEVNULL,

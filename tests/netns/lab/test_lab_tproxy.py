@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.lab import LabNode, Topology, in_netns
-from agent.lab.apps import echo_roundtrip, listen, serve, whoami
-from agent.lab.tproxy import TPROXY_TABLE, disable_tproxy, enable_tproxy
-from controller.api.dataplane import MARK_ZTUNNEL
+from lab import LabNode, Topology, in_netns
+from lab.apps import echo_roundtrip, listen, serve, whoami
+from lab.tproxy import TPROXY_TABLE, disable_tproxy, enable_tproxy
+from node.dataplane import MARK_ZTUNNEL
 
 Addr = tuple[str, int]
 # Given (original destination, client address) and the header line that came
@@ -260,7 +260,7 @@ def test_cross_node_path_through_both_relays(steered: Topology) -> None:
 
 
 def test_enable_rejects_pods_of_another_node(steered: Topology) -> None:
-    from agent.lab import LabError
+    from lab import LabError
 
     with pytest.raises(LabError, match="do not run on node"):
         enable_tproxy(steered.node("node-a"), [steered.pod("pod-0", "node-b")])

@@ -1,6 +1,6 @@
 """The whole mesh as an operator runs it: the demo, and fail-closed with the real ztunnel.
 
-These build :class:`agent.lab.mesh.LabMesh` from ``examples/registry.yaml``:
+These build :class:`lab.mesh.LabMesh` from ``examples/registry.yaml``:
 the controller, and on each node ``veil node join``, ``veil ztunnel run`` and
 ``veil agent run`` (eBPF redirection), exactly as ``make demo`` does.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.demo import DEFAULT_REGISTRY, run_demo
-from agent.lab.apps import TcpServer, listen
-from agent.lab.mesh import LabMesh
-from agent.lab.netns import in_netns
+from lab.apps import TcpServer, listen
+from lab.demo import DEFAULT_REGISTRY, run_demo
+from lab.mesh import LabMesh
+from lab.netns import in_netns
 
 PORT = 8080
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ztunnel_lab import REGISTRY, STEERING, Lab
 
-from agent.lab.mesh import LabMesh
+from lab.mesh import LabMesh
 
 
 @pytest.fixture(scope="module")

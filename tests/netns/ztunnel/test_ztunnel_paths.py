@@ -19,13 +19,13 @@ import pytest
 from cryptography import x509
 from ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from
 
-from agent.lab.apps import echo_roundtrip, whoami
-from agent.lab.capture import UnderlayCapture
-from agent.lab.netns import in_netns
-from controller.api.dataplane import HBONE_PORT
 from controller.api.spiffe import workload_identity
 from controller.ca import CertificateAuthority
-from controller.node import load_node_credentials
+from lab.apps import echo_roundtrip, whoami
+from lab.capture import UnderlayCapture
+from lab.netns import in_netns
+from node import load_node_credentials
+from node.dataplane import HBONE_PORT
 from ztunnel.hbone import HboneClientPool, HboneConnectError
 from ztunnel.identity import WorkloadCertificate, build_csr, generate_key, key_pem
 

@@ -1,6 +1,6 @@
 """The mesh the ztunnel's netns tests run on, and helpers to act as its pods.
 
-One :class:`agent.lab.mesh.LabMesh` per module: ``veil controller run`` in the
+One :class:`lab.mesh.LabMesh` per module: ``veil controller run`` in the
 underlay namespace, two joined nodes each running ``veil ztunnel run`` and
 ``veil agent run``, pods steered by the agent's eBPF programs. The same tests
 also pass on the nftables TPROXY steering that preceded it
@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.lab.apps import TcpServer, serve
-from agent.lab.mesh import LabMesh
-from agent.lab.netns import in_netns
+from lab.apps import TcpServer, serve
+from lab.mesh import LabMesh
+from lab.netns import in_netns
 
 NODE_A, NODE_B = "node-a", "node-b"
 STEERING = os.environ.get("VEIL_ZTUNNEL_TEST_STEERING", "ebpf")

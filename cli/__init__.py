@@ -1,0 +1,1 @@
+"""The umbrella ``veil`` command: dispatches to each room's subcommands."""

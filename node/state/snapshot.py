@@ -1,0 +1,284 @@
+"""The immutable, indexed view of the control-plane state a ztunnel serves from.
+
+A :class:`Snapshot` is built whole by :func:`build_snapshot` from the resources
+the controller sent (outside any lock) and then swapped in by
+:class:`~node.state.store.StateStore`. Readers (routing, policy, admin) take
+the current snapshot once per decision and never see a half-applied update.
+
+Indexes answer the data path's questions in O(1): which workload owns an IP,
+which service sits at a VIP:port, which workloads run on this node, which
+policies live in a namespace.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from controller.api.model import (
+    ROOT_NAMESPACE,
+    AuthorizationPolicy,
+    Labels,
+    Namespace,
+    PeerAuthentication,
+    Resource,
+    Service,
+    ServicePort,
+    TrustBundle,
+    Workload,
+)
+from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
+
+__all__ = ["Snapshot", "build_snapshot", "empty_snapshot", "normalize_ip"]
+
+log = logging.getLogger("veil.node.state")
+
+# Label sets are bounded by the workloads in the snapshot; the cap only guards
+# against a caller passing unbounded made-up workloads.
+_MEMO_LIMIT = 65_536
+
+@functools.lru_cache(maxsize=65536)
+def normalize_ip(ip: str) -> str:
+    """The canonical text of an IP address, or ``ip`` unchanged when it is not one.
+
+    Memoised (bounded): the same pod and peer addresses recur on every
+    connection, and ``ipaddress`` parsing costs tens of microseconds each.
+
+    IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``, what a dual-stack socket
+    reports for an IPv4 peer) become plain IPv4 so they find the same workload.
+    """
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return addr.compressed
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a ztunnel knows at one version, with lookup indexes.
+
+    ``synced`` is False only for the empty snapshot a store starts with, before
+    the controller's first answer; readiness waits for it.
+    """
+
+    node: str
+    epoch: str = ""
+    version: int = 0
+    synced: bool = False
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    trust_bundle: TrustBundle | None = None
+    namespaces: Mapping[str, Namespace] = field(default_factory=lambda: MappingProxyType({}))
+    workloads: Mapping[str, Workload] = field(default_factory=lambda: MappingProxyType({}))
+    services: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
+    policies: Mapping[str, AuthorizationPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    peer_authentications: Mapping[str, PeerAuthentication] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # Indexes (derived; built by build_snapshot).
+    by_ip: Mapping[str, Workload] = field(default_factory=lambda: MappingProxyType({}))
+    by_vip_port: Mapping[tuple[str, int], tuple[Service, ServicePort]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    vips: frozenset[str] = frozenset()
+    local_workloads: tuple[Workload, ...] = ()
+    local_identity_set: frozenset[SpiffeId] = frozenset()
+    policies_by_namespace: Mapping[str, tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    peer_auth_by_namespace: Mapping[str, tuple[PeerAuthentication, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    service_endpoints: Mapping[str, tuple[Workload, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # Memo of policies_for by (namespace, labels): a pure function of this
+    # immutable snapshot, filled on first use by the data path.
+    _policy_memo: dict[tuple[str, Labels], tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    # -- lookups ---------------------------------------------------------------
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        """The workload that owns ``ip``, if any (any node, enrolled or not)."""
+        return self.by_ip.get(normalize_ip(ip))
+
+    def service_at(self, ip: str, port: int) -> tuple[Service, ServicePort] | None:
+        """The service and port listening at the virtual address ``ip:port``."""
+        return self.by_vip_port.get((normalize_ip(ip), port))
+
+    def is_vip(self, ip: str) -> bool:
+        return normalize_ip(ip) in self.vips
+
+    def local_workload_by_ip(self, ip: str) -> Workload | None:
+        """The enrolled workload of this node that owns ``ip`` (a valid source)."""
+        w = self.workload_by_ip(ip)
+        if w is None or w.node != self.node or not w.enrolled:
+            return None
+        return w
+
+    def endpoints(self, service: Service) -> tuple[Workload, ...]:
+        """The service's endpoint workloads that this snapshot knows, in key order."""
+        held = self.service_endpoints.get(service.key)
+        if held is not None and self.services.get(service.key) is service:
+            return held
+        return _endpoints(service, self.workloads)
+
+    def local_identities(self) -> frozenset[SpiffeId]:
+        """Identities this node needs certificates for (its enrolled workloads)."""
+        return self.local_identity_set
+
+    def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
+        """Authorization policies that apply to ``workload``.
+
+        A policy applies when it is in the workload's namespace and its selector
+        matches the workload's labels (no selector: the whole namespace), or when
+        it is in the root namespace with no selector (mesh-wide). A root-namespace
+        policy with a selector applies, like in Istio, to matching workloads in
+        every namespace.
+        """
+        memo_key = (workload.namespace, workload.labels)
+        memo = self._policy_memo.get(memo_key)
+        if memo is not None:
+            return memo
+        out: list[AuthorizationPolicy] = []
+        for p in self.policies_by_namespace.get(workload.namespace, ()):
+            if p.selector is None or p.selector.matches(workload.labels):
+                out.append(p)
+        if workload.namespace != ROOT_NAMESPACE:
+            for p in self.policies_by_namespace.get(ROOT_NAMESPACE, ()):
+                if p.selector is None or p.selector.matches(workload.labels):
+                    out.append(p)
+        result = tuple(out)
+        if len(self._policy_memo) < _MEMO_LIMIT:
+            self._policy_memo[memo_key] = result
+        return result
+
+    def peer_authentications_in(self, namespace: str) -> tuple[PeerAuthentication, ...]:
+        return self.peer_auth_by_namespace.get(namespace, ())
+
+
+def _endpoints(service: Service, workloads: Mapping[str, Workload]) -> tuple[Workload, ...]:
+    return tuple(workloads[k] for k in sorted(set(service.endpoints)) if k in workloads)
+
+
+def empty_snapshot(node: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Snapshot:
+    """The not-yet-synced snapshot a store holds before the controller answers."""
+    return Snapshot(node=node, trust_domain=trust_domain)
+
+
+def _prefer(a: Workload, b: Workload) -> Workload:
+    """Which of two workloads claiming one IP wins (pod churn reuses IPs).
+
+    A ready workload beats a not-ready one; otherwise the smaller key wins, so
+    the choice is deterministic whichever order the updates arrived in.
+    """
+    if a.ready != b.ready:
+        return a if a.ready else b
+    return a if a.key <= b.key else b
+
+
+def build_snapshot(
+    node: str,
+    resources: Iterable[Resource],
+    *,
+    epoch: str,
+    version: int,
+    trust_bundle: TrustBundle | None,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+) -> Snapshot:
+    """Builds an indexed snapshot from a complete set of resources.
+
+    Pure: no locks, no IO, so the store calls it before swapping anything in.
+    """
+    namespaces: dict[str, Namespace] = {}
+    workloads: dict[str, Workload] = {}
+    services: dict[str, Service] = {}
+    policies: dict[str, AuthorizationPolicy] = {}
+    peer_auths: dict[str, PeerAuthentication] = {}
+    for r in resources:
+        if isinstance(r, Namespace):
+            namespaces[r.key] = r
+        elif isinstance(r, Workload):
+            workloads[r.key] = r
+        elif isinstance(r, Service):
+            services[r.key] = r
+        elif isinstance(r, AuthorizationPolicy):
+            policies[r.key] = r
+        elif isinstance(r, PeerAuthentication):
+            peer_auths[r.key] = r
+
+    by_ip: dict[str, Workload] = {}
+    for w in workloads.values():
+        for ip in w.ips:
+            nip = normalize_ip(ip)
+            held = by_ip.get(nip)
+            if held is not None and held.key != w.key:
+                winner = _prefer(held, w)
+                log.warning(
+                    "workloads %s and %s both claim IP %s; using %s", held.key, w.key, nip, winner.key
+                )
+                by_ip[nip] = winner
+            else:
+                by_ip[nip] = w
+
+    by_vip_port: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
+    vips: set[str] = set()
+    for s in sorted(services.values(), key=lambda s: s.key):
+        for vip in s.vips:
+            nvip = normalize_ip(vip)
+            vips.add(nvip)
+            for sp in s.ports:
+                by_vip_port.setdefault((nvip, sp.port), (s, sp))
+
+    local = tuple(
+        sorted((w for w in workloads.values() if w.node == node), key=lambda w: w.key)
+    )
+    identities: set[SpiffeId] = set()
+    for w in local:
+        if not w.enrolled:
+            continue
+        try:
+            identities.add(w.identity)
+        except InvalidSpiffeId as e:
+            # The controller should never send this; skip the workload rather
+            # than fail the whole snapshot.
+            log.error("local workload %s has no valid identity: %s", w.key, e)
+
+    pol_by_ns: dict[str, list[AuthorizationPolicy]] = {}
+    for p in sorted(policies.values(), key=lambda p: p.key):
+        pol_by_ns.setdefault(p.namespace, []).append(p)
+    pa_by_ns: dict[str, list[PeerAuthentication]] = {}
+    for a in sorted(peer_auths.values(), key=lambda a: a.key):
+        pa_by_ns.setdefault(a.namespace, []).append(a)
+
+    return Snapshot(
+        node=node,
+        epoch=epoch,
+        version=version,
+        synced=True,
+        trust_domain=trust_bundle.trust_domain if trust_bundle is not None else trust_domain,
+        trust_bundle=trust_bundle,
+        namespaces=MappingProxyType(namespaces),
+        workloads=MappingProxyType(workloads),
+        services=MappingProxyType(services),
+        policies=MappingProxyType(policies),
+        peer_authentications=MappingProxyType(peer_auths),
+        by_ip=MappingProxyType(by_ip),
+        by_vip_port=MappingProxyType(by_vip_port),
+        vips=frozenset(vips),
+        local_workloads=local,
+        local_identity_set=frozenset(identities),
+        policies_by_namespace=MappingProxyType({k: tuple(v) for k, v in pol_by_ns.items()}),
+        peer_auth_by_namespace=MappingProxyType({k: tuple(v) for k, v in pa_by_ns.items()}),
+        service_endpoints=MappingProxyType(
+            {k: _endpoints(s, workloads) for k, s in services.items()}
+        ),
+    )

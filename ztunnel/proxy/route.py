@@ -1,0 +1,234 @@
+"""Outbound routing: given the snapshot and the captured addresses, what to do.
+
+:func:`route` is a pure function (like Istio ztunnel's ``build_request``): the
+outbound listener calls it with the original source and destination of a
+captured connection and acts on the returned value; nothing here opens a
+socket.
+
+Decisions, in order:
+
+1. The source must be an enrolled workload of this node that owns the source
+   IP; anything else is refused (fail closed: we never send traffic under an
+   identity we cannot attribute).
+2. A destination ``VIP:port`` of a known service picks one ready endpoint (the
+   choice is injectable so tests are deterministic) and maps the service port
+   to the endpoint's target port. A service with no ready endpoint is refused.
+3. An enrolled destination on another node goes over HBONE to
+   ``<pod IP>:15008`` with the destination's expected SPIFFE identity.
+4. An enrolled destination on this node is connected to directly
+   (``SameNode``): the ztunnel holds both identities, nothing leaves the node.
+5. A destination outside the mesh (an unknown IP, or a known workload that is
+   not enrolled) is connected to directly (``Passthrough``). Istio's ztunnel
+   does the same: the mesh secures what it can, and traffic to the outside
+   world keeps working.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from controller.api.model import Service, Workload
+from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from node.dataplane import HBONE_PORT
+from node.state.snapshot import Snapshot, normalize_ip
+
+__all__ = [
+    "EndpointChooser",
+    "Hbone",
+    "Passthrough",
+    "Refuse",
+    "RoundRobin",
+    "Route",
+    "SameNode",
+    "first_endpoint",
+    "random_chooser",
+    "route",
+]
+
+REFUSE_UNKNOWN_SOURCE = "source not a local enrolled workload"
+REFUSE_NO_ENDPOINTS = "no healthy endpoints"
+
+
+@dataclass(frozen=True, slots=True)
+class Hbone:
+    """Tunnel to ``hbone_addr`` and CONNECT to ``dst_ip:dst_port``; the server
+    must present ``expected_identity``."""
+
+    kind: ClassVar[str] = "hbone"
+    source: Workload
+    destination: Workload
+    dst_ip: str
+    dst_port: int
+    expected_identity: SpiffeId
+    hbone_addr: tuple[str, int]
+    service: Service | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SameNode:
+    """Both ends are enrolled workloads of this node: apply the destination's
+    policy to the source identity and connect locally, without TLS."""
+
+    kind: ClassVar[str] = "same_node"
+    source: Workload
+    destination: Workload
+    dst_ip: str
+    dst_port: int
+    service: Service | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """The destination is outside the mesh: connect to it directly."""
+
+    kind: ClassVar[str] = "passthrough"
+    source: Workload
+    dst_ip: str
+    dst_port: int
+    destination: Workload | None = None  # a known but not enrolled workload
+    service: Service | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Close the captured connection; ``reason`` goes to the access log."""
+
+    kind: ClassVar[str] = "refuse"
+    reason: str
+    source: Workload | None = None
+
+
+Route = Hbone | SameNode | Passthrough | Refuse
+
+EndpointChooser = Callable[[Service, Sequence[Workload]], Workload]
+
+
+def first_endpoint(service: Service, endpoints: Sequence[Workload]) -> Workload:
+    """Deterministic: the endpoint with the smallest key (endpoints come sorted)."""
+    return endpoints[0]
+
+
+def random_chooser(rng: random.Random | None = None) -> EndpointChooser:
+    """Uniform random choice; pass a seeded ``random.Random`` for repeatable runs."""
+    r = rng if rng is not None else random.Random()
+
+    def choose(service: Service, endpoints: Sequence[Workload]) -> Workload:
+        return endpoints[r.randrange(len(endpoints))]
+
+    return choose
+
+
+class RoundRobin:
+    """Round-robin over each service's ready endpoints (a counter per service)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def __call__(self, service: Service, endpoints: Sequence[Workload]) -> Workload:
+        i = self._next.get(service.key, 0)
+        self._next[service.key] = i + 1
+        return endpoints[i % len(endpoints)]
+
+
+def _same_family_ip(workload: Workload, like: str) -> str:
+    """The workload's IP in the same address family as ``like`` (else its first).
+
+    Callers pass only workloads with at least one IP.
+    """
+    version: int
+    try:
+        version = ipaddress.ip_address(like).version
+    except ValueError:
+        version = 0
+    for ip in workload.ips:
+        try:
+            if ipaddress.ip_address(ip).version == version:
+                return normalize_ip(ip)
+        except ValueError:
+            continue
+    return normalize_ip(workload.ips[0])
+
+
+def _to_workload(
+    snapshot: Snapshot,
+    source: Workload,
+    dest: Workload,
+    dst_ip: str,
+    dst_port: int,
+    service: Service | None,
+) -> Route:
+    if not dest.enrolled:
+        return Passthrough(
+            source=source,
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            destination=dest,
+            service=service,
+            reason=f"destination {dest.key} is not enrolled in the mesh",
+        )
+    if dest.node == snapshot.node:
+        return SameNode(
+            source=source, destination=dest, dst_ip=dst_ip, dst_port=dst_port, service=service
+        )
+    try:
+        expected = dest.identity
+    except InvalidSpiffeId as e:
+        # A workload whose identity cannot be formed cannot be verified: refuse
+        # rather than tunnel to an unverifiable peer.
+        return Refuse(reason=f"destination {dest.key} has no valid identity: {e}", source=source)
+    return Hbone(
+        source=source,
+        destination=dest,
+        dst_ip=dst_ip,
+        dst_port=dst_port,
+        expected_identity=expected,
+        hbone_addr=(dst_ip, HBONE_PORT),
+        service=service,
+    )
+
+
+def route(
+    snapshot: Snapshot,
+    src_ip: str,
+    dst_ip: str,
+    dst_port: int,
+    *,
+    choose: EndpointChooser = first_endpoint,
+) -> Route:
+    """Decides how to carry a connection captured on the outbound listener.
+
+    ``snapshot.node`` is this ztunnel's node. Pure: the same inputs give the
+    same route (given a deterministic ``choose``).
+    """
+    source = snapshot.local_workload_by_ip(src_ip)
+    if source is None:
+        return Refuse(reason=REFUSE_UNKNOWN_SOURCE)
+    dst = normalize_ip(dst_ip)
+
+    svc = snapshot.service_at(dst, dst_port)
+    if svc is not None:
+        service, port = svc
+        healthy = [w for w in snapshot.endpoints(service) if w.ready and w.ips]
+        if not healthy:
+            return Refuse(reason=f"{REFUSE_NO_ENDPOINTS} for service {service.key}", source=source)
+        endpoint = choose(service, healthy)
+        ep_ip = _same_family_ip(endpoint, dst)
+        return _to_workload(snapshot, source, endpoint, ep_ip, port.target_port, service)
+    if snapshot.is_vip(dst):
+        # A service address but not one of its ports: nothing listens there.
+        return Refuse(reason=f"no service port {dst_port} at virtual IP {dst}", source=source)
+
+    dest = snapshot.workload_by_ip(dst)
+    if dest is None:
+        return Passthrough(
+            source=source,
+            dst_ip=dst,
+            dst_port=dst_port,
+            reason="destination is not a known workload",
+        )
+    return _to_workload(snapshot, source, dest, dst, dst_port, None)
