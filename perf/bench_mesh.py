@@ -28,15 +28,18 @@ Measured, with the paths interleaved and every measurement repeated
 ``raw``): iperf3 throughput with 1 and 4 streams (3 s each); request/response
 latency p50/p99 over one connection (64-byte messages, 2,000 round trips after
 a warm-up run); new connections per second (connect, 1-byte exchange, close; 8
-in parallel, 3 s);
-same-node throughput (client -> peer) against direct same-node; and the RSS of
-each ztunnel while ``--connections`` (default 10,000) connections are held
-open through the mesh. Clients are small Python programs run inside the pods
-(this file's ``worker`` subcommands) or iperf3.
+in parallel, 3 s); same-node throughput and p50 (client -> peer) against direct
+same-node; the CPU seconds (user + system, from /proc, :mod:`perf.cpu`) that
+the two ztunnels and the two stunnels spend per GB (1-stream runs) and per
+1,000 new connections; and the RSS of each ztunnel while ``--connections``
+(default 10,000) connections are held open through the mesh. Clients are the
+small programs in :mod:`perf.mesh_workers`, run inside the pods, or iperf3.
 
 Targets (ratio = mesh / baseline): throughput >= 1.5x stunnel (1 and 4
-streams), new connections/s >= 4x stunnel, p50 <= 1.0x stunnel, p99 <= 1.2x
-stunnel, same-node >= 0.5x direct, ztunnel RSS with 10k connections <= 150 MB.
+streams), new connections/s >= 2.5x stunnel, p50 <= 1.1x and p99 <= 1.2x
+stunnel, same-node throughput >= 0.8x and same-node p50 <= 1.2x direct, CPU per
+GB <= 1.0x and CPU per connection <= 0.5x stunnel's, ztunnel RSS with 10k
+connections <= 150 MB.
 
 Run: ``.venv/bin/python -m perf.bench_mesh [--connections N] [--seconds S] [--rounds R]``
 (root). Writes ``perf/results/latest.json`` (section ``mesh``),
@@ -48,12 +51,10 @@ report says what it measured, not what it hoped for.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,8 @@ from typing import Any
 
 import yaml
 
-from perf.mesh_report import print_side_by_side, print_table, write_outputs
+from perf.cpu import CpuMeter
+from perf.mesh_report import git_commit, print_side_by_side, print_table, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "perf" / "results"
@@ -76,135 +78,15 @@ STUNNEL_PORTS = {IPERF_PORT: (15501, 15502), ECHO_PORT: (15511, 15512)}
 TARGETS = {
     "throughput_1_stream": (">=", 1.5),
     "throughput_4_streams": (">=", 1.5),
-    "new_connections_per_s": (">=", 4.0),
-    "latency_p50": ("<=", 1.0),
+    "new_connections_per_s": (">=", 2.5),
+    "latency_p50": ("<=", 1.1),
     "latency_p99": ("<=", 1.2),
-    "same_node_throughput": (">=", 0.5),
+    "same_node_throughput": (">=", 0.8),
+    "same_node_latency_p50": ("<=", 1.2),
+    "cpu_per_gb": ("<=", 1.0),
+    "cpu_per_1000_connections": ("<=", 0.5),
     "ztunnel_rss_10k_connections": ("<=", 150.0),
 }
-
-# -- workers: run inside pod namespaces as `python -m perf.bench_mesh worker ...` --
-
-
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
-async def _echo_server(port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Echo, "0.0.0.0", port, backlog=4096, reuse_address=True)
-    async with server:
-        await server.serve_forever()
-
-
-def _rr_client(host: str, port: int, count: int, size: int) -> dict[str, float]:
-    msg = b"r" * size
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        samples: list[float] = []
-        for i in range(count + 100):
-            start = time.perf_counter_ns()
-            s.sendall(msg)
-            got = 0
-            while got < size:
-                chunk = s.recv(size - got)
-                if not chunk:
-                    raise ConnectionError("echo server closed the connection")
-                got += len(chunk)
-            if i >= 100:  # the first 100 warm up caches and windows
-                samples.append((time.perf_counter_ns() - start) / 1000)
-    samples.sort()
-    return {
-        "p50_us": samples[len(samples) // 2],
-        "p99_us": samples[int(len(samples) * 0.99)],
-        "mean_us": statistics.fmean(samples),
-    }
-
-
-async def _cps_client(host: str, port: int, seconds: float, parallel: int) -> dict[str, float]:
-    loop = asyncio.get_running_loop()
-    done = 0
-    failed = 0
-    stop_at = loop.time() + seconds
-
-    async def one_worker() -> None:
-        nonlocal done, failed
-        while loop.time() < stop_at:
-            sock = socket.socket()
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, (host, port))
-                await loop.sock_sendall(sock, b"x")
-                if await loop.sock_recv(sock, 1) == b"x":
-                    done += 1
-                else:
-                    failed += 1
-            except OSError:
-                failed += 1
-            finally:
-                sock.close()
-
-    start = loop.time()
-    await asyncio.gather(*(one_worker() for _ in range(parallel)))
-    return {"conns_per_s": done / (loop.time() - start), "failed": failed}
-
-
-async def _hold_client(host: str, port: int, count: int) -> None:
-    """Opens ``count`` echoed connections, reports, holds them until stdin closes."""
-    loop = asyncio.get_running_loop()
-    held: list[socket.socket] = []
-    failed = 0
-    sem = asyncio.Semaphore(200)
-
-    async def one() -> None:
-        nonlocal failed
-        async with sem:
-            sock = socket.socket()
-            sock.setblocking(False)
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 30)
-                await loop.sock_sendall(sock, b"h")
-                if await asyncio.wait_for(loop.sock_recv(sock, 1), 30) != b"h":
-                    raise ConnectionError("no echo")
-                held.append(sock)
-            except (OSError, TimeoutError):
-                failed += 1
-                sock.close()
-
-    start = loop.time()
-    await asyncio.gather(*(one() for _ in range(count)))
-    print(json.dumps({"opened": len(held), "failed": failed, "seconds": loop.time() - start}))
-    sys.stdout.flush()
-    await loop.run_in_executor(None, sys.stdin.read)
-    for s in held:
-        s.close()
-
-
-def worker(argv: Sequence[str]) -> int:
-    import uvloop
-
-    role, *rest = argv
-    if role == "echo-server":
-        uvloop.run(_echo_server(int(rest[0])))
-    elif role == "rr-client":
-        print(json.dumps(_rr_client(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))))
-    elif role == "cps-client":
-        result = uvloop.run(_cps_client(rest[0], int(rest[1]), float(rest[2]), int(rest[3])))
-        print(json.dumps(result))
-    elif role == "hold-client":
-        uvloop.run(_hold_client(rest[0], int(rest[1]), int(rest[2])))
-    else:
-        print(f"unknown worker role {role!r}", file=sys.stderr)
-        return 2
-    return 0
-
 
 # -- the benchmark -------------------------------------------------------------
 
@@ -311,6 +193,9 @@ class Bench:
         self.work = work
         self.seconds = seconds
         self.notes: list[str] = []
+        # CPU seconds of the tunnel processes, per GB (1-stream runs) and per
+        # 1,000 new connections, one sample per round: "<path>/per_gb" etc.
+        self.cpu: dict[str, list[float]] = {}
 
     def ns(self, pod: str) -> str:
         return str(self.mesh.pod(pod).lab.netns)
@@ -329,7 +214,7 @@ class Bench:
         return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
     def worker_argv(self, *args: object) -> list[str]:
-        return [sys.executable, "-m", "perf.bench_mesh", "worker", *(str(a) for a in args)]
+        return [sys.executable, "-m", "perf.mesh_workers", *(str(a) for a in args)]
 
     def start_servers(self) -> None:
         from lab.process import wait_listening
@@ -337,7 +222,7 @@ class Bench:
         for pod in ("server", "plain-server", "peer", "plain-peer"):
             proc = self.topo.popen(self.ns(pod), ["iperf3", "-s", "-p", str(IPERF_PORT)])
             wait_listening(proc, IPERF_PORT, 10)
-        for pod in ("server", "plain-server"):
+        for pod in ("server", "plain-server", "peer", "plain-peer"):
             proc = self.topo.popen(
                 self.ns(pod), self.worker_argv("echo-server", ECHO_PORT), cwd=ROOT
             )
@@ -348,6 +233,7 @@ class Bench:
 
         material = _stunnel_material(self.work)
         node_a, node_b = self.topo.node("node-a"), self.topo.node("node-b")
+        self.stunnel_pids: list[int] = []
         for role, node in (("server", node_b), ("client", node_a)):
             conf = self.work / f"stunnel-{role}.conf"
             conf.write_text(
@@ -356,6 +242,7 @@ class Bench:
             proc = self.topo.popen(
                 node, ["stunnel4", str(conf)], log_path=self.work / f"stunnel-{role}.log"
             )
+            self.stunnel_pids.append(proc.pid)
             for front, back in STUNNEL_PORTS.values():
                 wait_listening(proc, back if role == "server" else front, 10)
 
@@ -373,19 +260,35 @@ class Bench:
             return "plain-client", self.ip("plain-peer"), app_port
         raise ValueError(path)
 
+    def meter(self, path: str) -> CpuMeter | None:
+        """The tunnel processes that carry ``path``: both ztunnels, or both stunnels."""
+        if path.startswith("mesh"):
+            return CpuMeter(proc.pid for proc in self.mesh.ztunnels.values())
+        if path == "stunnel":
+            return CpuMeter(self.stunnel_pids)
+        return None
+
     def iperf(self, path: str, streams: int) -> float:
         pod, host, port = self.target(path, IPERF_PORT)
         argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(self.seconds), "-O", "1"]
         argv += ["-P", str(streams), "-J"]
         from lab.process import netns_argv
 
+        meter = self.meter(path)
+        if meter is not None:
+            meter.start()
         done = subprocess.run(
             netns_argv(self.ns(pod), argv), capture_output=True, timeout=self.seconds + 60
         )
         data = json.loads(done.stdout.decode() or "{}")
         if "error" in data or "end" not in data:
             raise RuntimeError(f"iperf3 over {path}: {data.get('error', done.stderr.decode())}")
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+        received = data["end"]["sum_received"]
+        if meter is not None and streams == 1:
+            per_gb = meter.stop().per_gb(float(received["bytes"]))
+            if per_gb is not None:
+                self.cpu.setdefault(f"{path}/per_gb", []).append(per_gb)
+        return float(received["bits_per_second"]) / 1e9
 
     def latency(self, path: str) -> dict[str, float]:
         pod, host, port = self.target(path, ECHO_PORT)
@@ -396,7 +299,14 @@ class Bench:
 
     def cps(self, path: str) -> float:
         pod, host, port = self.target(path, ECHO_PORT)
+        meter = self.meter(path)
+        if meter is not None:
+            meter.start()
         result = self.run_json(pod, self.worker_argv("cps-client", host, port, self.seconds, 8))
+        if meter is not None:
+            per_1000 = meter.stop().per_1000(result["conns_per_s"] * self.seconds)
+            if per_1000 is not None:
+                self.cpu.setdefault(f"{path}/per_1000_connections", []).append(per_1000)
         if result["failed"]:
             self.notes.append(f"{path}: {result['failed']} new connections failed")
         return float(result["conns_per_s"])
@@ -497,6 +407,7 @@ def run_bench(
                 samples["conns_per_s"].setdefault(path, []).append(bench.cps(path))
             for path in ("mesh-same-node", "direct-same-node"):
                 samples["throughput_gbps"].setdefault(f"{path}/1", []).append(bench.iperf(path, 1))
+                samples["latency_us"].setdefault(path, []).append(bench.latency(path))
         raw: dict[str, Any] = {
             "rounds": rounds,
             "samples": samples,
@@ -509,12 +420,17 @@ def run_bench(
                 for k, v in samples["latency_us"].items()
             },
         }
+        raw["cpu_seconds"] = {
+            "samples": bench.cpu,
+            "median": {k: statistics.median(v) for k, v in bench.cpu.items()},
+        }
         raw["rss"] = bench.rss_with_connections(capped)
         notes += bench.notes
     t = raw["throughput_gbps"]
     lat = raw["latency_us"]
     cps = raw["conns_per_s"]
     rss = raw["rss"]
+    cpu = raw["cpu_seconds"]["median"]
     opened = int(rss["opened"]["opened"])
     metrics = {
         "throughput_1_stream": _ratio("throughput_1_stream", t["mesh/1"], t["stunnel/1"]),
@@ -524,6 +440,17 @@ def run_bench(
         "latency_p99": _ratio("latency_p99", lat["mesh"]["p99_us"], lat["stunnel"]["p99_us"]),
         "same_node_throughput": _ratio(
             "same_node_throughput", t["mesh-same-node/1"], t["direct-same-node/1"]
+        ),
+        "same_node_latency_p50": _ratio(
+            "same_node_latency_p50",
+            lat["mesh-same-node"]["p50_us"],
+            lat["direct-same-node"]["p50_us"],
+        ),
+        "cpu_per_gb": _ratio("cpu_per_gb", cpu["mesh/per_gb"], cpu["stunnel/per_gb"]),
+        "cpu_per_1000_connections": _ratio(
+            "cpu_per_1000_connections",
+            cpu["mesh/per_1000_connections"],
+            cpu["stunnel/per_1000_connections"],
         ),
         "ztunnel_rss_10k_connections": _ratio(
             "ztunnel_rss_10k_connections", max(rss["during_mb"].values()), None
@@ -536,6 +463,9 @@ def run_bench(
         "latency_p50": "microseconds (baseline: stunnel)",
         "latency_p99": "microseconds (baseline: stunnel)",
         "same_node_throughput": "Gbit/s (baseline: direct same-node)",
+        "same_node_latency_p50": "microseconds (baseline: direct same-node)",
+        "cpu_per_gb": "CPU seconds per GB, both ztunnels (baseline: both stunnels)",
+        "cpu_per_1000_connections": "CPU seconds per 1,000 connections (baseline: stunnels)",
         "ztunnel_rss_10k_connections": f"MB, largest ztunnel, {opened} connections held",
     }
     for name, unit in units.items():
@@ -545,6 +475,7 @@ def run_bench(
     return {
         "benchmark": "mesh",
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
         "host": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
@@ -564,8 +495,6 @@ def run_bench(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, writes the results, returns them (``perf.run`` calls this)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["worker"]:
-        sys.exit(worker(args_list[1:]))
     parser = argparse.ArgumentParser(
         prog="python -m perf.bench_mesh",
         description=__doc__,

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from perf import readme_table
+
 __all__ = ["discover", "main", "run_bench"]
 
 PERF = Path(__file__).resolve().parent
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print(f"wrote {latest}")
+    readme_table.main([])
+    print(f"updated the performance table in {readme_table.README}")
     return 0 if all(_passed(r) for r in results.values()) else 1
 
 
