@@ -16,7 +16,9 @@ test: setup lint
 
 lint:
 	$(VENV)/bin/ruff check veil controller node agent ztunnel lab cli tests perf
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff format --check .
 
 unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -2,6 +2,7 @@
 
 ``veil controller``
   ``run`` (the controller process, from :mod:`controller.server`),
+  ``status`` (a running controller's health endpoint: phase, each watched kind),
   ``token create|list|revoke`` (join tokens), ``ca init|show|rotate`` (the CA).
 ``veil node``
   ``join`` (token -> node certificate), ``certificate`` (a workload SVID over
@@ -260,6 +261,59 @@ def _cmd_ca_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+# `veil controller status` exit codes: 0 ready, 2 ready but degraded, 3 not ready
+# (an unreachable endpoint is an error: exit 1 with a hint).
+STATUS_DEGRADED = 2
+STATUS_NOT_READY = 3
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from controller.config import ListenAddress, parse_listen_address
+    from controller.health import DEFAULT_HEALTH_PORT, fetch_health
+
+    text = args.health_addr or os.environ.get("VEIL_HEALTH_ADDR") or ""
+    try:
+        addr = parse_listen_address(text or f"127.0.0.1:{DEFAULT_HEALTH_PORT}", DEFAULT_HEALTH_PORT)
+    except ValueError as e:
+        raise ControllerError(f"--health-addr: {e}", hint="use HOST:PORT") from None
+    if addr.host in ("0.0.0.0", "::"):
+        addr = ListenAddress("127.0.0.1" if addr.host == "0.0.0.0" else "::1", addr.port)
+    try:
+        _, doc = fetch_health(addr, timeout=args.timeout)
+    except OSError as e:
+        raise ControllerError(
+            f"no controller health endpoint at {addr}: {e}",
+            hint="is `veil controller run` running on this host? pass its --health-addr",
+        ) from None
+    ready, degraded = bool(doc.get("ready")), bool(doc.get("degraded"))
+    if args.output == "json":
+        _print_json(doc)
+    else:
+        word = "ready" if ready else "NOT READY"
+        if ready and degraded:
+            word = "ready (degraded)"
+        print(f"controller: {word}; phase {doc.get('phase')}: {doc.get('detail') or '-'}")
+        checks = [c for c in doc.get("checks") or [] if isinstance(c, dict)]
+        if checks:
+            rows = [
+                {
+                    **c,
+                    "need": "required" if c.get("required") else "optional",
+                    "why": c.get("detail") or "",
+                }
+                for c in checks
+            ]
+            _print_table(
+                rows, [("KIND", "name"), ("NEED", "need"), ("STATE", "state"), ("DETAIL", "why")]
+            )
+            for c in checks:
+                if not c.get("ok") and c.get("hint"):
+                    _note(f"{c.get('name')}: {c.get('hint')}")
+    if not ready:
+        return STATUS_NOT_READY
+    return STATUS_DEGRADED if degraded else 0
+
+
 def _run_unavailable(args: argparse.Namespace) -> int:
     raise ControllerError(
         "this installation has no controller server module (controller.server)",
@@ -283,6 +337,20 @@ def add_controller_parser(sub: _Sub) -> None:
     else:
         server.add_run_arguments(run)
         run.set_defaults(func=server.run_controller)
+
+    status = csub.add_parser(
+        "status",
+        help="a running controller's readiness and, in Kubernetes mode, each watched kind "
+        "(exit 0 ready, 2 degraded, 3 not ready)",
+    )
+    status.add_argument(
+        "--health-addr",
+        default=None,
+        help="the controller's --health-addr (default 127.0.0.1:15014; env VEIL_HEALTH_ADDR)",
+    )
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    _add_output(status)
+    status.set_defaults(func=_cmd_status)
 
     token = csub.add_parser("token", help="join tokens for nodes (standalone mode)")
     tsub = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)

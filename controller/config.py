@@ -192,6 +192,22 @@ _SETTINGS: tuple[tuple[str, str, str, str, str | None], ...] = (
         "seconds between checks of the registry file",
         "0.5",
     ),
+    (
+        "registry_settle",
+        "--registry-settle",
+        "VEIL_REGISTRY_SETTLE",
+        "seconds new registry content must stay unchanged before it is parsed "
+        "(adds to every reload's latency)",
+        "0.1",
+    ),
+    (
+        "registry_hold",
+        "--registry-hold",
+        "VEIL_REGISTRY_HOLD",
+        "seconds the registry must stay unchanged before a reload that removes every "
+        "policy or most workloads is applied",
+        "5",
+    ),
 )
 
 
@@ -221,6 +237,8 @@ class ControllerConfig:
     ca_key: Path | None
     ca_chain: Path | None
     registry_poll: float
+    registry_settle: float = 0.1
+    registry_hold: float = 5.0
     source: str = "yaml"
     kube_api: str | None = None
     kube_token_file: Path | None = None
@@ -313,6 +331,17 @@ class ControllerConfig:
             ) from None
         if not 0.05 <= poll <= 60:
             raise fail("registry_poll", f"{poll} s is out of range", "use 0.05 to 60 seconds")
+        def seconds(dest: str, low: float, high: float, example: str) -> float:
+            try:
+                value = float(raw[dest] or "")
+            except ValueError:
+                raise fail(dest, f"{raw[dest]!r} is not a number", f"e.g. {example}") from None
+            if not low <= value <= high:
+                raise fail(dest, f"{value} s is out of range", f"use {low:g} to {high:g} seconds")
+            return value
+
+        settle = seconds("registry_settle", 0.0, 10.0, "0.1")
+        hold = seconds("registry_hold", 0.0, 600.0, "5")
         source = raw["source"] or "yaml"
         if source not in ("yaml", "kubernetes"):
             raise fail("source", f"{source!r} is not a registry source", "use yaml or kubernetes")
@@ -354,4 +383,6 @@ class ControllerConfig:
             ca_key=ca_key,
             ca_chain=ca_chain,
             registry_poll=poll,
+            registry_settle=settle,
+            registry_hold=hold,
         )

@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -44,8 +44,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from controller.api.model import TrustBundle
 from controller.auth import JoinTokenStore, NodeAuthenticator
 from controller.ca import CertificateAuthority
-from controller.config import ConfigError, ControllerConfig, ListenAddress, add_run_arguments
+from controller.config import (
+    ConfigError,
+    ControllerConfig,
+    ListenAddress,
+    parse_listen_address,
+)
+from controller.config import add_run_arguments as _add_config_arguments
 from controller.discovery import DiscoveryHub
+from controller.health import DEFAULT_HEALTH_PORT, HealthCheck, HealthServer, HealthState
 from controller.identity import IdentityService
 from controller.registry import RegistryFileWatcher, RegistryHolder, describe_state
 from controller.service import add_services
@@ -225,7 +232,11 @@ class Controller:
         self.watcher: RegistryFileWatcher | None = None
         if config.registry is not None:
             self.watcher = RegistryFileWatcher(
-                config.registry, self.registry, interval=config.registry_poll
+                config.registry,
+                self.registry,
+                interval=config.registry_poll,
+                settle=config.registry_settle,
+                hold=config.registry_hold,
             )
             # No previous state to fall back on: an invalid file stops the start.
             self.watcher.load_initial()
@@ -361,15 +372,68 @@ class Controller:
         self.hub.close()
 
 
-async def _serve(config: ControllerConfig, started: Callable[[StartupInfo], None]) -> int:
+DEFAULT_HEALTH_ADDR = f"127.0.0.1:{DEFAULT_HEALTH_PORT}"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``veil controller run`` flags: the configuration's, plus the health endpoint."""
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--health-addr",
+        dest="health_addr",
+        default=None,
+        metavar="VALUE",
+        help="HTTP health endpoint (/healthz/ready, /healthz/live), loopback by default; "
+        f"'off' disables it (default {DEFAULT_HEALTH_ADDR}; env VEIL_HEALTH_ADDR)",
+    )
+
+
+def health_address(args: argparse.Namespace, environ: Mapping[str, str]) -> ListenAddress | None:
+    """``--health-addr``, then ``VEIL_HEALTH_ADDR``, then the loopback default; None for off."""
+    text = getattr(args, "health_addr", None) or environ.get("VEIL_HEALTH_ADDR") or ""
+    text = text.strip() or DEFAULT_HEALTH_ADDR
+    if text == "off":
+        return None
+    try:
+        return parse_listen_address(text, DEFAULT_HEALTH_PORT)
+    except ValueError as e:
+        raise ConfigError(
+            f"--health-addr: {e}", hint="use HOST:PORT, e.g. 127.0.0.1:15014, or off"
+        ) from None
+
+
+def _kind_checks(k8s: KubernetesRuntime) -> list[HealthCheck]:
+    return [
+        HealthCheck(
+            name=h.kind,
+            ok=h.ok,
+            required=h.required,
+            state=h.state,
+            detail=h.cause or f"listed as {h.api_version}",
+            hint=h.hint,
+        )
+        for h in k8s.source.health()
+    ]
+
+
+async def _serve(
+    config: ControllerConfig,
+    started: Callable[[StartupInfo], None],
+    health_addr: ListenAddress | None = None,
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers go in before anything is announced: a supervisor may send SIGTERM
     # the moment it reads the startup line.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    health = HealthState()
+    health_server: HealthServer | None = None
     k8s: KubernetesRuntime | None = None
-    try:
+    controller: Controller | None = None
+
+    async def startup() -> StartupInfo:
+        nonlocal k8s, controller
         if config.source == "kubernetes":
             from controller.k8s import KubernetesOptions, build_kubernetes_source
             from controller.k8s.client import KubeClient
@@ -380,27 +444,51 @@ async def _serve(config: ControllerConfig, started: Callable[[StartupInfo], None
                 ca_file = str(config.kube_ca_file) if config.kube_ca_file else None
 
                 def factory() -> KubeClient:
-                    return KubeClient.for_host(
-                        api, token_file.read_text().strip(), ca_file=ca_file
-                    )
+                    return KubeClient.for_host(api, token_file.read_text().strip(), ca_file=ca_file)
 
             k8s = await build_kubernetes_source(
                 RegistryHolder(trust_domain=config.trust_domain),
                 KubernetesOptions(trust_domain=config.trust_domain),
                 state_dir=config.state_dir,
                 client_factory=factory,
+                on_progress=lambda text: health.set_phase("starting", text),
             )
+            k8s_runtime = k8s
+            health.checks = lambda: _kind_checks(k8s_runtime)
+            health.set_phase("syncing", "waiting for the first list of the required kinds")
         controller = Controller(config, k8s)
-        info = await controller.start()
-        try:
-            started(info)
-            await stop.wait()
-            log.info("shutting down")
-        finally:
-            await controller.stop()
+        return await controller.start()
+
+    try:
+        if health_addr is not None:
+            health_server = HealthServer(health)
+            await health_server.start(health_addr)
+        # Startup may wait forever (an API server that refuses a required kind, a
+        # CA Secret nobody creates): race it against the signal so SIGTERM ends
+        # the process in every phase, not only once it serves.
+        startup_task = asyncio.create_task(startup(), name="controller startup")
+        stop_task = asyncio.create_task(stop.wait(), name="stop signal")
+        await asyncio.wait({startup_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        if not startup_task.done():
+            log.info("shutting down during startup (%s: %s)", health.phase, health.detail)
+            startup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await startup_task
+            return 0
+        info = startup_task.result()
+        health.set_phase("serving", "listeners open")
+        started(info)
+        await stop.wait()
+        log.info("shutting down")
     finally:
+        health.set_phase("stopping", "shutting down")
+        if controller is not None:
+            await controller.stop()
         if k8s is not None:
             await k8s.close()  # releases the Lease: the standby takes over at once
+        if health_server is not None:
+            await health_server.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0
@@ -417,10 +505,11 @@ def run_controller(args: argparse.Namespace) -> int:
     (printed by the ``veil`` CLI with their hint) before anything listens.
     """
     config = ControllerConfig.from_args(args, os.environ)
+    health_addr = health_address(args, os.environ)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
             stream=sys.stderr,
         )
-    return asyncio.run(_serve(config, _print_startup))
+    return asyncio.run(_serve(config, _print_startup, health_addr))

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * tc egress on an ENROLLED pod's host-side veth: the egress guard for packets
- * going TO the pod. Only the ztunnel may talk TCP to an enrolled pod, so a
- * path that skipped steering (a missing filter, another node component, a
- * route around the uplink) cannot reach it with plaintext.
+ * going TO the pod, IPv4 and IPv6 alike. Only the ztunnel may talk TCP to an
+ * enrolled pod, so a path that skipped steering (a missing filter, another
+ * node component, a route around the uplink) cannot reach it with plaintext.
  *
  * What passes (TC_ACT_UNSPEC, so other classifiers still run):
  *   - anything carrying the ztunnel mark: the ztunnel sets SO_MARK on all of
@@ -14,15 +14,21 @@
  *     into the pod. Packets that arrive from elsewhere cannot carry it: a
  *     pod's own SO_MARK is scrubbed when it leaves the pod's namespace, and
  *     the uplink does not carry marks. The netns tests verify this;
- *   - TCP from the configured node probe source (kubelet probes), read from
- *     the config map so it can change without a reload;
- *   - ICMP (errors keep PMTU discovery and unreachable reports working);
+ *   - IPv6 neighbour discovery and MLD that cannot have been forwarded
+ *     (veil_link_control): the node resolving and probing the pod;
+ *   - TCP from the configured node probe source (kubelet probes, IPv4), read
+ *     from the config map so it can change without a reload;
+ *   - ICMP errors (PMTU discovery and unreachable reports keep working);
+ *     echo only with VEIL_ALLOW_ICMP_ECHO;
  *   - UDP (DNS replies); with VEIL_DROP_UDP only replies from port 53;
- *   - non-IPv4 (ARP keeps the pod reachable).
+ *   - non-IP (ARP keeps the pod reachable).
+ * IPv6 to a pod whose IPv6 address is not known yet is dropped
+ * (VEIL_DROP_IPV6_UNKNOWN) rather than left unguarded.
  * There is no generic "reply" exception: the pod's own connections are all
  * proxied, so their replies come from ztunnel sockets and carry the mark; a
  * packet that merely looks like a reply (ACK without SYN) could be forged.
- * Everything else is dropped and counted as VEIL_DROP_NOT_ZTUNNEL.
+ * Everything else is dropped and counted as VEIL_DROP_NOT_ZTUNNEL (TCP) or
+ * its own reason.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -30,12 +36,15 @@
 #include "veil_maps.h"
 #include "veil_packet.h"
 
-static __always_inline bool from_probe_source(__be32 saddr)
+static __always_inline bool from_probe_source(const struct veil_packet *pkt)
 {
 	__u32 key = 0;
-	struct veil_config *cfg = veil_config.lookup(&key);
+	struct veil_config *cfg;
 
-	return cfg && cfg->probe_source != 0 && cfg->probe_source == saddr;
+	if (pkt->family != VEIL_AF_INET)
+		return false;
+	cfg = veil_config.lookup(&key);
+	return cfg && cfg->probe_source != 0 && cfg->probe_source == pkt->tuple.ipv4.saddr;
 }
 
 int veil_pod_egress(struct __sk_buff *skb)
@@ -45,7 +54,7 @@ int veil_pod_egress(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 	int err;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!veil_is_ip(skb))
 		return TC_ACT_UNSPEC;
 	pod = veil_pods.lookup(&ifindex);
 	if (!pod || !(pod->flags & VEIL_POD_ENROLLED))
@@ -53,22 +62,30 @@ int veil_pod_egress(struct __sk_buff *skb)
 	if ((skb->mark & VEIL_MARK_MASK) == VEIL_MARK_ZTUNNEL)
 		return TC_ACT_UNSPEC;
 
-	err = veil_parse_ipv4(skb, &pkt);
+	err = veil_parse(skb, &pkt);
 	if (err < 0)
 		return veil_drop(veil_counters.lookup(&ifindex), -err);
+	if (veil_link_control(&pkt, true))
+		return TC_ACT_UNSPEC;
+	if (pkt.family == VEIL_AF_INET6 && !(pod->flags & VEIL_POD_IPV6))
+		return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_IPV6_UNKNOWN);
 
 	switch (pkt.protocol) {
 	case IPPROTO_TCP:
-		if (from_probe_source(pkt.tuple.ipv4.saddr))
+		if (from_probe_source(&pkt))
 			return TC_ACT_UNSPEC;
 		return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_NOT_ZTUNNEL);
 	case IPPROTO_UDP:
 #ifdef VEIL_DROP_UDP
-		if (!pkt.has_ports || pkt.tuple.ipv4.sport != bpf_htons(VEIL_DNS_PORT))
+		if (!pkt.has_ports || pkt.sport != bpf_htons(VEIL_DNS_PORT))
 			return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_UDP_BLOCKED);
 #endif
 		return TC_ACT_UNSPEC;
 	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		err = veil_icmp_reason(&pkt);
+		if (err)
+			return veil_drop(veil_counters.lookup(&ifindex), err);
 		return TC_ACT_UNSPEC;
 	default:
 		return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_PROTOCOL);

@@ -1,13 +1,14 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * tc ingress on the node's uplink: packets arriving from other nodes.
+ * tc ingress on the node's uplink: packets arriving from other nodes, IPv4
+ * and IPv6 alike.
  *
- * Only TCP addressed to an enrolled local pod is ours. It goes to an existing
- * socket first (replies to the ztunnel's transparent connections that leave
- * the node with a pod's source address), then a SYN to :VEIL_HBONE_PORT goes
- * to the HBONE listener and a SYN to any other port to the inbound plaintext
- * listener, where PERMISSIVE/STRICT is decided. Counters are charged to the
- * destination pod.
+ * Only TCP addressed to an enrolled local pod (veil_local_ips,
+ * veil_local_ips6) is ours. It goes to an existing socket first (replies to
+ * the ztunnel's transparent connections that leave the node with a pod's
+ * source address), then a SYN to :VEIL_HBONE_PORT goes to the HBONE listener
+ * and a SYN to any other port to the inbound plaintext listener, where
+ * PERMISSIVE/STRICT is decided. Counters are charged to the destination pod.
  *
  * UDP and ICMP to enrolled pods are left to the pod's egress guard; anything
  * else, including packets we cannot parse, is TC_ACT_UNSPEC: the uplink
@@ -27,18 +28,25 @@ int veil_uplink_ingress(struct __sk_buff *skb)
 	__u32 dst_ifindex;
 	__u16 port;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!veil_is_ip(skb))
 		return TC_ACT_UNSPEC;
-	if (veil_parse_ipv4(skb, &pkt) < 0)
+	if (veil_parse(skb, &pkt) < 0)
 		return TC_ACT_UNSPEC;
 	if (pkt.protocol != IPPROTO_TCP)
 		return TC_ACT_UNSPEC;
-	dst = veil_local_ips.lookup(&pkt.tuple.ipv4.daddr);
+	if (pkt.family == VEIL_AF_INET6) {
+		struct veil_ip6 key = {};
+
+		__builtin_memcpy(key.addr, pkt.tuple.ipv6.daddr, sizeof(key.addr));
+		dst = veil_local_ips6.lookup(&key);
+	} else {
+		dst = veil_local_ips.lookup(&pkt.tuple.ipv4.daddr);
+	}
 	if (!dst)
 		return TC_ACT_UNSPEC;
 
 	port = VEIL_INBOUND_PLAINTEXT_PORT;
-	if (pkt.has_ports && pkt.tuple.ipv4.dport == bpf_htons(VEIL_HBONE_PORT))
+	if (pkt.has_ports && pkt.dport == bpf_htons(VEIL_HBONE_PORT))
 		port = VEIL_HBONE_PORT;
 	dst_ifindex = dst->ifindex;
 	return veil_steer_tcp(skb, &pkt, port, veil_counters.lookup(&dst_ifindex), true);

@@ -5,11 +5,19 @@ collide and crashed runs are easy to find)::
 
     <p>-ul            bridge br0 with the controller IP (10.100.0.1/24)
       |  nXXXXXXXX    one bridge port per node
-    <p>-<node>        eth0 = underlay IP, ip_forward=1,
-      |               routes: other nodes' pod CIDRs via their underlay IP,
-      |               <pod ip>/32 dev vhXXXXXXXX for each local pod
-    <p>-<node>-<pod>  eth0 = pod IP/32, default via 169.254.1.1 onlink,
-                      169.254.1.1 is a PERMANENT neighbour = host veth MAC
+    <p>-<node>        eth0 = underlay IP + fd00:100::<n>/64, forwarding on (both families),
+      |               routes: other nodes' pod CIDRs (v4 and v6) via their underlay IPs,
+      |               <pod ip>/32 and <pod ip6>/128 dev vhXXXXXXXX for each local pod
+    <p>-<node>-<pod>  eth0 = pod IP/32 + pod IPv6/128, default via 169.254.1.1 onlink
+                      and via fe80::1; both gateways are PERMANENT neighbours = host
+                      veth MAC
+
+Dual stack: every pod also gets an IPv6 address from its node's
+fd00:244:<n>::/64, with the same host part as its IPv4 address (10.244.1.5
+-> fd00:244:1::5). DAD is off (addresses are usable at once, as `nodad`
+gives) and nothing sends router solicitations, so captures stay quiet; the
+kernel still sends MLD reports when an interface comes up. The underlay
+namespace keeps IPv6 off: its bridge forwards frames of both families.
 
 Why the static neighbour: the pod's gateway 169.254.1.1 exists nowhere, and
 proxy ARP will not answer for an address the node has no route to, so the pod
@@ -46,6 +54,7 @@ from lab.process import LabProcess, run_in_netns, wait_listening
 __all__ = [
     "DEFAULT_CONTROLLER_IP",
     "POD_GATEWAY",
+    "POD_GATEWAY6",
     "LabNode",
     "LabPod",
     "Topology",
@@ -53,6 +62,8 @@ __all__ = [
 
 DEFAULT_CONTROLLER_IP = "10.100.0.1"
 POD_GATEWAY = "169.254.1.1"
+POD_GATEWAY6 = "fe80::1"
+UNDERLAY6 = ipaddress.IPv6Network("fd00:100::/64")
 _NUD_PERMANENT = 0x80
 _RTNH_F_ONLINK = 4
 
@@ -79,6 +90,8 @@ class LabNode:
     uplink_mac: str = ""
     bridge_port: str = ""
     pods: list[LabPod] = field(default_factory=list)
+    underlay_ip6: str = ""
+    pod_cidr6: str = ""
 
     def __repr__(self) -> str:
         return f"LabNode({self.name!r}, netns={self.netns!r}, underlay_ip={self.underlay_ip!r})"
@@ -95,6 +108,7 @@ class LabPod:
     host_veth: str
     host_veth_mac: str
     mac: str
+    ip6: str = ""
 
     def connect_tcp(self, ip: str, port: int, timeout: float = 3.0) -> socket.socket:
         """A TCP socket connected from inside this pod (it stays in the pod)."""
@@ -152,6 +166,8 @@ class Topology:
             raise LabError(f"node {name}: underlay IP {ip} is outside {self.underlay}")
         cidr = str(ipaddress.ip_network(pod_cidr or f"10.244.{index + 1}.0/24"))
         node = LabNode(
+            underlay_ip6=str(UNDERLAY6.network_address + 11 + index),
+            pod_cidr6=f"fd00:244:{index + 1:x}::/64",
             name=name,
             netns=f"{self.prefix}-{name}",
             underlay_ip=ip,
@@ -186,7 +202,9 @@ class Topology:
                 f"pod {name}: IP {ip} is outside node {lab_node.name}'s pod CIDR {cidr}",
                 hint="pods are routed by their node's CIDR; pick an address inside it",
             )
+        host_part = int(ipaddress.ip_address(ip)) - int(cidr.network_address)
         pod = LabPod(
+            ip6=str(ipaddress.IPv6Network(lab_node.pod_cidr6).network_address + host_part),
             name=name,
             node=lab_node,
             netns=f"{lab_node.netns}-{name}",
@@ -258,18 +276,25 @@ class Topology:
         self._built = True
         return self
 
-    def _new_netns(self, name: str) -> None:
+    def _new_netns(self, name: str, *, ipv6: bool = True) -> None:
         create_netns(name)
         self._created_netns.append(name)
         with in_netns(name):
-            # No IPv6 on lab links: no DAD delay, no router solicitations or MLD
-            # noise in captures. "default" must be set before links are created.
-            write_sysctl("net.ipv6.conf.all.disable_ipv6", 1)
-            write_sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+            # "default" must be set before links are created. With IPv6: no DAD
+            # (addresses usable at once, like `nodad`), no router solicitations
+            # and no autoconfiguration from advertisements (addresses are static).
+            if not ipv6:
+                write_sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+                write_sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+                return
+            for conf in ("all", "default"):
+                write_sysctl(f"net.ipv6.conf.{conf}.accept_dad", 0)
+                write_sysctl(f"net.ipv6.conf.{conf}.router_solicitations", 0)
+                write_sysctl(f"net.ipv6.conf.{conf}.accept_ra", 0)
 
     def _build_underlay(self) -> None:
         ns = self.underlay_netns
-        self._new_netns(ns)
+        self._new_netns(ns, ipv6=False)
         with _rtnl(ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             # A fixed MAC: a bridge otherwise takes its lowest port's, which
@@ -281,6 +306,9 @@ class Topology:
                 address=_mac(f"{self.prefix}/bridge"),
                 br_stp_state=0,
                 br_forward_delay=0,
+                # Flood multicast: with IPv6 off here the bridge sends no MLD
+                # queries, and snooping could then starve neighbour solicitations.
+                br_mcast_snooping=0,
             )
             br = ipr.link_lookup(ifname=self.bridge)[0]
             ipr.addr("add", index=br, address=self.controller_ip, prefixlen=self.underlay.prefixlen)
@@ -290,6 +318,7 @@ class Topology:
         self._new_netns(node.netns)
         with in_netns(node.netns):
             write_sysctl("net.ipv4.ip_forward", 1)
+            write_sysctl("net.ipv6.conf.all.forwarding", 1)
             # Reverse-path filtering defaults to strict, as on many production
             # nodes: every steered path (tproxy/sk_assign to the ztunnel, replies
             # to its spoofed-source sockets) validates the packet's *source*,
@@ -319,6 +348,7 @@ class Topology:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             up = ipr.link_lookup(ifname=node.uplink)[0]
             ipr.addr("add", index=up, address=node.underlay_ip, prefixlen=self.underlay.prefixlen)
+            ipr.addr("add", index=up, address=node.underlay_ip6, prefixlen=UNDERLAY6.prefixlen)
             ipr.link("set", index=up, state="up")
 
     def _build_routes(self) -> None:
@@ -331,6 +361,12 @@ class Topology:
                 for other in self.nodes.values():
                     if other is not node:
                         ipr.route("replace", dst=other.pod_cidr, gateway=other.underlay_ip)
+                        ipr.route(
+                            "replace",
+                            family=socket.AF_INET6,
+                            dst=other.pod_cidr6,
+                            gateway=other.underlay_ip6,
+                        )
 
     def _build_pod(self, pod: LabPod) -> None:
         self._new_netns(pod.netns)
@@ -347,6 +383,7 @@ class Topology:
                 host = ipr.link_lookup(ifname=pod.host_veth)[0]
                 ipr.link("set", index=host, state="up")
                 ipr.route("replace", dst=f"{pod.ip}/32", oif=host, scope=253)  # scope link
+                ipr.route("replace", family=socket.AF_INET6, dst=f"{pod.ip6}/128", oif=host)
         finally:
             os.close(fd)
         with _rtnl(pod.netns) as ipr:
@@ -362,6 +399,18 @@ class Topology:
                 state=_NUD_PERMANENT,
             )
             ipr.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth0, flags=_RTNH_F_ONLINK)
+            ipr.addr("add", index=eth0, address=pod.ip6, prefixlen=128)
+            ipr.neigh(
+                "add",
+                family=socket.AF_INET6,
+                dst=POD_GATEWAY6,
+                lladdr=pod.host_veth_mac,
+                ifindex=eth0,
+                state=_NUD_PERMANENT,
+            )
+            ipr.route(
+                "add", family=socket.AF_INET6, dst="::/0", gateway=POD_GATEWAY6, oif=eth0
+            )
 
     # -- processes ---------------------------------------------------------
 

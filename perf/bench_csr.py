@@ -23,25 +23,21 @@ import asyncio
 import json
 import os
 import platform
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from controller.api.spiffe import SpiffeId
+from controller.auth import JoinTokenStore
+from controller.ca import CertificateAuthority
+from node import NodeCredentials, build_csr, generate_key, join
+from tests.support.controller import ControllerProcess
 
-from controller.api.spiffe import SpiffeId  # noqa: E402
-from controller.auth import JoinTokenStore  # noqa: E402
-from controller.ca import CertificateAuthority  # noqa: E402
-from node import NodeCredentials, build_csr, generate_key, join  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TD = "cluster.local"
 TARGET = 500.0  # certificates per second
@@ -71,60 +67,16 @@ def identity(i: int) -> SpiffeId:
     return SpiffeId.parse(f"spiffe://{TD}/ns/bench/sa/sa{i}")
 
 
-class ControllerProcess:
-    """``veil controller run`` on ephemeral loopback ports."""
-
-    def __init__(self, work: Path, nodes: int) -> None:
-        registry = work / "registry.yaml"
-        registry.write_text(registry_yaml(nodes))
-        self.state = work / "controller"
-        self._log = (work / "controller.log").open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cli.veil",
-                "--log-level",
-                "warning",
-                "controller",
-                "run",
-                "--registry",
-                str(registry),
-                "--state-dir",
-                str(self.state),
-                "--listen",
-                "127.0.0.1:0",
-                "--join-listen",
-                "127.0.0.1:0",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        stdout = self.proc.stdout
-        assert stdout is not None
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(60)
-        m = re.search(r"mTLS (\S+), join (\S+),", line[0] if line else "")
-        if not m:
-            self.stop()
-            raise SystemExit(f"controller did not start; see {work / 'controller.log'}")
-        self.mtls, self.join = m.group(1), m.group(2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+def start_controller(work: Path, nodes: int) -> ControllerProcess:
+    """``veil controller run`` on ephemeral loopback ports, one workload per node."""
+    return ControllerProcess(
+        work,
+        registry_yaml(nodes),
+        log_level="warning",
+        registry_poll=None,
+        state_path=work / "controller",
+        start_timeout=60.0,
+    ).start()
 
 
 def ca_sign_cost(work: Path, n: int = 500) -> float:
@@ -140,13 +92,13 @@ def ca_sign_cost(work: Path, n: int = 500) -> float:
 
 
 async def join_nodes(ctl: ControllerProcess, nodes: int, work: Path) -> list[NodeCredentials]:
-    ca = CertificateAuthority.load(ctl.state)
-    tokens = JoinTokenStore(ctl.state)
+    ca = CertificateAuthority.load(ctl.state_dir)
+    tokens = JoinTokenStore(ctl.state_dir)
     out = []
     for i in range(nodes):
         token = tokens.create(f"node-{i}", timedelta(minutes=10), ca_fingerprint=ca.fingerprint)
         out.append(
-            await join(ctl.join, token, f"node-{i}", work / f"node-{i}", mtls_address=ctl.mtls)
+            await join(ctl.join_addr, token, f"node-{i}", work / f"node-{i}", mtls_address=ctl.mtls)
         )
     return out
 
@@ -187,7 +139,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="veil-bench-csr-") as tmp:
         work = Path(tmp)
         sign_ms = ca_sign_cost(work)
-        ctl = ControllerProcess(work, args.nodes)
+        ctl = start_controller(work, args.nodes)
         try:
             creds = await join_nodes(ctl, args.nodes, work)
             per_node = max(1, args.total // args.nodes)

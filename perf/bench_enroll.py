@@ -51,16 +51,15 @@ from typing import Any
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from agent.bpf import DataplaneMaps, PinLayout, uninstall_node
+from agent.net import tc
+from agent.net.tc import Hook
+from agent.status import StatusClient, StatusUnavailable
+from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
+from lab import LabPod, Topology, in_netns
+from tests.support.controller import ControllerProcess
 
-from agent.bpf import DataplaneMaps, PinLayout, uninstall_node  # noqa: E402
-from agent.net import tc  # noqa: E402
-from agent.net.tc import Hook  # noqa: E402
-from agent.status import StatusClient, StatusUnavailable  # noqa: E402
-from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT  # noqa: E402
-from lab import LabError, LabPod, Topology, in_netns, wait_listening  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "perf" / "results" / "enroll.json"
 PIN_ROOT = Path("/sys/fs/bpf/veil-bench")
@@ -122,6 +121,7 @@ class Bench:
         self.pin_dir = PIN_ROOT / f"{self.topo.prefix}-node-a"
         self.socket = work / "run" / "agent.sock"
         self.agent: subprocess.Popen[bytes] | None = None
+        self.controller: ControllerProcess | None = None
         self.notes: list[str] = []
         self._maps: DataplaneMaps | None = None
         self._ipr: Any = None
@@ -144,18 +144,12 @@ class Bench:
         self.write_registry([])
         ip = self.topo.controller_ip
         state = self.work / "controller"
-        proc = self.topo.popen(
-            self.topo.underlay_netns,
-            _veil("controller", "run", "--registry", str(self.registry), "--state-dir",
-                  str(state), "--listen", f"{ip}:{CONTROLLER_PORT}", "--join-listen",
-                  f"{ip}:{CONTROLLER_JOIN_PORT}", "--registry-poll", REGISTRY_POLL),
-            log_path=self.work / "controller.log", cwd=ROOT,
-        )
-        try:
-            wait_listening(proc, CONTROLLER_PORT, 30.0)
-            wait_listening(proc, CONTROLLER_JOIN_PORT, 5.0)
-        except LabError as exc:
-            raise RuntimeError(f"controller did not start: {exc}\n{proc.log_text()[-2000:]}") from None
+        self.controller = ControllerProcess(
+            self.work, host=ip, netns=self.topo.underlay_netns,
+            mtls_port=CONTROLLER_PORT, join_port=CONTROLLER_JOIN_PORT,
+            registry_path=self.registry, state_path=state,
+            registry_poll=float(REGISTRY_POLL), log_level="warning",
+        ).start()
         out = self.topo.run(self.topo.underlay_netns, _veil(
             "controller", "token", "create", "--node", "node-a", "--state-dir", str(state)))
         token = out.stdout.decode().strip().splitlines()[-1].strip()
@@ -273,6 +267,8 @@ class Bench:
             with contextlib.suppress(OSError):
                 PIN_ROOT.rmdir()
         finally:
+            if self.controller is not None:
+                self.controller.stop()
             self.topo.close()
 
 

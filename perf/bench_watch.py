@@ -35,12 +35,9 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,19 +45,18 @@ from typing import Any
 
 import psutil
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from controller.api.client import ControllerClient, join_node
+from controller.api.model import ResourceType, Workload, resource_key
+from controller.api.spiffe import node_identity
+from controller.auth import JoinTokenStore
+from controller.ca import CertificateAuthority
+from node import NodeCredentials, build_csr, generate_key, key_pem
+from tests.support.controller import ControllerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-
-from controller.api.client import ControllerClient, join_node  # noqa: E402
-from controller.api.model import ResourceType, Workload, resource_key  # noqa: E402
-from controller.api.spiffe import node_identity  # noqa: E402
-from controller.auth import JoinTokenStore  # noqa: E402
-from controller.ca import CertificateAuthority  # noqa: E402
-from node import NodeCredentials, build_csr, generate_key, key_pem  # noqa: E402
 
 TD = "cluster.local"
 TARGET_P99_S = 1.0
@@ -178,76 +174,31 @@ class Registry:
         return f"ns{index % NAMESPACES}/w{index}"
 
 
-class ControllerProcess:
-    """``veil controller run`` on ephemeral loopback ports."""
+def start_controller(work: Path, registry: Path, poll: float) -> ControllerProcess:
+    """``veil controller run`` on ephemeral loopback ports, logging at info (reload lines)."""
+    return ControllerProcess(
+        work,
+        registry_path=registry,
+        registry_poll=poll,
+        log_level="info",
+        state_path=work / "controller",
+        start_timeout=180.0,  # parsing a 10,000-workload registry takes a while
+    ).start()
 
-    def __init__(self, work: Path, registry: Path, poll: float) -> None:
-        self.state = work / "controller"
-        self.log_path = work / "controller.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cli.veil",
-                "--log-level",
-                "info",
-                "controller",
-                "run",
-                "--registry",
-                str(registry),
-                "--state-dir",
-                str(self.state),
-                "--listen",
-                "127.0.0.1:0",
-                "--join-listen",
-                "127.0.0.1:0",
-                "--registry-poll",
-                str(poll),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        stdout = self.proc.stdout
-        assert stdout is not None
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(180)
-        m = re.search(r"mTLS (\S+), join (\S+),", line[0] if line else "")
-        if not m:
-            self.stop()
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"controller did not start:\n{tail}")
-        self.startup_line = line[0].strip()
-        self.mtls, self.join = m.group(1), m.group(2)
-        self.process = psutil.Process(self.proc.pid)
 
-    def rss_mb(self) -> float:
-        return self.process.memory_info().rss / (1024 * 1024)
+def rss_mb(ctl: ControllerProcess) -> float:
+    assert ctl.proc is not None
+    return float(psutil.Process(ctl.proc.pid).memory_info().rss) / (1024 * 1024)
 
-    def reload_times(self) -> list[float]:
-        """Wall-clock times of the controller's "registry reloaded" log lines."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            m = _RELOADED.match(line)
-            if m:
-                out.append(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
-        return out
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+def reload_times(ctl: ControllerProcess) -> list[float]:
+    """Wall-clock times of the controller's "registry reloaded" log lines."""
+    out = []
+    for line in ctl.log_text().splitlines():
+        m = _RELOADED.match(line)
+        if m:
+            out.append(datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return out
 
 
 def _fingerprint(pem: bytes) -> str:
@@ -257,23 +208,23 @@ def _fingerprint(pem: bytes) -> str:
 
 async def join_nodes(ctl: ControllerProcess, nodes: int) -> list[NodeCredentials]:
     """Real token joins on the join listener; the token's root is pinned from the CA state."""
-    ca = CertificateAuthority.load(ctl.state)
+    ca = CertificateAuthority.load(ctl.state_dir)
     (root,) = (r for r in ca.trust_bundle().roots if _fingerprint(r) == ca.fingerprint)
-    tokens = JoinTokenStore(ctl.state)
+    tokens = JoinTokenStore(ctl.state_dir)
     out = []
     for i in range(nodes):
         node = f"node-{i}"
         token = tokens.create(node, timedelta(minutes=30), ca_fingerprint=ca.fingerprint)
         key = generate_key()
         result = await join_node(
-            ctl.join, root, token, node, build_csr(key, node_identity(TD, node))
+            ctl.join_addr, root, token, node, build_csr(key, node_identity(TD, node))
         )
         out.append(
             NodeCredentials(
                 node=node,
                 trust_domain=TD,
                 controller_address=ctl.mtls,
-                join_address=ctl.join,
+                join_address=ctl.join_addr,
                 key_pem=key_pem(key),
                 cert_chain_pem=result.cert_chain,
                 trust_bundle_pem=result.trust_bundle,
@@ -330,7 +281,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         registry = Registry(work, args.layout, args.workloads, args.policies, args.watchers)
         print(f"registry written ({args.layout}) in {time.perf_counter() - t:.1f}s")
         t = time.perf_counter()
-        ctl = ControllerProcess(work, registry.path, args.poll)
+        ctl = start_controller(work, registry.path, args.poll)
         print(f"controller up in {time.perf_counter() - t:.1f}s: {ctl.startup_line}")
         rss_samples: list[float] = []
         sampling = True
@@ -338,12 +289,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         async def sample_rss() -> None:
             while sampling:
                 try:
-                    rss_samples.append(ctl.rss_mb())
+                    rss_samples.append(rss_mb(ctl))
                 except psutil.Error:
                     return
                 await asyncio.sleep(0.1)
 
-        rss_idle = ctl.rss_mb()
+        rss_idle = rss_mb(ctl)
         print(f"controller RSS with the registry loaded, no watchers: {rss_idle:.0f} MB")
         sampler = asyncio.create_task(sample_rss())
         watchers: list[WatchingNode] = []
@@ -363,7 +314,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"{len(watchers)} watchers hold their snapshot ({sizes} resources) after {snapshot_s:.1f}s"
             )
-            rss_after_snapshot = ctl.rss_mb()
+            rss_after_snapshot = rss_mb(ctl)
 
             starts: dict[int, float] = {}
             for n in range(args.changes):
@@ -386,7 +337,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 await w.close()
             sampling = False
             await sampler
-            reloads = ctl.reload_times()
+            reloads = reload_times(ctl)
             ctl.stop()
 
     samples = [w.arrivals[n] - starts[n] for w in watchers for n in starts if n in w.arrivals]

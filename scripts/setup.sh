@@ -16,6 +16,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev
   iproute2 iputils-ping nftables iperf3 stunnel4 socat tshark
   nghttp2-proxy nghttp2-client tinyproxy openssl make
+  etcd-server  # the store of the real kube-apiserver in tests/k8s_real
 )
 
 # The HBONE interop test drives our server with Node.js's own http2 client. The

@@ -26,15 +26,13 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
-from functools import partial
-from pathlib import Path
 
-from controller.api.client import ControllerClient
-from controller.api.model import ResourceType, TrustBundle, WatchUpdate
+from controller.api.model import TrustBundle
 from node import NodeCredentials, load_node_credentials
 from node.backoff import Backoff
+from node.channel import ControllerChannel
 from node.dataplane import MARK_ZTUNNEL
 from node.state import StateChange, StateStore
 from node.watch import WatchClient
@@ -43,6 +41,7 @@ from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import ConfigError
 from ztunnel.hbone import HboneClientPool, HboneConfig
 from ztunnel.identity import CertManager
+from ztunnel.limits import enable_request_migration, raise_nofile_limit
 from ztunnel.metrics import Registry, TrafficMetrics
 from ztunnel.proxy.connections import ConnectionRegistry, Direction
 from ztunnel.proxy.context import ProxyContext
@@ -50,7 +49,7 @@ from ztunnel.proxy.errors import ListenerError
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.listener import ConnectionHandler, Listener
 from ztunnel.proxy.outbound import OutboundProxy
-from ztunnel.proxy.plaintext import handle_plaintext
+from ztunnel.proxy.plaintext import PlaintextProxy
 from ztunnel.proxy.sockets import Address, connect_upstream, listener_socket
 from ztunnel.tls import TlsContextCache
 
@@ -67,60 +66,6 @@ _GC_GEN0_THRESHOLD = 20_000
 # How often the node credentials in the state directory are checked for a
 # renewed node certificate (the agent or `veil node certificate` renews it).
 _CREDENTIALS_POLL = 30.0
-
-
-class _Controller:
-    """The controller channel, swapped when the node certificate is renewed.
-
-    The watch and the certificate manager hold this object, not a client, so a
-    renewed node certificate takes effect on their next call.
-    """
-
-    def __init__(self, creds: NodeCredentials, address: str) -> None:
-        self.creds = creds
-        self.address = address
-        self.client = self._open(creds)
-
-    def _open(self, creds: NodeCredentials) -> ControllerClient:
-        return ControllerClient(
-            self.address,
-            key_pem=creds.key_pem,
-            cert_chain_pem=b"".join(creds.cert_chain_pem),
-            trust_bundle_pem=b"".join(creds.trust_bundle_pem),
-        )
-
-    async def create_certificate(
-        self, csr_pem: bytes, identity: str, ttl_seconds: int = 0, timeout: float = 10.0
-    ) -> tuple[bytes, ...]:
-        return await self.client.create_certificate(csr_pem, identity, ttl_seconds, timeout)
-
-    def watch(
-        self,
-        node: str = "",
-        types: Iterable[ResourceType] = (),
-        epoch: str = "",
-        version: int = 0,
-    ) -> AsyncIterator[WatchUpdate]:
-        return self.client.watch(node, types, epoch, version)
-
-    async def reload(self, state_dir: Path) -> None:
-        try:
-            creds = load_node_credentials(state_dir)
-        except Exception as e:
-            log.warning("cannot re-read node credentials: %s", e)
-            return
-        if creds.cert_chain_pem == self.creds.cert_chain_pem and (
-            creds.trust_bundle_pem == self.creds.trust_bundle_pem
-        ):
-            return
-        log.info("node credentials changed on disk; reconnecting to the controller with them")
-        old, self.client, self.creds = self.client, self._open(creds), creds
-        # Let streams on the old channel end on their own (the watch reconnects).
-        await asyncio.sleep(0)
-        await old.close()
-
-    async def close(self) -> None:
-        await self.client.close()
 
 
 class Ztunnel:
@@ -148,7 +93,9 @@ class Ztunnel:
                 f"not {config.node_name!r}",
                 hint="pass the node name used at `veil node join`, or that node's state directory",
             )
-        self._controller = _Controller(creds, config.controller_address or creds.controller_address)
+        self._controller = ControllerChannel(
+            config.state_dir, creds, address=config.controller_address or None
+        )
         self.store = StateStore(config.node_name, creds.trust_domain)
         self.certs = CertManager(
             self._controller,
@@ -163,6 +110,9 @@ class Ztunnel:
             self._controller,
             self.store,
             backoff=Backoff(config.xds_backoff_initial, config.xds_backoff_max),
+            # Retries the moment the controller is reachable again, not when
+            # the backoff timer the outage set fires.
+            sleep=self._controller.sleep,
         )
         self.metrics_registry = Registry()
         self.traffic = TrafficMetrics(
@@ -195,6 +145,7 @@ class Ztunnel:
         self.inbound = InboundProxy(
             self.ctx, self.certs, self.trust_bundle, config=hbone_config, contexts=contexts
         )
+        self.plaintext = PlaintextProxy(self.ctx)
         self.readiness = Readiness(self.store, self.certs)
         self.readiness.add_check("listeners", self._listeners_ready)
         self.ops = OpsServer.from_config(
@@ -260,9 +211,12 @@ class Ztunnel:
         """
         self._unsubscribe.append(self.store.subscribe(self.certs.on_state_change))
         self._unsubscribe.append(self.store.subscribe(self._on_state_change))
+        self._unsubscribe.append(self._controller.on_reconnect(self.certs.on_reconnect))
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.watch.run(), name="veil-watch"))
-        self._tasks.append(loop.create_task(self._poll_credentials(), name="veil-creds"))
+        self._tasks.append(loop.create_task(
+                self._controller.follow_credentials(_CREDENTIALS_POLL), name="veil-creds"
+            ))
         await self.ops.start()
         log.info(
             "ztunnel for node %s: waiting for the controller's first snapshot from %s",
@@ -290,7 +244,7 @@ class Ztunnel:
         host = c.listen_address
         wanted: list[tuple[str, int, ConnectionHandler]] = [
             ("hbone", c.hbone_port, self.inbound.handle),
-            ("inbound_plaintext", c.inbound_plaintext_port, partial(handle_plaintext, self.ctx)),
+            ("inbound_plaintext", c.inbound_plaintext_port, self.plaintext.handle),
             ("outbound", c.outbound_port, self.outbound.handle),
         ]
         transparent = self.ctx.transparent
@@ -313,11 +267,6 @@ class Ztunnel:
             self.listeners.clear()
             raise
 
-    async def _poll_credentials(self) -> None:
-        while True:
-            await asyncio.sleep(_CREDENTIALS_POLL)
-            await self._controller.reload(self.config.state_dir)
-
     def address(self, listener: str) -> tuple[str, int]:
         """Where a listener (outbound, inbound_plaintext, hbone) is bound."""
         return self.listeners[listener].address
@@ -329,8 +278,11 @@ class Ztunnel:
         self._stopped = True
         grace = self.config.drain_grace_period if grace is None else grace
         self.draining = True
+        # Listeners close at once, so a surge ztunnel bound beside this one
+        # (SO_REUSEPORT) receives every new connection while these drain.
         for listener in self.listeners.values():
             listener.stop_accepting()
+        await self.ops.close_readiness()
         live = len(self.connections)
         log.info("shutting down: draining %d connection(s) for up to %.0fs", live, grace)
         # GOAWAY to every HBONE peer (both directions) while the connections
@@ -361,6 +313,9 @@ class Ztunnel:
 
 async def run_ztunnel(config: ZtunnelConfig) -> int:
     """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
+    # Process-wide settings: the process is ours alone (not an embedding test).
+    raise_nofile_limit()
+    enable_request_migration()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,6 +30,8 @@ class DropReason(IntEnum):
     FRAGMENT = 8
     MALFORMED = 9
     NOT_ZTUNNEL = 10
+    ICMP = 11
+    IPV6_UNKNOWN = 12
 
     @property
     def label(self) -> str:
@@ -53,6 +55,8 @@ _DESCRIPTIONS: Final[dict[DropReason, str]] = {
     DropReason.FRAGMENT: "IP fragment whose ports cannot be checked",
     DropReason.MALFORMED: "truncated or invalid header",
     DropReason.NOT_ZTUNNEL: "traffic to an enrolled pod that did not come from the ztunnel",
+    DropReason.ICMP: "ICMP echo (allowed only with --allow-icmp-echo) or a non-error ICMP type",
+    DropReason.IPV6_UNKNOWN: "IPv6 of an enrolled pod whose IPv6 address is not known yet",
 }
 
 
@@ -61,3 +65,4 @@ class PodFlag(IntFlag):
 
     NONE = 0
     ENROLLED = 0x1
+    IPV6 = 0x2

@@ -33,8 +33,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
 
 from agent.bpf import programs, syscall
 from agent.bpf.codes import PodFlag
-from agent.bpf.maps import DataplaneMaps, LocalPodEntry, PodEntry, check_layout
+from agent.bpf.maps import DataplaneMaps, LocalPodEntry, PodAddrEntry, PodEntry, check_layout
 from agent.bpf.pins import (
     DEFAULT_PIN_DIR,
     MAP_NAMES,
@@ -203,20 +204,30 @@ class Dataplane(DataplaneView):
     # -- pods ----------------------------------------------------------------------------
 
     def enroll(
-        self, pod_ip: IPv4Address | str, host_ifname: str | None = None
+        self,
+        pod_ip: IPv4Address | str,
+        host_ifname: str | None = None,
+        *,
+        ipv6: Iterable[IPv6Address | str] = (),
     ) -> PodDataplaneState:
         """Steer the pod into the ztunnel and guard it. Idempotent.
 
-        Maps are written before the filters are attached, so the first packet a
-        program sees already finds the pod.
+        ``ipv6`` are the pod's IPv6 addresses: its IPv6 is steered and
+        anti-spoofed like its IPv4; without any, its IPv6 is dropped (except
+        neighbour discovery). Maps are written before the filters are
+        attached, so the first packet a program sees already finds the pod.
         """
         ip = IPv4Address(pod_ip)
+        v6 = _ipv6_set(ipv6)
         with self._lock:
             self._check_open()
             iface = self._resolve(ip, host_ifname)
             self._drop_stale(ip, iface.ifindex)
             self.maps.create_counters(iface.ifindex)
-            entry = PodEntry(iface.ifindex, ip, PodFlag.ENROLLED)
+            flags = PodFlag.ENROLLED | (PodFlag.IPV6 if v6 else PodFlag.NONE)
+            entry = PodEntry(iface.ifindex, ip, flags)
+            # Addresses before the flag: a packet never sees IPV6 without its entries.
+            self._sync_addrs(iface.ifindex, ip, v6, enrolled=True)
             self.maps.put_pod(entry)
             self.maps.put_local_ip(LocalPodEntry(ip, iface.ifindex))
             self._attach(iface.ifindex, _POD_INGRESS)
@@ -224,7 +235,11 @@ class Dataplane(DataplaneView):
             return self._pod_state(entry)
 
     def mark_local_pod(
-        self, pod_ip: IPv4Address | str, host_ifname: str | None = None
+        self,
+        pod_ip: IPv4Address | str,
+        host_ifname: str | None = None,
+        *,
+        ipv6: Iterable[IPv6Address | str] = (),
     ) -> PodDataplaneState:
         """Track a local pod that is NOT enrolled (or no longer is). Idempotent.
 
@@ -233,14 +248,16 @@ class Dataplane(DataplaneView):
         here loses its egress guard after its entries stop saying enrolled.
         """
         ip = IPv4Address(pod_ip)
+        v6 = _ipv6_set(ipv6)
         with self._lock:
             self._check_open()
             iface = self._resolve(ip, host_ifname)
             self._drop_stale(ip, iface.ifindex)
             self.maps.create_counters(iface.ifindex)
             self.maps.delete_local_ip(ip)
-            entry = PodEntry(iface.ifindex, ip, PodFlag.NONE)
+            entry = PodEntry(iface.ifindex, ip, PodFlag.IPV6 if v6 else PodFlag.NONE)
             self.maps.put_pod(entry)
+            self._sync_addrs(iface.ifindex, ip, v6, enrolled=False)
             self._attach(iface.ifindex, _POD_INGRESS)
             self._detach(iface.ifindex, Hook.EGRESS)
             return self._pod_state(entry)
@@ -305,6 +322,32 @@ class Dataplane(DataplaneView):
             if entry.ip == ip and entry.ifindex != ifindex:
                 self._remove_pod_entry(entry.ifindex)
 
+    def _sync_addrs(
+        self, ifindex: int, ip: IPv4Address, v6: frozenset[IPv6Address], *, enrolled: bool
+    ) -> None:
+        """Make pod_addrs (and local_ips6) hold exactly this pod's addresses."""
+        want: set[IPv4Address | IPv6Address] = {ip, *v6}
+        for old in self.maps.pod_addrs(ifindex):
+            if old.ip not in want:
+                self.maps.delete_pod_addr(ifindex, old.ip)
+                self._forget_local_ip(old.ip, ifindex)
+        for addr in sorted(v6):
+            # Another veth holding the address is a recreated pod: the newest wins.
+            for other in self.maps.pod_addrs():
+                if other.ip == addr and other.ifindex != ifindex:
+                    self.maps.delete_pod_addr(other.ifindex, addr)
+            self.maps.put_pod_addr(PodAddrEntry(ifindex, addr))
+            if enrolled:
+                self.maps.put_local_ip(LocalPodEntry(addr, ifindex))
+            else:
+                self._forget_local_ip(addr, ifindex)
+        self.maps.put_pod_addr(PodAddrEntry(ifindex, ip))
+
+    def _forget_local_ip(self, ip: IPv4Address | IPv6Address, ifindex: int) -> None:
+        local = self.maps.local_ip(ip)
+        if local is not None and local.ifindex == ifindex:
+            self.maps.delete_local_ip(ip)
+
     def _remove_pod_entry(self, ifindex: int) -> None:
         # Guard first, then steering: the pod is never reachable unguarded while
         # it is still steered, and a vanished link simply has nothing to detach.
@@ -313,6 +356,10 @@ class Dataplane(DataplaneView):
             self._detach(ifindex, Hook.INGRESS)
             tc.remove_clsact_if_unused(self._ipr, ifindex)
         self.maps.delete_pod(ifindex)
+        for addr in self.maps.pod_addrs(ifindex):
+            self.maps.delete_pod_addr(ifindex, addr.ip)
+            if isinstance(addr.ip, IPv6Address):
+                self._forget_local_ip(addr.ip, ifindex)
         self.maps.delete_counters(ifindex)
 
     def _swap_programs(self) -> None:
@@ -330,6 +377,19 @@ class Dataplane(DataplaneView):
                     tc.detach_bpf(self._ipr, ifindex, found.hook)
                     continue
                 self._attach(ifindex, spec)
+
+
+def _ipv6_set(addrs: Iterable[IPv6Address | str]) -> frozenset[IPv6Address]:
+    out = set()
+    for a in addrs:
+        try:
+            out.add(IPv6Address(a))
+        except ValueError:
+            raise BpfError(
+                f"{a!r} is not an IPv6 address",
+                hint="pass the pod's IPv6 addresses as ipv6=; its IPv4 address goes first",
+            ) from None
+    return frozenset(out)
 
 
 def uninstall_node(pin_dir: Path | str = DEFAULT_PIN_DIR, *, ipr: Any = None) -> None:

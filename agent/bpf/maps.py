@@ -7,7 +7,11 @@ exact layout of ebpf/include/veil_maps.h; :meth:`DataplaneMaps.open` compares
 each pin's type, key and value size and capacity with these layouts and
 refuses a mismatch rather than misreading it.
 
-Everything returned is a frozen dataclass; addresses are IPv4Address.
+Everything returned is a frozen dataclass; addresses are IPv4Address or
+IPv6Address. A pod's IPv4 address is in ``pods``; every source address it
+may use (IPv4 and IPv6) is in ``pod_addrs``, keyed by (ifindex, family,
+address); enrolled addresses map back to the pod's veth in ``local_ips``
+(IPv4) and ``local_ips6`` (IPv6).
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, Final
 
 from agent.bpf import syscall
 from agent.bpf.codes import DROP_SLOTS, DropReason, PodFlag
 from agent.bpf.pins import MAP_NAMES, PinLayout, open_pin
-from agent.bpf.programs import MAX_PODS
+from agent.bpf.programs import MAX_POD_ADDRS, MAX_PODS
 from agent.errors import MapError
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "MapLayout",
     "MapsDump",
     "NodeConfig",
+    "PodAddrEntry",
     "PodCounters",
     "PodEntry",
     "check_layout",
@@ -47,6 +52,12 @@ _POD = struct.Struct("=4sI")  # struct veil_pod: __be32 ip, __u32 flags
 _LOCAL = struct.Struct("=II")  # struct veil_local_pod: __u32 ifindex, __u32 flags
 _COUNTERS = struct.Struct(f"=3Q{DROP_SLOTS}Q")  # struct veil_counters
 _CONFIG = struct.Struct("=4sI32s")  # struct veil_config
+# struct veil_pod_addr_key: __u32 ifindex, __u8 family, __u8 pad[3], __be32 addr[4]
+_ADDR_KEY = struct.Struct("=IB3x16s")
+_AF_INET = 2
+_AF_INET6 = 10
+
+IPAddress = IPv4Address | IPv6Address
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,12 @@ MAP_LAYOUTS: Final[Mapping[str, MapLayout]] = {
         "counters", syscall.BPF_MAP_TYPE_PERCPU_HASH, 4, _COUNTERS.size, MAX_PODS
     ),
     "config": MapLayout("config", syscall.BPF_MAP_TYPE_ARRAY, 4, _CONFIG.size, 1),
+    "pod_addrs": MapLayout(
+        "pod_addrs", syscall.BPF_MAP_TYPE_HASH, _ADDR_KEY.size, _U32.size, MAX_POD_ADDRS
+    ),
+    "local_ips6": MapLayout(
+        "local_ips6", syscall.BPF_MAP_TYPE_HASH, 16, _LOCAL.size, MAX_POD_ADDRS
+    ),
 }
 assert tuple(MAP_LAYOUTS) == MAP_NAMES
 
@@ -85,10 +102,19 @@ class PodEntry:
 
 
 @dataclass(frozen=True)
-class LocalPodEntry:
-    """local_ips map: an enrolled local pod address and its veth."""
+class PodAddrEntry:
+    """pod_addrs map: a source address the pod behind ``ifindex`` may use."""
 
-    ip: IPv4Address
+    ifindex: int
+    ip: IPAddress
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class LocalPodEntry:
+    """local_ips / local_ips6 maps: an enrolled local pod address and its veth."""
+
+    ip: IPAddress
     ifindex: int
     flags: int = 0
 
@@ -135,6 +161,7 @@ class MapsDump:
     local_ips: tuple[LocalPodEntry, ...]
     counters: Mapping[int, PodCounters]
     config: NodeConfig
+    pod_addrs: tuple[PodAddrEntry, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +177,10 @@ class MapsDump:
             "local_ips": [
                 {"ip": str(e.ip), "ifindex": e.ifindex, "flags": e.flags} for e in self.local_ips
             ],
+            "pod_addrs": [
+                {"ifindex": a.ifindex, "ip": str(a.ip), "family": a.ip.version}
+                for a in self.pod_addrs
+            ],
             "counters": {str(k): v.to_dict() for k, v in sorted(self.counters.items())},
             "config": {
                 "probe_source": str(self.config.probe_source) if self.config.probe_source else None,
@@ -159,12 +190,27 @@ class MapsDump:
         }
 
 
-def _ip_bytes(ip: IPv4Address) -> bytes:
+def _ip_bytes(ip: IPAddress) -> bytes:
     return ip.packed  # network order, as the programs compare it with the packet
 
 
+def _addr_key(ifindex: int, ip: IPAddress) -> bytes:
+    family = _AF_INET6 if ip.version == 6 else _AF_INET
+    return _ADDR_KEY.pack(ifindex, family, ip.packed.ljust(16, b"\0"))
+
+
+def _addr_from_key(key: bytes) -> PodAddrEntry:
+    ifindex, family, raw = _ADDR_KEY.unpack(key)
+    ip: IPAddress = IPv6Address(raw) if family == _AF_INET6 else IPv4Address(raw[:4])
+    return PodAddrEntry(ifindex, ip)
+
+
+def _local_map(ip: IPAddress) -> str:
+    return "local_ips6" if ip.version == 6 else "local_ips"
+
+
 class DataplaneMaps:
-    """Open fds on the four pinned maps. Thread-safe as far as the kernel is (it is)."""
+    """Open fds on the pinned maps. Thread-safe as far as the kernel is (it is)."""
 
     def __init__(self, layout: PinLayout, fds: Mapping[str, int]) -> None:
         self.layout = layout
@@ -230,27 +276,53 @@ class DataplaneMaps:
 
     # -- local_ips ---------------------------------------------------------------
 
-    def local_ip(self, ip: IPv4Address) -> LocalPodEntry | None:
-        raw = self._lookup("local_ips", _ip_bytes(ip), _LOCAL.size)
+    def local_ip(self, ip: IPAddress) -> LocalPodEntry | None:
+        raw = self._lookup(_local_map(ip), _ip_bytes(ip), _LOCAL.size)
         if raw is None:
             return None
         ifindex, flags = _LOCAL.unpack(raw)
         return LocalPodEntry(ip, ifindex, flags)
 
     def local_ips(self) -> list[LocalPodEntry]:
-        out = []
-        for key in self._keys("local_ips"):
-            raw = self._lookup("local_ips", key, _LOCAL.size)
-            if raw is not None:
-                ifindex, flags = _LOCAL.unpack(raw)
-                out.append(LocalPodEntry(IPv4Address(key), ifindex, flags))
-        return sorted(out, key=lambda e: e.ip)
+        """Both families: IPv4 entries first, then IPv6."""
+        out: list[LocalPodEntry] = []
+        for name, make in (("local_ips", IPv4Address), ("local_ips6", IPv6Address)):
+            found = []
+            for key in self._keys(name):
+                raw = self._lookup(name, key, _LOCAL.size)
+                if raw is not None:
+                    ifindex, flags = _LOCAL.unpack(raw)
+                    found.append(LocalPodEntry(make(key), ifindex, flags))
+            out += sorted(found, key=lambda e: e.ip.packed)
+        return out
 
     def put_local_ip(self, entry: LocalPodEntry) -> None:
-        self._update("local_ips", _ip_bytes(entry.ip), _LOCAL.pack(entry.ifindex, entry.flags))
+        self._update(
+            _local_map(entry.ip), _ip_bytes(entry.ip), _LOCAL.pack(entry.ifindex, entry.flags)
+        )
 
-    def delete_local_ip(self, ip: IPv4Address) -> bool:
-        return self._delete("local_ips", _ip_bytes(ip))
+    def delete_local_ip(self, ip: IPAddress) -> bool:
+        return self._delete(_local_map(ip), _ip_bytes(ip))
+
+    # -- pod_addrs ---------------------------------------------------------------
+
+    def pod_addrs(self, ifindex: int | None = None) -> list[PodAddrEntry]:
+        """Every allowed source address (of one veth, or of all), IPv4 before IPv6."""
+        out = []
+        for key in self._keys("pod_addrs"):
+            entry = _addr_from_key(key)
+            if ifindex is not None and entry.ifindex != ifindex:
+                continue
+            raw = self._lookup("pod_addrs", key, _U32.size)
+            if raw is not None:
+                out.append(PodAddrEntry(entry.ifindex, entry.ip, _U32.unpack(raw)[0]))
+        return sorted(out, key=lambda a: (a.ifindex, a.ip.version, a.ip.packed))
+
+    def put_pod_addr(self, entry: PodAddrEntry) -> None:
+        self._update("pod_addrs", _addr_key(entry.ifindex, entry.ip), _U32.pack(entry.flags))
+
+    def delete_pod_addr(self, ifindex: int, ip: IPAddress) -> bool:
+        return self._delete("pod_addrs", _addr_key(ifindex, ip))
 
     # -- counters ----------------------------------------------------------------
 
@@ -309,6 +381,7 @@ class DataplaneMaps:
             local_ips=tuple(self.local_ips()),
             counters=self.all_counters(),
             config=self.config(),
+            pod_addrs=tuple(self.pod_addrs()),
         )
 
     # -- plumbing ----------------------------------------------------------------
@@ -393,5 +466,6 @@ def _pod_entry(ifindex: int, raw: bytes) -> PodEntry:
 def _map_error(name: str, action: str, exc: OSError) -> MapError:
     hint = "the agent needs root (CAP_BPF)"
     if exc.errno == errno.E2BIG:
-        hint = f"the map is full ({MAX_PODS} entries): remove pods that no longer exist"
+        size = MAP_LAYOUTS[name].max_entries if name in MAP_LAYOUTS else MAX_PODS
+        hint = f"the map is full ({size} entries): remove pods that no longer exist"
     return MapError(f"cannot {action} BPF map {name}: {exc.strerror}", hint=hint)

@@ -4,7 +4,8 @@ Layout of a pin directory (default /sys/fs/bpf/veil; one per node when
 several lab nodes share a machine, because bpffs is not per network
 namespace)::
 
-    pods  local_ips  counters  config            maps (BPF_TABLE_PINNED in ebpf/include)
+    pods  local_ips  counters  config  pod_addrs  local_ips6
+                                                  maps (BPF_TABLE_PINNED in ebpf/include)
     prog_pod_ingress  prog_uplink_ingress  prog_pod_egress     programs
 
 Maps are pinned by bcc itself when the programs are compiled; programs are
@@ -50,7 +51,7 @@ __all__ = [
 
 BPFFS_ROOT: Final = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR: Final = BPFFS_ROOT / "veil"
-MAP_NAMES: Final = ("pods", "local_ips", "counters", "config")
+MAP_NAMES: Final = ("pods", "local_ips", "counters", "config", "pod_addrs", "local_ips6")
 
 # Path characters that survive the trip into a C string literal (-DVEIL_PIN_DIR)
 # and bcc's "type:path" section syntax, which splits on ':'. bpffs forbids '.'.

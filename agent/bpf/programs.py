@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_EBPF_DIR",
     "DNS_PORT",
     "MAX_PODS",
+    "MAX_POD_ADDRS",
     "PROBE",
     "PROGRAMS",
     "CompileUnit",
@@ -61,6 +62,9 @@ DNS_PORT: Final = 53
 # Capacity of the per-pod maps; part of the pinned layout (changing it means
 # uninstalling first), and far above the pods one node runs.
 MAX_PODS: Final = 4096
+# Capacity of the per-address maps (pod_addrs, local_ips6): an IPv4 and a
+# few IPv6 addresses per pod.
+MAX_POD_ADDRS: Final = 4 * MAX_PODS
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ class DataplaneOptions:
     """Compile-time choices. Changing one changes the build id, so a reload swaps programs."""
 
     drop_udp: bool = False
+    # Let ICMP/ICMPv6 echo through to and from enrolled pods (dropped by default).
+    allow_icmp_echo: bool = False
     ebpf_dir: Path = DEFAULT_EBPF_DIR
 
 
@@ -132,9 +138,12 @@ def build_cflags(options: DataplaneOptions, pin_dir: Path) -> tuple[str, ...]:
         f"-DVEIL_MARK_ZTUNNEL={dp.MARK_ZTUNNEL:#x}",
         f'-DVEIL_PIN_DIR="{pin_dir}"',
         f"-DVEIL_MAX_PODS={MAX_PODS}",
+        f"-DVEIL_MAX_POD_ADDRS={MAX_POD_ADDRS}",
     ]
     if options.drop_udp:
         flags.append("-DVEIL_DROP_UDP=1")
+    if options.allow_icmp_echo:
+        flags.append("-DVEIL_ALLOW_ICMP_ECHO=1")
     return tuple(flags)
 
 

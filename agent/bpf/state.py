@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class PodDataplaneState:
     ingress: AttachedProgram | None
     egress: AttachedProgram | None
     counters: PodCounters
+    # The pod's IPv6 source addresses (anti-spoof entries); empty: IPv6 is dropped.
+    ipv6: tuple[IPv6Address, ...] = ()
 
     @property
     def protected(self) -> bool:
@@ -58,6 +60,7 @@ class PodDataplaneState:
             "ingress": self.ingress.to_dict() if self.ingress else None,
             "egress": self.egress.to_dict() if self.egress else None,
             "counters": self.counters.to_dict(),
+            "ipv6": [str(ip) for ip in self.ipv6],
         }
 
 
@@ -91,6 +94,13 @@ class NodeDataplaneState:
     policy_routing: PolicyRouting
     probe_source: IPv4Address | None
 
+    def _policy_routing_dict(self) -> dict[str, bool]:
+        pr = self.policy_routing
+        out = {"rule": pr.rule, "route": pr.route}
+        if pr.ipv6_enabled:  # without IPv6 in the namespace there is no IPv6 half to report
+            out.update(rule6=pr.rule6, route6=pr.route6)
+        return out
+
     @property
     def in_sync(self) -> bool:
         return self.source_build_id is None or self.source_build_id == self.loaded_build_id
@@ -111,9 +121,6 @@ class NodeDataplaneState:
                 "ifname": self.uplink_ifname,
                 "program": self.uplink_program.to_dict() if self.uplink_program else None,
             },
-            "policy_routing": {
-                "rule": self.policy_routing.rule,
-                "route": self.policy_routing.route,
-            },
+            "policy_routing": self._policy_routing_dict(),
             "probe_source": str(self.probe_source) if self.probe_source else None,
         }

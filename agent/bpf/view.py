@@ -12,10 +12,11 @@ open(): open it inside the node's namespace.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -106,7 +107,8 @@ class DataplaneView:
     def pods(self) -> list[PodDataplaneState]:
         with self._lock:
             self._check_open()
-            return [self._pod_state(entry) for entry in self.maps.pods()]
+            v6 = self._ipv6_by_ifindex()
+            return [self._pod_state(entry, v6) for entry in self.maps.pods()]
 
     def pod(self, pod_ip: IPv4Address | str) -> PodDataplaneState | None:
         ip = IPv4Address(pod_ip)
@@ -175,7 +177,19 @@ class DataplaneView:
             if f.ours
         }
 
-    def _pod_state(self, entry: PodEntry) -> PodDataplaneState:
+    def _ipv6_by_ifindex(self) -> dict[int, tuple[IPv6Address, ...]]:
+        """One pass over pod_addrs: each veth's IPv6 source addresses."""
+        out: dict[int, list[IPv6Address]] = {}
+        for a in self.maps.pod_addrs():
+            if isinstance(a.ip, IPv6Address):
+                out.setdefault(a.ifindex, []).append(a.ip)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def _pod_state(
+        self, entry: PodEntry, ipv6: dict[int, tuple[IPv6Address, ...]] | None = None
+    ) -> PodDataplaneState:
+        if ipv6 is None:
+            ipv6 = self._ipv6_by_ifindex()
         attached = self._attached(entry.ifindex)
         return PodDataplaneState(
             pod_ip=entry.ip,
@@ -185,6 +199,7 @@ class DataplaneView:
             ingress=attached.get(Hook.INGRESS),
             egress=attached.get(Hook.EGRESS),
             counters=self.maps.counters(entry.ifindex) or PodCounters(),
+            ipv6=ipv6.get(entry.ifindex, ()),
         )
 
 
@@ -199,7 +214,8 @@ def loaded_source(
     if not build_id:
         return None
     base = DataplaneOptions(ebpf_dir=ebpf_dir)
-    for options in (base, replace(base, drop_udp=True)):
+    for drop_udp, allow_echo in itertools.product((False, True), repeat=2):
+        options = replace(base, drop_udp=drop_udp, allow_icmp_echo=allow_echo)
         unit = compile_unit(options, pin_dir)
         if unit.build_id == build_id:
             return unit

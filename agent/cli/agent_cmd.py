@@ -1,4 +1,4 @@
-"""``veil agent run | uninstall | preflight``: the node agent's commands.
+"""``veil agent run | uninstall | preflight | health``: the node agent's commands.
 
 Handlers return the exit code and raise :class:`VeilError` (with a hint) for
 anything the user must fix; ``veil`` prints those without a traceback.
@@ -17,7 +17,7 @@ from agent.cli.output import Column, render, render_kv
 from agent.daemon.config import DEFAULT_STATUS_SOCKET, add_config_arguments, config_from_args
 from agent.daemon.errors import AgentConfigError
 
-__all__ = ["add_agent_parser"]
+__all__ = ["add_agent_parser", "agent_health"]
 
 if TYPE_CHECKING:
     _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -68,6 +68,41 @@ def _agent_running(socket_path: Path) -> bool:
     except StatusUnavailable:
         return False
     return True
+
+
+def agent_health(status: Any, *, ready: bool) -> str | None:
+    """None when the agent's ``/status`` answer is healthy, else what is wrong.
+
+    Alive: the status API answered at all (its event loop runs; the answer
+    depends on nothing outside the process but the pinned maps). Ready: it has
+    also applied the controller's state to the node at least once.
+    """
+    if not isinstance(status, dict):
+        return "the status API answered with something other than a JSON object"
+    if not ready:
+        return None
+    registry = status.get("registry") or {}
+    if not (isinstance(registry, dict) and registry.get("synced")) and not status.get("reconciles"):
+        return "no state from the controller applied yet"
+    return None
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from agent.status import StatusClient, StatusUnavailable
+
+    sock = Path(args.status_socket or os.environ.get("VEIL_AGENT_SOCKET") or DEFAULT_STATUS_SOCKET)
+    try:
+        status = StatusClient(str(sock), timeout=args.timeout).get("/status")
+    except StatusUnavailable as e:
+        print(f"agent not healthy: {e}", file=sys.stderr)
+        return 1
+    problem = agent_health(status, ready=args.ready)
+    if problem is not None:
+        print(f"agent not {'ready' if args.ready else 'alive'}: {problem}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print("ready" if args.ready else "alive")
+    return 0
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
@@ -133,6 +168,23 @@ def add_agent_parser(sub: _Sub) -> None:
     un.add_argument("--force", action="store_true", help="remove even while the agent runs")
     _add_output(un)
     un.set_defaults(func=_cmd_uninstall)
+
+    health = asub.add_parser(
+        "health",
+        help="exit 0 when the running agent answers on its status socket (probes)",
+        description="Liveness by default: the agent's status API answers. With --ready, the "
+        "agent has also applied the controller's state at least once. Exit 1 otherwise, "
+        "with the reason on stderr.",
+    )
+    health.add_argument("--status-socket", default=None,
+                        help=f"the agent's status socket (default {DEFAULT_STATUS_SOCKET}; "
+                        "env VEIL_AGENT_SOCKET)")
+    health.add_argument("--ready", action="store_true",
+                        help="check readiness instead of liveness")
+    health.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds to wait for the answer (default 3)")
+    health.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
+    health.set_defaults(func=_cmd_health)
 
     pre = asub.add_parser(
         "preflight", help="check this node can run the data plane; prints the fix for each problem"

@@ -149,10 +149,11 @@ def status_lines(
             f"{up.get('ifname')} (NOT ATTACHED)"
         )
         pr = dp.get("policy_routing") or {}
+        keys = ("rule", "route", "rule6", "route6") if "rule6" in pr else ("rule", "route")
         out["policy routing"] = (
-            "fwmark rule + local route" if pr.get("rule") and pr.get("route") else
-            f"INCOMPLETE (rule={'yes' if pr.get('rule') else 'no'}, "
-            f"route={'yes' if pr.get('route') else 'no'})"
+            "fwmark rule + local route" + (" (IPv4 + IPv6)" if "rule6" in pr else "")
+            if all(pr.get(k) for k in keys) else
+            "INCOMPLETE (" + ", ".join(f"{k}={'yes' if pr.get(k) else 'no'}" for k in keys) + ")"
         )
         pods = agent.get("pods") or {}
         out["pods"] = (
@@ -401,7 +402,10 @@ def _cmd_bpf_maps(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
     out.write("\npods (ifindex -> pod address):\n")
     render(data.get("pods", []), (Column("IFINDEX", "ifindex"), Column("IP", "ip"),
            Column("ENROLLED", "enrolled"), Column("FLAGS", "flags")), "table", out)
-    out.write("\nlocal_ips (enrolled address -> ifindex):\n")
+    out.write("\npod_addrs (ifindex -> every source address the pod may use):\n")
+    render(data.get("pod_addrs", []), (Column("IFINDEX", "ifindex"), Column("FAMILY", "family"),
+           Column("IP", "ip")), "table", out)
+    out.write("\nlocal_ips, local_ips6 (enrolled address -> ifindex):\n")
     render(data.get("local_ips", []), (Column("IP", "ip"), Column("IFINDEX", "ifindex")),
            "table", out)
     out.write("\ncounters:\n")

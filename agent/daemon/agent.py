@@ -43,14 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from pyroute2 import IPRoute
 
 from agent.bpf import Dataplane, DataplaneOptions, PodDataplaneState
 from agent.errors import AgentError
+from agent.net.sockreset import reset_pod_tcp
 from agent.status import StatusServer
 from controller.api.model import ResourceType, Workload
 from node import NodeCredentials, load_node_credentials
-from node.state import StateChange, StateStore
 from node.backoff import Backoff
+from node.state import StateChange, StateStore
 from node.watch import WatchClient
 
 from .audit import AuditInput, audit
@@ -169,7 +171,7 @@ class AgentDaemon:
             )
         creds = self._credentials()
         self._node = creds.node
-        options = DataplaneOptions(drop_udp=cfg.drop_udp)
+        options = DataplaneOptions(drop_udp=cfg.drop_udp, allow_icmp_echo=cfg.allow_icmp_echo)
         log.info("node %s: preflight and BPF programs (pins in %s)", self._node, cfg.pin_dir)
         self._load = await asyncio.to_thread(self._loader, cfg.pin_dir, options)
         plane = await asyncio.to_thread(Dataplane.open, cfg.pin_dir, options)
@@ -203,7 +205,9 @@ class AgentDaemon:
             self._store = StateStore(self._node, creds.trust_domain)
             self._store.subscribe(self._on_change)
             identity = self._identity = NodeIdentity(cfg.state_dir, creds, types=_WATCH_TYPES)
-            self._watch = WatchClient(identity, self._store, backoff=Backoff(0.2, 10.0))
+            self._watch = WatchClient(
+                identity, self._store, backoff=Backoff(0.2, 10.0), sleep=identity.channel.sleep
+            )
             tasks = [
                 asyncio.create_task(self._watch.run(), name="watch"),
                 asyncio.create_task(self._reconcile_loop(), name="reconcile"),
@@ -388,6 +392,8 @@ class AgentDaemon:
                 continue
             done.append(line)
             log.info("%s", line)
+            if isinstance(action, Enroll | Refresh):
+                _reset_flows(action)
         report = ReconcileReport(
             at=at,
             duration_s=time.monotonic() - t0,
@@ -518,13 +524,28 @@ class AgentDaemon:
         return {"node": self._node, **report.to_dict()}
 
 
+def _reset_flows(action: Enroll | Refresh) -> None:
+    """Aborts the TCP connections a pod opened before it was enrolled: from
+    now on their packets reach the ztunnel, which has no socket for them, so
+    they would stall until the application's own timeout."""
+    pod = action.pod
+    if not pod.enrolled or pod.ifindex is None:
+        return
+    with contextlib.closing(IPRoute(groups=0)) as ipr:
+        result = reset_pod_tcp(ipr, pod.ifindex)
+    if result.destroyed:
+        log.info("%s: reset %d connection(s) opened before enrollment", pod.key, result.destroyed)
+    elif result.skipped:
+        log.debug("%s: connections not reset: %s", pod.key, result.skipped)
+
+
 def _apply(plane: Dataplane, action: Enroll | MarkLocal | Refresh | Unenroll) -> None:
     if isinstance(action, Unenroll):
         plane.unenroll(action.ip)
     elif isinstance(action, Enroll) or (isinstance(action, Refresh) and action.pod.enrolled):
-        plane.enroll(action.pod.ip, action.pod.host_ifname)
+        plane.enroll(action.pod.ip, action.pod.host_ifname, ipv6=action.pod.ipv6)
     else:
-        plane.mark_local_pod(action.pod.ip, action.pod.host_ifname)
+        plane.mark_local_pod(action.pod.ip, action.pod.host_ifname, ipv6=action.pod.ipv6)
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -12,13 +12,15 @@ Checks:
 * ``registry``: the agent holds the registry (without it, nothing can be vouched for);
 * ``build``: the attached programs are the pinned build of the source shown by
   ``veilctl bpf source``, compiled without any fail-open flag;
-* ``policy-routing``: the fwmark rule and the local route table exist;
+* ``policy-routing``: the fwmark rules and the local routes exist, for IPv6 too
+  when the namespace has IPv6;
 * ``uplink``: the uplink program is attached and is the pinned one;
 * ``listeners``: the ztunnel listens on 0.0.0.0 ports 15001, 15006 and 15008
   here, with the ztunnel mark the programs require of a capture socket;
 * ``pods``: every enrolled local pod has ingress + egress guard attached with
   the pinned program ids, an anti-spoof entry (ifindex -> its IP) and a
-  local address entry; every other local pod is tracked; no stale entries.
+  local address entry, for each of its IPv6 addresses too; every other local
+  pod is tracked; no stale entries.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class AuditInput:
     synced: bool
     desired: tuple[DesiredPod, ...]
     pods: tuple[PodDataplaneState, ...]
-    local_ips: Mapping[IPv4Address, int]  # local_ips map: address -> ifindex
+    # local_ips and local_ips6 maps: address -> ifindex
+    local_ips: Mapping[IPv4Address | IPv6Address, int]
     node: NodeDataplaneState
     cflags: tuple[str, ...]
     listening: tuple[Listener, ...] | None = None  # None: not checked here
@@ -267,7 +270,23 @@ def _check_policy_routing(inp: AuditInput) -> CheckResult:
                 "restart the agent (setup_node installs it again)",
             )
         )
-    return CheckResult("policy-routing", "fwmark rule and local route", tuple(findings))
+    if pr.ipv6_enabled:
+        for present, subject, what in (
+            (pr.rule6, "ip -6 rule", "the IPv6 fwmark rule is missing"),
+            (pr.route6, "ip -6 route", "the IPv6 local route of the Veil table is missing"),
+        ):
+            if not present:
+                findings.append(
+                    Finding(
+                        "policy-routing",
+                        subject,
+                        f"{what}: steered IPv6 packets are not delivered to the ztunnel "
+                        "(they are dropped, never passed)",
+                        "restart the agent (setup_node installs it again)",
+                    )
+                )
+    detail = "fwmark rule and local route" + (", IPv4 and IPv6" if pr.ipv6_enabled else ", IPv4")
+    return CheckResult("policy-routing", detail, tuple(findings))
 
 
 def _check_uplink(inp: AuditInput) -> CheckResult:
@@ -312,12 +331,57 @@ def _check_uplink(inp: AuditInput) -> CheckResult:
     return CheckResult("uplink", f"{name}, program {node.uplink_program.prog_id}")
 
 
+def _ipv6_findings(
+    d: DesiredPod,
+    current: PodDataplaneState,
+    local_ips: Mapping[IPv4Address | IPv6Address, int],
+    fix: str,
+) -> list[Finding]:
+    """The pod's IPv6 anti-spoof and local address entries against the registry."""
+    subject = f"{d.key} ({d.ip})"
+    out: list[Finding] = []
+    have = set(current.ipv6)
+    for ip in d.ipv6:
+        if ip not in have:
+            out.append(
+                Finding(
+                    "pods",
+                    subject,
+                    f"no anti-spoof entry for its IPv6 address {ip} on {d.host_ifname}: "
+                    "its IPv6 is dropped",
+                    fix,
+                )
+            )
+        if d.enrolled and local_ips.get(ip) != d.ifindex:
+            out.append(
+                Finding(
+                    "pods",
+                    subject,
+                    f"local address entry for {ip} missing or pointing at another veth "
+                    f"({local_ips.get(ip)}): IPv6 traffic to it is not steered inbound",
+                    fix,
+                )
+            )
+    for ip in sorted(have - set(d.ipv6)):
+        out.append(
+            Finding(
+                "pods",
+                subject,
+                f"anti-spoof entry of {d.host_ifname} allows IPv6 {ip}, which the registry "
+                "does not give this pod",
+                fix,
+            )
+        )
+    return out
+
+
 def _pod_findings(
     d: DesiredPod,
     current: PodDataplaneState | None,
-    local_ifindex: int | None,
+    local_ips: Mapping[IPv4Address | IPv6Address, int],
     programs: Mapping[str, int],
 ) -> list[Finding]:
+    local_ifindex = local_ips.get(d.ip)
     subject = f"{d.key} ({d.ip})"
     fix_agent = "the agent repairs this on its next resync; if it persists, restart the agent"
     if d.ifindex is None:
@@ -350,6 +414,7 @@ def _pod_findings(
                 fix_agent,
             )
         )
+    out += _ipv6_findings(d, current, local_ips, fix_agent)
     if not d.enrolled:
         if current.enrolled:
             out.append(Finding("pods", subject, "enrolled but the registry opted it out", fix_agent))
@@ -409,7 +474,7 @@ def _check_pods(inp: AuditInput) -> CheckResult:
     findings: list[Finding] = []
     for d in inp.desired:
         current = by_ifindex.get(d.ifindex) if d.ifindex is not None else None
-        findings += _pod_findings(d, current, inp.local_ips.get(d.ip), programs)
+        findings += _pod_findings(d, current, inp.local_ips, programs)
     known = {d.ip for d in inp.desired}
     for p in inp.pods:
         if p.pod_ip not in known:

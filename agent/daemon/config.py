@@ -56,6 +56,9 @@ class AgentConfig:
     # The kubelet's source address for probes; allowed through the egress guard.
     probe_source: IPv4Address | None = None
     drop_udp: bool = False
+    # ICMP/ICMPv6 echo to and from enrolled pods; dropped by default because an
+    # echo payload is a data channel no policy sees. Errors and ND always pass.
+    allow_icmp_echo: bool = False
     # Full reconcile against the kernel even without a registry change (drift repair).
     resync_interval: float = 30.0
     # First retry delay for pods whose veth does not exist yet (doubles up to 5 s).
@@ -169,6 +172,10 @@ _SPECS: Final = (
           "node IPv4 address kubelet probes come from (let through the egress guard)"),
     Setting("drop_udp", "--drop-udp", "VEIL_DROP_UDP", parse_bool,
           "drop enrolled pods' non-DNS UDP (the mesh cannot police it)", is_switch=True),
+    Setting("allow_icmp_echo", "--allow-icmp-echo", "VEIL_ALLOW_ICMP_ECHO", parse_bool,
+          "let ping (ICMP/ICMPv6 echo) reach and leave enrolled pods; by default it is "
+          "dropped and counted, ICMP errors and neighbour discovery always pass",
+          is_switch=True),
     Setting("resync_interval", "--resync-interval", "VEIL_RESYNC_INTERVAL", parse_duration,
           "full reconcile against the kernel this often (default 30s)"),
     Setting("veth_retry", "--veth-retry", "VEIL_VETH_RETRY", parse_duration,

@@ -1,4 +1,4 @@
-"""The agent's node identity: the controller channel, kept valid across certificate renewals.
+"""The agent's node identity: renews the node certificate, keeps the controller channel.
 
 The node certificate ``veil node join`` stored expires (24 h by default). The
 agent, the node's long-running owner of the state directory, renews it at
@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from controller.api.client import ControllerClient
 from controller.api.model import ResourceType, WatchUpdate
-from node import NodeCredentials, load_node_credentials, renew_node_certificate
+from node import NodeCredentials, renew_node_certificate
+from node.channel import ControllerChannel
 from veil.errors import VeilError
 
 __all__ = ["NodeIdentity", "renewal_due"]
@@ -42,7 +42,12 @@ def renewal_due(not_before: datetime, not_after: datetime, now: datetime,
 
 
 class NodeIdentity:
-    """Holds the current credentials and channel; ``watch`` always uses the current one."""
+    """Renews the node certificate and owns the agent's controller channel.
+
+    The channel (:class:`node.channel.ControllerChannel`, shared with the
+    ztunnel) reopens itself when the credentials on disk change; ``watch``
+    always uses the current one.
+    """
 
     def __init__(
         self,
@@ -54,13 +59,15 @@ class NodeIdentity:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.state_dir = state_dir
-        self.creds = creds
-        self._types = tuple(types)
+        self.channel = ControllerChannel(state_dir, creds, types=types)
         self._interval = check_interval
         self._now = now
-        self.client: ControllerClient = creds.client()
         self.last_error: str | None = None
         self.renewals = 0
+
+    @property
+    def creds(self) -> NodeCredentials:
+        return self.channel.creds
 
     # -- the watch source (node.watch.WatchSource) ---------------------------------
 
@@ -72,7 +79,7 @@ class NodeIdentity:
         version: int = 0,
     ) -> AsyncIterator[WatchUpdate]:
         """The current channel's watch, limited to the resource types the agent needs."""
-        return self.client.watch(node, self._types or types, epoch, version)
+        return self.channel.watch(node, types, epoch, version)
 
     # -- upkeep ---------------------------------------------------------------------------
 
@@ -98,23 +105,10 @@ class NodeIdentity:
 
     async def reload(self) -> None:
         """Reopen the channel when the credentials on disk differ from the ones in use."""
-        try:
-            creds = await asyncio.to_thread(load_node_credentials, self.state_dir)
-        except VeilError as exc:
-            log.warning("cannot re-read node credentials: %s", exc)
-            return
-        if (creds.cert_chain_pem, creds.trust_bundle_pem) == (
-            self.creds.cert_chain_pem,
-            self.creds.trust_bundle_pem,
-        ):
-            return
-        log.info("node credentials changed on disk; reconnecting to the controller with them")
-        old, self.client, self.creds = self.client, creds.client(), creds
-        await asyncio.sleep(0)  # streams on the old channel end; the watch reconnects
-        await old.close()
+        await self.channel.reload()
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.channel.close()
 
     def status(self) -> dict[str, Any]:
         leaf = self.creds.leaf

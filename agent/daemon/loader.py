@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ def load_in_child(
     argv = [sys.executable, "-m", "agent.daemon.loader", "--pin-dir", str(pin_dir)]
     if options.drop_udp:
         argv.append("--drop-udp")
+    if options.allow_icmp_echo:
+        argv.append("--allow-icmp-echo")
     argv += ["--ebpf-dir", str(options.ebpf_dir)]
     if not pins_current(pin_dir, options):
         argv.append("--probe")  # a compile is coming: check the kernel can take it first
@@ -130,11 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pin-dir", type=Path, required=True)
     parser.add_argument("--ebpf-dir", type=Path, default=None)
     parser.add_argument("--drop-udp", action="store_true")
+    parser.add_argument("--allow-icmp-echo", action="store_true")
     parser.add_argument("--probe", action="store_true", help="load the bpf_sk_assign probe")
     args = parser.parse_args(argv)
-    options = DataplaneOptions(drop_udp=args.drop_udp)
+    options = DataplaneOptions(drop_udp=args.drop_udp, allow_icmp_echo=args.allow_icmp_echo)
     if args.ebpf_dir is not None:
-        options = DataplaneOptions(drop_udp=args.drop_udp, ebpf_dir=args.ebpf_dir)
+        options = replace(options, ebpf_dir=args.ebpf_dir)
     report = run_preflight(
         args.pin_dir, load_probe=args.probe, ebpf_dir=options.ebpf_dir
     )

@@ -1,7 +1,8 @@
 """Enrollment reconciliation: what the kernel should hold for this node's pods (pure).
 
 :func:`desired_pods` turns the watched snapshot into one :class:`DesiredPod`
-per local IPv4 pod address, with its host veth as found by a route lookup
+per local IPv4 pod address (carrying the workload's IPv6 addresses, which
+share its veth), with its host veth as found by a route lookup
 (the lookup is passed in, so this module does no IO). :func:`plan` compares
 those with what the data plane holds (:class:`~agent.bpf.PodDataplaneState`)
 and returns the actions that close the gap, in a safe order:
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import assert_never
 
 from agent.bpf import PodDataplaneState
@@ -45,6 +46,7 @@ __all__ = [
     "plan",
     "pod_problem",
     "workload_ipv4s",
+    "workload_ipv6s",
 ]
 
 
@@ -75,6 +77,8 @@ class DesiredPod:
     ifindex: int | None = None  # host-side veth; None while it cannot be found
     host_ifname: str | None = None
     veth_error: str | None = None
+    # The workload's IPv6 addresses: steered and anti-spoofed on the same veth.
+    ipv6: tuple[IPv6Address, ...] = ()
 
     @property
     def namespace(self) -> str:
@@ -152,6 +156,21 @@ def _ipv4(text: str) -> IPv4Address | None:
     return mapped
 
 
+def _ipv6(text: str) -> IPv6Address | None:
+    try:
+        addr = ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is None and not addr.is_link_local:
+        return addr
+    return None
+
+
+def workload_ipv6s(w: Workload) -> tuple[IPv6Address, ...]:
+    """The IPv6 addresses of a workload (not IPv4-mapped, not link-local), sorted."""
+    return tuple(sorted({ip for text in w.ips if (ip := _ipv6(text)) is not None}))
+
+
 def workload_ipv4s(w: Workload) -> list[IPv4Address]:
     """The IPv4 addresses of a workload (IPv4-mapped IPv6 included)."""
     return [ip for text in w.ips if (ip := _ipv4(text)) is not None]
@@ -168,17 +187,23 @@ def desired_pods(
 
     ``owner_of(ip)`` names the workload that wins an address several claim
     (pod churn reuses IPs; the ztunnel's snapshot decides, and the agent must
-    agree with it). IPv6 addresses are ignored: the data plane is IPv4 only.
+    agree with it). IPv6 addresses ride along with the workload's first IPv4
+    address (they share its veth); a workload with IPv6 only is reported
+    as ignored, because the data plane keys pods by their IPv4 address.
     """
     pods: dict[IPv4Address, DesiredPod] = {}
     ignored: list[str] = []
     for w in sorted(workloads, key=lambda w: w.key):
         if w.node != node:
             continue
+        v6 = workload_ipv6s(w)
+        if v6 and not workload_ipv4s(w):
+            ignored.append(f"{w.key}: IPv6 only (the data plane needs the pod's IPv4 address)")
         for text in w.ips:
             ip = _ipv4(text)
             if ip is None:
-                ignored.append(f"{w.key} {text}: not IPv4 (the data plane steers IPv4 only)")
+                if _ipv6(text) is None:
+                    ignored.append(f"{w.key} {text}: neither IPv4 nor a routable IPv6 address")
                 continue
             if owner_of is not None:
                 owner = owner_of(str(ip))
@@ -189,6 +214,8 @@ def desired_pods(
                 ignored.append(f"{w.key} {ip}: address also claimed by {pods[ip].key}, which wins")
                 continue
             found = lookup(ip)
+            # Only the first IPv4 address carries the IPv6 ones: one veth, one set.
+            first = not any(p.key == w.key for p in pods.values())
             pods[ip] = DesiredPod(
                 key=w.key,
                 ip=ip,
@@ -196,6 +223,7 @@ def desired_pods(
                 ifindex=found.ifindex,
                 host_ifname=found.ifname,
                 veth_error=found.error,
+                ipv6=v6 if first else (),
             )
     return DesiredState(tuple(sorted(pods.values(), key=lambda p: p.key)), tuple(ignored))
 
@@ -210,6 +238,9 @@ def pod_problem(
     """Why the data plane's ``current`` entry does not match ``d``, or None when it does."""
     if d.enrolled != current.enrolled:
         return f"data plane has it {_mode(current.enrolled)}, registry says {_mode(d.enrolled)}"
+    if set(d.ipv6) != set(current.ipv6):
+        have = ", ".join(map(str, sorted(current.ipv6))) or "none"
+        return f"IPv6 addresses differ (data plane has {have})"
     if current.ingress is None:
         return "ingress program missing"
     if d.enrolled and current.egress is None:

@@ -32,6 +32,8 @@ class NodeInstall:
     rule: bool
     route: bool
     pins: tuple[str, ...]
+    rule6: bool = False
+    route6: bool = False
 
     def items(self) -> list[str]:
         out = [f"tc filter {f}" for f in self.filters]
@@ -42,6 +44,13 @@ class NodeInstall:
             )
         if self.route:
             out.append(f"ip route local 0.0.0.0/0 dev lo table {ROUTE_TABLE}")
+        if self.rule6:
+            out.append(
+                f"ip -6 rule fwmark {MARK_REDIRECT:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE} "
+                f"priority {RULE_PRIORITY}"
+            )
+        if self.route6:
+            out.append(f"ip -6 route local ::/0 dev lo table {ROUTE_TABLE}")
         out += [f"pin {p}" for p in self.pins]
         return out
 
@@ -69,7 +78,7 @@ def scan(pin_dir: Path, ipr: Any) -> NodeInstall:
                 filters.append(f"{f.name} on {name} {f.hook} (program {f.prog_id})")
     pr = routing.policy_routing(ipr)
     pins = tuple(str(p) for p in PinLayout(pin_dir).all_pins())
-    return NodeInstall(tuple(sorted(filters)), pr.rule, pr.route, pins)
+    return NodeInstall(tuple(sorted(filters)), pr.rule, pr.route, pins, pr.rule6, pr.route6)
 
 
 def uninstall(pin_dir: Path) -> UninstallReport:

@@ -11,7 +11,6 @@ from typing import Any
 
 from agent.bpf import PodDataplaneState
 from controller.api.model import Workload
-from controller.api.spiffe import InvalidSpiffeId
 
 from .reconcile import DesiredPod, pod_problem
 
@@ -135,10 +134,7 @@ def workload_rows(workloads: Iterable[Workload]) -> list[dict[str, Any]]:
     """The local workloads as the registry describes them."""
     rows = []
     for w in sorted(workloads, key=lambda w: w.key):
-        try:
-            identity: str | None = str(w.identity)
-        except InvalidSpiffeId:
-            identity = None
+        identity = str(w.identity)
         rows.append(
             {
                 "key": w.key,

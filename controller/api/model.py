@@ -113,7 +113,13 @@ class Namespace:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """A pod (or VM) the mesh knows about."""
+    """A pod (or VM) the mesh knows about.
+
+    ``identity`` is derived once, when the workload is built: a workload whose
+    trust domain, namespace or service account cannot form a SPIFFE ID is
+    refused right there (:class:`~controller.api.spiffe.InvalidSpiffeId`), so
+    every workload that exists has a ready identity and no reader re-parses it.
+    """
 
     name: str
     namespace: str
@@ -125,14 +131,17 @@ class Workload:
     enrolled: bool = False
     ready: bool = True
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    # Derived from the three fields above; never passed in, never compared.
+    identity: SpiffeId = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # workload_identity is memoised, so equal workloads share one SpiffeId.
+        ident = workload_identity(self.trust_domain, self.namespace, self.service_account)
+        object.__setattr__(self, "identity", ident)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
-
-    @property
-    def identity(self) -> SpiffeId:
-        return workload_identity(self.trust_domain, self.namespace, self.service_account)
 
 
 @dataclass(frozen=True, slots=True)

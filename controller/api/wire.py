@@ -7,6 +7,8 @@ works with :mod:`controller.api.model`.
 
 from __future__ import annotations
 
+import logging
+
 from . import veil_pb2 as pb
 from .model import (
     AuthorizationPolicy,
@@ -26,6 +28,7 @@ from .model import (
     WatchUpdate,
     Workload,
 )
+from .spiffe import InvalidSpiffeId
 
 __all__ = [
     "resource_from_pb",
@@ -35,6 +38,8 @@ __all__ = [
     "watch_response_to_pb",
     "watch_update_from_pb",
 ]
+
+log = logging.getLogger("veil.api.wire")
 
 _MODE_TO_PB = {
     PeerAuthMode.UNSET: pb.UNSET,
@@ -204,11 +209,33 @@ def watch_response_to_pb(u: WatchUpdate) -> pb.WatchResponse:
 
 
 def watch_update_from_pb(m: pb.WatchResponse) -> WatchUpdate:
+    """Converts one Discovery message.
+
+    A workload whose identity cannot be formed (a controller bug or version
+    skew: the registry validates names) is the one resource refused here. It
+    becomes a removal, so a node never holds a workload without an identity,
+    nor an older copy of it; the rest of the update applies.
+    """
+    upserts: list[Resource] = []
+    removals = [(ResourceType(r.type), r.key) for r in m.removals]
+    for r in m.upserts:
+        try:
+            upserts.append(resource_from_pb(r))
+        except InvalidSpiffeId as e:
+            w = r.workload
+            log.error(
+                "controller sent workload %s/%s with no valid identity (%s); dropping it. "
+                "Hint: upgrade the controller or fix that workload's namespace or service account",
+                w.namespace,
+                w.name,
+                e,
+            )
+            removals.append((ResourceType.WORKLOAD, f"{w.namespace}/{w.name}"))
     return WatchUpdate(
         epoch=m.epoch,
         version=m.version,
         snapshot=m.snapshot,
-        upserts=tuple(resource_from_pb(r) for r in m.upserts),
-        removals=tuple((ResourceType(r.type), r.key) for r in m.removals),
+        upserts=tuple(upserts),
+        removals=tuple(removals),
         trust_bundle=trust_bundle_from_pb(m.trust_bundle) if m.HasField("trust_bundle") else None,
     )

@@ -9,6 +9,7 @@ leader on a Lease. One module per concern:
 
 * :mod:`.client`: the only HTTP code (kubernetes_asyncio's ApiClient, raw JSON);
 * :mod:`.watch` (sans-IO) and :mod:`.reflector`: list/watch, bookmarks, 410, reconnects;
+* :mod:`.availability`: API version discovery and the cause of a kind that cannot be read;
 * :mod:`.convert` (pure) and :mod:`.source`: caches to RegistryState;
 * :mod:`.status`: the Accepted condition on policy objects;
 * :mod:`.leader`: Lease election;

@@ -246,6 +246,28 @@ class KubeClient:
             except WatchProtocolError as e:
                 raise KubernetesError(f"watch {path}: {e}") from None
 
+    async def served_versions(self, group: str) -> tuple[str, ...]:
+        """The versions the server offers for an API group (API discovery); [] if none.
+
+        ``""`` is the core group (``GET /api``); others are ``GET /apis/<group>``.
+        A 404 means the group is not served at all (an uninstalled CRD, a server
+        too old or too new); any other failure raises.
+        """
+        path = "/api" if not group else f"/apis/{group}"
+        try:
+            doc = await self._json("GET", path)
+        except KubernetesError as e:
+            if e.not_found:
+                return ()
+            raise
+        versions: list[str] = []
+        for entry in doc.get("versions") or []:
+            if isinstance(entry, str):  # /api answers a list of strings
+                versions.append(entry)
+            elif isinstance(entry, dict) and isinstance(entry.get("version"), str):
+                versions.append(entry["version"])
+        return tuple(versions)
+
     async def get(self, kind: ResourceKind, namespace: str | None, name: str) -> JsonObject:
         return await self._json("GET", kind.object_path(namespace, name))
 

@@ -56,6 +56,7 @@ from controller.registry import (
     build_state,
     parse_authorization_policy,
     parse_peer_authentication,
+    registry_warnings,
 )
 
 from .kinds import AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, ResourceKind
@@ -400,6 +401,9 @@ def convert(
         [p for p in peers if isinstance(p, PeerAuthentication) and placed(p)],
     )
     state = _manual_endpoints(state, slices_of)
+    # Valid but probably unintended (foreign trust domain, a selector matching
+    # nothing): the same warnings the YAML registry logs.
+    notes.extend(f"warning: {w}" for w in registry_warnings(state))
     return Conversion(state, tuple(authz_verdicts + peer_verdicts), tuple(notes))
 
 

@@ -18,8 +18,9 @@ _HINTS = {
     "and not expired",
     403: "the controller's ServiceAccount lacks a permission; apply daemonset/rbac.yaml "
     "(kubectl apply -k daemonset/)",
-    404: "the object or resource type does not exist; are the Veil CRDs installed "
-    "(kubectl apply -k daemonset/)?",
+    # Deliberately no guess at the cause: a missing kind is diagnosed by API
+    # discovery (controller.k8s.availability), which names the group/version.
+    404: "the object does not exist, or this API server does not serve its type",
     429: "the API server is throttling; the controller retries with backoff",
 }
 

@@ -18,13 +18,16 @@ __all__ = [
     "ENDPOINT_SLICES",
     "LEASES",
     "NAMESPACES",
+    "OPTIONAL_KINDS",
     "PEER_AUTHENTICATIONS",
     "PODS",
+    "REQUIRED_KINDS",
     "SECRETS",
     "SERVICES",
     "TOKEN_REVIEWS",
     "WATCHED_KINDS",
     "ResourceKind",
+    "understood_versions",
 ]
 
 CRD_GROUP = "security.veil.io"
@@ -92,3 +95,26 @@ WATCHED_KINDS: tuple[ResourceKind, ...] = (
     AUTHORIZATION_POLICIES,
     PEER_AUTHENTICATIONS,
 )
+
+# Kinds without which the controller does not serve: identities come from pods
+# and namespaces, and serving without the policies would hand nodes a mesh with
+# no authorization (fail closed). Services and EndpointSlices only fill in
+# service VIPs and ports; without them a node still routes pod-to-pod traffic
+# correctly, so the controller may start degraded (VIPs empty until they list).
+REQUIRED_KINDS: frozenset[ResourceKind] = frozenset(
+    {NAMESPACES, PODS, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS}
+)
+OPTIONAL_KINDS: frozenset[ResourceKind] = frozenset(WATCHED_KINDS) - REQUIRED_KINDS
+
+# The versions Veil can read, newest first. The source asks the API server which
+# of them it serves (API discovery) and reads the first one offered, as client-go
+# based controllers do: EndpointSlice is discovery.k8s.io/v1 from Kubernetes 1.21,
+# v1beta1 before. The fields Veil reads (endpoints[].targetRef/conditions.ready,
+# ports, the service-name label) are the same in both, so the registry does not
+# depend on the version read.
+_VERSIONS: dict[ResourceKind, tuple[str, ...]] = {ENDPOINT_SLICES: ("v1", "v1beta1")}
+
+
+def understood_versions(kind: ResourceKind) -> tuple[str, ...]:
+    """The versions of ``kind`` Veil can read, newest first."""
+    return _VERSIONS.get(kind, (kind.version,))

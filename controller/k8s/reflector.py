@@ -12,6 +12,13 @@ resourceVersion with bookmarks on. It reacts to the ways a watch ends:
   the truth) and nothing is duplicated (the cache is keyed by name);
 * anything else (403, 500...): back off and list again.
 
+Before its first list (and after a 404) the reflector resolves the kind's
+version through API discovery (:mod:`controller.k8s.availability`). A failure
+with a known cause (403, 404, repeated 5xx) is recorded as ``failure``, logged
+once at ERROR, and sets ``settled``, so the source can decide whether to serve
+without this kind; the reflector keeps retrying with backoff, so granting the
+missing RBAC verb or installing the CRD fixes it without a restart.
+
 ``on_change`` is called (synchronously, from the loop) whenever the cache content
 changed; the source debounces and rebuilds the registry from all caches.
 """
@@ -24,6 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .availability import KindFailure, classify_failure, resolve_version
 from .backoff import Backoff
 from .client import KubeClient
 from .errors import KubernetesError
@@ -72,6 +80,11 @@ class Reflector:
         self.cache = ObjectCache()
         self.stats = ReflectorStats()
         self.synced = asyncio.Event()
+        # Synced, or failed with a known cause: the source stops waiting for it.
+        self.settled = asyncio.Event()
+        self.failure: KindFailure | None = None
+        self._streaks = {"list": 0, "watch": 0}  # failures in a row, per verb
+        self._resolved = False
         self._on_change = on_change
         self._settings = settings
         self._namespace = namespace
@@ -82,15 +95,55 @@ class Reflector:
     def _timeout(self) -> int:
         return random.randint(self._settings.min_timeout, self._settings.max_timeout)
 
+    def _record_failure(self, verb: str, err: KubernetesError) -> bool:
+        """Records a failure's cause; True when it is (now) a known, logged failure."""
+        self._streaks[verb] += 1
+        failure = classify_failure(self.kind, verb, err, self._streaks[verb])
+        if failure is None:
+            return False
+        if failure != self.failure:
+            log.error(
+                "cannot %s %s (%s): %s; %s; retrying with backoff",
+                verb,
+                self.kind.plural,
+                self.kind.api_version,
+                failure.cause,
+                failure.hint,
+            )
+        self.failure = failure
+        self.settled.set()
+        return True
+
+    def _clear_failure(self, verb: str) -> None:
+        self._streaks[verb] = 0
+        if self.failure is not None and (verb == "watch" or self.failure.verb != "watch"):
+            log.info("%s %s works again", verb, self.kind.plural)
+            self.failure = None
+
+    async def _resolve(self) -> None:
+        if not self._resolved:
+            resolved = await resolve_version(self.client, self.kind)
+            if resolved != self.kind:
+                log.info(
+                    "reading %s as %s (the newest version the API server serves)",
+                    self.kind.plural,
+                    resolved.api_version,
+                )
+            self.kind = resolved
+            self._resolved = True
+
     async def _list(self) -> None:
         self.stats.lists += 1
+        await self._resolve()
         items, rv = await self.client.list(self.kind, self._namespace)
         try:
             changed = self.cache.replace(items, rv)
         except WatchProtocolError as e:
             raise KubernetesError(f"list {self.kind.plural}: {e}") from None
         log.debug("listed %d %s at resourceVersion %s", len(items), self.kind.plural, rv)
+        self._clear_failure("list")
         self.synced.set()
+        self.settled.set()
         if changed:
             self._on_change()
 
@@ -103,6 +156,8 @@ class Reflector:
             timeout_seconds=self._timeout(),
             namespace=self._namespace,
         ) as events:
+            # The server accepted the watch (RBAC allows it, the version exists).
+            self._clear_failure("watch")
             async for event in events:
                 result = self.cache.apply(event)
                 self.stats.events += 1
@@ -160,13 +215,19 @@ class Reflector:
                     await self._after_gone(e.message)
                     continue
                 self.stats.errors += 1
+                verb = "list" if need_list else "watch"
                 if not self.cache.synced or (400 <= e.status < 500 and e.status != 429):
                     # Never listed, or a 403/404...: the watch cannot resume as it was.
                     need_list = True
+                if e.not_found:
+                    self._resolved = False  # the server may serve another version now
+                known = self._record_failure(verb, e)
                 delay = self._backoff.next_delay()
-                log.warning(
+                # A known failure was logged at ERROR once; its retries are noise.
+                log.log(
+                    logging.DEBUG if known else logging.WARNING,
                     "%s %s: %s; retrying in %.1fs",
-                    "list" if need_list else "watch",
+                    verb,
                     self.kind.plural,
                     e,
                     delay,

@@ -220,13 +220,18 @@ async def build_kubernetes_source(
     *,
     state_dir: Path,
     client_factory: Callable[[], KubeClient] = KubeClient.in_cluster,
+    on_progress: Callable[[str], None] | None = None,
 ) -> KubernetesRuntime:
     """Connects to the cluster, joins the leader election and loads (or creates) the CA.
 
     Returns once the CA is available; call ``runtime.run()`` as a task and serve
     nodes after ``await runtime.wait_synced()``. ``state_dir`` is only named in
     CA error messages: in Kubernetes mode the CA lives in the Secret.
+    ``on_progress`` hears what startup is waiting for (the health endpoint shows it).
+    Cancelling it (SIGTERM during startup) cleans up whatever was started.
     """
+    progress = on_progress or (lambda _text: None)
+    progress(f"loading the CA from Secret {(options or KubernetesOptions()).ca_secret}")
     options = options or KubernetesOptions()
     client = client_factory()
     elector = LeaderElector(
@@ -242,7 +247,7 @@ async def build_kubernetes_source(
             options.ca_secret,
             may_create=lambda: elector.is_leader,
         )
-        ca, plugged = await _load_ca(client, store, elector, options, state_dir)
+        ca, plugged = await _load_ca(client, store, elector, options, state_dir, progress)
     except BaseException:
         elector_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -290,6 +295,7 @@ async def _load_ca(
     elector: LeaderElector,
     options: KubernetesOptions,
     state_dir: Path,
+    progress: Callable[[str], None],
 ) -> tuple[CertificateAuthority, PluggedCa | None]:
     """Waits until the CA Secret exists or we lead, then loads or creates the CA."""
     waited = False
@@ -305,6 +311,7 @@ async def _load_ca(
                 )
                 return ca, plugged
             if not waited:
+                progress(f"waiting for the leader to create the CA Secret {options.ca_secret}")
                 log.info(
                     "waiting for the leading controller to create the CA Secret %s/%s",
                     options.namespace,
@@ -314,5 +321,6 @@ async def _load_ca(
             await asyncio.sleep(options.startup_poll)
         except (KubernetesError, CaSecretUnavailable) as e:
             delay = backoff.next_delay()
+            progress(f"CA not available yet: {e}")
             log.warning("CA not available yet (%s); retrying in %.1fs", e, delay)
             await asyncio.sleep(delay)

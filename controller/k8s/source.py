@@ -8,8 +8,13 @@ publishes it to the :class:`~controller.registry.RegistryHolder`, from where the
 Discovery hub diffs it and streams only the changes to nodes, exactly as for
 the YAML source.
 
-Nothing is published until every type has completed its first list: a node must
-never see a partial cluster (say, pods without their policies) as the truth.
+Nothing is published until every *required* type (namespaces, pods and the
+policies: :data:`~controller.k8s.kinds.REQUIRED_KINDS`) has completed its first
+list: a node must never see a partial cluster (say, pods without their policies)
+as the truth. The *optional* types (Services, EndpointSlices) are waited for
+until they list or fail with a known cause (403, 404, repeated 5xx); a failed
+one leaves service VIPs empty until it lists, and :meth:`KubernetesSource.health`
+says so.
 Policy verdicts go to the :class:`~controller.k8s.status.StatusWriter`.
 """
 
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from controller.registry import RegistryError, RegistryHolder
@@ -31,6 +37,7 @@ from .kinds import (
     NAMESPACES,
     PEER_AUTHENTICATIONS,
     PODS,
+    REQUIRED_KINDS,
     SERVICES,
     WATCHED_KINDS,
     ResourceKind,
@@ -38,11 +45,27 @@ from .kinds import (
 from .reflector import Reflector, WatchSettings
 from .status import StatusWriter
 
-__all__ = ["KubernetesSource"]
+__all__ = ["KindHealth", "KubernetesSource"]
 
 log = logging.getLogger("veil.controller.k8s")
 
 SOURCE_NAME = "kubernetes"
+
+
+@dataclass(frozen=True, slots=True)
+class KindHealth:
+    """One watched kind on the health endpoint and in ``veil controller status``."""
+
+    kind: str  # plural
+    api_version: str  # as read (after discovery)
+    required: bool
+    state: str  # "synced", "pending" (first list not done) or "failed"
+    cause: str = ""
+    hint: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "synced"
 
 
 class KubernetesSource:
@@ -136,6 +159,42 @@ class KubernetesSource:
     async def wait_synced(self) -> None:
         await self.synced.wait()
 
+    def health(self) -> list[KindHealth]:
+        """Each watched kind: synced, still pending, or failed with its cause."""
+        out: list[KindHealth] = []
+        for kind, r in self.reflectors.items():
+            required = kind in REQUIRED_KINDS
+            if r.failure is not None:
+                out.append(
+                    KindHealth(
+                        kind.plural,
+                        r.kind.api_version,
+                        required,
+                        "failed",
+                        r.failure.cause,
+                        r.failure.hint,
+                    )
+                )
+            else:
+                state = "synced" if r.synced.is_set() else "pending"
+                cause = ""
+                if state == "pending" and r.last_error is not None:
+                    cause = r.last_error.message
+                out.append(KindHealth(kind.plural, r.kind.api_version, required, state, cause))
+        return out
+
+    async def _wait_initial(self) -> None:
+        """Required kinds listed; optional ones listed or failed with a known cause."""
+        for kind, r in self.reflectors.items():
+            await (r.synced if kind in REQUIRED_KINDS else r.settled).wait()
+        missing = [k.plural for k, r in self.reflectors.items() if not r.synced.is_set()]
+        if missing:
+            log.error(
+                "serving degraded: %s not listed (service VIPs stay empty until they list); "
+                "see `veil controller status`",
+                ", ".join(missing),
+            )
+
     async def run(self) -> None:
         """Runs the reflectors and publishes until cancelled."""
         tasks = [
@@ -143,9 +202,8 @@ class KubernetesSource:
             for k, r in self.reflectors.items()
         ]
         try:
-            for r in self.reflectors.values():
-                await r.synced.wait()
-            log.info("initial list of %d resource types complete", len(self.reflectors))
+            await self._wait_initial()
+            log.info("initial list of the required resource types complete")
             while True:
                 self._dirty.clear()
                 if await self.rebuild():

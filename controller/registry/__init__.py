@@ -8,15 +8,25 @@ about every new one.
 """
 
 from .build import Origin, build_state, describe, is_enrolled
+from .changes import RegistryChange, diff_states
 from .document import parse_fragment, parse_registry, parse_registry_bytes, read_registry_file
 from .errors import RegistryError
 from .fragments import RegistryFragment, assemble
 from .holder import RegistryHolder, RegistryStatus, describe_state
+from .lint import registry_warnings
 from .policy import parse_authorization_policy, parse_peer_authentication
-from .watcher import RegistryFileWatcher, list_registry_files
+from .watcher import (
+    DEFAULT_HOLD_SECONDS,
+    DEFAULT_SETTLE_SECONDS,
+    RegistryFileWatcher,
+    list_registry_files,
+)
 
 __all__ = [
+    "DEFAULT_HOLD_SECONDS",
+    "DEFAULT_SETTLE_SECONDS",
     "Origin",
+    "RegistryChange",
     "RegistryError",
     "RegistryFileWatcher",
     "RegistryFragment",
@@ -26,6 +36,7 @@ __all__ = [
     "build_state",
     "describe",
     "describe_state",
+    "diff_states",
     "is_enrolled",
     "list_registry_files",
     "parse_authorization_policy",
@@ -34,4 +45,5 @@ __all__ = [
     "parse_registry",
     "parse_registry_bytes",
     "read_registry_file",
+    "registry_warnings",
 ]

@@ -65,6 +65,7 @@ TOP_LEVEL_FIELDS = (
     "authorizationPolicies",
     "peerAuthentications",
 )
+_OBJECT_FIELDS = TOP_LEVEL_FIELDS[1:]
 _NAMESPACE_FIELDS = ("name", "labels")
 _WORKLOAD_FIELDS = ("name", "namespace", "serviceAccount", "node", "ips", "labels", "ready")
 _SERVICE_FIELDS = ("name", "namespace", "vips", "ports", "selector")
@@ -189,7 +190,14 @@ def parse_registry(text: str, source: str = "registry") -> RegistryState:
 def _parse(text: str, source: str) -> RegistryFragment:
     data = _load_yaml(text)
     if data is None:
-        data = {}
+        # What a truncated file (`: > registry.yaml`, an editor mid-save) looks
+        # like: applying it would unenroll every pod and drop every policy.
+        raise RegistryError(
+            "the document is empty (or holds only comments)",
+            hint="a registry lists at least one of "
+            + ", ".join(_OBJECT_FIELDS)
+            + "; to empty the mesh on purpose, write `workloads: []`",
+        )
     top = Fields(data, "", TOP_LEVEL_FIELDS)
     trust_domain: str | None = None
     if top.has("trustDomain"):
@@ -253,6 +261,7 @@ def _parse(text: str, source: str) -> RegistryFragment:
         authorization_policies=tuple(policies),
         peer_authentications=tuple(peers),
         origin=origin,
+        declares_objects=any(top.present(name) for name in _OBJECT_FIELDS),
     )
 
 

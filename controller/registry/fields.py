@@ -31,6 +31,7 @@ __all__ = [
     "check_ip",
     "check_label_key",
     "check_label_value",
+    "check_namespace_pattern",
     "check_port",
     "check_principal",
     "show",
@@ -182,28 +183,129 @@ def check_label_value(value: object) -> str:
     return s
 
 
-def check_principal(value: object) -> str:
-    """An exact principal, kept as written.
+_PRINCIPAL_FORM = "<trust-domain>/ns/<namespace>/sa/<service-account>"
+_PRINCIPAL_HINT = (
+    f"write {_PRINCIPAL_FORM} (e.g. cluster.local/ns/shop/sa/checkout), optionally with "
+    "spiffe:// in front; Istio's wildcards are '*', 'prefix*' and '*suffix'"
+)
+_TD_CHARS = re.compile(r"^[a-z0-9._-]*$")
+_NS_CHARS = re.compile(r"^[a-z0-9-]*$")
+_SA_CHARS = re.compile(r"^[a-z0-9.-]*$")
+# The five segments of a workload principal: (name in messages, literal or None,
+# characters allowed, full-segment check).
+_SEGMENTS: tuple[tuple[str, str | None, re.Pattern[str], re.Pattern[str] | None], ...] = (
+    ("the trust domain", None, _TD_CHARS, re.compile(r"^[a-z0-9._-]{1,255}$")),
+    ('"ns"', "ns", _NS_CHARS, None),
+    ("the namespace", None, _NS_CHARS, _DNS1123_LABEL),
+    ('"sa"', "sa", _SA_CHARS, None),
+    ("the service account", None, _SA_CHARS, _DNS1123_SUBDOMAIN),
+)
 
-    Both the Istio form ``cluster.local/ns/shop/sa/checkout`` and the full
-    ``spiffe://cluster.local/ns/shop/sa/checkout`` are accepted; the policy
-    engine normalises them. Wildcards and patterns are refused: identities are
-    compared literally, never as patterns.
+
+def _segment_problem(index: int, text: str, part: str) -> str | None:
+    """Why ``text`` cannot be segment ``index`` (``part``: "full", "prefix" or "suffix")."""
+    what, literal, chars, full = _SEGMENTS[index]
+    if literal is not None:
+        ok = {
+            "full": text == literal,
+            "prefix": literal.startswith(text),
+            "suffix": literal.endswith(text),
+        }[part]
+        return None if ok else f"{show(text)} stands where {what} belongs"
+    if not chars.match(text):
+        return f"{what} {show(text)} has characters outside lowercase letters, digits" + (
+            ", '.', '-' and '_'" if index == 0 else (", '-'" if index == 2 else ", '.' and '-'")
+        )
+    if part == "full":
+        limit = 255 if index == 0 else (63 if index == 2 else 253)
+        if full is not None and (not full.match(text) or len(text) > limit):
+            return f"{what} {show(text)} is not a valid name"
+    return None
+
+
+def _principal_problem(body: str) -> str | None:
+    """Why ``body`` (a principal without ``spiffe://``) can match no workload identity.
+
+    Exact principals must have all five segments; ``prefix*`` and ``*suffix``
+    must be the start or the end of such a principal (a prefix may stop inside
+    a segment, e.g. ``cluster.local/ns/shop-*``). Only the shape is checked, so
+    matching stays a plain string test in the policy engine.
+    """
+    if body == "*":
+        return None
+    stars = body.count("*")
+    if stars > 1 or (stars == 1 and not (body.startswith("*") or body.endswith("*"))):
+        return (
+            "'*' may only be the whole value or its first or last character "
+            "(Istio matches principals by exact value, prefix or suffix, never by pattern)"
+        )
+    if body.endswith("*"):
+        parts, part = body[:-1].split("/"), "prefix"
+        indexed = list(enumerate(parts))
+    elif body.startswith("*"):
+        parts, part = body[1:].split("/"), "suffix"
+        indexed = [(len(_SEGMENTS) - len(parts) + i, p) for i, p in enumerate(parts)]
+    else:
+        parts, part = body.split("/"), "full"
+        indexed = list(enumerate(parts))
+    if len(parts) > len(_SEGMENTS) or (part == "full" and len(parts) != len(_SEGMENTS)):
+        return f"has {len(parts)} '/'-separated segments; a workload principal has 5"
+    for n, (index, text) in enumerate(indexed):
+        # The partial segment of a prefix is its last, of a suffix its first.
+        partial = (part == "prefix" and n == len(indexed) - 1) or (part == "suffix" and n == 0)
+        problem = _segment_problem(index, text, part if partial else "full")
+        if problem is not None:
+            return problem
+    return None
+
+
+def check_principal(value: object) -> str:
+    """A principal, kept as written: an exact workload identity or an Istio wildcard.
+
+    Exact: ``cluster.local/ns/shop/sa/checkout`` (Istio's form) or the full
+    ``spiffe://`` ID. Wildcards are Istio's three plain string tests: ``*`` (any
+    authenticated peer), ``prefix*`` and ``*suffix``, with one ``*`` at either
+    end; the fixed part must be the start or end of a workload principal. Node
+    identities (``<td>/veil/node/<name>``) and other SPIFFE paths are refused:
+    only workload identities are peers, so such an entry would match nobody.
     """
     s = _need_str(value)
-    if "*" in s:
+    body = s[len("spiffe://") :] if s.startswith("spiffe://") else s
+    if not body:
+        raise Invalid(f"{show(s)} is empty", _PRINCIPAL_HINT)
+    problem = _principal_problem(body)
+    if problem is None and "*" not in body:
+        try:
+            SpiffeId.parse(f"spiffe://{body}")
+        except InvalidSpiffeId as e:
+            problem = e.message
+    if problem is not None:
+        parts = body.split("/")
+        if len(parts) == 4 and parts[1:3] == ["veil", "node"]:
+            problem = "is a node identity; only workload identities are peers on HBONE"
+        raise Invalid(f"{show(s)} is not a workload principal: {problem}", _PRINCIPAL_HINT)
+    return s
+
+
+def check_namespace_pattern(value: object) -> str:
+    """A namespace in a policy source: a name, or Istio's ``*``, ``prefix*``, ``*suffix``."""
+    s = _need_str(value)
+    if s == "*":
+        return s
+    stars = s.count("*")
+    if stars == 0:
+        return check_dns1123_label(s)
+    hint = "write a namespace name, '*', 'prefix*' or '*suffix' (one '*', at either end)"
+    if stars > 1 or not (s.startswith("*") or s.endswith("*")):
         raise Invalid(
-            f"{show(s)} contains '*'; principals are exact identities, never patterns",
-            "list each principal (e.g. cluster.local/ns/shop/sa/checkout) or match by "
-            "namespaces instead",
+            f"{show(s)}: '*' may only be the whole value or its first or last character", hint
         )
-    try:
-        SpiffeId.parse(s if s.startswith("spiffe://") else f"spiffe://{s}")
-    except InvalidSpiffeId as e:
-        raise Invalid(
-            f"{show(s)} is not a principal: {e.message}",
-            "write <trust-domain>/ns/<namespace>/sa/<service-account> or the full spiffe:// ID",
-        ) from None
+    fixed = s.strip("*")
+    ok = _NS_CHARS.match(fixed) is not None and len(fixed) < 63
+    ok = ok and not (s.endswith("*") and fixed.startswith("-"))
+    ok = ok and not (s.startswith("*") and fixed.endswith("-"))
+    if not ok:
+        raise Invalid(f"{show(s)} cannot match any namespace name (DNS-1123 label)", hint)
     return s
 
 
@@ -254,6 +356,10 @@ class Fields:
 
     def has(self, name: str) -> bool:
         return self._raw.get(name) is not None
+
+    def present(self, name: str) -> bool:
+        """The field is written, even as null (``workloads:``)."""
+        return name in self._raw
 
     def raw(self, name: str) -> object:
         return self._raw.get(name)

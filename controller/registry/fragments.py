@@ -44,6 +44,8 @@ class RegistryFragment:
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     # Resource key -> where it is in the document, e.g. "workloads[3] (shop/checkout)".
     origin: Mapping[tuple[ResourceType, str], str] = field(default_factory=dict)
+    # Whether the document names any object list (``workloads: []`` counts).
+    declares_objects: bool = True
 
     def resources(self) -> tuple[Resource, ...]:
         return (
@@ -75,6 +77,15 @@ def assemble(fragments: Sequence[RegistryFragment]) -> RegistryState:
     workloads[3] (shop/checkout): ...``); with a single document its name
     prefixes the message instead, as for any error in that file.
     """
+    if not any(f.declares_objects for f in fragments):
+        # An empty mesh must be written on purpose, never be what a torn or
+        # truncated write left behind (that would unenroll every pod).
+        err = RegistryError(
+            "the registry lists no objects: none of namespaces, workloads, services, "
+            "authorizationPolicies, peerAuthentications is present",
+            hint="to empty the mesh on purpose, write `workloads: []`",
+        )
+        raise err.located(fragments[0].source) if len(fragments) == 1 else err
     if len(fragments) == 1:
         (only,) = fragments
         try:

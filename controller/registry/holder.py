@@ -59,6 +59,11 @@ class RegistryStatus:
     last_error: str | None  # the failure that is being ignored, if any
     last_error_at: float | None
     summary: str
+    # A valid version held back because it removes too much at once (a torn
+    # write looks like that), and why; None when nothing is waiting.
+    held: str | None = None
+    # Warnings about the current state (see controller.registry.lint).
+    warnings: tuple[str, ...] = ()
 
 
 class RegistryHolder:
@@ -83,6 +88,8 @@ class RegistryHolder:
         self._source = "empty"
         self._last_error: RegistryError | None = None
         self._last_error_at: float | None = None
+        self._held: str | None = None
+        self._warnings: tuple[str, ...] = ()
 
     def current(self) -> RegistryState:
         return self._state
@@ -151,6 +158,18 @@ class RegistryHolder:
         self._last_error = None
         self._last_error_at = None
 
+    def note_held(self, reason: str | None) -> None:
+        """Records (or, with None, clears) a version that waits before it is applied."""
+        self._held = reason
+
+    def set_warnings(self, warnings: tuple[str, ...]) -> None:
+        """The source's warnings about the current state, shown in :meth:`status`."""
+        self._warnings = warnings
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self._warnings
+
     def status(self) -> RegistryStatus:
         return RegistryStatus(
             generation=self._generation,
@@ -159,4 +178,6 @@ class RegistryHolder:
             last_error=str(self._last_error) if self._last_error is not None else None,
             last_error_at=self._last_error_at,
             summary=describe_state(self._state),
+            held=self._held,
+            warnings=self._warnings,
         )

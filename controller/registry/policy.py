@@ -27,9 +27,8 @@ from controller.api.model import (
 
 from .fields import (
     Fields,
-    Invalid,
     check_cidr,
-    check_dns1123_label,
+    check_namespace_pattern,
     check_port,
     check_principal,
     show,
@@ -94,20 +93,11 @@ def _source(raw: object, where: str, path: str) -> Source:
     return Source(
         principals=src.values("principals", check_principal),
         not_principals=src.values("notPrincipals", check_principal),
-        namespaces=src.values("namespaces", _namespace_name),
-        not_namespaces=src.values("notNamespaces", _namespace_name),
+        namespaces=src.values("namespaces", check_namespace_pattern),
+        not_namespaces=src.values("notNamespaces", check_namespace_pattern),
         ip_blocks=src.values("ipBlocks", check_cidr),
         not_ip_blocks=src.values("notIpBlocks", check_cidr),
     )
-
-
-def _namespace_name(value: object) -> str:
-    if isinstance(value, str) and "*" in value:
-        raise Invalid(
-            f"{show(value)} contains '*'; namespaces are matched exactly",
-            "list each namespace by name",
-        )
-    return check_dns1123_label(value)
 
 
 def _operation(raw: object, where: str, path: str) -> Operation:

@@ -26,6 +26,8 @@ enum veil_drop_reason {
 	VEIL_DROP_FRAGMENT = 8,         /* IP fragment whose ports cannot be checked */
 	VEIL_DROP_MALFORMED = 9,        /* truncated or invalid IPv4/L4 header */
 	VEIL_DROP_NOT_ZTUNNEL = 10,     /* egress guard: traffic to an enrolled pod not sent by the ztunnel */
+	VEIL_DROP_ICMP = 11,            /* ICMP/ICMPv6 echo (unless VEIL_ALLOW_ICMP_ECHO) or another non-error type */
+	VEIL_DROP_IPV6_UNKNOWN = 12,    /* IPv6 of an enrolled pod whose IPv6 address is not known yet */
 	VEIL_DROP__MAX
 };
 
@@ -36,5 +38,8 @@ _Static_assert(VEIL_DROP__MAX <= VEIL_DROP_SLOTS,
 
 /* Pod flags (struct veil_pod.flags), mirrored by agent/bpf/codes.py PodFlag. */
 #define VEIL_POD_ENROLLED 0x1
+/* At least one IPv6 address of the pod is in veil_pod_addrs: an unknown IPv6
+ * source is then spoofed; without the flag it is VEIL_DROP_IPV6_UNKNOWN. */
+#define VEIL_POD_IPV6 0x2
 
 #endif /* VEIL_CODES_H */

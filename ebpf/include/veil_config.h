@@ -8,6 +8,11 @@
  * Optional switches:
  *   VEIL_DROP_UDP  drop non-DNS UDP from enrolled pods (and to them, except
  *                  DNS replies); without it UDP passes untouched.
+ *   VEIL_ALLOW_ICMP_ECHO  let ICMP/ICMPv6 echo request and reply through to
+ *                  and from enrolled pods; without it echo is dropped
+ *                  (VEIL_DROP_ICMP), because an echo payload is a data
+ *                  channel no policy sees. ICMP errors and neighbour
+ *                  discovery pass either way.
  */
 #ifndef VEIL_CONFIG_H
 #define VEIL_CONFIG_H
@@ -24,8 +29,8 @@
 #if !defined(VEIL_PIN_DIR)
 #error "VEIL_PIN_DIR (a string literal) must be passed as a -D flag"
 #endif
-#if !defined(VEIL_MAX_PODS)
-#error "VEIL_MAX_PODS must be passed as a -D flag"
+#if !defined(VEIL_MAX_PODS) || !defined(VEIL_MAX_POD_ADDRS)
+#error "VEIL_MAX_PODS and VEIL_MAX_POD_ADDRS must be passed as -D flags"
 #endif
 
 #endif /* VEIL_CONFIG_H */

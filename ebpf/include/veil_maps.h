@@ -27,8 +27,31 @@
 
 /* pods: host-side veth ifindex -> the pod behind it. */
 struct veil_pod {
-	__be32 ip;    /* the only source address this pod may use */
-	__u32 flags;  /* VEIL_POD_ENROLLED, ... */
+	__be32 ip;    /* the pod's IPv4 source address */
+	__u32 flags;  /* VEIL_POD_ENROLLED, VEIL_POD_IPV6 */
+};
+
+/*
+ * pod_addrs: every source address a pod may use, IPv4 and IPv6, keyed by
+ * (veth, family, address) so one pod can hold one IPv4 and several IPv6
+ * addresses. IPv4 addresses sit in addr[0] with the rest zero. The key has
+ * explicit padding and programs zero it before filling it in: hash keys
+ * compare every byte.
+ */
+struct veil_pod_addr_key {
+	__u32 ifindex;  /* host-side veth of the pod */
+	__u8 family;    /* AF_INET or AF_INET6 */
+	__u8 pad[3];
+	__be32 addr[4];
+};
+
+struct veil_pod_addr {
+	__u32 flags;    /* reserved, 0 */
+};
+
+/* local_ips6: enrolled local pod IPv6 address -> where it lives. */
+struct veil_ip6 {
+	__be32 addr[4];
 };
 
 /* local_ips: enrolled local pod IP -> where it lives. */
@@ -62,6 +85,10 @@ BPF_TABLE_PINNED("hash", __u32, struct veil_pod, veil_pods, VEIL_MAX_PODS,
 		 VEIL_PIN_DIR "/pods");
 BPF_TABLE_PINNED("hash", __be32, struct veil_local_pod, veil_local_ips, VEIL_MAX_PODS,
 		 VEIL_PIN_DIR "/local_ips");
+BPF_TABLE_PINNED("hash", struct veil_pod_addr_key, struct veil_pod_addr, veil_pod_addrs,
+		 VEIL_MAX_POD_ADDRS, VEIL_PIN_DIR "/pod_addrs");
+BPF_TABLE_PINNED("hash", struct veil_ip6, struct veil_local_pod, veil_local_ips6,
+		 VEIL_MAX_POD_ADDRS, VEIL_PIN_DIR "/local_ips6");
 BPF_TABLE_PINNED("percpu_hash", __u32, struct veil_counters, veil_counters, VEIL_MAX_PODS,
 		 VEIL_PIN_DIR "/counters");
 BPF_TABLE_PINNED("array", __u32, struct veil_config, veil_config, 1,

@@ -6,7 +6,8 @@
  * bpf_sk_assign() only sets skb->sk; the packet must still be routed to local
  * input, which is why every assigned packet also gets VEIL_MARK_REDIRECT: the
  * agent installs `ip rule fwmark MARK_REDIRECT/MARK_MASK lookup T` and
- * `ip route add local 0.0.0.0/0 dev lo table T`. Without the mark the packet
+ * `ip route add local 0.0.0.0/0 dev lo table T` (and the same with `ip -6`
+ * and ::/0 for IPv6). Without the mark the packet
  * would be forwarded to its original destination and the socket ignored.
  *
  * Verifier notes: every socket returned by bpf_skc_lookup_tcp() holds a
@@ -49,7 +50,13 @@ static __always_inline int veil_assign_established(struct __sk_buff *skb,
 	struct bpf_sock *sk;
 	long err;
 
-	sk = bpf_skc_lookup_tcp(skb, &pkt->tuple, sizeof(pkt->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	/* The tuple size tells the helper the family; it must be a constant per call. */
+	if (pkt->family == VEIL_AF_INET6)
+		sk = bpf_skc_lookup_tcp(skb, &pkt->tuple, sizeof(pkt->tuple.ipv6),
+					BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_skc_lookup_tcp(skb, &pkt->tuple, sizeof(pkt->tuple.ipv4),
+					BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return VEIL_STEER_NONE;
 	if (sk->state == BPF_TCP_LISTEN || (pkt->syn_only && sk->state == BPF_TCP_TIME_WAIT)) {
@@ -67,9 +74,11 @@ static __always_inline int veil_assign_established(struct __sk_buff *skb,
 /*
  * Assign a new connection to the ztunnel listener on `port`.
  *
- * The listeners are bound to 0.0.0.0 with IP_TRANSPARENT, so the lookup asks
- * for the tuple (saddr, sport) -> (0.0.0.0, port): a wildcard destination
- * only matches wildcard-bound listeners (see DESIGN.md "Facts verified").
+ * The listeners are bound to 0.0.0.0 / [::] with IP_TRANSPARENT /
+ * IPV6_TRANSPARENT, so the lookup asks for the tuple (saddr, sport) ->
+ * (0.0.0.0 or ::, port): a wildcard destination only matches wildcard-bound
+ * listeners (see DESIGN.md "Facts verified"). A [::] listener without
+ * IPV6_V6ONLY also answers the IPv4 lookup.
  * The accepted socket's getsockname() is still the original destination.
  *
  * Only a listener carrying the ztunnel mark (SO_MARK) qualifies; any other
@@ -84,11 +93,19 @@ static __always_inline int veil_assign_listener(struct __sk_buff *skb, struct ve
 	struct bpf_sock *full;
 	long err;
 
-	ln.ipv4.saddr = pkt->tuple.ipv4.saddr;
-	ln.ipv4.sport = pkt->tuple.ipv4.sport;
-	ln.ipv4.daddr = 0;
-	ln.ipv4.dport = bpf_htons(port);
-	sk = bpf_skc_lookup_tcp(skb, &ln, sizeof(ln.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (pkt->family == VEIL_AF_INET6) {
+		/* daddr stays :: (zeroed above): only a [::]-bound listener matches. */
+		__builtin_memcpy(ln.ipv6.saddr, pkt->tuple.ipv6.saddr, sizeof(ln.ipv6.saddr));
+		ln.ipv6.sport = pkt->sport;
+		ln.ipv6.dport = bpf_htons(port);
+		sk = bpf_skc_lookup_tcp(skb, &ln, sizeof(ln.ipv6), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		ln.ipv4.saddr = pkt->tuple.ipv4.saddr;
+		ln.ipv4.sport = pkt->sport;
+		ln.ipv4.daddr = 0;
+		ln.ipv4.dport = bpf_htons(port);
+		sk = bpf_skc_lookup_tcp(skb, &ln, sizeof(ln.ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
 	if (!sk)
 		return -VEIL_DROP_NO_LISTENER;
 	if (sk->state != BPF_TCP_LISTEN) {

@@ -7,7 +7,10 @@ the current snapshot once per decision and never see a half-applied update.
 
 Indexes answer the data path's questions in O(1): which workload owns an IP,
 which service sits at a VIP:port, which workloads run on this node, which
-policies live in a namespace.
+policies live in a namespace. Work that depends only on the state is done
+here, once per snapshot and outside the data path: every policy is compiled,
+and each local workload gets its applicable policies, compiled and in
+evaluation order (:class:`~node.policy.PolicySet`).
 """
 
 from __future__ import annotations
@@ -15,14 +18,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controller.api.model import (
     ROOT_NAMESPACE,
     AuthorizationPolicy,
-    Labels,
     Namespace,
     PeerAuthentication,
     Resource,
@@ -31,15 +33,14 @@ from controller.api.model import (
     TrustBundle,
     Workload,
 )
-from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
+from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from node.policy.authz import PolicySet
+from node.policy.match import CompiledPolicy, compile_policy
 
 __all__ = ["Snapshot", "build_snapshot", "empty_snapshot", "normalize_ip"]
 
 log = logging.getLogger("veil.node.state")
 
-# Label sets are bounded by the workloads in the snapshot; the cap only guards
-# against a caller passing unbounded made-up workloads.
-_MEMO_LIMIT = 65_536
 
 @functools.lru_cache(maxsize=65536)
 def normalize_ip(ip: str) -> str:
@@ -98,10 +99,17 @@ class Snapshot:
     service_endpoints: Mapping[str, tuple[Workload, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    # Memo of policies_for by (namespace, labels): a pure function of this
-    # immutable snapshot, filled on first use by the data path.
-    _policy_memo: dict[tuple[str, Labels], tuple[AuthorizationPolicy, ...]] = field(
-        default_factory=dict, compare=False, repr=False
+    # Every policy compiled, by key.
+    compiled_policies: Mapping[str, CompiledPolicy] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # The applicable policies of each workload of this node, by workload key:
+    # as written (admin, in policies_for order) and compiled (evaluation).
+    local_policies: Mapping[str, tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    local_policy_sets: Mapping[str, PolicySet] = field(
+        default_factory=lambda: MappingProxyType({})
     )
 
     # -- lookups ---------------------------------------------------------------
@@ -135,6 +143,11 @@ class Snapshot:
         """Identities this node needs certificates for (its enrolled workloads)."""
         return self.local_identity_set
 
+    def _is_local(self, workload: Workload) -> bool:
+        # The precomputed sets hold for this snapshot's own workload object;
+        # any other (another node's, or one a caller made up) is computed.
+        return self.workloads.get(workload.key) is workload and workload.node == self.node
+
     def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
         """Authorization policies that apply to ``workload``.
 
@@ -142,27 +155,50 @@ class Snapshot:
         matches the workload's labels (no selector: the whole namespace), or when
         it is in the root namespace with no selector (mesh-wide). A root-namespace
         policy with a selector applies, like in Istio, to matching workloads in
-        every namespace.
+        every namespace. Precomputed for this node's workloads.
         """
-        memo_key = (workload.namespace, workload.labels)
-        memo = self._policy_memo.get(memo_key)
-        if memo is not None:
-            return memo
-        out: list[AuthorizationPolicy] = []
-        for p in self.policies_by_namespace.get(workload.namespace, ()):
-            if p.selector is None or p.selector.matches(workload.labels):
-                out.append(p)
-        if workload.namespace != ROOT_NAMESPACE:
-            for p in self.policies_by_namespace.get(ROOT_NAMESPACE, ()):
-                if p.selector is None or p.selector.matches(workload.labels):
-                    out.append(p)
-        result = tuple(out)
-        if len(self._policy_memo) < _MEMO_LIMIT:
-            self._policy_memo[memo_key] = result
-        return result
+        if self._is_local(workload):
+            return self.local_policies.get(workload.key, ())
+        return _applicable(self.policies_by_namespace, workload)
+
+    def policy_set_for(self, workload: Workload) -> PolicySet:
+        """The compiled policies of :meth:`policies_for`, in evaluation order.
+
+        A lookup for this node's workloads (the ones it authorizes for); other
+        workloads (admin views, tests) are compiled on the way.
+        """
+        if self._is_local(workload):
+            held = self.local_policy_sets.get(workload.key)
+            if held is not None:
+                return held
+        return _policy_set(_applicable(self.policies_by_namespace, workload), self.compiled_policies)
 
     def peer_authentications_in(self, namespace: str) -> tuple[PeerAuthentication, ...]:
         return self.peer_auth_by_namespace.get(namespace, ())
+
+
+def _applicable(
+    by_namespace: Mapping[str, Sequence[AuthorizationPolicy]], workload: Workload
+) -> tuple[AuthorizationPolicy, ...]:
+    out: list[AuthorizationPolicy] = []
+    for p in by_namespace.get(workload.namespace, ()):
+        if p.selector is None or p.selector.matches(workload.labels):
+            out.append(p)
+    if workload.namespace != ROOT_NAMESPACE:
+        for p in by_namespace.get(ROOT_NAMESPACE, ()):
+            if p.selector is None or p.selector.matches(workload.labels):
+                out.append(p)
+    return tuple(out)
+
+
+def _policy_set(
+    policies: Iterable[AuthorizationPolicy], compiled: Mapping[str, CompiledPolicy]
+) -> PolicySet:
+    out: list[CompiledPolicy] = []
+    for p in policies:
+        held = compiled.get(p.key)
+        out.append(held if held is not None else compile_policy(p))
+    return PolicySet.of(out)
 
 
 def _endpoints(service: Service, workloads: Mapping[str, Workload]) -> tuple[Workload, ...]:
@@ -193,10 +229,13 @@ def build_snapshot(
     version: int,
     trust_bundle: TrustBundle | None,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    previous: Snapshot | None = None,
 ) -> Snapshot:
     """Builds an indexed snapshot from a complete set of resources.
 
     Pure: no locks, no IO, so the store calls it before swapping anything in.
+    ``previous`` lends its compiled form of every policy object that did not
+    change, so an update compiles only what it brought.
     """
     namespaces: dict[str, Namespace] = {}
     workloads: dict[str, Workload] = {}
@@ -241,20 +280,14 @@ def build_snapshot(
     local = tuple(
         sorted((w for w in workloads.values() if w.node == node), key=lambda w: w.key)
     )
-    identities: set[SpiffeId] = set()
-    for w in local:
-        if not w.enrolled:
-            continue
-        try:
-            identities.add(w.identity)
-        except InvalidSpiffeId as e:
-            # The controller should never send this; skip the workload rather
-            # than fail the whole snapshot.
-            log.error("local workload %s has no valid identity: %s", w.key, e)
+    identities = frozenset(w.identity for w in local if w.enrolled)
 
     pol_by_ns: dict[str, list[AuthorizationPolicy]] = {}
     for p in sorted(policies.values(), key=lambda p: p.key):
         pol_by_ns.setdefault(p.namespace, []).append(p)
+    compiled = _compile_all(policies, previous)
+    local_policies = {w.key: _applicable(pol_by_ns, w) for w in local}
+    local_sets = {k: _policy_set(ps, compiled) for k, ps in local_policies.items()}
     pa_by_ns: dict[str, list[PeerAuthentication]] = {}
     for a in sorted(peer_auths.values(), key=lambda a: a.key):
         pa_by_ns.setdefault(a.namespace, []).append(a)
@@ -275,10 +308,31 @@ def build_snapshot(
         by_vip_port=MappingProxyType(by_vip_port),
         vips=frozenset(vips),
         local_workloads=local,
-        local_identity_set=frozenset(identities),
+        local_identity_set=identities,
         policies_by_namespace=MappingProxyType({k: tuple(v) for k, v in pol_by_ns.items()}),
         peer_auth_by_namespace=MappingProxyType({k: tuple(v) for k, v in pa_by_ns.items()}),
         service_endpoints=MappingProxyType(
             {k: _endpoints(s, workloads) for k, s in services.items()}
         ),
+        compiled_policies=MappingProxyType(compiled),
+        local_policies=MappingProxyType(local_policies),
+        local_policy_sets=MappingProxyType(local_sets),
     )
+
+
+def _compile_all(
+    policies: Mapping[str, AuthorizationPolicy], previous: Snapshot | None
+) -> dict[str, CompiledPolicy]:
+    """Every policy compiled; an unchanged policy object keeps its compiled form."""
+    out: dict[str, CompiledPolicy] = {}
+    for key, p in policies.items():
+        prev = previous.policies.get(key) if previous is not None else None
+        # Resyncs bring new but equal objects; comparing is far cheaper than
+        # compiling (IP parsing).
+        if previous is not None and prev is not None and (prev is p or prev == p):
+            held = previous.compiled_policies.get(key)
+            if held is not None:
+                out[key] = held
+                continue
+        out[key] = compile_policy(p)
+    return out

@@ -173,6 +173,7 @@ class StateStore:
             version=update.version,
             trust_bundle=bundle,
             trust_domain=old.trust_domain,
+            previous=old,
         )
         with self._lock:
             self._resources = resources

@@ -20,10 +20,8 @@ from controller.api.model import (
     TrustBundle,
     Workload,
 )
-from controller.api.spiffe import InvalidSpiffeId
+from node.policy import effective_mode
 from node.state.snapshot import Snapshot
-
-from ..policy.peer_auth import effective_mode
 
 __all__ = [
     "config_dump",
@@ -53,10 +51,7 @@ def workload_json(w: Workload, snapshot: Snapshot | None = None) -> dict[str, An
         "ready": w.ready,
         "trust_domain": w.trust_domain,
     }
-    try:
-        out["identity"] = str(w.identity)
-    except InvalidSpiffeId:
-        out["identity"] = None
+    out["identity"] = str(w.identity)
     if snapshot is not None:
         out["local"] = w.node == snapshot.node
         out["peer_authentication"] = effective_mode(snapshot, w).value

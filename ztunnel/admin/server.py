@@ -7,7 +7,12 @@ Three listeners, because they have different audiences:
   keys, live connections, controller status), ``/certs``, ``/healthz``,
   ``/healthz/ready``, ``/metrics``;
 - Prometheus on ``:15020``: ``/metrics`` (and ``/stats/prometheus``);
-- readiness on ``:15021``: ``/healthz/ready`` for the kubelet.
+- readiness on ``:15021``: ``/healthz/ready`` (readiness and startup probes)
+  and ``/healthz/live`` (liveness) for the kubelet.
+
+Liveness depends on nothing but the event loop answering: a controller outage
+makes the ztunnel unready (no snapshot, expired certificates) but must never
+get it restarted, since a restarted ztunnel starts with neither.
 
 Live connections belong to the proxy, so the server takes a callback for them.
 """
@@ -130,6 +135,7 @@ class OpsServer:
             "readiness": readiness_address,
         }
         self._runners: list[web.AppRunner] = []
+        self._by_name: dict[str, web.AppRunner] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
 
     @classmethod
@@ -168,6 +174,11 @@ class OpsServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def _live(self, request: web.Request) -> web.Response:
+        # Answered by the event loop itself: nothing here may consult state
+        # that a controller outage can take away.
+        return web.Response(text="alive\n")
+
     async def _ready(self, request: web.Request) -> web.Response:
         result = self._readiness.check()
         if result.ready:
@@ -181,7 +192,14 @@ class OpsServer:
     async def _index(self, request: web.Request) -> web.Response:
         return _json(
             {
-                "endpoints": ["/config_dump", "/certs", "/healthz", "/healthz/ready", "/metrics"],
+                "endpoints": [
+                    "/config_dump",
+                    "/certs",
+                    "/healthz",
+                    "/healthz/live",
+                    "/healthz/ready",
+                    "/metrics",
+                ],
                 "time": datetime.now(UTC).isoformat(),
             }
         )
@@ -192,6 +210,7 @@ class OpsServer:
         admin.router.add_get("/config_dump", self._config_dump)
         admin.router.add_get("/certs", self._certificates)
         admin.router.add_get("/healthz", self._healthz)
+        admin.router.add_get("/healthz/live", self._live)
         admin.router.add_get("/healthz/ready", self._ready)
         admin.router.add_get("/metrics", self._metrics)
         metrics = web.Application()
@@ -199,6 +218,7 @@ class OpsServer:
         metrics.router.add_get("/stats/prometheus", self._metrics)
         ready = web.Application()
         ready.router.add_get("/healthz/ready", self._ready)
+        ready.router.add_get("/healthz/live", self._live)
         return {"admin": admin, "metrics": metrics, "readiness": ready}
 
     # -- lifecycle ---------------------------------------------------------------
@@ -213,7 +233,10 @@ class OpsServer:
                 runner = web.AppRunner(app, access_log=None, handle_signals=False)
                 await runner.setup()
                 self._runners.append(runner)
-                site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
+                self._by_name[name] = runner
+                # SO_REUSEPORT: a surge ztunnel (rolling update, host network)
+                # binds these ports while the old one still holds them.
+                site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True, reuse_port=True)
                 try:
                     await site.start()
                 except OSError as e:
@@ -229,7 +252,17 @@ class OpsServer:
             await self.stop()
             raise
 
+    async def close_readiness(self) -> None:
+        """Stops answering readiness probes (draining: a surge instance sharing
+        the port answers them from now on)."""
+        runner = self._by_name.pop("readiness", None)
+        if runner is not None:
+            self._runners.remove(runner)
+            self.addresses.pop("readiness", None)
+            await runner.cleanup()
+
     async def stop(self) -> None:
+        self._by_name = {}
         runners, self._runners = self._runners, []
         for r in runners:
             await r.cleanup()

@@ -20,7 +20,7 @@ Client side (the proxy's :15001 listener)::
 Both kinds of stream have ``close(reason)``; cancelling the task awaiting
 :func:`relay` resets both sides. Errors derive from :class:`HboneError`
 (:class:`ConnectRefused` carries the server's status). The sans-IO protocol
-core is :class:`H2Connection` (:mod:`ztunnel.hbone.connection`), usable with
+core is :class:`H2Connection` (:mod:`ztunnel.hbone.http2`), usable with
 bytes alone.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 from .client import HboneClientConnection, HboneStream, connect_hbone
 from .config import H2Settings, HboneConfig
 from .connect import ConnectRequest, Rejection, decide_request, parse_authority
-from .connection import H2Connection, Role
 from .errors import (
     ConnectRefused,
     HboneConnectError,
@@ -40,6 +39,7 @@ from .errors import (
     StreamClosedError,
     StreamRefused,
 )
+from .http2.connection import H2Connection, Role
 from .pool import HboneClientPool, PoolConnectionInfo, PoolKey, SocketFactory, default_connect
 from .server import HboneServer, InboundHandler, InboundStream, SelectCert
 from .stream import CloseReason, RelayResult, TunnelStream, relay

@@ -20,11 +20,11 @@ from controller.api.spiffe import SpiffeId
 
 from .config import HboneConfig
 from .connect import format_authority, request_headers
-from .connection import Role
 from .endpoint import H2Endpoint, _fmt
 from .errors import ConnectRefused, HboneConnectError, LocalProtocolError, StreamRefused
-from .events import ResponseReceived
-from .frames import ErrorCode
+from .http2.connection import Role
+from .http2.events import ResponseReceived
+from .http2.frames import ErrorCode
 from .stream import CloseReason, TunnelStream
 
 __all__ = ["HboneClientConnection", "HboneStream", "connect_hbone"]

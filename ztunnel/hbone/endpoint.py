@@ -1,11 +1,21 @@
 """The asyncio driver of one HBONE (HTTP/2 over mTLS) connection.
 
 :class:`H2Endpoint` is the ``BufferedProtocol`` on top of the TLS transport. It
-owns an :class:`~ztunnel.hbone.connection.H2Connection` and does what the
+owns an :class:`~ztunnel.hbone.http2.connection.H2Connection` and does what the
 sans-IO core cannot: verifying the peer right after the handshake (ALPN h2 and
 the SPIFFE identity, :mod:`ztunnel.tls.verify`), moving bytes, routing events
 to :class:`~ztunnel.hbone.stream.TunnelStream` objects, write backpressure,
-PING keepalive, idle and graceful close. The client and server roles subclass
+PING keepalive, idle and graceful close, and the deadlines for the peer's
+preface and SETTINGS acknowledgement.
+
+Two guards keep one connection from hurting the others on the same loop:
+
+* at most ``max_frames_per_turn`` frames are handled per event-loop turn; the
+  rest of a read is kept (reading paused) and handled on the next turn, after
+  every other ready callback had its go;
+* nothing raised while handling the peer's bytes escapes into the transport
+  (where uvloop would abort the connection without a GOAWAY): an unexpected
+  error is logged and ends this connection with GOAWAY(INTERNAL_ERROR). The client and server roles subclass
 it (:mod:`ztunnel.hbone.client`, :mod:`ztunnel.hbone.server`).
 """
 
@@ -22,9 +32,9 @@ from ztunnel.tls import PeerVerificationError, check_alpn, verify_peer
 
 from .buffers import shared_buffer
 from .config import HboneConfig
-from .connection import H2Connection, Role
 from .errors import HboneError
-from .events import (
+from .http2.connection import H2Connection, Role
+from .http2.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
@@ -36,7 +46,7 @@ from .events import (
     StreamReset,
     WindowUpdated,
 )
-from .frames import ErrorCode
+from .http2.frames import ErrorCode
 from .stream import PAUSE_CONN, CloseReason, TunnelStream
 
 __all__ = ["H2Endpoint", "close_selected", "drain", "wait_all"]
@@ -79,6 +89,9 @@ class H2Endpoint(asyncio.BufferedProtocol):
         self._ping_pending = False
         self._keepalive: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._deadlines: list[asyncio.TimerHandle] = []
+        self._backlog = memoryview(b"")  # received bytes left for the next loop turn
+        self._backlog_turn: asyncio.Handle | None = None
 
     # --------------------------------------------------------- transport
 
@@ -109,6 +122,10 @@ class H2Endpoint(asyncio.BufferedProtocol):
         self.conn.initiate()
         self.flush()
         self._keepalive = self.loop.call_later(self.config.keepalive_interval, self._tick)
+        self._deadlines = [
+            self.loop.call_later(self.config.preface_timeout, self._check_preface),
+            self.loop.call_later(self.config.settings_ack_timeout, self._check_settings_ack),
+        ]
         self._arm_idle()
         self.ready.set_result(None)
 
@@ -123,9 +140,58 @@ class H2Endpoint(asyncio.BufferedProtocol):
         # buffer during this call, so it cannot be released explicitly.
         self._view = None
         self._rx_seen = True
-        for event in self.conn.receive_data(view[:nbytes]):
-            self._dispatch(event)
+        if self._backlog:  # a read that was already under way when reading paused
+            self._backlog = memoryview(bytes(self._backlog) + view[:nbytes])
+            return
+        self._receive(view[:nbytes], copy=True)
+
+    def _receive(self, data: memoryview, copy: bool) -> None:
+        """Handle up to a turn's worth of frames; keep the rest for the next turn."""
+        try:
+            events, used = self.conn.receive_some(data, self.config.max_frames_per_turn)
+            for event in events:
+                self._dispatch(event)
+        except Exception as exc:  # our bug, not the peer's: it must not kill the loop
+            self._internal_error(exc)
+            return
         self.flush()
+        t = self.transport
+        if used < len(data) and t is not None and not t.is_closing():
+            # ``data`` may be the shared read buffer, which the next read reuses:
+            # copy the rest once, then work through it a turn at a time.
+            rest = data[used:]
+            self._backlog = memoryview(bytes(rest)) if copy else rest
+            if self._backlog_turn is None:
+                t.pause_reading()
+            self._backlog_turn = self.loop.call_soon(self._next_turn)
+        elif self._backlog_turn is not None:
+            self._backlog_turn = None
+            if t is not None and not t.is_closing():
+                t.resume_reading()
+
+    def _next_turn(self) -> None:
+        data, self._backlog = self._backlog, memoryview(b"")
+        self._receive(data, copy=False)
+
+    def _internal_error(self, exc: Exception) -> None:
+        log.error(
+            "hbone: internal error on the connection with %s; closing it",
+            _fmt(self.peer_addr),
+            exc_info=exc,
+        )
+        self.error = HboneError(
+            f"internal error on the HBONE connection: {exc!r}",
+            hint="this is a bug; the connection was closed with GOAWAY(INTERNAL_ERROR)",
+        )
+        self._backlog = memoryview(b"")
+        try:
+            for stream in list(self.streams.values()):
+                stream._on_connection_lost(str(self.error))
+        finally:
+            self.conn.close(ErrorCode.INTERNAL_ERROR, "internal error")
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
 
     def eof_received(self) -> bool:
         self._view = None  # the read that found EOF got a buffer it never filled
@@ -145,7 +211,8 @@ class H2Endpoint(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._view = None
-        for handle in (self._keepalive, self._idle):
+        self._backlog = memoryview(b"")
+        for handle in (self._keepalive, self._idle, self._backlog_turn, *self._deadlines):
             if handle is not None:
                 handle.cancel()
         err = self.error or exc or self.conn.error
@@ -292,6 +359,31 @@ class H2Endpoint(asyncio.BufferedProtocol):
     def _arm_idle(self) -> None:
         if self._idle is None and not self.streams and self.transport is not None:
             self._idle = self.loop.call_later(self._idle_timeout, self._idle_expired)
+
+    def _check_preface(self) -> None:
+        if not self.conn.preface_received:
+            what = "connection preface and SETTINGS"
+            self._deadline_missed(what, self.config.preface_timeout, ErrorCode.PROTOCOL_ERROR)
+
+    def _check_settings_ack(self) -> None:
+        if not self.conn.settings_acknowledged:
+            what = "acknowledgement of our SETTINGS"
+            self._deadline_missed(
+                what, self.config.settings_ack_timeout, ErrorCode.SETTINGS_TIMEOUT
+            )
+
+    def _deadline_missed(self, what: str, timeout: float, code: int) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self.conn.closed:
+            return
+        self.error = HboneError(
+            f"the HBONE peer {_fmt(self.peer_addr)} did not send its {what} within {timeout:g}s",
+            hint="a slow or stalled peer holds a connection slot; it is closed",
+        )
+        log.info("%s", self.error)
+        self.conn.close(code, f"no {what} within {timeout:g}s")
+        self.flush()
+        t.close()
 
     def _idle_expired(self) -> None:
         self._idle = None

@@ -41,11 +41,12 @@ from ztunnel.tls import CredentialError, TlsContextCache, WorkloadCredential
 
 from .config import HboneConfig
 from .connect import STATUS_BAD_REQUEST, ConnectRequest, Rejection, decide_request, normalize_ip
-from .connection import Role
 from .endpoint import H2Endpoint, close_selected, drain, wait_all
 from .errors import LocalProtocolError
-from .events import RequestReceived
-from .frames import ErrorCode
+from .http2.connection import Role
+from .http2.events import RequestReceived
+from .http2.frames import ErrorCode
+from .http2.streams import State
 from .stream import CloseReason, RelayResult, TunnelStream
 
 __all__ = ["HboneServer", "InboundHandler", "InboundStream", "SelectCert"]
@@ -107,6 +108,10 @@ class _ServerEndpoint(H2Endpoint):
 
     def _on_request(self, event: RequestReceived) -> None:
         assert self.peer_identity is not None
+        if self.conn.stream_state(event.stream_id) is State.CLOSED:
+            # A later frame of the same read already ended the stream (the
+            # client's RST_STREAM, or a stream error we answered): nothing to answer.
+            return
         decision: ConnectRequest | Rejection = decide_request(
             event.headers,
             stream_id=event.stream_id,

@@ -38,7 +38,7 @@ from controller.api.spiffe import SpiffeId
 
 from .buffers import shared_buffer
 from .errors import LocalProtocolError
-from .frames import ErrorCode
+from .http2.frames import ErrorCode
 
 if TYPE_CHECKING:
     from .endpoint import H2Endpoint

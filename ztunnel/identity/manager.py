@@ -221,6 +221,30 @@ class CertManager:
             slot.next_attempt_at = self._clock.now()
             slot.wake.set()
 
+    def on_reconnect(self) -> None:
+        """The controller is reachable again: request every missing, expired or
+        overdue certificate now instead of when its retry timer fires.
+
+        An outage leaves each identity's retry delay near ``retry_max``; the
+        workloads whose certificates lapsed meanwhile must not wait for it.
+        """
+        if self._closed:
+            return
+        now = self._clock.now()
+        woken = 0
+        for slot in self._slots.values():
+            cert = slot.cert
+            if cert is not None and not cert.expired(now) and now < cert.rotation_due:
+                continue
+            if slot.next_attempt_at is None or slot.next_attempt_at <= now:
+                continue  # already due: the worker is requesting or about to
+            slot.backoff.reset()
+            slot.next_attempt_at = now
+            slot.wake.set()
+            woken += 1
+        if woken:
+            log.info("controller reachable again: requesting %d certificate(s) now", woken)
+
     async def close(self) -> None:
         """Stops every worker and removes key files; held certificates are forgotten."""
         self._closed = True

@@ -30,10 +30,17 @@ from typing import Any
 
 from controller.api.model import Workload
 from controller.api.spiffe import SpiffeId
+from node.policy import Connection, Verdict, recheck
 from node.state import Snapshot
 from ztunnel.metrics import ConnectionLabels, ConnectionReport, Reporter
-from ztunnel.policy import Connection, PolicyEngine, Verdict
 
+from .errors import (
+    FLAG_DOWNSTREAM_CLOSED,
+    FLAG_NO_ROUTE,
+    FLAG_POLICY_DENIED,
+    FLAG_UPSTREAM_CLOSED,
+    FLAG_UPSTREAM_FAILURE,
+)
 from .relay import ByteCounters, Counters
 from .sockets import Address
 
@@ -50,14 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("veil.ztunnel.proxy")
-
-
-# Response flags (Envoy/Istio short names) on metrics and access log lines.
-FLAG_POLICY_DENIED = "RBAC"  # refused or closed by authorization / peer authentication
-FLAG_UPSTREAM_FAILURE = "UF"  # could not connect to the destination or the peer ztunnel
-FLAG_NO_ROUTE = "NR"  # no usable route (unknown source, no endpoints, no certificate)
-FLAG_DOWNSTREAM_CLOSED = "DC"  # closed by the ztunnel itself (shutdown, drain deadline)
-FLAG_UPSTREAM_CLOSED = "UC"  # the HBONE peer reset the stream or its connection was lost
 
 
 class Direction(enum.Enum):
@@ -146,8 +145,8 @@ class LiveConnection:
             "dst_workload": i.dst_workload.key if i.dst_workload else None,
             "src_identity": str(i.src_identity) if i.src_identity else None,
             "dst_identity": str(i.dst_identity) if i.dst_identity else None,
-            "bytes_received": self.counters.up,
-            "bytes_sent": self.counters.down,
+            "bytes_received": self.counters.from_client,
+            "bytes_sent": self.counters.to_client,
             "started": self.started_wall,
             "duration_s": round(self.duration, 3),
             "verdict": self.verdict,
@@ -177,8 +176,8 @@ class LiveConnection:
             dst_workload=i.dst_workload,
             src_principal=i.src_identity,
             dst_principal=i.dst_identity,
-            received_bytes=self.counters.up,
-            sent_bytes=self.counters.down,
+            received_bytes=self.counters.from_client,
+            sent_bytes=self.counters.to_client,
             duration=self.duration,
             verdict="deny" if denied else "allow",
             reason=reason,
@@ -245,7 +244,7 @@ class ConnectionRegistry:
         if not live:
             return []
         try:
-            denied: Sequence[tuple[LiveConnection, Verdict]] = PolicyEngine.recheck(snapshot, live)
+            denied: Sequence[tuple[LiveConnection, Verdict]] = recheck(snapshot, live)
         except Exception as e:
             # Fail closed: a decision that cannot be made is a deny.
             log.exception("policy re-check failed; closing the connections it covered")

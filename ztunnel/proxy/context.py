@@ -2,9 +2,10 @@
 and the bookkeeping every proxied connection goes through.
 
 A listener module receives one :class:`ProxyContext`; it reads the current
-snapshot from the store, decides with the pure functions of ``node.state``
-and ``ztunnel.policy``, and then calls :func:`proxied` (register, count, relay,
-log) or :func:`refuse` (reset, count, log).
+snapshot from the store, decides with a pure function (:func:`.route.route`,
+:func:`.decide.decide_inbound`, :func:`.decide.decide_plaintext`), and then
+calls :func:`proxied` (register, count, relay, log) or :func:`refuse` (reset,
+count, log).
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from controller.api.spiffe import SpiffeId
 from node.dataplane import MARK_ZTUNNEL
+from node.policy import Connection
 from node.state import StateStore
 from ztunnel.metrics import TrafficMetrics
-from ztunnel.policy import Connection
 
 from .connections import (
     FLAG_DOWNSTREAM_CLOSED,
@@ -33,33 +33,12 @@ from .relay import RelayResult
 from .route import RoundRobin
 from .sockets import reset
 
-__all__ = ["ProxyContext", "RelayFn", "intern_identity", "proxied", "refuse"]
+__all__ = ["ProxyContext", "RelayFn", "proxied", "refuse"]
 
 log = logging.getLogger("veil.ztunnel.proxy")
 
 # Runs the data phase of one connection with its live counters; returns how it ended.
 RelayFn = Callable[[LiveConnection], Awaitable[RelayResult]]
-
-_IDENTITIES: dict[SpiffeId, SpiffeId] = {}
-_MAX_IDENTITIES = 4096
-
-
-def intern_identity(identity: SpiffeId) -> SpiffeId:
-    """One shared instance per SPIFFE ID.
-
-    ``Workload.identity`` builds a new object on every call, and each live
-    connection keeps its source and destination identities (policy re-checks,
-    config_dump); with 10,000 connections to one service that is 20,000 equal
-    objects. Bounded: the table starts over when it grows past a few thousand.
-    """
-    shared = _IDENTITIES.get(identity)
-    if shared is not None:
-        return shared
-    if len(_IDENTITIES) >= _MAX_IDENTITIES:
-        _IDENTITIES.clear()
-    _IDENTITIES[identity] = identity
-    return identity
-
 
 @dataclass(eq=False)
 class ProxyContext:

@@ -10,7 +10,25 @@ from ztunnel.errors import ZtunnelError
 if TYPE_CHECKING:
     from .sockets import Address
 
-__all__ = ["ListenerError", "NoRouteError", "ProxyError", "TunnelError", "UpstreamConnectError"]
+__all__ = [
+    "FLAG_DOWNSTREAM_CLOSED",
+    "FLAG_NO_ROUTE",
+    "FLAG_POLICY_DENIED",
+    "FLAG_UPSTREAM_CLOSED",
+    "FLAG_UPSTREAM_FAILURE",
+    "ListenerError",
+    "NoRouteError",
+    "ProxyError",
+    "TunnelError",
+    "UpstreamConnectError",
+]
+
+# Response flags (Envoy/Istio short names) on metrics and access log lines.
+FLAG_POLICY_DENIED = "RBAC"  # refused or closed by authorization / peer authentication
+FLAG_UPSTREAM_FAILURE = "UF"  # could not connect to the destination or the peer ztunnel
+FLAG_NO_ROUTE = "NR"  # no usable route (unknown source, no endpoints, no certificate)
+FLAG_DOWNSTREAM_CLOSED = "DC"  # closed by the ztunnel itself (shutdown, drain deadline)
+FLAG_UPSTREAM_CLOSED = "UC"  # the HBONE peer reset the stream or its connection was lost
 
 
 class ProxyError(ZtunnelError):
@@ -24,7 +42,7 @@ class NoRouteError(ProxyError):
     """The ztunnel cannot carry a connection it accepted (for example no
     certificate for the source workload yet)."""
 
-    flags = "NR"
+    flags = FLAG_NO_ROUTE
 
 
 class ListenerError(ProxyError):
@@ -49,7 +67,7 @@ class ListenerError(ProxyError):
 class UpstreamConnectError(ProxyError):
     """The ztunnel could not connect to a destination (pod, peer ztunnel, passthrough)."""
 
-    flags = "UF"
+    flags = FLAG_UPSTREAM_FAILURE
 
     def __init__(self, dst: Address, err: OSError, *, bind_ip: str | None = None) -> None:
         source = f" from {bind_ip}" if bind_ip else ""
@@ -71,4 +89,4 @@ class TunnelError(ProxyError):
     def __init__(self, message: str, *, hint: str | None, status: int | None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
-        self.flags = "RBAC" if status == 401 else "UF"
+        self.flags = FLAG_POLICY_DENIED if status == 401 else FLAG_UPSTREAM_FAILURE

@@ -3,29 +3,15 @@
 The TLS and HTTP/2 work is :class:`ztunnel.hbone.HboneServer`'s: it picks the
 certificate of the local workload owning the connection's L3 destination
 (``getsockname()``), verifies the peer's SPIFFE ID, and refuses CONNECTs whose
-authority IP is not that destination (400). For each remaining CONNECT this
-module decides and relays:
+authority IP is not that destination (400). Each remaining CONNECT is decided
+by :func:`~ztunnel.proxy.decide.decide_inbound` (destination, trusted client
+address, policy); then this module acts on the decision:
 
-1. the destination must be an enrolled workload of this node;
-2. the original client address comes from the ``forwarded`` header, but only
-   when the snapshot says that IP belongs to a workload with the *verified*
-   peer identity (see :func:`inbound_source`); otherwise 401;
-3. the destination's AuthorizationPolicy is evaluated for the peer identity,
-   source IP and port: deny answers 401 before any pod byte flows;
-4. the pod is dialled from the original client IP (IP_TRANSPARENT, SO_MARK),
-   so the application sees the real caller; a failed dial answers 503;
-5. the stream is relayed, registered for policy re-checks, and logged.
-
-Choice and risk of step 2: ``forwarded`` is written by the *source* ztunnel,
-which is authenticated only as the workload identity whose certificate it
-presented. Taken blindly, a compromised node holding any workload certificate
-could claim any source IP, defeating ``ipBlocks`` rules and lying to the
-application about its caller. Binding the claimed IP to the authenticated
-identity through the control-plane state closes that hole; the price is that a
-pod the destination node does not know yet (a few hundred milliseconds after
-it started) is refused until the state arrives, and the client retries. A
-request without ``forwarded`` uses the HBONE connection's own source address
-and is connected from this node's address, not transparently.
+* ``Reject``: answer 503 (no route) or 401 (denied) before any pod byte flows;
+* ``Admit``: dial the pod, from the original client IP when the client
+  address was verified (IP_TRANSPARENT, SO_MARK), so the application sees the
+  real caller; a failed dial answers 503. The stream is then relayed,
+  registered for policy re-checks, and logged.
 """
 
 from __future__ import annotations
@@ -33,108 +19,27 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from controller.api.model import TrustBundle
-from controller.api.spiffe import InvalidSpiffeId, SpiffeId
-from node.state import Snapshot
+from controller.api.spiffe import SpiffeId
 from ztunnel.errors import CertificateError
-from ztunnel.hbone.config import HboneConfig
-from ztunnel.hbone.connect import STATUS_DENIED, STATUS_UNAVAILABLE, ConnectRequest
-from ztunnel.hbone.server import HboneServer, InboundStream
-from ztunnel.hbone.stream import CloseReason
-from ztunnel.hbone.stream import relay as relay_stream
+from ztunnel.hbone import HboneConfig, HboneServer, InboundStream
+from ztunnel.hbone import relay as relay_stream
+from ztunnel.hbone.connect import STATUS_DENIED, STATUS_UNAVAILABLE
 from ztunnel.identity import CertManager, WorkloadCertificate
-from ztunnel.policy import Connection, authorize
 from ztunnel.tls import TlsContextCache
 
-from .connections import (
-    FLAG_DOWNSTREAM_CLOSED,
-    FLAG_NO_ROUTE,
-    FLAG_POLICY_DENIED,
-    FLAG_UPSTREAM_CLOSED,
-    ConnectionInfo,
-    Direction,
-    LiveConnection,
-)
-from .context import ProxyContext, intern_identity, proxied, refuse
-from .errors import UpstreamConnectError
-from .plaintext import connect_to_pod
-from .relay import RelayResult
-from .sockets import Address, connect_upstream
+from .connections import ConnectionInfo, Direction, LiveConnection
+from .context import ProxyContext, proxied, refuse
+from .decide import Reject, decide_inbound
+from .errors import FLAG_POLICY_DENIED, UpstreamConnectError
+from .relay import RelayResult, TunnelCounters, tunnel_result
+from .sockets import Address, connect_to_pod
 
-__all__ = ["InboundProxy", "InboundSource", "inbound_source", "stream_result"]
+__all__ = ["InboundProxy"]
 
 log = logging.getLogger("veil.ztunnel.proxy")
-
-
-@dataclass(frozen=True, slots=True)
-class InboundSource:
-    """Where an inbound tunnel's client is, and whether to connect as it."""
-
-    ip: str
-    port: int
-    transparent: bool
-
-
-def inbound_source(snapshot: Snapshot, request: ConnectRequest) -> InboundSource | str:
-    """The client address to authorize and to connect from, or why the request
-    is refused (pure).
-
-    The ``forwarded`` address is trusted only when it belongs to a workload
-    whose identity is the verified peer identity.
-    """
-    if request.forwarded_for is None:
-        ip, port = request.peer_addr
-        return InboundSource(ip, port, transparent=False)
-    ip, fport = request.forwarded_for
-    owner = snapshot.workload_by_ip(ip)
-    if owner is None:
-        return f"forwarded client {ip} is not a known workload"
-    try:
-        owner_identity = owner.identity
-    except InvalidSpiffeId:
-        return f"forwarded client {ip} ({owner.key}) has no valid identity"
-    if owner_identity != request.peer_identity:
-        return (
-            f"forwarded client {ip} belongs to {owner_identity}, "
-            f"not to the authenticated peer {request.peer_identity}"
-        )
-    return InboundSource(ip, fport or 0, transparent=True)
-
-
-_FLAGS = {
-    CloseReason.SHUTDOWN: FLAG_DOWNSTREAM_CLOSED,
-    CloseReason.PEER_RESET: FLAG_UPSTREAM_CLOSED,
-    CloseReason.CONNECTION_LOST: FLAG_UPSTREAM_CLOSED,
-}
-
-
-def stream_result(
-    bytes_received: int, bytes_sent: int, reason: CloseReason, detail: str
-) -> RelayResult:
-    """A tunnel's end as the proxy reports it (error None when it completed)."""
-    if reason is CloseReason.COMPLETED:
-        return RelayResult(bytes_received, bytes_sent)
-    return RelayResult(bytes_received, bytes_sent, f"{reason.value}: {detail}", _FLAGS.get(reason))
-
-
-class _InboundCounters:
-    """Live byte counts of a server-side stream, in client-to-server terms."""
-
-    __slots__ = ("_stream",)
-
-    def __init__(self, stream: InboundStream) -> None:
-        self._stream = stream
-
-    @property
-    def up(self) -> int:  # client -> pod: what the tunnel delivered locally
-        return self._stream.bytes_down
-
-    @property
-    def down(self) -> int:  # pod -> client
-        return self._stream.bytes_up
 
 
 class InboundProxy:
@@ -157,42 +62,41 @@ class InboundProxy:
             self._select_cert, trust_bundle, self._handle, config=config, contexts=contexts
         )
 
-    async def handle(self, sock: socket.socket) -> None:
-        """Listener entry point: serve one accepted connection (owns it).
-
-        The TLS server needs the destination workload's certificate at once;
-        a workload that just arrived may not have one yet, so wait for it here
-        (bounded) rather than refuse the first connections.
-        """
+    def handle(self, sock: socket.socket) -> Coroutine[Any, Any, None] | None:
+        """Listener entry point: the coroutine serving one accepted connection
+        (owns ``sock``), or None when it was closed at once."""
         try:
             dst_ip = sock.getsockname()[0]
         except OSError:
             sock.close()
-            return
+            return None
         workload = self._ctx.store.current.local_workload_by_ip(dst_ip)
-        if workload is not None:
-            try:
-                identity = workload.identity
-                if self._certs.get(identity) is None:
-                    await self._certs.fetch(identity, timeout=self._cert_timeout)
-            except (InvalidSpiffeId, CertificateError) as e:
-                log.warning("hbone: no certificate for %s: %s", dst_ip, e)
-            except BaseException:
-                sock.close()
-                raise
+        if workload is not None and self._certs.get(workload.identity) is None:
+            return self._serve_after_cert(sock, workload.identity, dst_ip)
+        return self.server.serve_connection(sock)
+
+    async def _serve_after_cert(self, sock: socket.socket, identity: SpiffeId, dst_ip: str) -> None:
+        """The TLS server needs the destination workload's certificate at once;
+        a workload that just arrived may not have one yet, so wait for it here
+        (bounded) rather than refuse the first connections."""
+        try:
+            await self._certs.fetch(identity, timeout=self._cert_timeout)
+        except CertificateError as e:
+            log.warning("hbone: no certificate for %s: %s", dst_ip, e)
+        except BaseException:
+            sock.close()
+            raise
         await self.server.serve_connection(sock)
 
     def _select_cert(self, dst_ip: str) -> WorkloadCertificate | None:
         workload = self._ctx.store.current.local_workload_by_ip(dst_ip)
         if workload is None:
             return None
-        try:
-            identity = workload.identity
-        except InvalidSpiffeId:
-            return None
-        cert = self._certs.get(identity)
+        cert = self._certs.get(workload.identity)
         if cert is None:
-            log.warning("hbone: no certificate yet for %s (%s); refusing", identity, dst_ip)
+            log.warning(
+                "hbone: no certificate yet for %s (%s); refusing", workload.identity, dst_ip
+            )
         return cert
 
     def _handle(self, stream: InboundStream) -> Coroutine[Any, Any, None] | None:
@@ -200,71 +104,43 @@ class InboundProxy:
         when it was answered with an error here."""
         ctx = self._ctx
         req = stream.request
-        snap = ctx.store.current
+        decision = decide_inbound(ctx.store.current, req)
         dst = Address(req.host, req.port)
-        dest = snap.local_workload_by_ip(req.host)
-        dst_identity: SpiffeId | None = None
-        if dest is not None:
-            try:
-                dst_identity = intern_identity(dest.identity)
-            except InvalidSpiffeId:
-                dst_identity = None
-        source = inbound_source(snap, req)
-        src = (
-            Address(source.ip, source.port)
-            if isinstance(source, InboundSource)
-            else Address(req.peer_addr[0], req.peer_addr[1])
-        )
+        dest = decision.destination
         info = ConnectionInfo(
             Direction.INBOUND,
-            src,
+            decision.client,
             dst,
             "inbound",
-            src_workload=snap.workload_by_ip(src.ip),
+            src_workload=decision.source,
             dst_workload=dest,
             src_identity=req.peer_identity,
-            dst_identity=dst_identity,
+            dst_identity=dest.identity if dest is not None else None,
         )
-        if dest is None:
-            reason = f"{req.host} is not an enrolled workload of this node"
-            stream.reject(STATUS_UNAVAILABLE, reason)
-            refuse(ctx, None, info, reason, FLAG_NO_ROUTE)
-            return None
-        if not isinstance(source, InboundSource):
-            log.warning("hbone CONNECT from %s refused: %s", req.peer_identity, source)
-            stream.reject(STATUS_DENIED, source)
-            refuse(ctx, None, info, source, FLAG_POLICY_DENIED)
-            return None
-        authz = Connection(
-            src_ip=source.ip, dst_ip=req.host, dst_port=req.port, src_identity=req.peer_identity
-        )
-        verdict = authorize(authz, snap, dest)
-        if not verdict.allowed:
+        if isinstance(decision, Reject):
             log.info(
-                "hbone CONNECT %s from %s (%s) denied: %s",
+                "hbone CONNECT %s from %s (%s) refused: %s",
                 req.authority,
                 req.peer_identity,
-                source.ip,
-                verdict.reason,
+                decision.client.ip,
+                decision.reason,
             )
-            stream.reject(STATUS_DENIED, verdict.reason)
-            refuse(ctx, None, info, verdict.reason, FLAG_POLICY_DENIED, policy=verdict.policy)
+            denied = decision.flags == FLAG_POLICY_DENIED
+            stream.reject(STATUS_DENIED if denied else STATUS_UNAVAILABLE, decision.reason)
+            refuse(ctx, None, info, decision.reason, decision.flags, policy=decision.policy)
             return None
+        client_ip = decision.client.ip if decision.transparent else None
 
         async def relay(conn: LiveConnection) -> RelayResult:
             try:
-                if source.transparent:
-                    sock = await connect_to_pod(ctx, dst, source.ip)
-                else:
-                    sock = await connect_upstream(dst, mark=ctx.mark, timeout=ctx.connect_timeout)
+                sock = await connect_to_pod(ctx, dst, client_ip)
             except UpstreamConnectError as e:
                 stream.reject(STATUS_UNAVAILABLE, e.message)
                 raise
-            conn.counters = _InboundCounters(stream)
-            result = await relay_stream(stream, sock)
-            return stream_result(result.bytes_down, result.bytes_up, result.reason, result.detail)
+            conn.counters = TunnelCounters(stream, local_is_client=False)
+            return tunnel_result(await relay_stream(stream, sock), local_is_client=False)
 
-        return proxied(ctx, info, relay, authz=authz, policy=verdict.policy)
+        return proxied(ctx, info, relay, authz=decision.authz, policy=decision.policy)
 
     async def shutdown(self, grace: float) -> None:
         """GOAWAY to every HBONE peer, drain for ``grace`` seconds, reset the rest."""

@@ -24,48 +24,23 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
-from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from controller.api.spiffe import SpiffeId
+from node.policy import Connection, authorize
 from ztunnel.errors import CertificateError
 from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneError, HboneStream
 from ztunnel.hbone import relay as relay_stream
 from ztunnel.identity import CertManager
-from ztunnel.policy import Connection, authorize
 
-from .connections import (
-    FLAG_NO_ROUTE,
-    FLAG_POLICY_DENIED,
-    ConnectionInfo,
-    Direction,
-    LiveConnection,
-)
-from .context import ProxyContext, intern_identity, proxied, refuse
-from .errors import NoRouteError, TunnelError
-from .inbound import stream_result
-from .plaintext import connect_to_pod
-from .relay import RelayResult, relay_sockets
+from .connections import ConnectionInfo, Direction, LiveConnection
+from .context import ProxyContext, proxied, refuse
+from .errors import FLAG_NO_ROUTE, FLAG_POLICY_DENIED, NoRouteError, TunnelError
+from .relay import RelayResult, TunnelCounters, relay_sockets, tunnel_result
 from .route import Hbone, Passthrough, Refuse, SameNode, route
-from .sockets import Address, connect_upstream, local_address, peer_address, reset
+from .sockets import Address, connect_to_pod, connect_upstream, local_address, peer_address, reset
 
 __all__ = ["OutboundProxy"]
 
 log = logging.getLogger("veil.ztunnel.proxy")
-
-
-class _OutboundCounters:
-    """Live byte counts of a client-side stream (``bytes_up`` is app -> peer)."""
-
-    __slots__ = ("_stream",)
-
-    def __init__(self, stream: HboneStream) -> None:
-        self._stream = stream
-
-    @property
-    def up(self) -> int:
-        return self._stream.bytes_up
-
-    @property
-    def down(self) -> int:
-        return self._stream.bytes_down
 
 
 class OutboundProxy:
@@ -121,14 +96,7 @@ class OutboundProxy:
             log.info("refused outbound %s -> %s: %s", src, dst, decision.reason)
             refuse(ctx, sock, info, decision.reason, FLAG_NO_ROUTE)
             return None
-        try:
-            src_identity = intern_identity(decision.source.identity)
-        except InvalidSpiffeId as e:
-            info = ConnectionInfo(
-                Direction.OUTBOUND, src, dst, "refuse", src_workload=decision.source
-            )
-            refuse(ctx, sock, info, f"source has no valid identity: {e}", FLAG_NO_ROUTE)
-            return None
+        src_identity = decision.source.identity
         if isinstance(decision, Hbone):
             return self._hbone(sock, src, decision, src_identity)
         if isinstance(decision, SameNode):
@@ -148,7 +116,7 @@ class OutboundProxy:
             src_workload=decision.source,
             dst_workload=decision.destination,
             src_identity=src_identity,
-            dst_identity=intern_identity(decision.expected_identity),
+            dst_identity=decision.expected_identity,
         )
         hbone_ip, hbone_port = decision.hbone_addr
         if self._peer_port is not None:
@@ -162,9 +130,8 @@ class OutboundProxy:
                 # and never sees a byte from anywhere.
                 reset(sock)
                 raise
-            conn.counters = _OutboundCounters(stream)
-            result = await relay_stream(stream, sock)
-            return stream_result(result.bytes_up, result.bytes_down, result.reason, result.detail)
+            conn.counters = TunnelCounters(stream, local_is_client=True)
+            return tunnel_result(await relay_stream(stream, sock), local_is_client=True)
 
         return proxied(ctx, info, relay)
 
@@ -209,10 +176,6 @@ class OutboundProxy:
         ctx = self._ctx
         dest = decision.destination
         target = Address(decision.dst_ip, decision.dst_port)
-        try:
-            dst_identity: SpiffeId | None = dest.identity
-        except InvalidSpiffeId:
-            dst_identity = None
         info = ConnectionInfo(
             Direction.OUTBOUND,
             src,
@@ -221,7 +184,7 @@ class OutboundProxy:
             src_workload=decision.source,
             dst_workload=dest,
             src_identity=src_identity,
-            dst_identity=dst_identity,
+            dst_identity=dest.identity,
         )
         authz = Connection(
             src_ip=src.ip, dst_ip=target.ip, dst_port=target.port, src_identity=src_identity

@@ -1,4 +1,12 @@
-"""The plaintext TCP-to-TCP relay used by the same-node path, 15006 and passthrough.
+"""How the proxy carries bytes, and the one result type every relay reports.
+
+:class:`RelayResult` and :class:`Counters` count in client terms
+(``from_client`` / ``to_client``) whichever listener accepted the connection;
+HBONE streams, which count from their local socket's side, are converted here
+and only here (:func:`tunnel_result`, :class:`TunnelCounters`).
+
+:func:`relay_sockets` is the plaintext TCP-to-TCP relay used by the same-node
+path, 15006 and passthrough.
 
 Two :class:`asyncio.BufferedProtocol` halves forward each other's bytes:
 
@@ -27,13 +35,20 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from ztunnel.hbone import CloseReason
+from ztunnel.hbone import RelayResult as TunnelResult
+
+from .errors import FLAG_DOWNSTREAM_CLOSED, FLAG_UPSTREAM_CLOSED
+
 __all__ = [
     "BUFFER_SIZE",
     "ByteCounters",
     "Counters",
     "RelayResult",
+    "TunnelCounters",
     "relay_sockets",
     "reset_transport",
+    "tunnel_result",
 ]
 
 BUFFER_SIZE = 256 * 1024
@@ -55,26 +70,23 @@ _BUFFER = _SharedBuffer()
 
 
 class Counters(Protocol):
-    """Live byte counts of one connection: ``up`` client-to-server, ``down`` back."""
+    """Live byte counts of one connection, read by the connection registry."""
 
     @property
-    def up(self) -> int: ...
+    def from_client(self) -> int: ...
 
     @property
-    def down(self) -> int: ...
+    def to_client(self) -> int: ...
 
 
 class ByteCounters:
-    """Live byte counts of one proxied connection, read by the connection registry.
+    """Live byte counts a plaintext relay updates as it goes."""
 
-    ``up`` counts client-to-server bytes, ``down`` server-to-client bytes.
-    """
-
-    __slots__ = ("down", "up")
+    __slots__ = ("from_client", "to_client")
 
     def __init__(self) -> None:
-        self.up = 0
-        self.down = 0
+        self.from_client = 0
+        self.to_client = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +94,67 @@ class RelayResult:
     """How a relay ended. ``error`` is None for a clean close in both directions;
     ``flags`` is the response flag to report when the way it ended has one."""
 
-    bytes_up: int
-    bytes_down: int
+    from_client: int
+    to_client: int
     error: str | None = None
     flags: str | None = None
+
+
+class _TunnelBytes(Protocol):
+    """What an HBONE stream counts: from its local socket's point of view."""
+
+    @property
+    def bytes_up(self) -> int: ...  # read from the local socket, sent into the tunnel
+
+    @property
+    def bytes_down(self) -> int: ...  # received from the tunnel, written locally
+
+
+class TunnelCounters:
+    """Live byte counts of an HBONE stream, in client terms.
+
+    ``local_is_client``: True on the outbound side (the local socket is the
+    captured client), False on the inbound side (the local socket is the pod).
+    """
+
+    __slots__ = ("_local_is_client", "_stream")
+
+    def __init__(self, stream: _TunnelBytes, *, local_is_client: bool) -> None:
+        self._stream = stream
+        self._local_is_client = local_is_client
+
+    @property
+    def from_client(self) -> int:
+        s = self._stream
+        return s.bytes_up if self._local_is_client else s.bytes_down
+
+    @property
+    def to_client(self) -> int:
+        s = self._stream
+        return s.bytes_down if self._local_is_client else s.bytes_up
+
+
+_TUNNEL_FLAGS = {
+    CloseReason.SHUTDOWN: FLAG_DOWNSTREAM_CLOSED,
+    CloseReason.PEER_RESET: FLAG_UPSTREAM_CLOSED,
+    CloseReason.CONNECTION_LOST: FLAG_UPSTREAM_CLOSED,
+}
+
+
+def tunnel_result(result: TunnelResult, *, local_is_client: bool) -> RelayResult:
+    """A tunnel's end as the proxy reports it (error None when it completed)."""
+    if local_is_client:
+        from_client, to_client = result.bytes_up, result.bytes_down
+    else:
+        from_client, to_client = result.bytes_down, result.bytes_up
+    if result.reason is CloseReason.COMPLETED:
+        return RelayResult(from_client, to_client)
+    return RelayResult(
+        from_client,
+        to_client,
+        f"{result.reason.value}: {result.detail}",
+        _TUNNEL_FLAGS.get(result.reason),
+    )
 
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:
@@ -126,9 +195,9 @@ class _Half(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         data = bytes(_BUFFER.view[:nbytes])
         if self.upstream:
-            self.pipe.counters.down += nbytes
+            self.pipe.counters.to_client += nbytes
         else:
-            self.pipe.counters.up += nbytes
+            self.pipe.counters.from_client += nbytes
         peer = self.peer
         if not self.pipe.started or peer is None or peer.transport is None:
             # Python 3.11 may start reading despite pause_reading() in
@@ -262,4 +331,4 @@ async def relay_sockets(
     except asyncio.CancelledError:
         pipe.reset_both()
         raise
-    return RelayResult(pipe.counters.up, pipe.counters.down, pipe.error)
+    return RelayResult(pipe.counters.from_client, pipe.counters.to_client, pipe.error)

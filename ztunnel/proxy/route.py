@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from controller.api.model import Service, Workload
-from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from controller.api.spiffe import SpiffeId
 from node.dataplane import HBONE_PORT
 from node.state.snapshot import Snapshot, normalize_ip
 
@@ -175,18 +175,12 @@ def _to_workload(
         return SameNode(
             source=source, destination=dest, dst_ip=dst_ip, dst_port=dst_port, service=service
         )
-    try:
-        expected = dest.identity
-    except InvalidSpiffeId as e:
-        # A workload whose identity cannot be formed cannot be verified: refuse
-        # rather than tunnel to an unverifiable peer.
-        return Refuse(reason=f"destination {dest.key} has no valid identity: {e}", source=source)
     return Hbone(
         source=source,
         destination=dest,
         dst_ip=dst_ip,
         dst_port=dst_port,
-        expected_identity=expected,
+        expected_identity=dest.identity,
         hbone_addr=(dst_ip, HBONE_PORT),
         service=service,
     )

@@ -24,6 +24,7 @@ import errno
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from node.dataplane import MARK_ZTUNNEL
 
@@ -32,6 +33,8 @@ from .errors import UpstreamConnectError
 __all__ = [
     "DEFAULT_BACKLOG",
     "Address",
+    "DialOptions",
+    "connect_to_pod",
     "connect_upstream",
     "listener_socket",
     "local_address",
@@ -160,6 +163,32 @@ async def connect_upstream(
         sock.close()
         raise
     return sock
+
+
+class DialOptions(Protocol):
+    """How the proxy dials pods (the proxy context carries these)."""
+
+    mark: int | None
+    transparent: bool
+    connect_timeout: float
+
+
+async def connect_to_pod(
+    opts: DialOptions, dst: Address, client_ip: str | None
+) -> socket.socket:
+    """A marked connection to a local pod.
+
+    With ``client_ip`` and a transparent proxy it comes from the client's own
+    address, so the pod sees who called it; with None it comes from this node.
+    """
+    bind = client_ip if opts.transparent else None
+    return await connect_upstream(
+        dst,
+        mark=opts.mark,
+        bind_ip=bind,
+        transparent=bind is not None,
+        timeout=opts.connect_timeout,
+    )
 
 
 def local_address(sock: socket.socket) -> Address:

@@ -8,8 +8,8 @@ Public API:
 * :class:`TlsContextCache`: ``.client(cred, bundle)`` / ``.server(cred, bundle)``
   reuse one context per identity until the certificate or the roots change.
 * :func:`verify_peer` ``(ssl_object, expected, trust_domain) -> SpiffeId``: the
-  post-handshake SPIFFE check (exactly one URI SAN, same trust domain, literal
-  match with ``expected`` when given). :func:`check_alpn` refuses anything but h2.
+  post-handshake SPIFFE check (exactly one URI SAN, a P-256 leaf key, a workload
+  identity in the same trust domain, literal match with ``expected`` when given). :func:`check_alpn` refuses anything but h2.
 * Errors: :class:`TlsError` > :class:`CredentialError`, :class:`PeerVerificationError`.
 """
 

@@ -4,7 +4,11 @@ OpenSSL has already verified the chain to the trust bundle (and validity dates)
 when these run. What is left is the SPIFFE X.509-SVID rules for the leaf:
 
 * exactly one URI SAN, a valid SPIFFE ID; zero or several are refused;
-* the leaf is not a CA;
+* the leaf is not a CA, and its key is ECDSA P-256 (the only key Veil issues;
+  RSA or other curves mean a certificate from somewhere else);
+* the ID is a workload identity, ``/ns/<ns>/sa/<sa>``: a node identity
+  (``/veil/node/<name>``, whose key sits on the node's disk) is for the
+  controller API only and never a peer on HBONE;
 * the ID's trust domain is ours; and when an identity is expected (the client
   side, which knows whom it dialled) the ID equals it, compared literally.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ssl
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId
 
@@ -47,6 +52,7 @@ def identity_from_der(der: bytes) -> SpiffeId:
             "the peer presented a CA certificate as its leaf",
             hint="an SVID leaf must have basicConstraints cA=false",
         )
+    _check_key(cert)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
@@ -64,6 +70,26 @@ def identity_from_der(der: bytes) -> SpiffeId:
             f"the peer certificate's URI SAN is not a SPIFFE ID: {exc.message}",
             hint="the URI SAN must be spiffe://<trust-domain>/<path>",
         ) from exc
+
+
+def _check_key(cert: x509.Certificate) -> None:
+    try:
+        key = cert.public_key()
+    except ValueError as exc:  # an unsupported or malformed key
+        raise PeerVerificationError(f"the peer certificate's key cannot be read: {exc}") from exc
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        kind = f"an EC {key.curve.name} key"
+    else:
+        size = getattr(key, "key_size", None)
+        kind = f"a {type(key).__name__.removesuffix('PublicKey')} key" + (
+            f" of {size} bits" if size else ""
+        )
+    raise PeerVerificationError(
+        f"the peer certificate has {kind}; HBONE accepts only ECDSA P-256 leaves",
+        hint="workload certificates must come from this mesh's CA, which issues P-256 keys",
+    )
 
 
 def check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
@@ -92,6 +118,14 @@ def verify_peer(
             "the peer presented no certificate", hint="HBONE requires mutual TLS"
         )
     identity = identity_from_der(der)
+    if identity.workload is None:
+        what = "a node identity" if identity.node is not None else "not a workload identity"
+        raise PeerVerificationError(
+            f"the peer identity {identity} is {what}; HBONE peers must be workloads "
+            "(spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)",
+            hint="node certificates are for the controller API only; present the "
+            "workload's own certificate",
+        )
     if identity.trust_domain != trust_domain:
         raise PeerVerificationError(
             f"the peer identity {identity} is in trust domain {identity.trust_domain!r}, "

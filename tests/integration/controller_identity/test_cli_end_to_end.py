@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import stat
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
+
+from tests.support.controller import ControllerProcess
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -44,53 +42,17 @@ PAYMENTS = "spiffe://cluster.local/ns/shop/sa/payments"
 @pytest.fixture
 def running_controller(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """`veil controller run` on ephemeral loopback ports; its startup line gives the addresses."""
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(REGISTRY)
-    state = tmp_path / "controller"
-    # A file, not a pipe: a full pipe would block the controller mid-test.
-    log = (tmp_path / "controller.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli.veil",
-            "--log-level",
-            "warning",
-            "controller",
-            "run",
-            "--registry",
-            str(registry),
-            "--state-dir",
-            str(state),
-            "--listen",
-            "127.0.0.1:0",
-            "--join-listen",
-            "127.0.0.1:0",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    ctrl = ControllerProcess(
+        tmp_path,
+        REGISTRY,
+        log_level="warning",
+        registry_poll=None,
+        state_path=tmp_path / "controller",
+    ).start()
     try:
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        reader.join(30)
-        m = re.search(r"mTLS (\S+), join (\S+),", line[0] if line else "")
-        assert m, f"controller did not start: {line!r}: {(tmp_path / 'controller.log').read_text()}"
-        yield {"state": state, "mtls": m.group(1), "join": m.group(2), "proc": proc}
+        yield {"state": ctrl.state_dir, "mtls": ctrl.mtls, "join": ctrl.join_addr, "proc": ctrl.proc}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        log.close()
+        ctrl.stop()
 
 
 def test_token_join_certificate_and_refusal(

@@ -15,7 +15,7 @@ import pytest
 
 from controller.api.spiffe import SpiffeId
 from ztunnel.hbone import HboneClientPool, relay
-from ztunnel.hbone import frames as fr
+from ztunnel.hbone.http2 import frames as fr
 from ztunnel.tls import client_context
 
 SERVER_ID = SpiffeId("cluster.local", "/ns/default/sa/server")

@@ -123,7 +123,7 @@ async def test_server_refuses_alpn_other_than_h2(harness, client_cert, echo_port
 
 
 async def test_no_h2c_plaintext_prior_knowledge(harness, client_cert, echo_port) -> None:  # type: ignore[no-untyped-def]
-    from ztunnel.hbone import frames
+    from ztunnel.hbone.http2 import frames
 
     reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
     writer.write(frames.PREFACE + frames.settings_frame([]))

@@ -141,7 +141,15 @@ class ApiServerDouble:
         self.requests: list[tuple[str, str]] = []
         self.status_patches: list[tuple[str, str, str, Obj]] = []
         self.fail_next: dict[tuple[str, str], int] = {}  # (method, plural) -> HTTP status
+        self.fail_always: dict[tuple[str, str], int] = {}  # the same, until removed
         self.expire_next_continue = False  # the next list page request gets 410 Expired
+        # API discovery (GET /apis/<group>): the versions each group serves.
+        self.served_groups: dict[str, list[str]] = {
+            "discovery.k8s.io": ["v1"],
+            "security.veil.io": ["v1"],
+            "coordination.k8s.io": ["v1"],
+            "authentication.k8s.io": ["v1"],
+        }
         self._watchers: set[_Watcher] = set()
         self._pages: dict[str, list[Obj]] = {}
         self._runner: web.AppRunner | None = None
@@ -249,6 +257,21 @@ class ApiServerDouble:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "Unauthorized", "Unauthorized")
         parts = [p for p in request.path.split("/") if p]
+        if parts == ["api"]:
+            return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
+        if len(parts) == 2 and parts[0] == "apis":
+            versions = self.served_groups.get(parts[1])
+            if not versions:
+                return _error(404, "NotFound", f"the server could not find {request.path}")
+            return web.json_response(
+                {
+                    "kind": "APIGroup",
+                    "name": parts[1],
+                    "versions": [
+                        {"groupVersion": f"{parts[1]}/{v}", "version": v} for v in versions
+                    ],
+                }
+            )
         if parts[:2] == ["api", "v1"]:
             rest = parts[2:]
         elif parts[:1] == ["apis"] and len(parts) >= 3:
@@ -262,6 +285,14 @@ class ApiServerDouble:
             return _error(404, "NotFound", f"the server could not find {request.path}")
         res = _RESOURCES[rest[0]]
         failing = self.fail_next.pop((request.method, res.plural), 0)
+        failing = failing or self.fail_always.get((request.method, res.plural), 0)
+        if failing == 403:
+            return _error(
+                403,
+                "Forbidden",
+                f'{res.plural} is forbidden: User "system:serviceaccount:veil-system:'
+                f'veil-controller" cannot list resource "{res.plural}"',
+            )
         if failing:
             return _error(failing, "InternalError", f"injected failure {failing}")
         name = rest[1] if len(rest) > 1 else None

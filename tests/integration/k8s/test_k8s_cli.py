@@ -9,7 +9,6 @@ then node-scoped through ``veil node certificate``.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from tests.support.controller import ControllerProcess
+
 from .conftest import ThreadedApiServer
 from .test_k8s_controller import configmap_roots, seed_cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def veil(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -40,29 +35,19 @@ def veil(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 def controller(apiserver: ThreadedApiServer, tmp_path: Path) -> Iterator[tuple[str, str]]:
     token_file = tmp_path / "controller-token"
     token_file.write_text(apiserver.token)
-    mtls, join = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
-    log = (tmp_path / "controller.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "cli.veil", "controller", "run",
+    ctrl = ControllerProcess(
+        tmp_path,
+        state_path=tmp_path / "controller",
+        extra=(
             "--source", "kubernetes",
             "--kube-api", apiserver.url,
             "--kube-token-file", str(token_file),
-            "--state-dir", str(tmp_path / "controller"),
-            "--listen", mtls, "--join-listen", join,
-        ],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+        ),
+    ).start()
     try:
-        yield mtls, join
+        yield ctrl.mtls, ctrl.join_addr
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        ctrl.stop()
 
 
 def test_controller_cli_reads_the_cluster_and_a_node_joins_with_its_sa_token(

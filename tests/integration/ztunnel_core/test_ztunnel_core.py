@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ from cryptography import x509
 from controller.api.client import ControllerClient
 from controller.api.spiffe import SpiffeId
 from node import NodeCredentials, join, load_node_credentials
+from node.policy import Connection, authorize, plaintext_verdict
 from node.state import StateStore
 from node.watch import Backoff, WatchClient
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
 from ztunnel.errors import AdminBindError
 from ztunnel.identity import CertManager
 from ztunnel.metrics import ConnectionLabels, ConnectionReport, Registry, Reporter, TrafficMetrics
-from ztunnel.policy import Connection, PolicyEngine
 from ztunnel.proxy.route import Hbone, route
 
 from .conftest import ControllerProcess, example_doc
@@ -137,12 +138,12 @@ async def test_state_certificates_rotation_outage_and_operations(
     assert isinstance(r, Hbone)
     assert (r.dst_ip, r.dst_port, r.hbone_addr) == ("10.244.2.10", 8080, ("10.244.2.10", 15008))
     assert r.expected_identity == PAYMENTS
-    engine = PolicyEngine(core.store)
-    assert engine.authorize(Connection("10.244.1.10", "10.244.2.10", 8080, CHECKOUT)).allowed
-    denied = engine.authorize(Connection("10.244.1.11", "10.244.2.10", 8080, OTHER))
+    snap = core.store.current
+    assert authorize(Connection("10.244.1.10", "10.244.2.10", 8080, CHECKOUT), snap).allowed
+    denied = authorize(Connection("10.244.1.11", "10.244.2.10", 8080, OTHER), snap)
     assert not denied.allowed and denied.reason == "no ALLOW policy matched"
-    payments = core.store.current.workload_by_ip("10.244.2.10")
-    assert payments is not None and not engine.plaintext_allowed(payments).allowed  # STRICT
+    payments = snap.workload_by_ip("10.244.2.10")
+    assert payments is not None and not plaintext_verdict(snap, payments).allowed  # STRICT
 
     # --- certificates: exact SAN, chained to the bundle, rotated at half-life (6 s TTL).
     first = core.certs.get(CHECKOUT)
@@ -223,12 +224,11 @@ async def test_admin_refuses_a_non_loopback_bind() -> None:
 
 async def test_busy_port_is_reported_and_nothing_stays_bound() -> None:
     store = StateStore(NODE)
-    first = OpsServer(store=store, registry=Registry(), readiness=Readiness(store, None),
-                      admin_address=("127.0.0.1", 0), metrics_address=None,
-                      readiness_address=None)
-    await first.start()
+    # Held by another program (no SO_REUSEPORT); a second ztunnel would share it
+    # on purpose (the rolling-update surge).
+    first = socket.create_server(("127.0.0.1", 0))
     try:
-        taken = first.addresses["admin"][1]
+        taken = first.getsockname()[1]
         second = OpsServer(store=store, registry=Registry(), readiness=Readiness(store, None),
                            admin_address=("127.0.0.1", 0), metrics_address=("127.0.0.1", taken),
                            readiness_address=None)
@@ -236,4 +236,4 @@ async def test_busy_port_is_reported_and_nothing_stays_bound() -> None:
             await second.start()
         assert second.addresses == {}
     finally:
-        await first.stop()
+        first.close()

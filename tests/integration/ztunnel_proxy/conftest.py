@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 import uvloop
 
-# The helper modules next to this file (pytest runs with --import-mode=importlib,
-# which does not put test directories on sys.path).
-sys.path.insert(0, str(Path(__file__).parent))
-
-from loopback_mesh import AccessLog, App, Mesh, default_doc, start_app
-from ztunnel_mesh_harness import ControllerProcess
+from tests.support.controller import ControllerProcess
+from tests.support.loopback_mesh import AccessLog, App, Mesh, default_doc, start_app
 
 
 def pytest_asyncio_loop_factories(

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from loopback_mesh import CHECKOUT_IP, PAYMENTS_IP, App, Mesh, open_tunnel
-from ztunnel_mesh_harness import REPO, clean_env, veil_argv
+
+from tests.support.controller import REPO, clean_env, veil_argv
+from tests.support.loopback_mesh import CHECKOUT_IP, PAYMENTS_IP, App, Mesh, open_tunnel
 
 GRACE = 3.0
 

@@ -9,7 +9,8 @@ import os
 
 import aiohttp
 import pytest
-from loopback_mesh import (
+
+from tests.support.loopback_mesh import (
     CHECKOUT,
     CHECKOUT_IP,
     LEGACY_IP,
@@ -23,7 +24,6 @@ from loopback_mesh import (
     default_doc,
     open_tunnel,
 )
-
 from ztunnel.hbone import ConnectRefused
 
 

@@ -122,7 +122,7 @@ async def test_bytes_intact_both_directions_with_half_close(
     assert rest == down_blob
     result = await asyncio.wait_for(relay.results.get(), 5)
     assert isinstance(result, RelayResult)
-    assert (result.bytes_up, result.bytes_down) == (len(up_blob), 32 + len(down_blob))
+    assert (result.from_client, result.to_client) == (len(up_blob), 32 + len(down_blob))
     assert result.error is None
 
 
@@ -147,7 +147,7 @@ async def test_backpressure_pauses_reading_without_loss(
     await started.wait()
     await asyncio.sleep(0.3)
     # While the server is not reading, the relay must not have swallowed all 16 MiB.
-    assert relay.counters[0].up < len(blob)
+    assert relay.counters[0].from_client < len(blob)
     await w.drain()
     w.write_eof()
     assert await r.read() == b""

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from loopback_mesh import (
+
+from controller.ca import CertificateAuthority
+from tests.support.loopback_mesh import (
     CHECKOUT,
     CHECKOUT_IP,
     OTHER,
@@ -22,8 +24,6 @@ from loopback_mesh import (
     Tunnel,
     open_tunnel,
 )
-
-from controller.ca import CertificateAuthority
 from ztunnel.hbone import HboneClientPool, HboneConnectError, relay
 from ztunnel.identity import WorkloadCertificate, build_csr, generate_key, key_pem
 

@@ -34,6 +34,8 @@ from node.dataplane import MARK_ZTUNNEL
 
 TEST_PIN_ROOT = Path("/sys/fs/bpf/veil-test")
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+ETH_P_IPV6 = 0x86DD
 
 
 def pin_dir_for(topo: Topology, node: LabNode) -> Path:
@@ -74,6 +76,8 @@ class ZtunnelStandIn:
     netns: str
     ports: tuple[int, ...]
     mark: int = MARK_ZTUNNEL
+    # AF_INET: 0.0.0.0 with IP_TRANSPARENT; AF_INET6: [::] (IPv6 only) with IPV6_TRANSPARENT.
+    family: int = socket.AF_INET
     accepted: queue.Queue[Accepted] = field(default_factory=queue.Queue)
     _listeners: list[socket.socket] = field(default_factory=list)
     _conns: list[socket.socket] = field(default_factory=list)
@@ -83,12 +87,16 @@ class ZtunnelStandIn:
     def start(self) -> ZtunnelStandIn:
         with in_netns(self.netns):
             for port in self.ports:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock = socket.socket(self.family, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                if self.family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                 if self.mark:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
-                sock.bind(("0.0.0.0", port))
+                sock.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", port))
                 sock.listen(64)
                 sock.settimeout(0.2)
                 self._listeners.append(sock)
@@ -192,8 +200,10 @@ def ztunnel() -> Iterator[Callable[..., ZtunnelStandIn]]:
     """Factory: ``ztunnel(node, 15001, 15006)`` starts marked transparent listeners there."""
     started: list[ZtunnelStandIn] = []
 
-    def factory(node: LabNode, *ports: int, mark: int = MARK_ZTUNNEL) -> ZtunnelStandIn:
-        standin = ZtunnelStandIn(node.netns, ports, mark).start()
+    def factory(
+        node: LabNode, *ports: int, mark: int = MARK_ZTUNNEL, family: int = socket.AF_INET
+    ) -> ZtunnelStandIn:
+        standin = ZtunnelStandIn(node.netns, ports, mark, family).start()
         started.append(standin)
         return standin
 
@@ -228,7 +238,7 @@ class Net:
         netns: str, ip: str, port: int, *, timeout: float = 3.0, mark: int = 0
     ) -> socket.socket:
         with in_netns(netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(_family(ip), socket.SOCK_STREAM)
         try:
             if mark:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -278,12 +288,50 @@ class Net:
             sock.sendto(payload, (ip, port))
 
     @staticmethod
+    def tcp_server(netns: str, ip: str, port: int) -> socket.socket:
+        """A listening socket (either family) inside ``netns``; accept() it yourself."""
+        with in_netns(netns):
+            sock = socket.socket(_family(ip), socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(16)
+        sock.settimeout(1.0)
+        return sock
+
+    @staticmethod
+    def send_frame(netns: str, ifname: str, frame: bytes) -> None:
+        """Send a raw Ethernet frame out of ``ifname`` inside ``netns`` (AF_PACKET)."""
+        with in_netns(netns):
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        with sock:
+            sock.bind((ifname, 0))
+            sock.send(frame)
+
+    @staticmethod
+    def ipv6_frame(
+        src_mac: str, dst_mac: str, src: str, dst: str, nexthdr: int, l4: bytes
+    ) -> bytes:
+        return ipv6_frame(src_mac, dst_mac, src, dst, nexthdr, l4)
+
+    @staticmethod
+    def tcp_syn6(src: str, dst: str, sport: int, dport: int) -> bytes:
+        return tcp_syn6(src, dst, sport, dport)
+
+    @staticmethod
+    def icmp(type_: int, code: int, body: bytes) -> bytes:
+        return icmp(type_, code, body)
+
+    @staticmethod
     def send_raw(netns: str, packet: bytes, dst: str) -> None:
         """Send a hand-built IPv4 packet (any source address) from inside ``netns``."""
         with in_netns(netns):
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         with sock:
             sock.sendto(packet, (dst, 0))
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def _checksum(data: bytes) -> int:
@@ -325,6 +373,48 @@ def udp_datagram(src: str, dst: str, sport: int, dport: int, payload: bytes) -> 
     """An IPv4 UDP datagram (checksum 0: optional in IPv4)."""
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     return ipv4_packet(src, dst, socket.IPPROTO_UDP, udp)
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def ipv6_frame(
+    src_mac: str, dst_mac: str, src: str, dst: str, nexthdr: int, l4: bytes, hop_limit: int = 64
+) -> bytes:
+    """An Ethernet frame carrying an IPv6 packet; ``l4`` needs its checksum already."""
+    header = struct.pack(
+        "!IHBB16s16s",
+        6 << 28,
+        len(l4),
+        nexthdr,
+        hop_limit,
+        socket.inet_pton(socket.AF_INET6, src),
+        socket.inet_pton(socket.AF_INET6, dst),
+    )
+    eth = _mac_bytes(dst_mac) + _mac_bytes(src_mac) + struct.pack("!H", ETH_P_IPV6)
+    return eth + header + l4
+
+
+def _ipv6_pseudo(src: str, dst: str, nexthdr: int, length: int) -> bytes:
+    return (
+        socket.inet_pton(socket.AF_INET6, src)
+        + socket.inet_pton(socket.AF_INET6, dst)
+        + struct.pack("!I3xB", length, nexthdr)
+    )
+
+
+def tcp_syn6(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """The L4 part of an IPv6 TCP SYN with a correct checksum (wrap it with ipv6_frame)."""
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
+    csum = _checksum(_ipv6_pseudo(src, dst, socket.IPPROTO_TCP, len(tcp)) + tcp)
+    return tcp[:16] + struct.pack("!H", csum) + tcp[18:]
+
+
+def icmp(type_: int, code: int, body: bytes) -> bytes:
+    """An ICMPv4 message with its checksum."""
+    raw = struct.pack("!BBH", type_, code, 0) + body
+    return raw[:2] + struct.pack("!H", _checksum(raw)) + raw[4:]
 
 
 @pytest.fixture

@@ -65,6 +65,12 @@ def test_pod_states_follow_enroll_mark_and_unenroll(bpf_lab: Any, net: Any) -> N
         assert seen.loaded_build_id == plane.build_id and seen.in_sync
         assert seen.programs == plane.node().programs
         assert seen.policy_routing.complete
+        assert seen.policy_routing.ipv6_enabled and seen.policy_routing.complete6
+        rules6 = bpf_lab.topo.run(node, ["ip", "-6", "rule", "show"]).stdout.decode()
+        assert f"fwmark {MARK_REDIRECT:#x}" in rules6 and f"lookup {ROUTE_TABLE}" in rules6
+        table = ["ip", "-6", "route", "show", "table", str(ROUTE_TABLE)]
+        routes6 = bpf_lab.topo.run(node, table)
+        assert "local default dev lo" in routes6.stdout.decode()
         assert seen.uplink_ifname == node.uplink and seen.uplink_program is not None
         source = view.source()
         assert source is not None and source.build_id == plane.build_id
@@ -188,6 +194,10 @@ def test_kill9_restart_reuse_swap_and_uninstall(
     assert f"fwmark {MARK_REDIRECT:#x}" not in rules
     routes = topo.run(node, ["ip", "route", "show", "table", str(ROUTE_TABLE)])
     assert routes.stdout.decode().strip() == ""
+    rules6 = topo.run(node, ["ip", "-6", "rule", "show"]).stdout.decode()
+    assert f"fwmark {MARK_REDIRECT:#x}" not in rules6
+    routes6 = topo.run(node, ["ip", "-6", "route", "show", "table", str(ROUTE_TABLE)])
+    assert routes6.stdout.decode().strip() == ""
     # And the pod is no longer captured.
     assert net.connect_fails(pod.netns, "10.244.9.9", 8082)
     zt.assert_idle()

@@ -3,7 +3,8 @@
 Layout (one lab per test module, built once because compiling the programs
 and starting the controller cost seconds)::
 
-    underlay   veil controller run on the lab's controller IP (10.100.0.1)
+    underlay   veil controller run on the lab's controller IP (10.100.0.1),
+               through tests.support.controller.ControllerProcess
     node-a     veil agent run (nsenter --net, so the host's bpffs stays visible)
                + the capture stand-in on 15001/15006/15008
       shop/client 10.244.1.10   shop/other 10.244.1.11   legacy/plain 10.244.1.12
@@ -42,17 +43,10 @@ import yaml
 from agent.bpf import uninstall_node
 from agent.status import StatusClient, StatusUnavailable
 from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
-from lab import (
-    LabError,
-    LabNode,
-    LabPod,
-    LabProcess,
-    Topology,
-    in_netns,
-    wait_listening,
-)
+from lab import LabNode, LabPod, Topology, in_netns
 from lab.netns import list_netns, netns_path
 from node.dataplane import HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_ZTUNNEL, OUTBOUND_PORT
+from tests.support.controller import ControllerProcess
 
 REPO = Path(__file__).resolve().parents[3]
 PIN_ROOT = Path("/sys/fs/bpf/veil-agentd")
@@ -269,22 +263,13 @@ class AgentNode:
                               text=True, timeout=60, check=False)
 
 
-def _start_controller(topo: Topology, work: Path, registry: Path, state: Path) -> LabProcess:
-    ip = topo.controller_ip
-    proc = topo.popen(
-        topo.underlay_netns,
-        veil("controller", "run", "--registry", str(registry), "--state-dir", str(state),
-             "--listen", f"{ip}:{CONTROLLER_PORT}", "--join-listen", f"{ip}:{CONTROLLER_JOIN_PORT}",
-             "--registry-poll", "0.05"),
-        log_path=work / "controller.log",
-        cwd=REPO,
-    )
-    try:
-        wait_listening(proc, CONTROLLER_PORT, 30.0)
-        wait_listening(proc, CONTROLLER_JOIN_PORT, 5.0)
-    except LabError as exc:
-        raise AssertionError(f"controller did not start: {exc}\n{proc.log_text()[-3000:]}") from None
-    return proc
+def _start_controller(topo: Topology, work: Path, registry: Path, state: Path) -> ControllerProcess:
+    """``veil controller run`` in the underlay, on the lab's controller IP and standard ports."""
+    return ControllerProcess(
+        work, host=topo.controller_ip, netns=topo.underlay_netns,
+        mtls_port=CONTROLLER_PORT, join_port=CONTROLLER_JOIN_PORT,
+        registry_path=registry, state_path=state, registry_poll=0.05,
+    ).start()  # fmt: skip
 
 
 def _join(topo: Topology, node: LabNode, state_ctl: Path, state_dir: Path) -> None:
@@ -322,6 +307,7 @@ def agent_node() -> Iterator[AgentNode]:
     work = Path(tempfile.mkdtemp(prefix="veil-agentd-"))
     env: AgentNode | None = None
     standin: CaptureStandIn | None = None
+    controller: ControllerProcess | None = None
     try:
         node = topo.add_node("node-a", pod_cidr="10.244.1.0/24")
         remote = topo.add_node("node-b", pod_cidr="10.244.2.0/24")
@@ -334,7 +320,7 @@ def agent_node() -> Iterator[AgentNode]:
         registry = work / "registry.yaml"
         registry.write_text(yaml.safe_dump(registry_doc(), sort_keys=False))
         ctl_state = work / "controller"
-        _start_controller(topo, work, registry, ctl_state)
+        controller = _start_controller(topo, work, registry, ctl_state)
         state_dir = work / "node-a"
         _join(topo, node, ctl_state, state_dir)
         standin = CaptureStandIn(node.netns).start()
@@ -359,6 +345,8 @@ def agent_node() -> Iterator[AgentNode]:
             _remove_pins(env.pin_dir)
         with contextlib.suppress(OSError):
             PIN_ROOT.rmdir()
+        if controller is not None:
+            controller.stop()
         topo.close()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 

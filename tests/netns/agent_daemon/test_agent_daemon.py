@@ -311,6 +311,7 @@ def test_sigterm_keeps_programs_and_uninstall_removes_everything(agent_node: Age
     assert f"veil_pod_egress on {client.host_veth} egress" in removed
     assert "veil_uplink_ingress on eth0 ingress" in removed
     assert "ip rule fwmark" in removed and "ip route local 0.0.0.0/0" in removed
+    assert "ip -6 rule fwmark" in removed and "ip -6 route local ::/0" in removed
     assert f"pin {env.pin_dir}/prog_pod_ingress" in removed
     assert veil_filters(env) == {}
     assert not env.pin_dir.exists()
@@ -320,5 +321,5 @@ def test_sigterm_keeps_programs_and_uninstall_removes_everything(agent_node: Age
         state: Any = routing.policy_routing(ipr)
     finally:
         ipr.close()
-    assert (state.rule, state.route) == (False, False)
+    assert (state.rule, state.route, state.rule6, state.route6) == (False, False, False, False)
     assert probe(client, SERVER) == "direct"

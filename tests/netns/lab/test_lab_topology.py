@@ -55,10 +55,45 @@ def test_pod_network_setup(lab: Topology) -> None:
     routes = lab.run(pod, ["ip", "route"]).stdout.decode()
     assert "default via 169.254.1.1 dev eth0" in routes and "onlink" in routes
     addrs = lab.run(pod, ["ip", "-o", "addr"]).stdout.decode()
-    assert f"{pod.ip}/32" in addrs and "inet6" not in addrs
+    assert f"{pod.ip}/32" in addrs
     node_routes = lab.run(pod.node, ["ip", "route"]).stdout.decode()
     assert f"{pod.ip} dev {pod.host_veth}" in node_routes
     assert f"{lab.node('node-b').pod_cidr} via {lab.node('node-b').underlay_ip}" in node_routes
+
+
+def test_pods_are_dual_stack(lab: Topology) -> None:
+    pod = lab.pod("pod-0", "node-a")
+    assert pod.ip6 == "fd00:244:1::" + pod.ip.rsplit(".", 1)[1]  # same host part as IPv4
+    addrs = lab.run(pod, ["ip", "-o", "-6", "addr"]).stdout.decode()
+    assert f"{pod.ip6}/128" in addrs and "tentative" not in addrs  # no DAD: usable at once
+    neigh = lab.run(pod, ["ip", "-6", "neigh", "show", "fe80::1"]).stdout.decode()
+    assert pod.host_veth_mac in neigh and "PERMANENT" in neigh
+    routes = lab.run(pod, ["ip", "-6", "route"]).stdout.decode()
+    assert "default via fe80::1 dev eth0" in routes
+    node_b = lab.node("node-b")
+    node_routes = lab.run(pod.node, ["ip", "-6", "route"]).stdout.decode()
+    assert f"{pod.ip6} dev {pod.host_veth}" in node_routes
+    assert f"{node_b.pod_cidr6} via {node_b.underlay_ip6}" in node_routes
+    # The underlay namespace stays IPv4 only.
+    assert "inet6" not in lab.run(lab.underlay_netns, ["ip", "-o", "addr"]).stdout.decode()
+
+
+@pytest.mark.parametrize("target", [("node-b", "pod-1"), ("node-a", "pod-2")])
+def test_pod_to_pod_over_ipv6_without_steering(lab: Topology, target: tuple[str, str]) -> None:
+    client = lab.pod("pod-0", "node-a")
+    server = lab.pod(target[1], target[0])
+    with in_netns(server.netns):
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with listener:
+        listener.bind(("::", 7006))
+        listener.listen(1)
+        listener.settimeout(3.0)
+        with in_netns(client.netns):
+            conn = socket.create_connection((server.ip6, 7006), timeout=3.0)
+        with conn:
+            accepted, peer = listener.accept()
+            with accepted:
+                assert peer[0] == client.ip6  # the real client address, across nodes too
 
 
 @pytest.mark.parametrize("target", [("node-b", "pod-1"), ("node-a", "pod-2")])

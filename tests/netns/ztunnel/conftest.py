@@ -1,21 +1,15 @@
-"""Fixtures for the ztunnel's netns tests: a whole mesh on the lab (see ztunnel_lab.py)."""
+"""Fixtures for the ztunnel's netns tests: a whole mesh on the lab
+(see :mod:`tests.support.ztunnel_lab`)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 
-# Helper modules next to this file (--import-mode=importlib keeps test
-# directories off sys.path).
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ztunnel_lab import REGISTRY, STEERING, Lab
-
 from lab.mesh import LabMesh
+from tests.support.ztunnel_lab import REGISTRY, STEERING, Lab
 
 
 @pytest.fixture(scope="module")

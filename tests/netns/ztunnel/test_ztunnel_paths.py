@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from
 
 from controller.api.spiffe import workload_identity
 from controller.ca import CertificateAuthority
@@ -26,6 +25,7 @@ from lab.capture import UnderlayCapture
 from lab.netns import in_netns
 from node import load_node_credentials
 from node.dataplane import HBONE_PORT
+from tests.support.ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from
 from ztunnel.hbone import HboneClientPool, HboneConnectError
 from ztunnel.identity import WorkloadCertificate, build_csr, generate_key, key_pem
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from controller.registry import parse_authorization_policy, parse_peer_authentication
+from tests.support.ci import require_tool
 
 ROOT = Path(__file__).resolve().parents[3]
 DAEMONSET = ROOT / "daemonset"
@@ -88,9 +88,12 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_kustomize_renders() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    # Fails instead of skipping when CI is set: the machine image ships kubectl.
+    kubectl = require_tool(
+        "kubectl",
+        "its built-in `kubectl kustomize` renders daemonset/; install the `kubectl` package "
+        "from the pkgs.k8s.io apt repository (https://kubernetes.io/docs/tasks/tools/)",
+    )
     out = subprocess.run(
         [kubectl, "kustomize", str(DAEMONSET)],
         capture_output=True,
@@ -118,6 +121,17 @@ def test_daemonset_shape() -> None:
     containers = {c["name"]: c for c in pod["containers"]}
     assert set(containers) == {"agent", "ztunnel"}
     assert containers["ztunnel"]["readinessProbe"]["httpGet"]["port"] == 15021
+    # Liveness never asks what a controller outage takes away (issue: a
+    # liveness probe on readiness restarted every ztunnel during an outage).
+    zt = containers["ztunnel"]
+    assert zt["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
+    assert zt["livenessProbe"]["httpGet"]["path"] != zt["readinessProbe"]["httpGet"]["path"]
+    assert zt["startupProbe"]["httpGet"] == zt["readinessProbe"]["httpGet"]
+    agent = containers["agent"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert agent[probe]["exec"]["command"][:3] == ["veil", "agent", "health"], probe
+    assert "--ready" in agent["readinessProbe"]["exec"]["command"]
+    assert "--ready" not in agent["livenessProbe"]["exec"]["command"]
     for c in [*pod["containers"], *pod["initContainers"]]:
         sc = c["securityContext"]
         assert not sc.get("privileged", False)

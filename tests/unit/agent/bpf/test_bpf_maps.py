@@ -17,7 +17,14 @@ def test_layouts_match_the_c_structs() -> None:
     assert MAP_LAYOUTS["local_ips"].value_size == 8
     assert MAP_LAYOUTS["counters"].value_size == 8 * (3 + DROP_SLOTS)
     assert MAP_LAYOUTS["config"].value_size == 40
-    assert all(layout.key_size == 4 for layout in MAP_LAYOUTS.values())
+    four = ("pods", "local_ips", "counters", "config")
+    assert all(MAP_LAYOUTS[name].key_size == 4 for name in four)
+    # struct veil_pod_addr_key {__u32 ifindex; __u8 family; __u8 pad[3]; __be32 addr[4]},
+    # struct veil_ip6 {__be32 addr[4]}.
+    assert MAP_LAYOUTS["pod_addrs"].key_size == 24
+    assert MAP_LAYOUTS["pod_addrs"].value_size == 4
+    assert MAP_LAYOUTS["local_ips6"].key_size == 16
+    assert MAP_LAYOUTS["local_ips6"].value_size == 8
     assert tuple(MAP_LAYOUTS) == MAP_NAMES
     # Per-CPU values are copied in 8-byte strides; ours need no padding.
     assert MAP_LAYOUTS["counters"].value_size % 8 == 0

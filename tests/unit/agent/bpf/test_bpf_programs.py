@@ -54,6 +54,17 @@ def test_drop_udp_is_a_flag_not_a_text_edit() -> None:
     )
 
 
+def test_icmp_echo_is_denied_by_default_and_allowed_by_a_flag() -> None:
+    plain = build_cflags(DataplaneOptions(), PIN)
+    assert "VEIL_ALLOW_ICMP_ECHO" not in _defines(plain)
+    allowed = build_cflags(DataplaneOptions(allow_icmp_echo=True), PIN)
+    assert set(allowed) - set(plain) == {"-DVEIL_ALLOW_ICMP_ECHO=1"}
+    assert (
+        compile_unit(DataplaneOptions(), PIN).build_id
+        != compile_unit(DataplaneOptions(allow_icmp_echo=True), PIN).build_id
+    )
+
+
 def test_flags_define_every_macro_the_config_header_requires() -> None:
     text = (DEFAULT_EBPF_DIR / "include" / "veil_config.h").read_text()
     required = set(re.findall(r"!defined\((VEIL_\w+)\)", text))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from agent.net.routing import PolicyRouting
 from agent.net.tc import Hook
 
 A = IPv4Address("10.244.1.10")
+A6 = IPv6Address("fd00:10:244:1::a")
 B = IPv4Address("10.244.1.11")
 IN = AttachedProgram("veil_pod_ingress", Hook.INGRESS, 11)
 EG = AttachedProgram("veil_pod_egress", Hook.EGRESS, 12)
@@ -40,15 +41,15 @@ NODE = NodeDataplaneState(
     uplink_ifindex=2,
     uplink_ifname="eth0",
     uplink_program=UP,
-    policy_routing=PolicyRouting(rule=True, route=True),
+    policy_routing=PolicyRouting(rule=True, route=True, rule6=True, route6=True),
     probe_source=None,
 )
 DESIRED = (
-    DesiredPod("shop/a", A, True, 5, "vh5"),
+    DesiredPod("shop/a", A, True, 5, "vh5", ipv6=(A6,)),
     DesiredPod("legacy/b", B, False, 6, "vh6"),
 )
 PODS = (
-    Pod(A, 5, "vh5", True, IN, EG, PodCounters(3, 1, 9, {DropReason.SPOOFED_SOURCE: 2})),
+    Pod(A, 5, "vh5", True, IN, EG, PodCounters(3, 1, 9, {DropReason.SPOOFED_SOURCE: 2}), (A6,)),
     Pod(B, 6, "vh6", False, IN, None, PodCounters()),
 )
 LISTENING = (
@@ -61,7 +62,7 @@ HEALTHY = AuditInput(
     synced=True,
     desired=DESIRED,
     pods=PODS,
-    local_ips={A: 5},
+    local_ips={A: 5, A6: 5},
     node=NODE,
     cflags=("-DVEIL_OUTBOUND_PORT=15001",),
     listening=LISTENING,
@@ -123,6 +124,15 @@ def test_healthy_node_has_no_findings() -> None:
          "fwmark rule"),
         ({"node": replace(NODE, policy_routing=PolicyRouting(True, False))}, "policy-routing",
          "local route"),
+        ({"node": replace(NODE, policy_routing=PolicyRouting(True, True, False, True))},
+         "policy-routing", "IPv6 fwmark rule"),
+        ({"node": replace(NODE, policy_routing=PolicyRouting(True, True, True, False))},
+         "policy-routing", "IPv6 local route"),
+        ({"pods": (replace(PODS[0], ipv6=()), PODS[1])}, "pods",
+         f"no anti-spoof entry for its IPv6 address {A6}"),
+        ({"pods": (replace(PODS[0], ipv6=(A6, IPv6Address("fd00::66"))), PODS[1])}, "pods",
+         "allows IPv6 fd00::66"),
+        ({"local_ips": {A: 5}}, "pods", f"local address entry for {A6} missing"),
         ({"node": replace(NODE, source_build_id="cd" * 32)}, "build", "the agent built"),
         ({"cflags": ("-DVEIL_FAIL_OPEN=1",)}, "build", "lets traffic bypass"),
     ],
@@ -180,3 +190,10 @@ def test_pod_rows_join_registry_and_kernel() -> None:
     assert by["10.244.1.12"]["state"] == "pending: no route"
     assert by["10.244.1.12"]["dataplane"] == "absent"
     assert by["10.244.1.99"]["workload"] is None and by["10.244.1.99"]["state"].startswith("orphan")
+
+
+def test_policy_routing_without_ipv6_in_the_namespace_needs_no_ipv6_half() -> None:
+    no_v6 = PolicyRouting(True, True, False, False, ipv6_enabled=False)
+    assert no_v6.complete
+    report = audit(replace(HEALTHY, node=replace(NODE, policy_routing=no_v6)))
+    assert not [f for f in report.findings if f.check == "policy-routing"]

@@ -25,6 +25,7 @@ def test_defaults_are_the_production_paths() -> None:
     assert c.status_socket == DEFAULT_STATUS_SOCKET == Path("/run/veil/agent.sock")
     assert c.state_dir == Path("/var/lib/veil/node")
     assert c.uplink is None and c.probe_source is None and c.drop_udp is False
+    assert c.allow_icmp_echo is False  # fail closed: ping is a data channel
 
 
 def test_environment_then_flags() -> None:
@@ -34,6 +35,7 @@ def test_environment_then_flags() -> None:
         "VEIL_UPLINK": "eth1",
         "VEIL_PROBE_SOURCE": "10.0.0.5",
         "VEIL_DROP_UDP": "yes",
+        "VEIL_ALLOW_ICMP_ECHO": "1",
         "VEIL_RESYNC_INTERVAL": "1m",
         "VEIL_AGENT_SOCKET": "/run/veil/a.sock",
     }
@@ -43,6 +45,7 @@ def test_environment_then_flags() -> None:
     assert c.uplink == "eth1"
     assert c.probe_source == IPv4Address("10.0.0.5")
     assert c.drop_udp is True
+    assert c.allow_icmp_echo is True
     assert c.resync_interval == 60.0
     assert c.status_socket == Path("/run/veil/a.sock")
     c = config_from_args({"node": "node-b", "uplink": "eth0", "veth_retry": "50ms"}, env)

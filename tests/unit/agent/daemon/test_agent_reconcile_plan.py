@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import given
@@ -200,10 +201,33 @@ def test_desired_pods_takes_local_ipv4_and_looks_up_veths() -> None:
         lookup,
     )
     assert state.pods == (
-        DesiredPod("shop/a", A, True, 5, "vh5"),
+        DesiredPod("shop/a", A, True, 5, "vh5", ipv6=(IPv6Address("fd00::1"),)),
         DesiredPod("shop/b", B, False, None, None, f"no route to pod {B}"),
     )
-    assert len(state.ignored) == 1 and "fd00::1" in state.ignored[0]
+    assert state.ignored == ()
+
+
+def test_desired_pods_reports_ipv6_only_and_unusable_addresses() -> None:
+    state = desired_pods(
+        [
+            wl("v6only", ("fd00::2",)),
+            wl("ll", ("10.244.1.10", "fe80::1", "fd00::3", "::ffff:10.244.1.10")),
+        ],
+        "node-a",
+        lambda ip: VethLookup.found(5, "vh5"),
+    )
+    assert [(p.key, p.ipv6) for p in state.pods] == [("shop/ll", (IPv6Address("fd00::3"),))]
+    assert any("IPv6 only" in line and "v6only" in line for line in state.ignored)
+    assert any("fe80::1" in line for line in state.ignored)
+
+
+def test_plan_reenrolls_when_the_ipv6_addresses_change() -> None:
+    d = DesiredPod("shop/a", A, True, 5, "vh5", ipv6=(IPv6Address("fd00::1"),))
+    current = have(A, 5)
+    (action,) = plan([d], [current])
+    assert isinstance(action, Enroll)
+    assert "IPv6" in action.reason
+    assert plan([d], [replace(current, ipv6=d.ipv6)]) == []
 
 
 def test_desired_pods_defers_to_the_snapshot_owner_of_an_address() -> None:

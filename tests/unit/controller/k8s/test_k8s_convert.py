@@ -423,3 +423,87 @@ def test_conversion_cache_converts_only_what_changed(monkeypatch: pytest.MonkeyP
     # Objects that went away leave the cache.
     convert("cluster.local", namespaces=[ns("shop")], pods=[changed], cache=cache)
     assert list(cache.pods) == [("shop", "b")] and cache.policies == {}
+
+
+def _source_policy(name: str, field: str, value: str) -> Obj:
+    return policy(name, spec={"rules": [{"from": [{"source": {field: [value]}}]}]})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("principals", "shop/checkout", "has 2 '/'-separated segments"),
+        ("principals", "cluster.local/ns/shop/checkout", "has 4 '/'-separated segments"),
+        ("notPrincipals", "cluster.local/veil/node/node-a", "is a node identity"),
+        ("principals", "cluster.local/ns/*/sa/x", "'*' may only be the whole value"),
+        ("principals", "*shop*", "'*' may only be"),
+        ("namespaces", "sh*op", "'*' may only be"),
+        ("notNamespaces", "Shop*", "cannot match any namespace name"),
+    ],
+)
+def test_crd_policy_with_malformed_principal_is_refused_naming_the_field(
+    field: str, value: str, problem: str
+) -> None:
+    conv = convert(
+        "cluster.local",
+        namespaces=[ns("shop", "ambient")],
+        pods=[],
+        authorization_policies=[_source_policy("p", field, value)],
+    )
+    assert conv.state.authorization_policies == ()
+    (verdict,) = conv.verdicts
+    assert not verdict.accepted
+    error = verdict.error or ""
+    assert error.startswith(
+        f'AuthorizationPolicy shop/p: field "spec.rules[0].from[0].source.{field}[0]": '
+    ), error
+    assert problem in error, error
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("principals", "*"),
+        ("principals", "cluster.local/ns/shop/*"),
+        ("principals", "*/sa/checkout"),
+        ("notPrincipals", "spiffe://cluster.local/ns/shop/sa/checkout"),
+        ("namespaces", "*"),
+        ("namespaces", "shop-*"),
+        ("notNamespaces", "*-prod"),
+    ],
+)
+def test_crd_policy_accepts_istio_wildcards_as_the_yaml_registry_does(
+    field: str, value: str
+) -> None:
+    conv = convert(
+        "cluster.local",
+        namespaces=[ns("shop", "ambient")],
+        pods=[],
+        authorization_policies=[_source_policy("p", field, value)],
+    )
+    (verdict,) = conv.verdicts
+    assert verdict.accepted, verdict.error
+    assert [p.key for p in conv.state.authorization_policies] == ["shop/p"]
+
+
+def test_crd_policy_warnings_foreign_trust_domain_and_empty_selector() -> None:
+    foreign = _source_policy("foreign", "principals", "example.org/ns/shop/sa/checkout")
+    nobody = policy(
+        "nobody",
+        spec={"selector": {"matchLabels": {"app": "gone"}}, "rules": [{}]},
+    )
+    fine = policy("fine", spec={"selector": {"matchLabels": {"app": "web"}}, "rules": [{}]})
+    conv = convert(
+        "cluster.local",
+        namespaces=[ns("shop", "ambient")],
+        pods=[pod("a", labels={"app": "web"})],
+        authorization_policies=[foreign, nobody, fine],
+    )
+    # Warnings do not refuse anything: all three are applied.
+    assert len(conv.state.authorization_policies) == 3
+    warnings = [n for n in conv.notes if n.startswith("warning: ")]
+    assert len(warnings) == 2, conv.notes
+    assert any(
+        "shop/foreign" in w and "'example.org'" in w and "principals[0]" in w for w in warnings
+    )
+    assert any("shop/nobody" in w and "app=gone matches no workload" in w for w in warnings)

@@ -140,19 +140,16 @@ def test_accepted(spec: Any, expected: AuthorizationPolicy) -> None:
         ({"rules": [{"from": [{}]}]}, 'field "spec.rules[0].from[0].source": is required'),
         (
             {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/*/sa/x"]}}]}]},
-            'field "spec.rules[0].from[0].source.principals[0]": "cluster.local/ns/*/sa/x" contains',
-        ),
-        (
-            {"rules": [{"from": [{"source": {"principals": ["*"]}}]}]},
-            "never patterns",
+            'field "spec.rules[0].from[0].source.principals[0]": "cluster.local/ns/*/sa/x" is not '
+            "a workload principal: '*' may only be the whole value or its first or last character",
         ),
         (
             {"rules": [{"from": [{"source": {"principals": ["Cluster Local/ns/a"]}}]}]},
-            "is not a principal",
+            "is not a workload principal",
         ),
         (
             {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/b?x"]}}]}]},
-            "is not a principal",
+            "is not a workload principal",
         ),
         (
             {"rules": [{"from": [{"source": {"requestPrincipals": ["x"]}}]}]},
@@ -163,8 +160,8 @@ def test_accepted(spec: Any, expected: AuthorizationPolicy) -> None:
             'field "spec.rules[0].from[0].source.ipBlocks[0]": "10.0.0.0/33" is not a CIDR',
         ),
         (
-            {"rules": [{"from": [{"source": {"namespaces": ["shop*"]}}]}]},
-            "namespaces are matched exactly",
+            {"rules": [{"from": [{"source": {"namespaces": ["sh*op"]}}]}]},
+            'field "spec.rules[0].from[0].source.namespaces[0]": "sh*op": \'*\' may only be',
         ),
         (
             {"rules": [{"from": [{"source": {"namespaces": ["Shop"]}}]}]},
@@ -272,3 +269,111 @@ def test_arbitrary_specs_fail_only_with_registry_error(spec: Any) -> None:
             parse("p", "shop", spec, WHERE)
         except RegistryError as e:
             assert str(e).startswith(WHERE)
+
+
+def _from(field: str, value: str) -> dict[str, Any]:
+    return {"rules": [{"from": [{"source": {field: [value]}}]}]}
+
+
+PRINCIPAL_FIELD = 'field "spec.rules[0].from[0].source.{}[0]": '
+
+
+@pytest.mark.parametrize("field", ["principals", "notPrincipals"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        # Not <td>/ns/<ns>/sa/<sa>: an ALLOW listing these would quietly match nobody.
+        ("shop/checkout", "has 2 '/'-separated segments; a workload principal has 5"),
+        ("cluster.local/ns/shop/checkout", "has 4 '/'-separated segments"),
+        ("cluster.local/ns/shop/sa/checkout/x", "has 6 '/'-separated segments"),
+        ("cluster.local/namespace/shop/sa/x", '"namespace" stands where "ns" belongs'),
+        ("cluster.local/ns/shop/serviceaccount/x", '"serviceaccount" stands where "sa" belongs'),
+        ("cluster.local/ns/Shop/sa/x", 'the namespace "Shop" has characters outside'),
+        ("cluster.local/ns/shop/sa/-x", 'the service account "-x" is not a valid name'),
+        ("cluster.local/veil/node/n1", "is a node identity"),
+        ("spiffe://cluster.local/veil/node/n1", "is a node identity"),
+        ("", "is empty"),
+        ("spiffe://", "is empty"),
+        # Wildcards: one '*', at either end, never in the middle or twice.
+        ("cluster.local/ns/*/sa/x", "'*' may only be the whole value or its first or last"),
+        ("*shop*", "'*' may only be"),
+        ("**", "'*' may only be"),
+        ("*/ns/shop/sa/x/y", "has 6 '/'-separated segments"),
+        ("shop/checkout*", '"checkout" stands where "ns" belongs'),
+        ("cluster.local/nx*", '"nx" stands where "ns" belongs'),
+        ("*/sb/checkout", '"sb" stands where "sa" belongs'),
+        ("*/Checkout", 'the service account "Checkout" has characters outside'),
+    ],
+)
+def test_malformed_principals_are_refused_naming_the_field(
+    field: str, value: str, problem: str
+) -> None:
+    with pytest.raises(RegistryError) as info:
+        authz(_from(field, value))
+    text = str(info.value)
+    assert text.startswith(WHERE + ": " + PRINCIPAL_FIELD.format(field)), text
+    assert problem in text, text
+    assert info.value.field == f"spec.rules[0].from[0].source.{field}[0]"
+    assert info.value.hint is not None and "<trust-domain>/ns/<namespace>/sa/" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "cluster.local/ns/shop/sa/checkout",
+        "spiffe://cluster.local/ns/shop/sa/checkout",
+        "example.org/ns/shop/sa/checkout",  # foreign trust domain: a warning, not an error
+        "*",
+        "spiffe://*",
+        "cluster.local/*",
+        "cluster.local/ns/shop/*",
+        "cluster.local/ns/shop/sa/*",
+        "cluster.local/ns/shop-*",
+        "cluster.local/ns/shop/sa/check*",
+        "cluster.local/n*",
+        "*/ns/shop/sa/checkout",
+        "*/sa/checkout",
+        "*checkout",
+        "*/checkout",
+        "*op/sa/checkout",
+    ],
+)
+def test_istio_principal_forms_are_accepted_as_written(value: str) -> None:
+    for field in ("principals", "notPrincipals"):
+        policy = authz(_from(field, value))
+        (source,) = policy.rules[0].sources
+        assert getattr(source, "principals" if field == "principals" else "not_principals") == (
+            value,
+        )
+
+
+@pytest.mark.parametrize("value", ["*", "shop*", "*-prod", "shop-*", "a", "team-a"])
+def test_istio_namespace_forms_are_accepted(value: str) -> None:
+    (source,) = authz(_from("namespaces", value)).rules[0].sources
+    assert source.namespaces == (value,)
+    (source,) = authz(_from("notNamespaces", value)).rules[0].sources
+    assert source.not_namespaces == (value,)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("sh*op", "'*' may only be the whole value or its first or last character"),
+        ("*shop*", "'*' may only be"),
+        ("**", "'*' may only be"),
+        ("Shop*", "cannot match any namespace name"),
+        ("-shop*", "cannot match any namespace name"),
+        ("*shop-", "cannot match any namespace name"),
+        ("sh_op*", "cannot match any namespace name"),
+        ("Shop", "is not a valid DNS-1123 label"),
+    ],
+)
+@pytest.mark.parametrize("field", ["namespaces", "notNamespaces"])
+def test_malformed_namespace_patterns_are_refused_naming_the_field(
+    field: str, value: str, problem: str
+) -> None:
+    with pytest.raises(RegistryError) as info:
+        authz(_from(field, value))
+    text = str(info.value)
+    assert text.startswith(WHERE + ": " + PRINCIPAL_FIELD.format(field)), text
+    assert problem in text, text

@@ -75,9 +75,20 @@ services: [{name: s, namespace: shop, ports: [{port: 80}]}]
     assert s.vips == () and s.endpoints == ()  # no selector: no endpoints, as in Kubernetes
 
 
-def test_empty_document_is_an_empty_registry() -> None:
-    assert parse_registry("").workloads == ()
-    assert parse_registry("# nothing yet\n").namespaces == ()
+@pytest.mark.parametrize(
+    "doc", ["", "# nothing yet\n", "\n\n", "---\n", "{}\n", "trustDomain: cluster.local\n"]
+)
+def test_empty_or_comment_only_document_is_an_error(doc: str) -> None:
+    # A truncated file must never become an empty mesh (issue 9 section 1).
+    with pytest.raises(RegistryError, match="workloads: \\[\\]") as info:
+        parse_registry(doc)
+    assert str(info.value).startswith("registry: the ")
+
+
+def test_explicit_empty_lists_are_an_empty_registry() -> None:
+    state = parse_registry("workloads: []\n")
+    assert state.workloads == () and state.namespaces == ()
+    assert parse_registry("namespaces: []\nauthorizationPolicies: []\n").namespaces == ()
 
 
 @pytest.mark.parametrize(

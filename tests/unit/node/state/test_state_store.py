@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from controller.api import veil_pb2 as pb
 from controller.api.model import (
+    ROOT_NAMESPACE,
     AuthorizationPolicy,
     Labels,
     Namespace,
@@ -20,7 +22,8 @@ from controller.api.model import (
     WatchUpdate,
     Workload,
 )
-from controller.api.spiffe import SpiffeId
+from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from controller.api.wire import resource_to_pb, watch_update_from_pb
 from node.errors import StateError
 from node.state import StateChange, StateStore, build_snapshot
 
@@ -194,14 +197,74 @@ def test_ip_conflict_prefers_ready_then_smallest_key() -> None:
         assert s.workload_by_ip("10.0.1.8") == x
 
 
-def test_local_identities_skip_opted_out_and_invalid() -> None:
+def test_local_identities_skip_opted_out() -> None:
     ws = [wl("a", "10.0.1.1"), wl("optout", "10.0.1.2", enrolled=False),
-          wl("bad", "10.0.1.3", sa="Bad_SA"), wl("remote", "10.0.2.1", node="node-b")]
+          wl("remote", "10.0.2.1", node="node-b")]
     s = build_snapshot(NODE, ws, epoch="e", version=1, trust_bundle=None)
     assert s.local_identities() == {SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")}
     assert s.local_workload_by_ip("10.0.1.2") is None
     assert s.local_workload_by_ip("10.0.2.1") is None
     assert s.local_workload_by_ip("10.0.1.1") == ws[0]
+
+
+def test_workload_identity_is_derived_once_and_invalid_ones_are_refused() -> None:
+    # A workload carries its parsed identity; one that cannot have an identity
+    # is refused when it is built, so no snapshot ever holds one.
+    a = wl("a", "10.0.1.1")
+    assert a.identity == SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")
+    assert a.identity is wl("a2", "10.0.1.9", sa="a").identity  # memoised: one shared object
+    with pytest.raises(InvalidSpiffeId, match="service account"):
+        wl("bad", "10.0.1.3", sa="Bad_SA")
+
+
+def test_decode_turns_a_workload_without_identity_into_a_removal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    msg = pb.WatchResponse(epoch="e", version=2, snapshot=False)
+    msg.upserts.add().workload.CopyFrom(pb.Workload(
+        name="bad", namespace="default", service_account="Bad_SA", node=NODE, ips=["10.0.1.3"],
+        enrolled=True, ready=True, trust_domain="cluster.local"))
+    msg.upserts.append(resource_to_pb(B))
+    with caplog.at_level("ERROR", logger="veil.api.wire"):
+        update = watch_update_from_pb(msg)
+    assert update.upserts == (B,)
+    assert update.removals == ((ResourceType.WORKLOAD, "default/bad"),)
+    assert "default/bad" in caplog.text and "no valid identity" in caplog.text
+    # An older, valid copy of that workload does not survive the update.
+    store = StateStore(NODE)
+    store.apply(WatchUpdate("e", 1, True, (A, wl("bad", "10.0.1.3"))))
+    store.apply(update)
+    assert set(store.current.workloads) == {"default/a", "default/b"}
+
+
+def test_policies_are_compiled_and_ordered_when_the_snapshot_is_built() -> None:
+    allow_b = AuthorizationPolicy("b-allow", "default", PolicyAction.ALLOW)
+    deny_z = AuthorizationPolicy("z-deny", "default", PolicyAction.DENY)
+    deny_a = AuthorizationPolicy("a-deny", "default", PolicyAction.DENY,
+                                 selector=Labels({"app": "other"}))
+    mesh = AuthorizationPolicy("mesh", ROOT_NAMESPACE, PolicyAction.DENY)
+    a = wl("a", "10.0.1.1")
+    s = build_snapshot(NODE, [a, R, allow_b, deny_z, deny_a, mesh], epoch="e", version=1,
+                       trust_bundle=None)
+    pset = s.policy_set_for(a)
+    assert [p.key for p in pset.deny] == ["default/z-deny", f"{ROOT_NAMESPACE}/mesh"]
+    assert [p.key for p in pset.allow] == ["default/b-allow"]
+    assert s.policy_set_for(a) is pset  # held by the snapshot, not rebuilt per call
+    assert s.policies_for(a) == (allow_b, deny_z, mesh)
+    # Another node's workload is answered too (computed, same rules).
+    assert [p.key for p in s.policy_set_for(R).deny] == ["default/z-deny", f"{ROOT_NAMESPACE}/mesh"]
+
+
+def test_unchanged_policies_keep_their_compiled_form_across_updates() -> None:
+    store = StateStore(NODE)
+    store.apply(WatchUpdate("e", 1, True, (A, POL)))
+    first = store.current.compiled_policies[POL.key]
+    store.apply(WatchUpdate("e", 2, False, (B,)))
+    assert store.current.compiled_policies[POL.key] is first
+    changed = AuthorizationPolicy("p", "default", PolicyAction.ALLOW)
+    store.apply(WatchUpdate("e", 3, False, (changed,)))
+    assert store.current.compiled_policies[POL.key] is not first
+    assert store.current.compiled_policies[POL.key].action is PolicyAction.ALLOW
 
 
 def test_trust_domain_follows_the_bundle() -> None:

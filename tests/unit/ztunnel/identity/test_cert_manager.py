@@ -324,3 +324,49 @@ def test_rotation_due_ignores_backdated_not_before() -> None:
     assert c.rotation_due == T0 + timedelta(seconds=2)
     d = WorkloadCertificate(ident("a"), b"", (), T0, T0 + timedelta(hours=2), 1)
     assert d.rotation_due == T0 + timedelta(hours=1)
+
+
+class FlakySigner(NodeSigner):
+    """The real IdentityService behind a switch: while ``down`` every call fails
+    the way controller.api.client reports an unreachable controller."""
+
+    down = False
+
+    async def create_certificate(self, csr_pem: bytes, identity: str, ttl_seconds: int = 0,
+                                 timeout: float = 10.0) -> tuple[bytes, ...]:
+        if self.down:
+            self.calls += 1
+            from controller.api.errors import ApiError
+
+            raise ApiError("UNAVAILABLE", "certificate refused: controller unreachable")
+        return await super().create_certificate(csr_pem, identity, ttl_seconds, timeout)
+
+
+async def test_reconnect_requests_every_expired_certificate_at_once(env: Env) -> None:
+    signer = FlakySigner(env.identity, NODE)
+    m = CertManager(signer, env.ca.trust_bundle, clock=env.clock,  # type: ignore[arg-type]
+                    retry_initial=1.0, retry_max=60.0)
+    try:
+        await m.fetch(ident("alpha"), timeout=5)
+        await m.fetch(ident("beta"), timeout=5)
+        signer.down = True
+        # A 2 h outage: both 1 h certificates lapse; retries back off to 60 s.
+        await env.clock.advance(2 * 3600)
+        assert m.get(ident("alpha")) is None and m.get(ident("beta")) is None
+        pending = [s.next_attempt_at for s in m.statuses()]
+        assert all(t is not None and t > env.clock.now() for t in pending)
+        signer.down = False
+        m.on_reconnect()
+        await settle()  # no virtual time passes: not a single timer fires
+        assert m.get(ident("alpha")) is not None and m.get(ident("beta")) is not None
+        assert all(s.failures == 0 and s.state == "valid" for s in m.statuses())
+    finally:
+        await m.close()
+
+
+async def test_reconnect_leaves_valid_certificates_alone(env: Env, manager: CertManager) -> None:
+    first = await manager.fetch(ident("alpha"), timeout=5)
+    calls = env.signer.calls
+    manager.on_reconnect()
+    await settle()
+    assert env.signer.calls == calls and manager.get(ident("alpha")) is first

@@ -57,7 +57,6 @@ WORKLOADS = [
     wl("legacy-remote", "legacy", "node-b", "10.0.2.20", enrolled=False),
     wl("notready", "default", "node-b", "10.0.2.30", sa="server", ready=False),
     wl("dual", "default", "node-b", "10.0.2.40", "fd00::40", sa="dual"),
-    wl("bad-sa", "default", "node-b", "10.0.2.50", sa="Bad_SA"),
 ]
 SERVICES = [
     svc("svc-remote", "10.96.0.10", [(80, 8080)], ["remote-srv", "remote-srv2"]),
@@ -147,8 +146,6 @@ CASES = [
          "default/dual", ident("default", "dual")),
     Case("uncompressed-ipv6-destination", "10.0.1.10", "fd00:0:0:0:0:0:0:40", 22, Hbone,
          "fd00::40", 22, "default/dual", ident("default", "dual")),
-    Case("destination-without-valid-identity", "10.0.1.10", "10.0.2.50", 80, Refuse,
-         reason="no valid identity"),
 ]
 
 

@@ -1,0 +1,159 @@
+"""A peer flooding cheap frames is cut off, and other tunnels keep their latency.
+
+The flooder is a separate process (``flooder.py``) with a valid client
+certificate, so its CPU is not the server's; the bystander tunnel runs through
+the real pool and server in this process and measures request/response round
+trips while the flood goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controller.api.spiffe import SpiffeId
+from ztunnel.hbone import HboneConfig, relay
+from ztunnel.hbone.http2 import frames as fr
+from ztunnel.hbone.http2.settings import H2Settings
+
+SERVER_ID = SpiffeId("cluster.local", "/ns/default/sa/server")
+FLOODER = Path(__file__).with_name("flooder.py")
+ROUND_TRIPS = 300
+P99_LIMIT = 0.050
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        app = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    return ours, app
+
+
+async def start_flooder(harness, client_cert, pem_files, tmp_path, kind, seconds, authority):  # type: ignore[no-untyped-def]
+    key, crt = pem_files(client_cert, "flooder")
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(harness.ca.root_pem)
+    root = Path(__file__).resolve().parents[3]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(FLOODER),
+        "127.0.0.1",
+        str(harness.port),
+        str(crt),
+        str(key),
+        str(ca_file),
+        kind,
+        str(seconds),
+        authority,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(10):
+        line = await proc.stdout.readline()
+    assert line.strip() == b"flooding", line
+    return proc
+
+
+async def stop(proc: asyncio.subprocess.Process) -> list[str]:
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            out = await proc.stdout.read()
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return out.decode().split("\n")
+
+
+async def round_trips(harness, client_cert, echo_port, seconds: float) -> list[float]:  # type: ignore[no-untyped-def]
+    """Latencies of 64-byte echo round trips through one tunnel, for ``seconds``."""
+    stream = await harness.pool.open_stream(
+        client_cert, "127.0.0.1", harness.port, SERVER_ID, f"127.0.0.1:{echo_port}"
+    )
+    ours, app = tcp_pair()
+    relaying = asyncio.get_running_loop().create_task(relay(stream, ours))
+    reader, writer = await asyncio.open_connection(sock=app)
+    message = b"m" * 64
+    samples: list[float] = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end and len(samples) < 10 * ROUND_TRIPS:
+            start = time.perf_counter()
+            writer.write(message)
+            async with asyncio.timeout(5):
+                await reader.readexactly(len(message))
+            samples.append(time.perf_counter() - start)
+            await asyncio.sleep(0.002)
+    finally:
+        writer.close()
+        stream.close()
+        await relaying
+    return samples
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    value = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    print(f"bystander p99 {value * 1000:.2f} ms over {len(samples)} round trips")
+    return value
+
+
+@pytest.mark.parametrize("kind", ["window_update", "tiny_data"])
+async def test_flooder_gets_enhance_your_calm_and_others_keep_latency(
+    harness, client_cert, echo_port, pem_files, tmp_path, kind
+) -> None:  # type: ignore[no-untyped-def]
+    proc = await start_flooder(
+        harness, client_cert, pem_files, tmp_path, kind, 3.0, f"127.0.0.1:{echo_port}"
+    )
+    try:
+        samples = await round_trips(harness, client_cert, echo_port, 2.5)
+    finally:
+        lines = await stop(proc)
+    connections = [line for line in lines if line and line != "flooding"]
+    assert connections, lines
+    # Every flooding connection was cut off with ENHANCE_YOUR_CALM (the flooder
+    # reconnects at once, so the flood went on for the whole measurement).
+    for line in connections:
+        assert str(int(fr.ErrorCode.ENHANCE_YOUR_CALM)) in line.split(), connections
+    assert len(samples) >= 100
+    assert p99(samples) < P99_LIMIT, f"p99 {p99(samples) * 1000:.1f} ms over {len(samples)}"
+
+
+class TestWithoutBudgets:
+    """Budgets out of reach: only the per-turn bound stands between a flood and
+    everyone else's latency."""
+
+    @pytest.fixture
+    def hbone_config(self) -> HboneConfig:
+        unlimited = 10**9
+        return HboneConfig(
+            h2=H2Settings(
+                max_window_updates_per_second=unlimited, max_tiny_data_per_second=unlimited
+            )
+        )
+
+    @pytest.mark.parametrize("kind", ["window_update", "tiny_data"])
+    async def test_a_flood_cannot_monopolise_the_loop(
+        self, harness, client_cert, echo_port, pem_files, tmp_path, kind
+    ) -> None:  # type: ignore[no-untyped-def]
+        authority = f"127.0.0.1:{echo_port}"
+        proc = await start_flooder(harness, client_cert, pem_files, tmp_path, kind, 3.0, authority)
+        try:
+            samples = await round_trips(harness, client_cert, echo_port, 2.5)
+        finally:
+            lines = await stop(proc)
+        assert lines[0] == "-", lines  # one connection, never cut off
+        assert len(samples) >= 100
+        assert p99(samples) < P99_LIMIT, f"p99 {p99(samples) * 1000:.1f} ms over {len(samples)}"

@@ -1,0 +1,139 @@
+"""The mesh the ztunnel's netns tests run on, and helpers to act as its pods.
+
+One :class:`lab.mesh.LabMesh` per module: ``veil controller run`` in the
+underlay namespace, two joined nodes each running ``veil ztunnel run`` and
+``veil agent run``, pods steered by the agent's eBPF programs. The same tests
+also pass on the nftables TPROXY steering that preceded it
+(``VEIL_ZTUNNEL_TEST_STEERING=tproxy``).
+Tests that change the registry restore it before they end. Everything the
+mesh creates is removed when the module ends, also on failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lab.apps import TcpServer, serve
+from lab.mesh import LabMesh
+from lab.netns import in_netns
+
+__all__ = ["APP_PORT", "NODE_A", "NODE_B", "REGISTRY", "STEERING", "Lab", "connect_from"]
+
+NODE_A, NODE_B = "node-a", "node-b"
+STEERING = os.environ.get("VEIL_ZTUNNEL_TEST_STEERING", "ebpf")
+APP_PORT = 8080
+
+# node-a: checkout, other, intruder (shop, enrolled), legacy-client (plain)
+# node-b: payments, inventory (shop, enrolled), batch (opted out), legacy-server (plain)
+# Service shop/payments: VIP 10.96.0.20:80 -> payments:8081 (whoami).
+# payments accepts only checkout; other accepts only checkout; inventory accepts
+# anyone, plaintext included (PERMISSIVE for app=inventory); shop is STRICT.
+REGISTRY: dict[str, Any] = {
+    "trustDomain": "cluster.local",
+    "namespaces": [
+        {"name": "shop", "labels": {"veil.io/dataplane-mode": "ambient"}},
+        {"name": "legacy"},
+    ],
+    "workloads": [
+        {"name": "checkout", "namespace": "shop", "serviceAccount": "checkout",
+         "node": NODE_A, "ips": ["10.244.1.10"], "labels": {"app": "checkout"}},
+        {"name": "other", "namespace": "shop", "serviceAccount": "other",
+         "node": NODE_A, "ips": ["10.244.1.11"], "labels": {"app": "other"}},
+        {"name": "intruder", "namespace": "shop", "serviceAccount": "intruder",
+         "node": NODE_A, "ips": ["10.244.1.13"], "labels": {"app": "intruder"}},
+        {"name": "legacy-client", "namespace": "legacy", "serviceAccount": "default",
+         "node": NODE_A, "ips": ["10.244.1.12"], "labels": {"app": "legacy-client"}},
+        {"name": "payments", "namespace": "shop", "serviceAccount": "payments",
+         "node": NODE_B, "ips": ["10.244.2.10"], "labels": {"app": "payments"}},
+        {"name": "inventory", "namespace": "shop", "serviceAccount": "inventory",
+         "node": NODE_B, "ips": ["10.244.2.13"], "labels": {"app": "inventory"}},
+        {"name": "batch", "namespace": "shop", "serviceAccount": "batch",
+         "node": NODE_B, "ips": ["10.244.2.11"],
+         "labels": {"app": "batch", "veil.io/dataplane-mode": "none"}},
+        {"name": "legacy-server", "namespace": "legacy", "serviceAccount": "default",
+         "node": NODE_B, "ips": ["10.244.2.12"], "labels": {"app": "legacy-server"}},
+    ],
+    "services": [
+        {"name": "payments", "namespace": "shop", "vips": ["10.96.0.20"],
+         "ports": [{"name": "http", "port": 80, "targetPort": 8081}],
+         "selector": {"app": "payments"}},
+    ],
+    "authorizationPolicies": [
+        {"name": "payments-allow-checkout", "namespace": "shop", "spec": {
+            "selector": {"matchLabels": {"app": "payments"}},
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}]}],
+        }},
+        {"name": "other-allow-checkout", "namespace": "shop", "spec": {
+            "selector": {"matchLabels": {"app": "other"}},
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}]}],
+        }},
+    ],
+    "peerAuthentications": [
+        {"name": "default", "namespace": "shop", "spec": {"mtls": {"mode": "STRICT"}}},
+        {"name": "inventory", "namespace": "shop", "spec": {
+            "selector": {"matchLabels": {"app": "inventory"}},
+            "mtls": {"mode": "PERMISSIVE"},
+        }},
+    ],
+}  # fmt: skip
+
+
+class Lab:
+    """The running mesh plus the apps serving in its pods."""
+
+    def __init__(self, mesh: LabMesh) -> None:
+        self.mesh = mesh
+        self.apps: list[TcpServer] = []
+
+    def serve(self, pod: str, app: str, port: int = APP_PORT) -> TcpServer:
+        server = serve(self.mesh.pod(pod).lab.netns, app, port)
+        self.apps.append(server)
+        return server
+
+    def ip(self, pod: str) -> str:
+        return self.mesh.pod(pod).ip
+
+    def set_registry(self, mutate: Callable[[dict[str, Any]], None]) -> None:
+        self.mesh.update_registry(mutate)
+
+    def restore_registry(self) -> None:
+        def reset(doc: dict[str, Any]) -> None:
+            doc.clear()
+            doc.update(copy.deepcopy(REGISTRY))
+
+        self.mesh.update_registry(reset)
+
+    def wait_state(self, node: str, predicate: Callable[[dict[str, Any]], bool]) -> None:
+        """Waits (bounded) until ``node``'s /config_dump satisfies ``predicate``."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if predicate(self.mesh.config_dump(node)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{node} did not reach the expected state")
+
+    def log(self, node: str) -> str:
+        return self.mesh.ztunnels[node].log_text()
+
+    def wait_log(self, node: str, text: str, timeout: float = 5.0) -> str:
+        """Waits (bounded) until ``node``'s ztunnel log contains ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log(node)
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in {node}'s ztunnel log:\n{self.log(node)[-3000:]}")
+
+
+def connect_from(lab: Lab, pod: str, dst_ip: str, port: int, timeout: float = 10) -> socket.socket:
+    """A TCP connection made inside ``pod`` (the pod's own stack, so it is steered)."""
+    with in_netns(lab.mesh.pod(pod).lab.netns):
+        return socket.create_connection((dst_ip, port), timeout=timeout)
