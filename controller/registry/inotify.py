@@ -135,10 +135,17 @@ class DirectoryEvents:
 
     async def wait(self, timeout: float) -> bool:
         """True when an event arrived within ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            return False
+        if not self._event.is_set():
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as the event fires, and the watcher task
+            # would then never stop.
+            waiter = asyncio.ensure_future(self._event.wait())
+            try:
+                done, _ = await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                waiter.cancel()
+            if not done:
+                return False
         self._event.clear()
         return True
 

@@ -45,4 +45,4 @@ class HboneConfig:
     max_write_backlog: int = 32 * MiB
     # Frames handled for one connection per event-loop turn; the rest waits for
     # the next turn (reading paused), so a flooding peer cannot monopolise the loop.
-    max_frames_per_turn: int = 256
+    max_frames_per_turn: int = 64

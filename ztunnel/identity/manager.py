@@ -7,7 +7,11 @@ there is never more than one request in flight per identity. The worker:
 - on failure retries with capped, jittered exponential backoff and keeps
   serving the certificate it holds until that expires;
 - drops an expired certificate (``get`` returns None from then on);
-- refreshes at once when a new trust bundle no longer validates the one held.
+- refreshes at once when a new trust bundle no longer validates the one held;
+- requests at once, whatever its retry timer says, when the controller is
+  reachable again after an outage (:meth:`CertManager.on_reconnect`, hooked
+  to the controller channel), so certificates that lapsed during the outage
+  are back within a round trip instead of after the longest backoff.
 
 Identities come from the state store: :meth:`CertManager.on_state_change` is a
 :class:`~node.state.StateStore` subscriber that starts workers for new local

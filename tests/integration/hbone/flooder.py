@@ -7,7 +7,7 @@ with KIND frames (``window_update``: WINDOW_UPDATE(+1) on the connection;
 ``tiny_data``: 1-byte DATA frames on a CONNECT stream to AUTHORITY, within
 flow control)
 as fast as the server takes them. Whenever the server ends the connection it
-reconnects, until SECONDS have passed. Prints ``flooding`` once the first flood
+reconnects (a tenth of a second later), until SECONDS have passed. Prints ``flooding`` once the first flood
 write went out, then one line per connection: the GOAWAY error codes received
 (``-`` when none was seen).
 """
@@ -125,6 +125,7 @@ async def main(argv: list[str]) -> None:
             await asyncio.sleep(0.05)
             continue
         print(" ".join(map(str, codes)) or "-", flush=True)
+        await asyncio.sleep(0.1)  # the same credential, back for more
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ class H2Connection:
         self._blocks = HeaderBlocks(cfg)
         self._frames = FrameDecoder(self, expect_preface=role is Role.SERVER)
         self._first_frame = True
-        self._events: list[Event] = []
+        self._events: list[Event] = []  # of the receive_some() call under way
+        self._windows_signalled: set[int] = set()  # WindowUpdated already in _events
         self._data_sid = 0  # the DATA frame being streamed out
         self._data_end = False
         self._data_deliver = False
@@ -376,6 +377,7 @@ class H2Connection:
             used = len(view)
         finally:
             self._events = []
+            self._windows_signalled.clear()
         return events, len(view) if self.closed else used
 
     # --- decoder callbacks (FrameSink)
@@ -817,7 +819,7 @@ class H2Connection:
             self._conn_send_window += inc
             if self._conn_send_window > fr.MAX_WINDOW:
                 raise ConnError(ErrorCode.FLOW_CONTROL_ERROR, "connection window grew past 2^31-1")
-            self._events.append(WindowUpdated(0))
+            self._window_updated(0)
             return
         if self._is_idle(sid):
             raise ConnError(ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
@@ -830,7 +832,14 @@ class H2Connection:
         stream.send_window += inc
         if stream.send_window > fr.MAX_WINDOW:
             raise StreamError(sid, ErrorCode.FLOW_CONTROL_ERROR, "stream window grew past 2^31-1")
-        self._events.append(WindowUpdated(sid))
+        self._window_updated(sid)
+
+    def _window_updated(self, sid: int) -> None:
+        # One event per stream and batch is enough to wake its sender; a peer
+        # sending thousands of WINDOW_UPDATEs must not cost the driver as many.
+        if sid not in self._windows_signalled:
+            self._windows_signalled.add(sid)
+            self._events.append(WindowUpdated(sid))
 
 
 _Handler = Callable[[H2Connection, int, int, Body], None]

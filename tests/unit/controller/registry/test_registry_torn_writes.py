@@ -141,8 +141,7 @@ async def test_chunked_rewrite_in_a_registry_directory(tmp_path: Path) -> None:
     (d / "10-more.yaml").write_text("workloads: []\n")
     async with running(d) as (holder, recorder, _):
         more = "workloads:\n" + "".join(
-            f"  - {{name: x{i}, namespace: shop, node: n2, ips: [10.0.1.{i}]}}\n"
-            for i in range(5)
+            f"  - {{name: x{i}, namespace: shop, node: n2, ips: [10.0.1.{i}]}}\n" for i in range(5)
         )
         await write_in_chunks(d / "10-more.yaml", more, 30, 0.2)
         state = await recorder.wait()
@@ -248,8 +247,10 @@ async def test_warnings_are_logged_and_kept_in_status(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "registry.yaml"
-    doc = registry(2).replace("{matchLabels: {app: w0}}", "{matchLabels: {app: gone}}").replace(
-        "cluster.local/ns/shop/sa/default", "example.org/ns/shop/sa/default"
+    doc = (
+        registry(2)
+        .replace("{matchLabels: {app: w0}}", "{matchLabels: {app: gone}}")
+        .replace("cluster.local/ns/shop/sa/default", "example.org/ns/shop/sa/default")
     )
     path.write_text(doc)
     caplog.set_level(logging.WARNING, logger="veil.controller.registry")
