@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ class PreflightCheck:
     detail: str
     fix: str | None = None
     skipped: bool = False
+    # Passes, but something may bite later (shown as WARN, never fails the node).
+    warning: str | None = None
 
     def problem(self) -> str:
         return f"{self.name}: {self.detail}" + (f" -> fix: {self.fix}" if self.fix else "")
@@ -78,7 +81,8 @@ class PreflightReport:
         return {
             "ok": self.ok,
             "checks": [
-                {"name": c.name, "ok": c.ok, "skipped": c.skipped, "detail": c.detail, "fix": c.fix}
+                {"name": c.name, "ok": c.ok, "skipped": c.skipped, "detail": c.detail,
+                 "fix": c.fix, "warning": c.warning}
                 for c in self.checks
             ],
         }
@@ -87,8 +91,9 @@ class PreflightReport:
 def missing_capabilities(cap_eff: int, euid: int) -> list[str]:
     """Capability names the data plane needs but ``cap_eff`` lacks (root counts as all)."""
     if euid == 0 and cap_eff == 0:
-        # Root without capabilities (a confined container) cannot do anything either.
-        return ["CAP_NET_ADMIN", "CAP_BPF", "CAP_SYS_ADMIN"]
+        # Root without capabilities (a confined container) cannot do anything
+        # either; name what the DaemonSet grants (daemonset/node.yaml), not SYS_ADMIN.
+        return ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]
 
     def has(bit: int) -> bool:
         return bool(cap_eff & (1 << bit))
@@ -144,6 +149,39 @@ def headers_fix(release: str, machine: str, installed: list[str]) -> str:
     )
 
 
+def headers_version(build: Path) -> str | None:
+    """The kernel release a headers tree was built for (utsrelease.h, else its path)."""
+    uts = build / "include" / "generated" / "utsrelease.h"
+    try:
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', uts.read_text())
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    m = re.search(r"linux-headers-(\d+\.\d+[^/]*)", str(build.resolve()))
+    return m.group(1) if m else None
+
+
+def headers_mismatch(running: str, headers: str | None) -> str | None:
+    """A warning when the headers are for another kernel version (major.minor)."""
+    if headers is None:
+        return None
+
+    def major_minor(text: str) -> tuple[int, ...] | None:
+        m = re.match(r"(\d+)\.(\d+)", text)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    run, hdr = major_minor(running), major_minor(headers)
+    if run is None or hdr is None or run == hdr:
+        return None
+    return (
+        f"kernel headers are for {headers}, the running kernel is {running}: programs that "
+        "use only stable helpers work, but struct layouts or helpers newer than "
+        f"{hdr[0]}.{hdr[1]} may fail to compile or verify; install headers for {running} "
+        "if you can"
+    )
+
+
 def _check_privileges() -> PreflightCheck:
     missing = missing_capabilities(_effective_caps(), os.geteuid())
     if not missing:
@@ -152,8 +190,9 @@ def _check_privileges() -> PreflightCheck:
         "privileges",
         False,
         f"missing {', '.join(missing)}",
-        "run the agent as root, or grant CAP_NET_ADMIN, CAP_BPF and CAP_SYS_ADMIN "
-        "(securityContext.capabilities.add in the DaemonSet)",
+        "grant NET_ADMIN, BPF and PERFMON (securityContext.capabilities.add, as "
+        "daemonset/node.yaml does), or run the agent as root; SYS_ADMIN is needed only on "
+        "kernels older than 5.8, which lack CAP_BPF and CAP_PERFMON",
     )
 
 
@@ -184,7 +223,13 @@ def _check_headers() -> PreflightCheck:
     release = platform.release()
     build = Path("/lib/modules", release, "build")
     if (build / "include").is_dir() or (build / "Makefile").is_file():
-        return PreflightCheck("kernel headers", True, f"{build} -> {build.resolve()}")
+        headers = headers_version(build)
+        return PreflightCheck(
+            "kernel headers",
+            True,
+            f"{build} -> {build.resolve()}" + (f" (version {headers})" if headers else ""),
+            warning=headers_mismatch(release, headers),
+        )
     try:
         installed = sorted(os.listdir("/usr/src"))
     except OSError:

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+# gRPC's C core logs on its own (absl) to stderr, bypassing Python logging:
+# "E0000 ... ev_poll_posix" lines in the middle of CLI output. Silence it
+# before any room imports grpc, unless the user asked for it explicitly.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+os.environ.setdefault("GRPC_TRACE", "")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from veil.errors import VeilError
+from veil.settings import finish_help
 
 __all__ = ["main", "run_command"]
 
@@ -26,6 +35,7 @@ _ROOMS: tuple[tuple[str, str, str], ...] = (
     ("node", "controller.cli", "add_node_parser"),
     ("agent", "agent.cli.agent_cmd", "add_agent_parser"),
     ("ztunnel", "ztunnel.cli", "add_ztunnel_parser"),
+    ("waypoint", "waypoint.cli", "add_waypoint_parser"),
     ("demo", "lab.demo", "add_demo_parser"),
 )
 
@@ -54,12 +64,16 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="veil", description="Veil: a sidecarless service mesh (controller, node agent, ztunnel)."
     )
     parser.add_argument(
+        "--version", action="store_true",
+        help="print Veil's version, and this node's agent and ztunnel versions where reachable",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("VEIL_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (env VEIL_LOG_LEVEL)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, module, func in _ROOMS:
         try:
             add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = getattr(
@@ -73,7 +87,31 @@ def _build_parser() -> argparse.ArgumentParser:
             broken.set_defaults(func=_unavailable(command, module, e))
             continue
         add(sub)
+    finish_help(parser)
     return parser
+
+
+def _print_version() -> int:
+    try:
+        version = importlib.metadata.version("veil-mesh")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    print(f"veil {version}")
+    try:
+        from agent.cli.commands import versions
+        from agent.cli.sources import Sources
+
+        found = versions(
+            Sources(
+                os.environ.get("VEIL_AGENT_SOCKET", "/run/veil/agent.sock"),
+                os.environ.get("VEIL_ZTUNNEL_ADMIN", "127.0.0.1:15000"),
+            )
+        )
+    except (ImportError, VeilError):
+        return 0
+    for component in ("agent", "ztunnel"):
+        print(f"{component}: {found.get(component) or 'not reachable on this node'}")
+    return 0
 
 
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -93,6 +131,8 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        return _print_version()
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -100,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if handler is None:
-        parser.print_help()
+        parser.print_usage(sys.stderr)
+        print("veil: error: a command is required (see veil --help)", file=sys.stderr)
         return 2
     return run_command(handler, args)
 

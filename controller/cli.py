@@ -501,7 +501,10 @@ def _cmd_node_status(args: argparse.Namespace) -> int:
 
 
 def _add_timeout(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
+    p.add_argument(
+        "--timeout", type=float, default=10.0,
+        help="seconds to keep trying the controller (join retries until then)",
+    )
 
 
 def add_node_parser(sub: _Sub) -> None:
@@ -528,7 +531,8 @@ def add_node_parser(sub: _Sub) -> None:
     join.add_argument("--node", required=True, help="this node's name, as bound to the token")
     join.add_argument(
         "--controller-mtls",
-        help="the main mTLS listener HOST:PORT (default: same host, port 15012)",
+        help="the main mTLS listener HOST:PORT (default: the address the controller "
+        "reports at join)",
     )
     join.add_argument(
         "--trust-domain",

@@ -196,9 +196,9 @@ _SETTINGS: tuple[tuple[str, str, str, str, str | None], ...] = (
         "registry_settle",
         "--registry-settle",
         "VEIL_REGISTRY_SETTLE",
-        "seconds new registry content must stay unchanged before it is parsed "
-        "(adds to every reload's latency)",
-        "0.1",
+        "seconds new registry content written in place must stay unchanged before it is "
+        "parsed (adds to such a reload's latency; files replaced by rename wait 0.02)",
+        "0.2",
     ),
     (
         "registry_hold",
@@ -237,7 +237,7 @@ class ControllerConfig:
     ca_key: Path | None
     ca_chain: Path | None
     registry_poll: float
-    registry_settle: float = 0.1
+    registry_settle: float = 0.2
     registry_hold: float = 5.0
     source: str = "yaml"
     kube_api: str | None = None
@@ -302,7 +302,9 @@ class ControllerConfig:
         if default_ttl > max_ttl:
             raise fail(
                 "default_ttl",
-                f"the default certificate lifetime {default_ttl} exceeds the maximum {max_ttl}",
+                # As the user wrote them ("48h exceeds --max-ttl 24h"), not as timedelta.
+                f"the default certificate lifetime {raw['default_ttl']} exceeds --max-ttl "
+                f"{raw['max_ttl']}",
                 "lower --default-ttl or raise --max-ttl",
             )
         ca_cert, ca_key, ca_chain = path("ca_cert"), path("ca_key"), path("ca_chain")
@@ -331,6 +333,7 @@ class ControllerConfig:
             ) from None
         if not 0.05 <= poll <= 60:
             raise fail("registry_poll", f"{poll} s is out of range", "use 0.05 to 60 seconds")
+
         def seconds(dest: str, low: float, high: float, example: str) -> float:
             try:
                 value = float(raw[dest] or "")
@@ -340,7 +343,7 @@ class ControllerConfig:
                 raise fail(dest, f"{value} s is out of range", f"use {low:g} to {high:g} seconds")
             return value
 
-        settle = seconds("registry_settle", 0.0, 10.0, "0.1")
+        settle = seconds("registry_settle", 0.0, 10.0, "0.2")
         hold = seconds("registry_hold", 0.0, 600.0, "5")
         source = raw["source"] or "yaml"
         if source not in ("yaml", "kubernetes"):

@@ -10,8 +10,10 @@ default ``127.0.0.1:15014``), with two paths:
   check (in Kubernetes mode: one per watched kind, with the cause of a failure).
   A failed optional check keeps the controller ready but ``degraded``.
 
-``veil controller status`` reads the same document. Metrics come later, on
-their own port.
+``veil controller status`` reads the same document. With a
+:class:`controller.metrics.ControllerMetrics`, the same server also answers
+``GET /metrics`` (Prometheus text format): one port for the kubelet's probes
+and for scraping, as the Deployment declares it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.config import ConfigError, ListenAddress
+from controller.metrics import CONTENT_TYPE, ControllerMetrics
 
 __all__ = [
     "DEFAULT_HEALTH_PORT",
@@ -75,8 +78,9 @@ class HealthState:
 
 
 class HealthServer:
-    def __init__(self, state: HealthState) -> None:
+    def __init__(self, state: HealthState, metrics: ControllerMetrics | None = None) -> None:
         self._state = state
+        self._metrics = metrics
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -87,10 +91,19 @@ class HealthServer:
     async def _live(self, _request: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
+    async def _scrape(self, _request: web.Request) -> web.Response:
+        assert self._metrics is not None
+        # Collected on the event loop: the registry and the hub belong to it,
+        # and every collector only reads in-memory state.
+        body = self._metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
     async def start(self, addr: ListenAddress) -> None:
         app = web.Application()
         app.router.add_get("/healthz/ready", self._ready)
         app.router.add_get("/healthz/live", self._live)
+        if self._metrics is not None:
+            app.router.add_get("/metrics", self._scrape)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, addr.host, addr.port)

@@ -10,15 +10,20 @@ The decisions are pure functions with table-driven tests:
   renew its own node identity; nothing else;
 * :func:`effective_ttl`: 0 means the default, above the maximum is clamped.
 
+Every signature and every refusal is reported to an :class:`IssuanceRecorder`
+(the controller's metrics) with a reason from a closed set.
+
 The node name always comes from the verified credential (join token or mTLS
 client certificate), never from a request field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Protocol
 
 from controller.api.errors import ApiError
 from controller.api.model import JoinResult, RegistryState
@@ -31,6 +36,7 @@ from controller.errors import ControllerError
 __all__ = [
     "DEFAULT_CERT_TTL",
     "IdentityService",
+    "IssuanceRecorder",
     "authorize_identity",
     "effective_ttl",
     "parse_requested_identity",
@@ -41,6 +47,30 @@ log = logging.getLogger("veil.controller.identity")
 DEFAULT_CERT_TTL = timedelta(hours=24)
 
 _Index = frozenset[tuple[str, str, str]]  # (node, namespace, service account)
+
+
+class IssuanceRecorder(Protocol):
+    """Counts signatures and refusals (controller.metrics.ControllerMetrics)."""
+
+    def issued(self, kind: str) -> None: ...
+
+    def refused(self, operation: str, reason: str) -> None: ...
+
+
+class _NoRecorder:
+    def issued(self, kind: str) -> None:
+        pass
+
+    def refused(self, operation: str, reason: str) -> None:
+        pass
+
+
+class _Refusal(Exception):
+    """Carries the metric reason of an ApiError up to the RPC method that counts it."""
+
+    def __init__(self, reason: str, error: ApiError) -> None:
+        super().__init__(reason)
+        self.reason, self.error = reason, error
 
 
 def parse_requested_identity(identity: str, trust_domain: str) -> SpiffeId:
@@ -123,6 +153,7 @@ class IdentityService:
         default_ttl: timedelta = DEFAULT_CERT_TTL,
         max_ttl: timedelta = DEFAULT_CERT_TTL,
         node_cert_ttl: timedelta = DEFAULT_CERT_TTL,
+        recorder: IssuanceRecorder | None = None,
     ) -> None:
         for name, value in (
             ("default certificate TTL", default_ttl),
@@ -143,6 +174,10 @@ class IdentityService:
         self._max_ttl = max_ttl
         self._node_cert_ttl = node_cert_ttl
         self._index_of: tuple[RegistryState, _Index] | None = None
+        self.recorder: IssuanceRecorder = recorder or _NoRecorder()
+        # The main mTLS listener as bound (set by the server once it listens);
+        # every join answer carries it so nodes never guess the port.
+        self.mtls_address = ""
 
     def trust_domain(self) -> str:
         return self._ca.trust_domain
@@ -159,26 +194,59 @@ class IdentityService:
     def _issue(self, csr_pem: bytes, identity: SpiffeId, ttl: timedelta) -> IssuedCertificate:
         try:
             return self._ca.issue(csr_pem, identity, ttl)
+        except ApiError as e:
+            raise _Refusal("invalid_csr", e) from None
         except ControllerError as e:
             # The CA itself is unusable (expired, state unwritable): not the node's fault.
             log.error("cannot sign %s: %s", identity, e)
-            raise ApiError(
-                "UNAVAILABLE", f"the controller cannot sign certificates right now: {e.message}"
+            raise _Refusal(
+                "ca_unavailable",
+                ApiError(
+                    "UNAVAILABLE", f"the controller cannot sign certificates right now: {e.message}"
+                ),
             ) from None
 
     async def join_node(self, token: str, csr_pem: bytes, node: str) -> JoinResult:
         try:
+            result = await self._join_node(token, csr_pem, node)
+        except _Refusal as r:
+            self.recorder.refused("join", r.reason)
+            raise r.error from None
+        self.recorder.issued("join")
+        return result
+
+    async def create_certificate(
+        self, node: str, csr_pem: bytes, identity: str, ttl_seconds: int
+    ) -> tuple[bytes, ...]:
+        try:
+            kind, chain = self._create_certificate(node, csr_pem, identity, ttl_seconds)
+        except _Refusal as r:
+            self.recorder.refused("certificate", r.reason)
+            raise r.error from None
+        self.recorder.issued(kind)
+        return chain
+
+    async def _join_node(self, token: str, csr_pem: bytes, node: str) -> JoinResult:
+        try:
             expected = node_identity(self.trust_domain(), node)
         except InvalidSpiffeId as e:
-            raise ApiError(
-                "INVALID_ARGUMENT", f"invalid node name: {e.message}", hint=e.hint
-            ) from None
+            error = ApiError("INVALID_ARGUMENT", f"invalid node name: {e.message}", hint=e.hint)
+            raise _Refusal("invalid_node_name", error) from None
         # Check the CSR before spending the single-use token on a request that would fail.
-        validate_csr(csr_pem, expected)
-        verified = await self._authenticator.authenticate(token, node)
+        with _reason("invalid_csr"):
+            validate_csr(csr_pem, expected)
+        try:
+            verified = await self._authenticator.authenticate(token, node)
+        except ApiError as e:
+            # UNAVAILABLE and the like: the verifier (TokenReview) failed, not the node.
+            bad = e.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+            raise _Refusal("unauthenticated" if bad else "auth_unavailable", e) from None
         if verified != node:
-            raise ApiError(
-                "UNAUTHENTICATED", f"the credential is for node {verified!r}, not {node!r}"
+            raise _Refusal(
+                "unauthenticated",
+                ApiError(
+                    "UNAUTHENTICATED", f"the credential is for node {verified!r}, not {node!r}"
+                ),
             )
         issued = self._issue(csr_pem, expected, self._node_cert_ttl)
         log.info(
@@ -193,17 +261,21 @@ class IdentityService:
             cert_chain=issued.chain_pem,
             trust_bundle=self._ca.trust_bundle().roots,
             trust_domain=self.trust_domain(),
+            controller_address=self.mtls_address,
         )
 
-    async def create_certificate(
+    def _create_certificate(
         self, node: str, csr_pem: bytes, identity: str, ttl_seconds: int
-    ) -> tuple[bytes, ...]:
-        sid = parse_requested_identity(identity, self.trust_domain())
-        authorize_identity(self._index(), node, sid)
-        if sid.node is not None:
-            ttl, clamped = effective_ttl(ttl_seconds, self._node_cert_ttl, self._node_cert_ttl)
-        else:
-            ttl, clamped = effective_ttl(ttl_seconds, self._default_ttl, self._max_ttl)
+    ) -> tuple[str, tuple[bytes, ...]]:
+        with _reason("invalid_identity"):
+            sid = parse_requested_identity(identity, self.trust_domain())
+        with _reason("not_scheduled"):
+            authorize_identity(self._index(), node, sid)
+        with _reason("invalid_ttl"):
+            if sid.node is not None:
+                ttl, clamped = effective_ttl(ttl_seconds, self._node_cert_ttl, self._node_cert_ttl)
+            else:
+                ttl, clamped = effective_ttl(ttl_seconds, self._default_ttl, self._max_ttl)
         if clamped:
             log.info(
                 "clamped requested lifetime %ss for %s to the maximum %s",
@@ -220,4 +292,13 @@ class IdentityService:
             issued.serial,
             issued.not_after.isoformat(),
         )
-        return issued.chain_pem
+        return ("node" if sid.node is not None else "workload"), issued.chain_pem
+
+
+@contextlib.contextmanager
+def _reason(reason: str) -> Iterator[None]:
+    """Tags an ApiError raised inside with its metric reason."""
+    try:
+        yield
+    except ApiError as e:
+        raise _Refusal(reason, e) from None

@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -41,7 +42,7 @@ import psutil
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from controller.api.model import TrustBundle
+from controller.api.model import RegistryState, TrustBundle
 from controller.auth import JoinTokenStore, NodeAuthenticator
 from controller.ca import CertificateAuthority
 from controller.config import (
@@ -54,6 +55,7 @@ from controller.config import add_run_arguments as _add_config_arguments
 from controller.discovery import DiscoveryHub
 from controller.health import DEFAULT_HEALTH_PORT, HealthCheck, HealthServer, HealthState
 from controller.identity import IdentityService
+from controller.metrics import ControllerMetrics, ControllerSnapshot, KindAvailability
 from controller.registry import RegistryFileWatcher, RegistryHolder, describe_state
 from controller.service import add_services
 
@@ -214,9 +216,15 @@ def _bound(addr: ListenAddress, port: int) -> str:
 class Controller:
     """The wired controller. ``start()`` binds and serves; ``stop()`` shuts down cleanly."""
 
-    def __init__(self, config: ControllerConfig, k8s: KubernetesRuntime | None = None) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        k8s: KubernetesRuntime | None = None,
+        metrics: ControllerMetrics | None = None,
+    ) -> None:
         self.config = config
         self.k8s = k8s
+        self.metrics = metrics
         if k8s is not None:
             self.ca = k8s.ca
             self.registry = k8s.holder
@@ -243,7 +251,7 @@ class Controller:
         self.hub = DiscoveryHub()
         self.hub.set_trust_bundle(self.ca.trust_bundle())
         self.hub.publish(self.registry.current())
-        self.registry.subscribe(self.hub.publish)
+        self.registry.subscribe(self._publish)
         self.tokens = JoinTokenStore(config.state_dir, ca_fingerprint=lambda: self.ca.fingerprint)
         authenticator: NodeAuthenticator = k8s.authenticator if k8s is not None else self.tokens
         self.identity = IdentityService(
@@ -253,6 +261,7 @@ class Controller:
             default_ttl=config.default_ttl,
             max_ttl=config.max_ttl,
             node_cert_ttl=config.node_cert_ttl,
+            recorder=metrics,
         )
         self.serving = ServingCredentials(
             self.ca,
@@ -297,6 +306,7 @@ class Controller:
                 )
             ports.append(port)
         self.ports = (ports[0], ports[1])
+        self.identity.mtls_address = _bound(cfg.listen, ports[0])
         await server.start()
         self._server = server
         for name in HEALTH_SERVICES:
@@ -318,6 +328,45 @@ class Controller:
             if cfg.registry is not None
             else "(none: empty)",
             registry_summary=describe_state(self.registry.current()),
+        )
+
+    def _publish(self, state: RegistryState) -> None:
+        """Hands a new registry state to the hub, timed for the reload histogram."""
+        if self.metrics is None:
+            self.hub.publish(state)
+        else:
+            self.metrics.timed(lambda: self.hub.publish(state))
+
+    def snapshot(self, phase: str, ready: bool) -> ControllerSnapshot:
+        """What /metrics reports about this controller right now (event loop only)."""
+        state = self.registry.current()
+        status = self.registry.status()
+        watchers = self.hub.watchers()
+        active = [a for a in self.ca.authorities() if a.state == "active"]
+        k8s = self.k8s
+        kinds: tuple[KindAvailability, ...] = ()
+        if k8s is not None:
+            kinds = tuple(
+                KindAvailability(h.kind, h.required, h.state) for h in k8s.source.health()
+            )
+        return ControllerSnapshot(
+            phase=phase,
+            ready=ready,
+            source="kubernetes" if k8s is not None else "yaml",
+            registry_generation=status.generation,
+            registry_loaded_at=status.loaded_at,
+            registry_error_at=status.last_error_at,
+            registry_held=status.held is not None,
+            workloads=len(state.workloads),
+            services=len(state.services),
+            policies=len(state.authorization_policies) + len(state.peer_authentications),
+            watchers=len(watchers),
+            watch_pending=sum(w.pending for w in watchers),
+            discovery_version=self.hub.version,
+            kinds=kinds,
+            leader=k8s.elector.is_leader if k8s is not None else None,
+            ca_not_after=active[0].not_after.timestamp() if active else None,
+            trust_domain=self.ca.trust_domain,
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
@@ -416,6 +465,28 @@ def _kind_checks(k8s: KubernetesRuntime) -> list[HealthCheck]:
     ]
 
 
+def check_can_bind(*addresses: ListenAddress) -> None:
+    """Raises ConfigError when a listener address cannot be bound right now.
+
+    A probe with a plain socket (closed at once; SO_REUSEADDR like gRPC's), so
+    the failure is reported before anything is written to the state directory.
+    """
+    for addr in addresses:
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((addr.host, addr.port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {addr}: {e.strerror or e}",
+                hint="is another controller running there, or the address not on this "
+                "host? Pick another with --listen / --join-listen (nothing was written)",
+            ) from None
+        finally:
+            probe.close()
+
+
 async def _serve(
     config: ControllerConfig,
     started: Callable[[StartupInfo], None],
@@ -428,6 +499,14 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     health = HealthState()
+    metrics = ControllerMetrics(
+        lambda: ControllerSnapshot(
+            phase=health.phase,
+            source=config.source,
+            trust_domain=config.trust_domain,
+            kinds=tuple(KindAvailability(c.name, c.required, c.state) for c in health.checks()),
+        )
+    )
     health_server: HealthServer | None = None
     k8s: KubernetesRuntime | None = None
     controller: Controller | None = None
@@ -456,12 +535,24 @@ async def _serve(
             k8s_runtime = k8s
             health.checks = lambda: _kind_checks(k8s_runtime)
             health.set_phase("syncing", "waiting for the first list of the required kinds")
-        controller = Controller(config, k8s)
+        if k8s is None:
+            # Before the CA is created: a controller that cannot listen must not
+            # leave a fresh CA behind (tokens would pin a root nobody serves).
+            check_can_bind(config.listen, config.join_listen)
+            if config.registry is None:
+                log.warning(
+                    "no --registry given: the mesh is empty (no workloads, services or "
+                    "policies), so nodes can join but no workload gets a certificate; pass "
+                    "--registry FILE (see docs/registry.md) or --source kubernetes"
+                )
+        controller = Controller(config, k8s, metrics)
+        wired = controller
+        metrics.set_snapshot(lambda: wired.snapshot(health.phase, health.report()["ready"]))
         return await controller.start()
 
     try:
         if health_addr is not None:
-            health_server = HealthServer(health)
+            health_server = HealthServer(health, metrics)
             await health_server.start(health_addr)
         # Startup may wait forever (an API server that refuses a required kind, a
         # CA Secret nobody creates): race it against the signal so SIGTERM ends

@@ -116,7 +116,11 @@ class _IdentityServicer(pb_grpc.IdentityServicer):
             await _abort(context, e)
             raise AssertionError("unreachable") from None
         return pb.JoinNodeResponse(
-            cert_chain=res.cert_chain, trust_bundle=res.trust_bundle, node=res.node, trust_domain=res.trust_domain
+            cert_chain=res.cert_chain,
+            trust_bundle=res.trust_bundle,
+            node=res.node,
+            trust_domain=res.trust_domain,
+            controller_address=res.controller_address,
         )
 
     async def CreateCertificate(

@@ -76,7 +76,12 @@ def _whoami(conn: socket.socket) -> None:
                 break
             head += data
     body = json.dumps(
-        {"peer_ip": peer[0], "peer_port": peer[1], "local_ip": local[0], "local_port": local[1]}
+        {
+            "peer_ip": _unmap(peer[0]),
+            "peer_port": peer[1],
+            "local_ip": _unmap(local[0]),
+            "local_port": local[1],
+        }
     ).encode()
     conn.sendall(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -171,17 +176,32 @@ class TcpServer:
         self.stop()
 
 
+def _unmap(ip: str) -> str:
+    """A dual-stack listener reports IPv4 peers as ``::ffff:a.b.c.d``."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 def listen(host: str, port: int, *, transparent: bool = False) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if transparent:
-        sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    """A listener on ``host:port``. ``::`` serves IPv4 and IPv6 on one
+    dual-stack socket (what apps in dual-stack pods do; IPv4 peers then read as
+    ``::ffff:a.b.c.d``); ``0.0.0.0`` serves IPv4 only."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
-def serve(netns: str | None, app: str, port: int, host: str = "0.0.0.0") -> TcpServer:
+def serve(netns: str | None, app: str, port: int, host: str = "::") -> TcpServer:
     """Run ``app`` in this process on a listener created inside ``netns`` (None: here)."""
     from lab.netns import in_netns  # here, so the process entry point stays light
 
@@ -257,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.apps", description=__doc__)
     parser.add_argument("app", choices=sorted(APPS))
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="::", help="default: IPv4 and IPv6")
     args = parser.parse_args(argv)
     server = TcpServer(listen(args.host, args.port), APPS[args.app])
     done = threading.Event()

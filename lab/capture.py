@@ -46,6 +46,7 @@ __all__ = [
 DEFAULT_CAPTURE_LIMIT = 64 * 1024 * 1024
 _ETH_P_ALL = 0x0003
 _ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
 _SOL_PACKET = 263
 _PACKET_ADD_MEMBERSHIP = 1
 _PACKET_MR_PROMISC = 1
@@ -55,7 +56,7 @@ _TLS_MAX_RECORD = 2**14 + 2048
 
 @dataclass(frozen=True)
 class TcpSegment:
-    """One IPv4 TCP segment seen on the wire."""
+    """One TCP segment (IPv4 or IPv6) seen on the wire."""
 
     src: str
     dst: str
@@ -70,8 +71,31 @@ class TcpSegment:
         return bool(self.flags & 0x02) and not self.flags & 0x10
 
 
+def _parse_tcp6_frame(frame: bytes) -> TcpSegment | None:
+    """IPv6/TCP with no extension headers (all the lab's stacks send)."""
+    ip = 14
+    if len(frame) < ip + 40 + 20 or frame[ip] >> 4 != 6 or frame[ip + 6] != 6:
+        return None
+    payload_len = struct.unpack_from("!H", frame, ip + 4)[0]
+    tcp = ip + 40
+    sport, dport, seq = struct.unpack_from("!HHI", frame, tcp)
+    offset = (frame[tcp + 12] >> 4) * 4
+    end = min(len(frame), tcp + payload_len) if payload_len else len(frame)  # 0 under GSO
+    return TcpSegment(
+        src=socket.inet_ntop(socket.AF_INET6, frame[ip + 8 : ip + 24]),
+        dst=socket.inet_ntop(socket.AF_INET6, frame[ip + 24 : ip + 40]),
+        sport=sport,
+        dport=dport,
+        seq=seq,
+        flags=frame[tcp + 13],
+        payload=bytes(frame[tcp + offset : end]),
+    )
+
+
 def parse_tcp_frame(frame: bytes) -> TcpSegment | None:
-    """Decode an Ethernet frame carrying IPv4/TCP; None for anything else."""
+    """Decode an Ethernet frame carrying IPv4/TCP or IPv6/TCP; None for anything else."""
+    if len(frame) >= 14 and struct.unpack_from("!H", frame, 12)[0] == _ETH_P_IPV6:
+        return _parse_tcp6_frame(frame)
     if len(frame) < 14 + 20 + 20 or struct.unpack_from("!H", frame, 12)[0] != _ETH_P_IP:
         return None
     ip = 14

@@ -10,7 +10,11 @@ the agent (eBPF redirection). Then it checks what an SRE would want to see:
 * another identity (shop/other) is refused by the policy "payments accepts
   calls only from checkout", before any server byte;
 * a pod in a non-enrolled namespace is refused by STRICT;
-* nothing crossed the underlay in plaintext, and HBONE carried TLS records;
+* dual stack (when the registry gives the pods IPv6 addresses, as the example
+  does): the same call over IPv6 goes through mTLS with checkout's real IPv6
+  address, and shop/other is refused over IPv6 too;
+* nothing crossed the underlay in plaintext, and HBONE carried TLS records
+  (over IPv6 as well, in dual stack);
 * ``veilctl pods``, ``veilctl connections`` and ``veilctl verify`` output.
 
 It exits 0 only if every check held, prints a summary line, and removes
@@ -20,6 +24,7 @@ everything it created, including on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import socket
@@ -40,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = REPO / "examples" / "registry.yaml"
 APP_PORT = 8080
 MARKER = b"VEIL-DEMO-PLAINTEXT-MARKER"
+MARKER6 = b"VEIL-DEMO-PLAINTEXT-MARKER-IPV6"
 
 
 @dataclass
@@ -93,6 +99,25 @@ class Demo:
             return "closed before any server byte"
 
 
+def keep_commands(mesh: LabMesh) -> list[str]:
+    """The exact command that runs veilctl on each lab node (its netns, its agent socket)."""
+    import shlex
+
+    from .mesh import veilctl_argv
+    from .process import netns_argv
+
+    return [
+        shlex.join(
+            netns_argv(
+                mesh.topo.node(node).netns,
+                veilctl_argv("--agent-socket", str(mesh.agent_socket(node)), "status"),
+            )
+        )
+        + f"    # node {node}"
+        for node in mesh.topo.nodes
+    ]
+
+
 def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
     started = time.monotonic()
     out("Veil demo: building two nodes with three pods each (network namespaces)")
@@ -109,6 +134,8 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
         payments = mesh.pod("payments")
         checkout = mesh.pod("checkout")
         vip = _service_vip(mesh, "payments")
+        payments6 = _registry_ipv6(mesh, "payments")
+        checkout6 = _registry_ipv6(mesh, "checkout")
 
         out("Checks")
         with UnderlayCapture(topo) as capture:
@@ -137,16 +164,39 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
                 "legacy-client (not enrolled) -> payments refused by STRICT",
                 lambda: demo.refused("legacy-client", payments.ip, APP_PORT),
             )
+
+            def allowed6() -> str:
+                seen = demo.call("checkout", payments6, APP_PORT, MARKER6)
+                if seen != checkout6:
+                    raise AssertionError(
+                        f"server saw {seen}, expected checkout's IPv6 address {checkout6}"
+                    )
+                return f"payments answered at [{payments6}] and saw [{seen}]"
+
+            if payments6 and checkout6:
+                demo.check("checkout -> payments over IPv6 (mTLS)", allowed6)
+                demo.check(
+                    "other -> payments over IPv6 denied by policy",
+                    lambda: demo.refused("other", payments6, APP_PORT),
+                )
             time.sleep(0.3)
 
         def encrypted() -> str:
             if capture.contains(MARKER):
                 raise AssertionError("the plaintext marker crossed the underlay")
+            if capture.contains(MARKER6):
+                raise AssertionError("the IPv6 plaintext marker crossed the underlay")
             ports = capture.tcp_ports_seen()
             records = capture.tls_records_seen()
             if HBONE_PORT not in ports:
                 raise AssertionError(f"no HBONE (:{HBONE_PORT}) traffic on the underlay; ports {sorted(ports)}")
-            return f"no plaintext marker; ports seen {sorted(ports)}; {records} TLS records"
+            v6_hbone = sum(
+                1 for seg in capture.segments() if ":" in seg.src and HBONE_PORT in (seg.sport, seg.dport)
+            )
+            if payments6 and checkout6 and not v6_hbone:
+                raise AssertionError(f"no IPv6 HBONE (:{HBONE_PORT}) traffic on the underlay")
+            v6 = f"; {v6_hbone} IPv6 HBONE segments" if v6_hbone else ""
+            return f"no plaintext marker; ports seen {sorted(ports)}; {records} TLS records{v6}"
 
         demo.check("underlay carries only TLS", encrypted)
 
@@ -182,6 +232,9 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
 
         if keep:
             out(f"\n--keep: the mesh stays up (lab {topo.prefix}); press Ctrl-C to tear it down")
+            out("Inspect a node with veilctl (as root, in another terminal):")
+            for line in keep_commands(mesh):
+                out(f"  {line}")
             with _suppress_interrupt():
                 while True:
                     time.sleep(3600)
@@ -192,6 +245,16 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
     verdict = "PASS" if passed == total else "FAIL"
     out(f"\nveil demo: {verdict}: {passed}/{total} checks held in {elapsed:.1f}s; everything cleaned up")
     return 0 if passed == total else 1
+
+
+def _registry_ipv6(mesh: LabMesh, name: str) -> str:
+    """The workload's IPv6 address as the registry lists it ("" for none)."""
+    for w in mesh.document.get("workloads") or []:
+        if w.get("name") == name:
+            for ip in w.get("ips") or []:
+                if ":" in str(ip):
+                    return str(ipaddress.ip_address(str(ip)))
+    return ""
 
 
 def _service_vip(mesh: LabMesh, name: str) -> str:

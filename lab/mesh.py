@@ -14,6 +14,7 @@ by :meth:`LabMesh.close`, which the context manager calls on any exit.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -68,6 +69,29 @@ class MeshPod:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def ip6(self) -> str:
+        """The pod's IPv6 address in the lab (whether or not the registry lists it)."""
+        return self.lab.ip6
+
+
+def _check_ipv6(workload: dict[str, Any], pod: LabPod) -> None:
+    """The lab derives each pod's IPv6 address from its IPv4 one (same host
+    part); a registry that lists another one would enroll an address the pod
+    does not have, and the pod's real IPv6 would be dropped as unknown."""
+    for text in workload.get("ips") or []:
+        try:
+            addr = ipaddress.ip_address(str(text))
+        except ValueError:
+            continue  # the controller names the bad field when it loads the file
+        if addr.version == 6 and addr != ipaddress.ip_address(pod.ip6):
+            raise LabError(
+                f"workload {workload.get('name')}: IPv6 {text} is not the address the lab "
+                f"gives this pod ({pod.ip6})",
+                hint="lab pods get fd00:244:<node index>::<IPv4 host part in hex>; "
+                f"write {pod.ip6} or leave the IPv6 address out",
+            )
+
 
 class LabMesh:
     """Builds and runs a mesh from a registry file. Use as a context manager."""
@@ -111,6 +135,7 @@ class LabMesh:
                 nodes[node_name] = self.topo.add_node(node_name, pod_cidr=f"10.244.{index + 1}.0/24")
             ip = str(w["ips"][0])
             lab_pod = self.topo.add_pod(nodes[node_name], str(w["name"]), ip=ip)
+            _check_ipv6(w, lab_pod)
             self.pods[str(w["name"])] = MeshPod(
                 name=str(w["name"]),
                 namespace=str(w["namespace"]),
@@ -220,6 +245,7 @@ class LabMesh:
                 "ztunnel", "run",
                 "--node", node,
                 "--state-dir", str(self.node_dir(node)),
+                "--pin-dir", str(self.pin_dir(node)),
                 *self.extra_ztunnel_args,
             ),
             log_path=self._log(f"ztunnel-{node}"),

@@ -10,6 +10,7 @@ from typing import Final
 
 __all__ = [
     "ADMIN_PORT",
+    "AGENT_METRICS_PORT",
     "HBONE_PORT",
     "INBOUND_PLAINTEXT_PORT",
     "MARK_MASK",
@@ -28,6 +29,9 @@ HBONE_PORT: Final = 15008
 ADMIN_PORT: Final = 15000
 METRICS_PORT: Final = 15020
 READINESS_PORT: Final = 15021
+# The agent's Prometheus endpoint (the ztunnel's is METRICS_PORT). Istio leaves
+# 15022 unused, so a node can run both meshes' ports side by side.
+AGENT_METRICS_PORT: Final = 15022
 
 # Packets steered to a ztunnel listener carry MARK_REDIRECT so the fwmark rule
 # routes them to the local table (`local 0.0.0.0/0 dev lo`). Sockets the ztunnel

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from controller.api.client import join_node
+from controller.api.errors import ApiError
 from controller.api.model import ResourceType
 from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
 from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, node_identity
@@ -38,7 +39,13 @@ from .pinning import (
     trust_domain_hint,
 )
 
-__all__ = ["join", "refresh_trust_bundle", "renew_node_certificate", "request_certificate"]
+__all__ = [
+    "join",
+    "mtls_address_of",
+    "refresh_trust_bundle",
+    "renew_node_certificate",
+    "request_certificate",
+]
 
 
 def _fingerprints(pems: Sequence[bytes]) -> set[str]:
@@ -63,12 +70,74 @@ async def join(
     """Joins the mesh as ``node`` and stores the credentials in ``state_dir``.
 
     ``controller_address`` is the join listener (``HOST[:15013]``). The main mTLS
-    address defaults to the same host on port 15012.
+    address is the one the controller reports in its answer (with the joined
+    host when it listens on every address); ``mtls_address`` overrides it.
+
+    Retries until ``timeout`` while the controller is unreachable or slow (it
+    may still be starting); a refusal (bad token, wrong node) fails at once.
 
     With ``ca_pem`` (Kubernetes mode: the roots from the ``veil-ca-root``
     ConfigMap, and a ServiceAccount token instead of a join token) the CA is
     trusted as given and no fingerprint is pinned from the token.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.2
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            return await _join_once(
+                controller_address,
+                token,
+                node,
+                state_dir,
+                mtls_address=mtls_address,
+                trust_domain=trust_domain,
+                timeout=max(remaining, 0.1),
+                ca_pem=ca_pem,
+            )
+        except (NodeCredentialsError, ApiError) as e:
+            retryable = (
+                isinstance(e, NodeCredentialsError)
+                and e.message.startswith(("cannot reach", "TCP connect", "TLS handshake"))
+            ) or (isinstance(e, ApiError) and e.code in _RETRYABLE)
+            remaining = deadline - loop.time()
+            if not retryable:
+                raise
+            if remaining <= delay:
+                raise NodeCredentialsError(
+                    f"could not join within --timeout {timeout:g}s: {e.message}",
+                    hint=e.hint or "check the controller address, or raise --timeout",
+                ) from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
+def mtls_address_of(reported: str, joined_host: str) -> str:
+    """The controller's reported mTLS address, with the joined host when it
+    reports none or a wildcard (it listens on every address)."""
+    if not reported:
+        return format_host_port(joined_host, CONTROLLER_PORT)
+    host, port = split_host_port(reported, CONTROLLER_PORT)
+    if host in ("", "0.0.0.0", "::", "[::]", "*"):
+        host = joined_host
+    return format_host_port(host, port)
+
+
+async def _join_once(
+    controller_address: str,
+    token: str,
+    node: str,
+    state_dir: Path,
+    *,
+    mtls_address: str | None,
+    trust_domain: str | None,
+    timeout: float,
+    ca_pem: bytes | None,
+) -> NodeCredentials:
     host, port = split_host_port(controller_address, CONTROLLER_JOIN_PORT)
     join_address = format_host_port(host, port)
     pinned: str | None = None
@@ -98,7 +167,7 @@ async def join(
     creds = NodeCredentials(
         node=node,
         trust_domain=td,
-        controller_address=mtls_address or format_host_port(host, CONTROLLER_PORT),
+        controller_address=mtls_address or mtls_address_of(result.controller_address, host),
         join_address=join_address,
         key_pem=key_pem(key),
         cert_chain_pem=tuple(result.cert_chain),

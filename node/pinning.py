@@ -133,16 +133,42 @@ async def fetch_server_chain(host: str, port: int, timeout: float = 10.0) -> lis
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # read-only probe; trust comes from the fingerprint
     ctx.set_alpn_protocols(["h2"])
+    where = format_host_port(host, port)
+    hint = (
+        "check --controller (the join listener, port 15013 by default) and that the "
+        "controller is running"
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # TCP first, then TLS, each bounded, so a timeout says which step hung.
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=CONTROLLER_SERVER_NAME),
-            timeout,
-        )
-    except (OSError, ssl.SSLError, TimeoutError) as e:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
         raise NodeCredentialsError(
-            f"cannot reach the controller join listener at {format_host_port(host, port)}: {e}",
-            hint="check --controller (the join listener, port 15013 by default) and that the "
-            "controller is running",
+            f"TCP connect to the controller join listener at {where} timed out after "
+            f"{timeout:g}s (no answer: a firewall dropping packets, or no route)",
+            hint=hint,
+        ) from None
+    except OSError as e:
+        raise NodeCredentialsError(
+            f"cannot reach the controller join listener at {where}: {e.strerror or e}", hint=hint
+        ) from None
+    try:
+        await asyncio.wait_for(
+            writer.start_tls(ctx, server_hostname=CONTROLLER_SERVER_NAME),
+            max(deadline - loop.time(), 0.1),
+        )
+    except TimeoutError:
+        writer.transport.abort()
+        raise NodeCredentialsError(
+            f"TLS handshake with the controller join listener at {where} timed out "
+            "(the port accepts TCP but does not speak TLS: is it the join listener?)",
+            hint=hint,
+        ) from None
+    except (OSError, ssl.SSLError) as e:
+        writer.transport.abort()
+        raise NodeCredentialsError(
+            f"TLS handshake with the controller join listener at {where} failed: {e}", hint=hint
         ) from None
     try:
         return _unverified_chain(writer.get_extra_info("ssl_object"))

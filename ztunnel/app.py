@@ -25,7 +25,6 @@ import contextlib
 import gc
 import logging
 import signal
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -34,26 +33,18 @@ from node import NodeCredentials, load_node_credentials
 from node.backoff import Backoff
 from node.channel import ControllerChannel
 from node.dataplane import MARK_ZTUNNEL
-from node.state import StateChange, StateStore
+from node.state import StateStore
 from node.watch import WatchClient
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
+from ztunnel.admin.denies import DenyFeed
 from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import ConfigError
-from ztunnel.hbone import HboneClientPool, HboneConfig
 from ztunnel.identity import CertManager
 from ztunnel.limits import enable_request_migration, raise_nofile_limit
-from ztunnel.metrics import Registry, TrafficMetrics
-from ztunnel.proxy.connections import ConnectionRegistry, Direction
-from ztunnel.proxy.context import ProxyContext
-from ztunnel.proxy.errors import ListenerError
-from ztunnel.proxy.inbound import InboundProxy
-from ztunnel.proxy.listener import ConnectionHandler, Listener
-from ztunnel.proxy.outbound import OutboundProxy
-from ztunnel.proxy.plaintext import PlaintextProxy
-from ztunnel.proxy.sockets import Address, connect_upstream, listener_socket
-from ztunnel.tls import TlsContextCache
+from ztunnel.metrics import Registry
+from ztunnel.worker import ProxyEngine
 
-__all__ = ["Ztunnel", "run_ztunnel"]
+__all__ = ["Ztunnel", "run_ztunnel", "tune_gc"]
 
 log = logging.getLogger("veil.ztunnel")
 
@@ -115,39 +106,27 @@ class Ztunnel:
             sleep=self._controller.sleep,
         )
         self.metrics_registry = Registry()
-        self.traffic = TrafficMetrics(
-            self.metrics_registry, max_label_sets=config.metrics_max_label_sets
-        )
-        self.connections = ConnectionRegistry()
-        self.ctx = ProxyContext(
+        self.engine = ProxyEngine(
+            config,
             store=self.store,
-            metrics=self.traffic,
-            registry=self.connections,
-            mark=mark,
+            certs=self.certs,
+            trust_bundle=self.trust_bundle,
+            registry=self.metrics_registry,
             transparent=transparent,
-            connect_timeout=config.connect_timeout,
-            own_ports=frozenset(
-                {config.outbound_port, config.inbound_plaintext_port, config.hbone_port}
-            ),
+            mark=mark,
+            peer_hbone_port=peer_hbone_port,
         )
-        hbone_config = HboneConfig(
-            pool_idle_timeout=config.pool_idle_timeout,
-            handshake_timeout=config.connect_timeout,
-            shutdown_grace=config.drain_grace_period,
-        )
-        contexts = TlsContextCache()
-        self.pool = HboneClientPool(
-            self.trust_bundle, connect=self._dial_peer, config=hbone_config, contexts=contexts
-        )
-        self.outbound = OutboundProxy(
-            self.ctx, self.certs, self.pool, peer_hbone_port=peer_hbone_port
-        )
-        self.inbound = InboundProxy(
-            self.ctx, self.certs, self.trust_bundle, config=hbone_config, contexts=contexts
-        )
-        self.plaintext = PlaintextProxy(self.ctx)
+        # The engine's parts, under the names tests and tools have always used.
+        self.traffic = self.engine.traffic
+        self.connections = self.engine.connections
+        self.ctx = self.engine.ctx
+        self.pool = self.engine.pool
+        self.outbound = self.engine.outbound
+        self.inbound = self.engine.inbound
+        self.plaintext = self.engine.plaintext
+        self.listeners = self.engine.listeners
         self.readiness = Readiness(self.store, self.certs)
-        self.readiness.add_check("listeners", self._listeners_ready)
+        self.readiness.add_check("listeners", self.engine.listeners_ready)
         self.ops = OpsServer.from_config(
             config,
             store=self.store,
@@ -158,17 +137,13 @@ class Ztunnel:
             connections=self.connections.dump,
         )
         register_state_gauges(self.metrics_registry, self.store, self.certs, self.watch.status)
-        self.metrics_registry.gauge(
-            "veil_ztunnel_active_connections",
-            "Connections the ztunnel is proxying now, by direction.",
-            ("direction",),
-            self._active_by_direction,
-        )
-        self.listeners: dict[str, Listener] = {}
-        self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: list[Callable[[], None]] = []
         self._stopped = False
+
+    @property
+    def draining(self) -> bool:
+        return self.engine.draining
 
     # -- wiring ------------------------------------------------------------------
 
@@ -177,29 +152,6 @@ class Ztunnel:
         the ones stored at join."""
         bundle = self.store.current.trust_bundle
         return bundle if bundle is not None else self._controller.creds.trust_bundle()
-
-    async def _dial_peer(self, ip: str, port: int) -> socket.socket:
-        # Marked so the node's steering does not capture the tunnel itself.
-        return await connect_upstream(
-            Address(ip, port), mark=self.ctx.mark, timeout=self.config.connect_timeout
-        )
-
-    def _on_state_change(self, change: StateChange) -> None:
-        if change.affects_authorization:
-            self.connections.recheck(change.new)
-
-    def _listeners_ready(self) -> str | None:
-        if self.draining:
-            return "draining for shutdown"
-        if len(self.listeners) < 3:
-            return "listeners not bound yet"
-        return None
-
-    def _active_by_direction(self) -> dict[tuple[str, ...], float]:
-        out: dict[tuple[str, ...], float] = {(d.value,): 0.0 for d in Direction}
-        for c in self.connections:
-            out[(c.info.direction.value,)] += 1
-        return out
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -210,7 +162,6 @@ class Ztunnel:
         (None: wait as long as it takes, reporting not ready meanwhile).
         """
         self._unsubscribe.append(self.store.subscribe(self.certs.on_state_change))
-        self._unsubscribe.append(self.store.subscribe(self._on_state_change))
         self._unsubscribe.append(self._controller.on_reconnect(self.certs.on_reconnect))
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.watch.run(), name="veil-watch"))
@@ -237,39 +188,11 @@ class Ztunnel:
             len(snap.workloads),
             len(snap.local_workloads),
         )
-        self._bind_listeners()
-
-    def _bind_listeners(self) -> None:
-        c = self.config
-        host = c.listen_address
-        wanted: list[tuple[str, int, ConnectionHandler]] = [
-            ("hbone", c.hbone_port, self.inbound.handle),
-            ("inbound_plaintext", c.inbound_plaintext_port, self.plaintext.handle),
-            ("outbound", c.outbound_port, self.outbound.handle),
-        ]
-        transparent = self.ctx.transparent
-        try:
-            for name, port, handler in wanted:
-                try:
-                    sock = listener_socket(host, port, transparent=transparent)
-                except OSError as e:
-                    raise ListenerError(name, host, port, e) from None
-                listener = Listener(name, sock, handler)
-                self.listeners[name] = listener
-                listener.start()
-                log.info("%s listener on %s:%d", name, *listener.address)
-            # The ports actually bound (0 in the config means "any"), for the
-            # guard against connections addressed to the ztunnel itself.
-            self.ctx.own_ports = frozenset(lst.address[1] for lst in self.listeners.values())
-        except BaseException:
-            for listener in self.listeners.values():
-                listener.stop_accepting()
-            self.listeners.clear()
-            raise
+        self.engine.bind_listeners()
 
     def address(self, listener: str) -> tuple[str, int]:
         """Where a listener (outbound, inbound_plaintext, hbone) is bound."""
-        return self.listeners[listener].address
+        return self.engine.address(listener)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Drains and stops. Idempotent."""
@@ -277,27 +200,13 @@ class Ztunnel:
             return
         self._stopped = True
         grace = self.config.drain_grace_period if grace is None else grace
-        self.draining = True
         # Listeners close at once, so a surge ztunnel bound beside this one
         # (SO_REUSEPORT) receives every new connection while these drain.
-        for listener in self.listeners.values():
-            listener.stop_accepting()
+        self.engine.stop_accepting()
         await self.ops.close_readiness()
-        live = len(self.connections)
-        log.info("shutting down: draining %d connection(s) for up to %.0fs", live, grace)
         # GOAWAY to every HBONE peer (both directions) while the connections
         # that are left finish on their own.
-        await asyncio.gather(
-            self.inbound.shutdown(grace),
-            self.pool.shutdown(grace),
-            self.connections.wait_empty(grace),
-        )
-        left = self.connections.close_all("shutdown: drain grace period ended")
-        if left:
-            log.warning("drain grace period ended; reset %d connection(s)", left)
-            await self.connections.wait_empty(2.0)
-        for listener in self.listeners.values():
-            await listener.close(timeout=2.0)
+        await self.engine.drain(grace)
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         for task in self._tasks:
@@ -327,7 +236,7 @@ async def run_ztunnel(config: ZtunnelConfig) -> int:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # raises a startup error
-            _tune_gc()  # the process is ours alone (not an embedding test)
+            tune_gc()  # the process is ours alone (not an embedding test)
             await stopping
         else:
             starting.cancel()
@@ -340,7 +249,7 @@ async def run_ztunnel(config: ZtunnelConfig) -> int:
     return 0
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Move everything built at startup (modules, the first snapshot, TLS and
     gRPC state) out of the collector's reach and make young collections rarer.
 

@@ -17,11 +17,13 @@ import logging.handlers
 import os
 import queue
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ztunnel.config import add_config_arguments, config_fields, config_from_args
 
-__all__ = ["add_ztunnel_parser", "run_command"]
+__all__ = ["access_log_off_the_loop", "add_ztunnel_parser", "run_command"]
 
 if TYPE_CHECKING:
     _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -43,15 +45,57 @@ def add_ztunnel_parser(sub: _Sub) -> None:
         "then VEIL_* environment variables, then defaults.",
     )
     run.add_argument(
-        "--node", dest="node_name", default=None, metavar="NAME", help="this node's name"
+        "--node", dest="node_name", default=None, metavar="NAME",
+        help="this node's name (env VEIL_NODE_NAME; default: the name stored by "
+        "`veil node join` in --state-dir, as the agent does)",
     )
-    add_config_arguments(run, skip=_SKIPPED)
+    # The old second spelling keeps working for one release, with a warning.
+    run.add_argument(
+        "--node-name", dest="node_name", action=_DeprecatedAlias, metavar="NAME",
+        help=argparse.SUPPRESS,
+    )
+    add_config_arguments(run, skip=_SKIPPED | {"node_name"})
     run.set_defaults(func=run_command)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """``--node-name``: stores like ``--node`` and says to use that instead."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"warning: {option_string} is deprecated and will be removed; use --node "
+            "(or leave it out: the node name is read from the joined state)",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def node_from_state(state_dir: str | os.PathLike[str] | None) -> str | None:
+    """The node name `veil node join` stored, or None when there is no joined state."""
+    from node.credentials import load_node_credentials
+    from veil.errors import VeilError
+    from ztunnel.config import DEFAULT_STATE_DIR
+
+    directory = Path(state_dir) if state_dir else DEFAULT_STATE_DIR
+    try:
+        return load_node_credentials(directory).node
+    except (VeilError, OSError):
+        return None
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``veil ztunnel run``."""
     values = {k: v for k, v in vars(args).items() if k in config_fields()}
+    if values.get("node_name") is None and "VEIL_NODE_NAME" not in os.environ:
+        values["node_name"] = node_from_state(
+            values.get("state_dir") or os.environ.get("VEIL_STATE_DIR")
+        )
     if values.get("log_level") is None:
         values["log_level"] = getattr(args, "log_level", None) or os.environ.get(
             "VEIL_LOG_LEVEL", "info"
@@ -65,29 +109,44 @@ def run_command(args: argparse.Namespace) -> int:
         )
     # Imported here so `veil --help` does not load the data path.
     from ztunnel.app import run_ztunnel
+    from ztunnel.workers.supervision import resolve_workers
+    from ztunnel.workers.supervisor import run_supervised
 
-    listener = _access_log_off_the_loop()
+    count = resolve_workers(config.workers, len(os.sched_getaffinity(0)), os.uname().release)
+    if count.warning:
+        logging.getLogger("veil.ztunnel").warning("%s", count.warning)
+
+    def main() -> Coroutine[Any, Any, int]:
+        # One worker is today's single process, exactly: no supervisor.
+        if count.workers == 1:
+            return run_ztunnel(config)
+        return run_supervised(config, count.workers)
+
+    listener = access_log_off_the_loop()
     try:
         try:
             import uvloop
         except ImportError:
-            return asyncio.run(run_ztunnel(config))
+            return asyncio.run(main())
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(run_ztunnel(config))
+            return runner.run(main())
     finally:
         listener.stop()  # flushes every queued access log line
 
 
-def _access_log_off_the_loop() -> logging.handlers.QueueListener:
+def access_log_off_the_loop() -> logging.handlers.QueueListener:
     """Writes access log lines from a thread, not the event loop.
 
     One line per closed connection; a blocking write to stderr or a pipe on the
     loop cost about 0.3 ms per connection in profiles of the new-connection rate.
     The queue is unbounded but drained continuously, so lines are never lost.
+    Each line is the JSON object alone, without the timestamp/level prefix of
+    the other logs, so a log shipper parses it as is.
     """
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    handlers = logging.getLogger().handlers
-    listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+    plain = logging.StreamHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(message)s"))
+    listener = logging.handlers.QueueListener(q, plain, respect_handler_level=True)
     access = logging.getLogger("veil.access")
     access.addHandler(logging.handlers.QueueHandler(q))
     access.propagate = False

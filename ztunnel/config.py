@@ -26,7 +26,7 @@ from node.dataplane import (
     OUTBOUND_PORT,
     READINESS_PORT,
 )
-from veil.settings import Setting, add_setting_arguments, resolve_settings
+from veil.settings import Setting, add_setting_arguments, dataclass_defaults, resolve_settings
 
 from .errors import ConfigError
 
@@ -44,6 +44,9 @@ __all__ = [
 DEFAULT_STATE_DIR = Path("/var/lib/veil/node")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# Kept in step with ztunnel.workers.supervision.MAX_WORKERS (config cannot
+# import the workers package: it imports the config).
+_MAX_WORKERS = 64
 _NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
@@ -115,6 +118,11 @@ class ZtunnelConfig:
     cert_retry_max: float = 60.0
     metrics_max_label_sets: int = 10_000
     log_level: str = "INFO"
+    # The agent's bpffs pin directory: the same-node kernel splice lives there.
+    pin_dir: Path = Path("/sys/fs/bpf/veil")
+    # Worker processes sharing the listeners (SO_REUSEPORT); None: one per
+    # CPU this process may use, capped (ztunnel.workers.supervision).
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -176,6 +184,12 @@ def _validate(c: ZtunnelConfig) -> None:
         raise _err("cert_ttl", f"{c.cert_ttl}s is too short", "use at least 1s; a few hours in production")
     if c.metrics_max_label_sets < 1:
         raise _err("metrics_max_label_sets", "must be at least 1", "the default is 10000")
+    if c.workers is not None and not 1 <= c.workers <= _MAX_WORKERS:
+        raise _err(
+            "workers",
+            f"{c.workers} is not a worker count",
+            f"use 1-{_MAX_WORKERS}, or leave it unset for one per CPU (at most 8)",
+        )
     if c.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise _err("log_level", f"{c.log_level!r} is not a level", "use DEBUG, INFO, WARNING or ERROR")
 
@@ -240,6 +254,11 @@ _SPECS = (
     Setting("metrics_max_label_sets", "--metrics-max-label-sets", "VEIL_METRICS_MAX_LABEL_SETS",
           _int, "cap on distinct label sets per metric"),
     Setting("log_level", "--log-level", "VEIL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
+          "the agent's bpffs pin directory (same-node kernel splice)"),
+    Setting("workers", "--workers", "VEIL_ZTUNNEL_WORKERS", _int,
+          "worker processes sharing the listeners (default: one per usable CPU, at most 8; "
+          "1 runs a single process)"),
 )
 _SPECS_BY_FIELD = {s.field: s for s in _SPECS}
 
@@ -253,7 +272,7 @@ def add_config_arguments(
     parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()
 ) -> None:
     """Adds one flag per config field; flags default to unset so env vars can apply."""
-    add_setting_arguments(parser, _SPECS, skip=skip)
+    add_setting_arguments(parser, _SPECS, skip=skip, defaults=dataclass_defaults(ZtunnelConfig))
 
 
 def config_from_args(
@@ -270,6 +289,7 @@ def config_from_args(
     if "node_name" not in values:
         raise ConfigError(
             "no node name given",
-            hint="set --node-name or VEIL_NODE_NAME (in a DaemonSet: spec.nodeName via the downward API)",
+            hint="run `veil node join` first (the ztunnel reads the node name from --state-dir), "
+            "or set --node / VEIL_NODE_NAME (in a DaemonSet: spec.nodeName via the downward API)",
         )
     return ZtunnelConfig(**values)

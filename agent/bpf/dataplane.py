@@ -42,7 +42,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
 
-from agent.bpf import programs, syscall
+from agent.bpf import programs
 from agent.bpf.codes import PodFlag
 from agent.bpf.maps import DataplaneMaps, LocalPodEntry, PodAddrEntry, PodEntry, check_layout
 from agent.bpf.pins import (
@@ -60,6 +60,7 @@ from agent.bpf.view import DataplaneView
 from agent.errors import BpfError, NetlinkError
 from agent.net import routing, tc, veth
 from agent.net.tc import Hook
+from node import bpf as syscall
 
 __all__ = ["Dataplane", "uninstall_node"]
 
@@ -145,6 +146,8 @@ class Dataplane(DataplaneView):
             except BaseException:
                 plane.close()
                 raise
+        if options.same_node_splice:
+            _ensure_splice(layout, options)
         log.info(
             "dataplane open: pin_dir=%s build=%s reused_pins=%s",
             layout.root,
@@ -377,6 +380,23 @@ class Dataplane(DataplaneView):
                     tc.detach_bpf(self._ipr, ifindex, found.hook)
                     continue
                 self._attach(ifindex, spec)
+
+
+def _ensure_splice(layout: PinLayout, options: DataplaneOptions) -> None:
+    """Pin the same-node splice for the ztunnel; its absence is not fatal (Python relay)."""
+    from agent.bpf.splice import ensure_splice
+
+    try:
+        status = ensure_splice(layout, options.ebpf_dir)
+    except BpfError as e:
+        log.warning(
+            "same-node fast path unavailable, the ztunnel will relay same-node bytes in "
+            "Python: %s (%s)",
+            e.message.splitlines()[0],
+            e.hint,
+        )
+        return
+    log.info("same-node splice pinned: program id %d, reused=%s", status.program_id, status.reused)
 
 
 def _ipv6_set(addrs: Iterable[IPv6Address | str]) -> frozenset[IPv6Address]:

@@ -1,6 +1,6 @@
 """Typed access to Veil's pinned BPF maps: the ONE module that reads or writes them.
 
-Maps are opened from their pins with bpf(2) (agent.bpf.syscall), not through
+Maps are opened from their pins with bpf(2) (node.bpf), not through
 a bcc module, so this works in any process on the node (the agent, the CLI)
 without compiling anything. Values are packed with :mod:`struct` in the
 exact layout of ebpf/include/veil_maps.h; :meth:`DataplaneMaps.open` compares
@@ -26,11 +26,11 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, Final
 
-from agent.bpf import syscall
 from agent.bpf.codes import DROP_SLOTS, DropReason, PodFlag
 from agent.bpf.pins import MAP_NAMES, PinLayout, open_pin
 from agent.bpf.programs import MAX_POD_ADDRS, MAX_PODS
 from agent.errors import MapError
+from node import bpf as syscall
 
 __all__ = [
     "MAP_LAYOUTS",

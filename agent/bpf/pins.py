@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.bpf import syscall
 from agent.errors import BpfError
+from node import bpf as syscall
 
 __all__ = [
     "BPFFS_ROOT",

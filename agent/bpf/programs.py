@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from agent.bpf import syscall
 from agent.errors import BpfError
 from agent.net.tc import Hook
+from node import bpf as syscall
 from node import dataplane as dp
 
 __all__ = [
@@ -123,6 +123,9 @@ class DataplaneOptions:
     # Let ICMP/ICMPv6 echo through to and from enrolled pods (dropped by default).
     allow_icmp_echo: bool = False
     ebpf_dir: Path = DEFAULT_EBPF_DIR
+    # Pin the same-node splice (agent.bpf.splice) for the ztunnel; not part of
+    # the tc build id: it is a separate, optional set of pins.
+    same_node_splice: bool = True
 
 
 def build_cflags(options: DataplaneOptions, pin_dir: Path) -> tuple[str, ...]:

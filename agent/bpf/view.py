@@ -23,7 +23,6 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from agent.bpf import syscall
 from agent.bpf.maps import DataplaneMaps, MapsDump, PodCounters, PodEntry
 from agent.bpf.pins import DEFAULT_PIN_DIR, PinLayout, open_pin, validate_pin_dir
 from agent.bpf.programs import (
@@ -37,6 +36,7 @@ from agent.bpf.state import AttachedProgram, LoadedProgram, NodeDataplaneState, 
 from agent.errors import BpfError
 from agent.net import routing, tc, veth
 from agent.net.tc import Hook
+from node import bpf as syscall
 
 __all__ = ["DataplaneView", "loaded_source"]
 

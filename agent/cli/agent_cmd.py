@@ -40,7 +40,9 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     rows = [
         {
             "check": c.name,
-            "result": "skip" if c.skipped else ("ok" if c.ok else "FAIL"),
+            "result": "skip" if c.skipped else (
+                ("WARN" if c.warning else "ok") if c.ok else "FAIL"
+            ),
             "detail": c.detail,
             "fix": c.fix,
         }
@@ -54,6 +56,9 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
         for row in rows:
             if row["result"] != "ok" and row["fix"]:
                 print(f"\nfix {row['check']}: {row['fix']}")
+        for c in report.checks:
+            if c.warning:
+                print(f"\nwarning {c.name}: {c.warning}")
         print("\nnode ready for Veil" if report.ok else "\nnode NOT ready: fix the items above")
     return 0 if report.ok else 1
 

@@ -37,7 +37,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,11 @@ from agent.bpf import Dataplane, DataplaneOptions, PodDataplaneState
 from agent.errors import AgentError
 from agent.net.sockreset import reset_pod_tcp
 from agent.status import StatusServer
+from agent.status.monitor import follow_drops
 from controller.api.model import ResourceType, Workload
 from node import NodeCredentials, load_node_credentials
 from node.backoff import Backoff
+from node.loglevels import LogLevelError, apply_levels, current_levels, parse_level_spec
 from node.state import StateChange, StateStore
 from node.watch import WatchClient
 
@@ -60,6 +62,7 @@ from .config import AgentConfig
 from .errors import AgentStartupError
 from .identity import NodeIdentity
 from .loader import LoadResult, load_in_child
+from .metrics import AgentMetrics, DataplaneSample, DropTotals, MetricsServer, read_sample
 from .netinfo import NodeNetwork, tcp_listeners
 from .reconcile import (
     AwaitVeth,
@@ -138,6 +141,8 @@ class AgentDaemon:
         self._dirty_ips: set[IPv4Address] = set()
         self._full = True
         self._pending: dict[str, str] = {}  # workload key -> why it waits for its veth
+        self._drop_totals = DropTotals()
+        self.metrics = AgentMetrics(self._metrics_sample)
 
     # -- control -------------------------------------------------------------------
 
@@ -177,6 +182,7 @@ class AgentDaemon:
         plane = await asyncio.to_thread(Dataplane.open, cfg.pin_dir, options)
         self._plane = plane
         status: StatusServer | None = None
+        metrics: MetricsServer | None = None
         identity: NodeIdentity | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -202,6 +208,9 @@ class AgentDaemon:
             status = StatusServer(cfg.status_socket)
             self._add_routes(status)
             await status.start()
+            if cfg.metrics_address is not None:
+                metrics = MetricsServer(self.metrics)
+                await metrics.start(*cfg.metrics_address)
             self._store = StateStore(self._node, creds.trust_domain)
             self._store.subscribe(self._on_change)
             identity = self._identity = NodeIdentity(cfg.state_dir, creds, types=_WATCH_TYPES)
@@ -240,6 +249,8 @@ class AgentDaemon:
                     await identity.close()
             if status is not None:
                 await status.stop()
+            if metrics is not None:
+                await metrics.stop()
             if self._net is not None:
                 await asyncio.to_thread(self._net.close)
             await asyncio.to_thread(plane.close)
@@ -285,6 +296,7 @@ class AgentDaemon:
                 # closed; record it and try again rather than exit.
                 log.exception("reconcile failed")
                 self._errors.append({"at": time.time(), "error": f"reconcile failed: {exc}"})
+                self.metrics.pass_failed()
                 self._full, retrying = True, True
             else:
                 self._dirty_keys |= retry_keys
@@ -421,7 +433,23 @@ class AgentDaemon:
             } | waiting
         self._last = report
         self._reconciles += 1
+        self.metrics.reconciled(
+            full=report.full, seconds=report.duration_s, failed_actions=len(errors)
+        )
         return retry_keys, retry_ips
+
+    def _metrics_sample(self) -> DataplaneSample:
+        """Scrape-time view of the maps (runs in the metrics server's worker thread)."""
+        plane = self._plane
+        if plane is None:
+            return DataplaneSample()
+        store = self._store
+        return read_sample(
+            plane.maps,
+            store.current if store is not None else None,
+            self._drop_totals,
+            pending=len(self._pending),
+        )
 
     # -- status API ----------------------------------------------------------------
 
@@ -432,6 +460,24 @@ class AgentDaemon:
         server.route("/bpf/maps", self._maps)
         server.route("/bpf/source", self._source)
         server.route("/verify", self._verify)
+        # Runtime log levels and the drop stream (veilctl log, veilctl monitor).
+        server.route("/logging", self._log_levels)
+        server.route_post("/logging", self._set_log_levels)
+        server.route_stream("/monitor", self._monitor)
+
+    async def _log_levels(self) -> dict[str, object]:
+        return current_levels()
+
+    async def _set_log_levels(self, body: Mapping[str, Any]) -> dict[str, object]:
+        spec = body.get("level")
+        if not isinstance(spec, str):
+            raise LogLevelError('expected a JSON body {"level": "COMPONENT=LEVEL"}')
+        applied = apply_levels(parse_level_spec(spec), "veil.agent")
+        log.warning("log levels changed through the status API: %s", applied)
+        return {"applied": applied, **current_levels()}
+
+    def _monitor(self, query: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        return follow_drops(self._pods)
 
     async def _status(self) -> dict[str, Any]:
         assert self._plane is not None

@@ -19,9 +19,10 @@ from typing import Any, Final
 
 from agent.bpf.pins import DEFAULT_PIN_DIR, validate_pin_dir
 from agent.errors import BpfError
-from veil.settings import Setting, add_setting_arguments, resolve_settings
+from veil.settings import Setting, add_setting_arguments, dataclass_defaults, resolve_settings
 
 from .errors import AgentConfigError
+from .metrics import DEFAULT_METRICS_ADDRESS, parse_metrics_address
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -63,6 +64,8 @@ class AgentConfig:
     resync_interval: float = 30.0
     # First retry delay for pods whose veth does not exist yet (doubles up to 5 s).
     veth_retry: float = 0.2
+    # Prometheus endpoint (host, port); None: off.
+    metrics_address: tuple[str, int] | None = DEFAULT_METRICS_ADDRESS
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -180,6 +183,10 @@ _SPECS: Final = (
           "full reconcile against the kernel this often (default 30s)"),
     Setting("veth_retry", "--veth-retry", "VEIL_VETH_RETRY", parse_duration,
           "first retry delay for pods whose veth is not there yet (default 200ms)"),
+    Setting("metrics_address", "--metrics-address", "VEIL_AGENT_METRICS_ADDRESS",
+          parse_metrics_address,
+          "HOST:PORT of the Prometheus /metrics endpoint, or off "
+          f"(default {DEFAULT_METRICS_ADDRESS[0]}:{DEFAULT_METRICS_ADDRESS[1]})"),
 )
 _SPECS_BY_FIELD: Final = {s.field: s for s in _SPECS}
 
@@ -191,7 +198,7 @@ def config_fields() -> dict[str, tuple[str, str]]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; flags default to unset so the environment can apply."""
-    add_setting_arguments(parser, _SPECS)
+    add_setting_arguments(parser, _SPECS, defaults=dataclass_defaults(AgentConfig))
 
 
 def config_from_args(

@@ -1,46 +1,120 @@
-"""Serves the agent's status routes on a unix socket with aiohttp."""
+"""Serves the agent's status routes on a unix socket with aiohttp.
+
+Three kinds of route: GET documents, POST changes (a JSON body in, a JSON
+document out; used for runtime log levels) and streams (JSON lines until the
+client goes away; used by ``veilctl monitor``). A handler that fails answers
+HTTP 500 with the error; it never takes the agent down.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import pathlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+
+from veil.errors import VeilError
 
 __all__ = ["StatusServer"]
 
 log = logging.getLogger("veil.agent.status")
 
 Handler = Callable[[], Awaitable[Any]]
+PostHandler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+StreamHandler = Callable[[Mapping[str, str]], AsyncIterator[Mapping[str, Any]]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, default=str, sort_keys=True),
+        status=status,
+        content_type="application/json",
+    )
 
 
 class StatusServer:
-    """Maps GET paths to coroutines returning JSON-serialisable data."""
+    """Maps paths to coroutines returning JSON-serialisable data."""
 
     def __init__(self, socket_path: pathlib.Path) -> None:
         self.socket_path = socket_path
         self._routes: dict[str, Handler] = {}
+        self._posts: dict[str, PostHandler] = {}
+        self._streams: dict[str, StreamHandler] = {}
         self._runner: web.AppRunner | None = None
+        self._streaming: set[asyncio.Task[Any]] = set()
 
     def route(self, path: str, handler: Handler) -> None:
         self._routes[path] = handler
 
-    async def _dispatch(self, request: web.Request) -> web.Response:
+    def route_post(self, path: str, handler: PostHandler) -> None:
+        self._posts[path] = handler
+
+    def route_stream(self, path: str, handler: StreamHandler) -> None:
+        self._streams[path] = handler
+
+    def _paths(self) -> list[str]:
+        return sorted({*self._routes, *self._posts, *self._streams})
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return await self._post(request)
+        stream = self._streams.get(request.path)
+        if stream is not None:
+            return await self._stream(request, stream)
         handler = self._routes.get(request.path)
         if handler is None:
-            return web.json_response(
-                {"error": f"unknown path {request.path}", "paths": sorted(self._routes)}, status=404
-            )
+            return _json({"error": f"unknown path {request.path}", "paths": self._paths()}, 404)
         try:
             data = await handler()
         except Exception as e:  # report, never crash the agent for a status read
             log.exception("status route %s failed", request.path)
-            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)
-        return web.Response(text=json.dumps(data, default=str, sort_keys=True), content_type="application/json")
+            return _json({"error": f"{type(e).__name__}: {e}"}, 500)
+        return _json(data)
+
+    async def _post(self, request: web.Request) -> web.Response:
+        handler = self._posts.get(request.path)
+        if handler is None:
+            return _json({"error": f"no POST on {request.path}", "paths": sorted(self._posts)}, 404)
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError:
+            return _json({"error": "the request body is not JSON"}, 400)
+        if not isinstance(body, dict):
+            return _json({"error": "the request body must be a JSON object"}, 400)
+        try:
+            data = await handler(body)
+        except VeilError as e:  # the caller's mistake: say what and how to fix it
+            return _json({"error": e.message, "hint": e.hint}, 400)
+        except Exception as e:
+            log.exception("status route POST %s failed", request.path)
+            return _json({"error": f"{type(e).__name__}: {e}"}, 500)
+        return _json(data)
+
+    async def _stream(self, request: web.Request, handler: StreamHandler) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streaming.add(task)
+        try:
+            async for event in handler(request.query):
+                await resp.write(json.dumps(event, default=str, sort_keys=True).encode() + b"\n")
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client went away: that ends a stream
+        except Exception as e:
+            log.exception("status stream %s failed", request.path)
+            err = {"type": "error", "error": f"{type(e).__name__}: {e}"}
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write(json.dumps(err).encode() + b"\n")
+        finally:
+            self._streaming.discard(task)  # type: ignore[arg-type]
+        return resp
 
     async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +123,7 @@ class StatusServer:
             self.socket_path.unlink()
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._dispatch)
+        app.router.add_route("POST", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.UnixSite(self._runner, str(self.socket_path))
@@ -57,6 +132,9 @@ class StatusServer:
         log.info("status API on unix:%s", self.socket_path)
 
     async def stop(self) -> None:
+        # Streams never end by themselves; cleanup would wait a minute for them.
+        for task in list(self._streaming):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

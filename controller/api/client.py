@@ -65,6 +65,7 @@ async def join_node(
         cert_chain=tuple(resp.cert_chain),
         trust_bundle=tuple(resp.trust_bundle),
         trust_domain=resp.trust_domain,
+        controller_address=resp.controller_address,
     )
 
 

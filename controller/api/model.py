@@ -19,8 +19,13 @@ __all__ = [
     "DATAPLANE_MODE_LABEL",
     "OPT_OUT",
     "ROOT_NAMESPACE",
+    "USE_WAYPOINT_LABEL",
+    "WAYPOINT_LABEL",
     "AuthorizationPolicy",
+    "Condition",
     "JoinResult",
+    "JwtHeader",
+    "JwtRule",
     "Labels",
     "Namespace",
     "Operation",
@@ -28,12 +33,14 @@ __all__ = [
     "PeerAuthentication",
     "PolicyAction",
     "RegistryState",
+    "RequestAuthentication",
     "Resource",
     "ResourceType",
     "Rule",
     "Service",
     "ServicePort",
     "Source",
+    "TargetRef",
     "TrustBundle",
     "WatchUpdate",
     "Workload",
@@ -46,6 +53,11 @@ AMBIENT = "ambient"
 OPT_OUT = "none"
 # Policies in the root namespace apply to every workload in the mesh.
 ROOT_NAMESPACE = "veil-system"
+# On a Namespace or a Service: send its traffic through the waypoint of that
+# name (in the same namespace). See docs/waypoint.md.
+USE_WAYPOINT_LABEL = "veil.io/use-waypoint"
+# On a Workload: this workload is a replica of the waypoint of that name.
+WAYPOINT_LABEL = "veil.io/waypoint"
 
 
 class Labels(Mapping[str, str]):
@@ -95,6 +107,7 @@ class ResourceType(enum.IntEnum):
     SERVICE = 3
     AUTHORIZATION_POLICY = 4
     PEER_AUTHENTICATION = 5
+    REQUEST_AUTHENTICATION = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +122,11 @@ class Namespace:
     @property
     def enrolled(self) -> bool:
         return self.labels.get(DATAPLANE_MODE_LABEL) == AMBIENT
+
+    @property
+    def use_waypoint(self) -> str:
+        """The waypoint this namespace's traffic goes through ("" for none)."""
+        return self.labels.get(USE_WAYPOINT_LABEL, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +161,11 @@ class Workload:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def waypoint(self) -> str:
+        """The waypoint this workload is a replica of ("" for an ordinary workload)."""
+        return self.labels.get(WAYPOINT_LABEL, "")
+
 
 @dataclass(frozen=True, slots=True)
 class ServicePort:
@@ -159,6 +182,9 @@ class Service:
     ports: tuple[ServicePort, ...]
     selector: Labels = field(default_factory=Labels)
     endpoints: tuple[str, ...] = ()  # workload keys "<ns>/<name>"
+    # From the Service's label veil.io/use-waypoint ("" for none); the
+    # namespace's label applies when this is empty.
+    use_waypoint: str = ""
 
     @property
     def key(self) -> str:
@@ -180,23 +206,58 @@ class Source:
     not_namespaces: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()
     not_ip_blocks: tuple[str, ...] = ()
+    # L7: "<iss>/<sub>" of a verified JWT (RequestAuthentication); a waypoint
+    # evaluates these, a ztunnel cannot (see node.policy.match).
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    """One ``rules[].to[].operation``."""
+    """One ``rules[].to[].operation``; all non-empty fields must match (AND).
+
+    ``ports`` are L4; hosts, methods and paths are L7 (waypoint only).
+    """
 
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One ``rules[].when[]`` entry: ``key`` (``request.auth.claims[role]``,
+    ``request.headers[x-user]``, ``source.namespace``...) must have one of
+    ``values`` (if any) and none of ``not_values``."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
     """A rule matches when any ``sources`` entry and any ``operations`` entry
-    match; an empty list matches everything."""
+    match, and every ``conditions`` entry holds; an empty list matches everything."""
 
     sources: tuple[Source, ...] = ()
     operations: tuple[Operation, ...] = ()
+    conditions: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRef:
+    """A policy attachment (``targetRefs[]``): ``kind`` is ``Gateway`` (Veil's
+    waypoint, by name) or ``Service``, in the policy's namespace."""
+
+    kind: str
+    name: str
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +268,52 @@ class AuthorizationPolicy:
     rules: tuple[Rule, ...] = ()
     # None: the whole namespace (or the whole mesh in ROOT_NAMESPACE).
     selector: Labels | None = None
+    # Non-empty: the policy is attached to these waypoints or services and is
+    # enforced by the waypoint only, never by a ztunnel (Istio's targetRefs).
+    target_refs: tuple[TargetRef, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class JwtHeader:
+    """Where a token is read from: header ``name``, after ``prefix`` ("Bearer ")."""
+
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRule:
+    """One ``jwtRules[]`` entry of a RequestAuthentication.
+
+    ``jwks`` is an inline JWKS document (JSON text); ``jwks_uri`` is fetched by
+    the waypoint. No ``from_headers``: ``Authorization: Bearer <token>``.
+    """
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""
+    jwks_uri: str = ""
+    from_headers: tuple[JwtHeader, ...] = ()
+    forward_original_token: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    """Which JWTs a waypoint accepts for a workload, waypoint or service.
+
+    Attached like an AuthorizationPolicy: by ``selector`` (None: the whole
+    namespace) or by ``target_refs``.
+    """
+
+    name: str
+    namespace: str
+    jwt_rules: tuple[JwtRule, ...] = ()
+    selector: Labels | None = None
+    target_refs: tuple[TargetRef, ...] = ()
 
     @property
     def key(self) -> str:
@@ -237,7 +344,14 @@ class TrustBundle:
     roots: tuple[bytes, ...]  # PEM certificates
 
 
-Resource = Namespace | Workload | Service | AuthorizationPolicy | PeerAuthentication
+Resource = (
+    Namespace
+    | Workload
+    | Service
+    | AuthorizationPolicy
+    | PeerAuthentication
+    | RequestAuthentication
+)
 
 _TYPE_OF: dict[type, ResourceType] = {
     Namespace: ResourceType.NAMESPACE,
@@ -245,6 +359,7 @@ _TYPE_OF: dict[type, ResourceType] = {
     Service: ResourceType.SERVICE,
     AuthorizationPolicy: ResourceType.AUTHORIZATION_POLICY,
     PeerAuthentication: ResourceType.PEER_AUTHENTICATION,
+    RequestAuthentication: ResourceType.REQUEST_AUTHENTICATION,
 }
 
 
@@ -270,6 +385,7 @@ class RegistryState:
     services: tuple[Service, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
 
     def resources(self) -> Iterator[Resource]:
         yield from self.namespaces
@@ -277,6 +393,7 @@ class RegistryState:
         yield from self.services
         yield from self.authorization_policies
         yield from self.peer_authentications
+        yield from self.request_authentications
 
     def workloads_on(self, node: str) -> tuple[Workload, ...]:
         return tuple(w for w in self.workloads if w.node == node)
@@ -302,3 +419,4 @@ class JoinResult:
     cert_chain: tuple[bytes, ...]  # PEM, leaf first
     trust_bundle: tuple[bytes, ...]  # PEM roots
     trust_domain: str
+    controller_address: str = ""  # the mTLS listener, HOST:PORT ("" from older controllers)

@@ -177,11 +177,17 @@ class JoinTokenStore:
         with exclusive_lock(self._lock_path):
             tokens = self._read()
             entry = tokens.get(parsed.token_id)
-            # Unknown id and wrong secret get the same answer: no oracle for guessing.
-            if entry is None or not hmac.compare_digest(
-                str(entry.get("secret_sha256", "")), parsed.secret_hash
-            ):
+            if entry is None:
                 raise _unauth(f"join token {parsed.token_id} is not recognised")
+            # Token ids are not secret (they are listed and logged); saying the
+            # secret is wrong tells an operator they mistyped, and still reveals
+            # nothing about the secret itself (compared in constant time).
+            if not hmac.compare_digest(str(entry.get("secret_sha256", "")), parsed.secret_hash):
+                raise _unauth(
+                    f"invalid secret for join token {parsed.token_id}",
+                    hint="copy the whole token printed by `veil controller token create`, "
+                    "or create a new one",
+                )
             info = self._info(parsed.token_id, entry)
             if info.ca_fingerprint != parsed.ca_fingerprint:
                 raise _unauth(

@@ -14,8 +14,9 @@ large registry never stalls gRPC serving.
 A torn or partial write is never applied (issue 9, docs/registry.md "Reloads"):
 
 * content is parsed only after it has stayed unchanged for ``settle`` seconds
-  (same stamps and same bytes before and after the window), and not while
-  inotify reports the file modified and not yet closed;
+  (same stamps and same bytes before and after the window; a file replaced by
+  rename, complete by construction, waits only RENAMED_SETTLE_SECONDS), and
+  not while inotify reports the file modified and not yet closed;
 * an empty or comment-only document is an error (:mod:`.document`);
 * a reload that removes every AuthorizationPolicy, every PeerAuthentication or
   more than half of the workloads (what a file cut short looks like) is logged
@@ -62,11 +63,15 @@ log = logging.getLogger("veil.controller.registry")
 
 REGISTRY_SUFFIXES = (".yaml", ".yml", ".json")
 _MISSING_POLLS_BEFORE_ACTING = 2
-# The settle window is added to every reload, so to the registry write ->
-# redirection latency (target p99 < 200 ms); inotify's close-write tracking
-# does most of the work of spotting half-written files, so it can stay short.
-DEFAULT_SETTLE_SECONDS = 0.1
+# The settle window is added to every in-place reload, so to the registry
+# write -> redirection latency (target p99 < 200 ms, met by rename-based
+# writers, which wait only RENAMED_SETTLE_SECONDS).
+DEFAULT_SETTLE_SECONDS = 0.2
 DEFAULT_HOLD_SECONDS = 5.0
+# A file replaced by rename (a new inode where the old file was: how editors,
+# GitOps tools and ConfigMap volumes save) was written completely before it
+# appeared, so it only waits this long; in-place writes wait ``settle``.
+RENAMED_SETTLE_SECONDS = 0.02
 _Read = bytes | RegistryError
 
 
@@ -267,10 +272,22 @@ class RegistryFileWatcher:
         last = self._events.last_open_write([f.name for f in listing])
         return last is not None and time.monotonic() - last < self.hold
 
+    def _settle_for(self, listing: dict[Path, _Stamp]) -> float:
+        """The settle window for this change: short when every changed file was renamed in."""
+        renamed = True
+        for file, stamp in listing.items():
+            old = self._stamps.get(file)
+            if old == stamp:
+                continue
+            if old is None or (old.dev, old.ino) == (stamp.dev, stamp.ino):
+                renamed = False  # a new name, or written in place: may be half-written
+                break
+        return min(self.settle, RENAMED_SETTLE_SECONDS) if renamed else self.settle
+
     async def _settled(self, listing: dict[Path, _Stamp]) -> dict[Path, _Read] | None:
-        """The changed files' content once it has stayed the same for ``settle`` s, else None."""
+        """The changed files' content once it has stayed the same for the settle window."""
         first = await asyncio.to_thread(self._read_changed, listing)
-        await asyncio.sleep(self.settle)
+        await asyncio.sleep(self._settle_for(listing))
         if list_registry_files(self.path) != listing or self._open_for_writing(listing):
             return None
         second = await asyncio.to_thread(self._read_changed, listing)

@@ -79,7 +79,8 @@ class PolicySet:
 
     @classmethod
     def of(cls, policies: Iterable[CompiledPolicy]) -> PolicySet:
-        ordered = sorted(policies, key=lambda p: p.key)
+        # A policy attached by targetRefs is the waypoint's to enforce, not ours.
+        ordered = sorted((p for p in policies if not p.attached), key=lambda p: p.key)
         return cls(
             deny=tuple(p for p in ordered if p.action is PolicyAction.DENY),
             allow=tuple(p for p in ordered if p.action is PolicyAction.ALLOW),

@@ -27,6 +27,7 @@ from controller.api.model import (
     AuthorizationPolicy,
     Namespace,
     PeerAuthentication,
+    RequestAuthentication,
     Resource,
     Service,
     ServicePort,
@@ -80,6 +81,10 @@ class Snapshot:
     services: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     policies: Mapping[str, AuthorizationPolicy] = field(default_factory=lambda: MappingProxyType({}))
     peer_authentications: Mapping[str, PeerAuthentication] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # JWT rules; only a waypoint reads them.
+    request_authentications: Mapping[str, RequestAuthentication] = field(
         default_factory=lambda: MappingProxyType({})
     )
     # Indexes (derived; built by build_snapshot).
@@ -242,6 +247,7 @@ def build_snapshot(
     services: dict[str, Service] = {}
     policies: dict[str, AuthorizationPolicy] = {}
     peer_auths: dict[str, PeerAuthentication] = {}
+    request_auths: dict[str, RequestAuthentication] = {}
     for r in resources:
         if isinstance(r, Namespace):
             namespaces[r.key] = r
@@ -253,6 +259,8 @@ def build_snapshot(
             policies[r.key] = r
         elif isinstance(r, PeerAuthentication):
             peer_auths[r.key] = r
+        elif isinstance(r, RequestAuthentication):
+            request_auths[r.key] = r
 
     by_ip: dict[str, Workload] = {}
     for w in workloads.values():
@@ -304,6 +312,7 @@ def build_snapshot(
         services=MappingProxyType(services),
         policies=MappingProxyType(policies),
         peer_authentications=MappingProxyType(peer_auths),
+        request_authentications=MappingProxyType(request_auths),
         by_ip=MappingProxyType(by_ip),
         by_vip_port=MappingProxyType(by_vip_port),
         vips=frozenset(vips),

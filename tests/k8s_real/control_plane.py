@@ -230,6 +230,9 @@ class ControlPlane:
                 f"--service-account-signing-key-file={d / 'sa.key'}",
                 f"--token-auth-file={d / 'tokens.csv'}",
                 "--authorization-mode=RBAC",
+                # As kubeadm and managed clusters configure it: the node
+                # DaemonSet's bpffs mount step is a privileged init container.
+                "--allow-privileged=true",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 # Namespaces are read from etcd directly (no watch cache), so a
                 # watch from a compacted revision meets etcd's compaction (410).
@@ -444,6 +447,7 @@ _PLURALS = {
     "Pod": "pods",
     "Service": "services",
     "ConfigMap": "configmaps",
+    "ResourceQuota": "resourcequotas",
     "Secret": "secrets",
     "ClusterRole": "clusterroles",
     "ClusterRoleBinding": "clusterrolebindings",

@@ -164,7 +164,10 @@ class ControllerProcess:
         self.logs.append(log)
         # The health endpoint's default is a fixed loopback port, which parallel test
         # controllers would fight over; a test that wants it passes --health-addr.
-        env = {**clean_env(), "VEIL_HEALTH_ADDR": "off"}
+        # Tests edit registries on purpose, often removing every policy: the 5 s
+        # hold that guards production against a torn file would only slow them
+        # (the hold itself is tested with its own explicit setting).
+        env = {**clean_env(), "VEIL_HEALTH_ADDR": "off", "VEIL_REGISTRY_HOLD": "1"}
         with log.open("w") as err:
             self.proc = subprocess.Popen(
                 self.argv(),

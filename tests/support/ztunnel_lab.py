@@ -30,7 +30,9 @@ APP_PORT = 8080
 
 # node-a: checkout, other, intruder (shop, enrolled), legacy-client (plain)
 # node-b: payments, inventory (shop, enrolled), batch (opted out), legacy-server (plain)
-# Service shop/payments: VIP 10.96.0.20:80 -> payments:8081 (whoami).
+# Service shop/payments: VIPs 10.96.0.20 and fd00:96::20, :80 -> payments:8081 (whoami).
+# Dual stack: every pod also has the IPv6 address the lab gives it
+# (10.244.<n>.<h> -> fd00:244:<n>::<h in hex>).
 # payments accepts only checkout; other accepts only checkout; inventory accepts
 # anyone, plaintext included (PERMISSIVE for app=inventory); shop is STRICT.
 REGISTRY: dict[str, Any] = {
@@ -41,25 +43,25 @@ REGISTRY: dict[str, Any] = {
     ],
     "workloads": [
         {"name": "checkout", "namespace": "shop", "serviceAccount": "checkout",
-         "node": NODE_A, "ips": ["10.244.1.10"], "labels": {"app": "checkout"}},
+         "node": NODE_A, "ips": ["10.244.1.10", "fd00:244:1::a"], "labels": {"app": "checkout"}},
         {"name": "other", "namespace": "shop", "serviceAccount": "other",
-         "node": NODE_A, "ips": ["10.244.1.11"], "labels": {"app": "other"}},
+         "node": NODE_A, "ips": ["10.244.1.11", "fd00:244:1::b"], "labels": {"app": "other"}},
         {"name": "intruder", "namespace": "shop", "serviceAccount": "intruder",
-         "node": NODE_A, "ips": ["10.244.1.13"], "labels": {"app": "intruder"}},
+         "node": NODE_A, "ips": ["10.244.1.13", "fd00:244:1::d"], "labels": {"app": "intruder"}},
         {"name": "legacy-client", "namespace": "legacy", "serviceAccount": "default",
-         "node": NODE_A, "ips": ["10.244.1.12"], "labels": {"app": "legacy-client"}},
+         "node": NODE_A, "ips": ["10.244.1.12", "fd00:244:1::c"], "labels": {"app": "legacy-client"}},
         {"name": "payments", "namespace": "shop", "serviceAccount": "payments",
-         "node": NODE_B, "ips": ["10.244.2.10"], "labels": {"app": "payments"}},
+         "node": NODE_B, "ips": ["10.244.2.10", "fd00:244:2::a"], "labels": {"app": "payments"}},
         {"name": "inventory", "namespace": "shop", "serviceAccount": "inventory",
-         "node": NODE_B, "ips": ["10.244.2.13"], "labels": {"app": "inventory"}},
+         "node": NODE_B, "ips": ["10.244.2.13", "fd00:244:2::d"], "labels": {"app": "inventory"}},
         {"name": "batch", "namespace": "shop", "serviceAccount": "batch",
-         "node": NODE_B, "ips": ["10.244.2.11"],
+         "node": NODE_B, "ips": ["10.244.2.11", "fd00:244:2::b"],
          "labels": {"app": "batch", "veil.io/dataplane-mode": "none"}},
         {"name": "legacy-server", "namespace": "legacy", "serviceAccount": "default",
-         "node": NODE_B, "ips": ["10.244.2.12"], "labels": {"app": "legacy-server"}},
+         "node": NODE_B, "ips": ["10.244.2.12", "fd00:244:2::c"], "labels": {"app": "legacy-server"}},
     ],
     "services": [
-        {"name": "payments", "namespace": "shop", "vips": ["10.96.0.20"],
+        {"name": "payments", "namespace": "shop", "vips": ["10.96.0.20", "fd00:96::20"],
          "ports": [{"name": "http", "port": 80, "targetPort": 8081}],
          "selector": {"app": "payments"}},
     ],
@@ -99,6 +101,9 @@ class Lab:
 
     def ip(self, pod: str) -> str:
         return self.mesh.pod(pod).ip
+
+    def ip6(self, pod: str) -> str:
+        return self.mesh.pod(pod).ip6
 
     def set_registry(self, mutate: Callable[[dict[str, Any]], None]) -> None:
         self.mesh.update_registry(mutate)

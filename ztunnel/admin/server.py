@@ -4,8 +4,11 @@ Three listeners, because they have different audiences:
 
 - admin on ``127.0.0.1:15000`` (loopback only, refused otherwise): ``/config_dump``
   (workloads, services, policies, peer authentications, certificates without
-  keys, live connections, controller status), ``/certs``, ``/healthz``,
-  ``/healthz/ready``, ``/metrics``;
+  keys, live connections, controller status), ``/certs`` (``?pem=1`` adds
+  each chain and the trust bundle as PEM: public material only), ``/healthz``,
+  ``/healthz/ready``, ``/metrics``, ``/version``, ``/logging`` (GET the levels,
+  POST ``{"level": "proxy=debug"}`` to change them at runtime) and ``/denies``
+  (recent policy denies; ``?follow=1`` streams them as JSON lines);
 - Prometheus on ``:15020``: ``/metrics`` (and ``/stats/prometheus``);
 - readiness on ``:15021``: ``/healthz/ready`` (readiness and startup probes)
   and ``/healthz/live`` (liveness) for the kubelet.
@@ -19,14 +22,16 @@ Live connections belong to the proxy, so the server takes a callback for them.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from node.loglevels import LogLevelError, apply_levels, current_levels, parse_level_spec
 from node.state.store import StateStore
 from node.watch import WatchStatus
 
@@ -34,6 +39,7 @@ from ..config import ZtunnelConfig, is_loopback
 from ..errors import AdminBindError
 from ..identity.manager import CertManager
 from ..metrics.prometheus import CONTENT_TYPE, Registry
+from .denies import DenyFeed
 from .dump import config_dump
 from .readiness import Readiness
 
@@ -42,6 +48,8 @@ __all__ = ["ConnectionsProvider", "OpsServer", "register_state_gauges"]
 log = logging.getLogger("veil.ztunnel.admin")
 
 ConnectionsProvider = Callable[[], Sequence[Mapping[str, Any]]]
+ConnectionsGatherer = Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]
+MetricsRenderer = Callable[[], Awaitable[str]]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -50,6 +58,13 @@ def _json(data: object, status: int = 200) -> web.Response:
         status=status,
         content_type="application/json",
     )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("veil-mesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def register_state_gauges(
@@ -112,6 +127,9 @@ class OpsServer:
         certs: CertManager | None = None,
         watch_status: Callable[[], WatchStatus] | None = None,
         connections: ConnectionsProvider | None = None,
+        denies: DenyFeed | None = None,
+        gather_connections: ConnectionsGatherer | None = None,
+        render_metrics: MetricsRenderer | None = None,
         admin_address: tuple[str, int] = ("127.0.0.1", 15000),
         metrics_address: tuple[str, int] | None = ("0.0.0.0", 15020),
         readiness_address: tuple[str, int] | None = ("0.0.0.0", 15021),
@@ -129,6 +147,11 @@ class OpsServer:
         self._certs = certs
         self._watch_status = watch_status
         self._connections = connections
+        # A multi-core ztunnel's supervisor asks its workers (async) for the
+        # connections and metrics; a single process reads its own.
+        self._gather_connections = gather_connections
+        self._render_metrics = render_metrics
+        self._denies = denies if denies is not None else DenyFeed()
         self._wanted = {
             "admin": admin_address,
             "metrics": metrics_address,
@@ -149,12 +172,17 @@ class OpsServer:
 
     # -- handlers ----------------------------------------------------------------
 
-    def dump(self) -> dict[str, Any]:
-        """The ``/config_dump`` document (also used by tests and the CLI)."""
+    def dump(self, gathered: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """The ``/config_dump`` document (also used by tests and the CLI).
+
+        ``gathered``: connections already collected from the workers."""
         try:
-            conns = (
-                [dict(c) for c in self._connections()] if self._connections is not None else []
-            )
+            if gathered is not None:
+                conns = [dict(c) for c in gathered]
+            elif self._connections is not None:
+                conns = [dict(c) for c in self._connections()]
+            else:
+                conns = []
         except Exception as e:
             log.exception("connections provider failed")
             conns = [{"error": f"{type(e).__name__}: {e}"}]
@@ -166,10 +194,60 @@ class OpsServer:
         )
 
     async def _config_dump(self, request: web.Request) -> web.Response:
+        if self._gather_connections is not None:
+            return _json(self.dump(await self._gather_connections()))
         return _json(self.dump())
 
     async def _certificates(self, request: web.Request) -> web.Response:
-        return _json(self._certs.dump() if self._certs is not None else [])
+        certs = self._certs.dump() if self._certs is not None else []
+        if request.query.get("pem") not in ("1", "true") or self._certs is None:
+            return _json(certs)
+        chains = {
+            str(s.identity): [c.decode() for c in s.certificate.chain_pem]
+            for s in self._certs.statuses()
+            if s.certificate is not None
+        }
+        bundle = self._store.current.trust_bundle
+        return _json(
+            {
+                "certificates": [
+                    {**c, "chain_pem": chains.get(str(c["identity"]), [])} for c in certs
+                ],
+                "trust_bundle_pem": [r.decode() for r in bundle.roots] if bundle else [],
+            }
+        )
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return _json({"component": "ztunnel", "version": _version()})
+
+    async def _logging(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            try:
+                body = json.loads(await request.read() or b"{}")
+            except ValueError:
+                return _json({"error": "the request body is not JSON"}, 400)
+            spec = body.get("level") if isinstance(body, dict) else None
+            if not isinstance(spec, str):
+                return _json({"error": 'expected a JSON body {"level": "COMPONENT=LEVEL"}'}, 400)
+            try:
+                applied = apply_levels(parse_level_spec(spec), "veil.ztunnel")
+            except LogLevelError as e:
+                return _json({"error": e.message, "hint": e.hint}, 400)
+            log.warning("log levels changed through the admin API: %s", applied)
+            return _json({"applied": applied, **current_levels()})
+        return _json(current_levels())
+
+    async def _deny_list(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("follow") not in ("1", "true"):
+            return _json({"denies": self._denies.recent(), "total": self._denies.total})
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            async for event in self._denies.follow():
+                await resp.write(json.dumps(event, default=str).encode() + b"\n")
+        except ConnectionError:
+            pass  # the reader went away
+        return resp
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -186,7 +264,10 @@ class OpsServer:
         return web.Response(text="not ready: " + "; ".join(result.reasons) + "\n", status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = self._registry.render()
+        if self._render_metrics is not None:
+            body = await self._render_metrics()
+        else:
+            body = self._registry.render()
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _index(self, request: web.Request) -> web.Response:
@@ -199,6 +280,9 @@ class OpsServer:
                     "/healthz/live",
                     "/healthz/ready",
                     "/metrics",
+                    "/version",
+                    "/logging",
+                    "/denies",
                 ],
                 "time": datetime.now(UTC).isoformat(),
             }
@@ -213,6 +297,10 @@ class OpsServer:
         admin.router.add_get("/healthz/live", self._live)
         admin.router.add_get("/healthz/ready", self._ready)
         admin.router.add_get("/metrics", self._metrics)
+        admin.router.add_get("/version", self._version)
+        admin.router.add_get("/logging", self._logging)
+        admin.router.add_post("/logging", self._logging)
+        admin.router.add_get("/denies", self._deny_list)
         metrics = web.Application()
         metrics.router.add_get("/metrics", self._metrics)
         metrics.router.add_get("/stats/prometheus", self._metrics)
@@ -262,6 +350,7 @@ class OpsServer:
             await runner.cleanup()
 
     async def stop(self) -> None:
+        self._denies.close()  # ends `veilctl monitor` streams, or cleanup would wait on them
         self._by_name = {}
         runners, self._runners = self._runners, []
         for r in runners:

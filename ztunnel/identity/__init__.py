@@ -13,11 +13,13 @@ from .certificate import (
     verify_issued,
 )
 from .manager import CertificateSigner, CertManager, CertStatus, Clock, SystemClock
+from .source import CertificateSource
 
 __all__ = [
     "CertManager",
     "CertStatus",
     "CertificateSigner",
+    "CertificateSource",
     "Clock",
     "SystemClock",
     "WorkloadCertificate",

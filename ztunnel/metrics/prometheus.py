@@ -145,9 +145,13 @@ class Gauge:
         self.label_names = tuple(label_names)
         self._read = read
 
+    def series(self) -> dict[LabelValues, float]:
+        """The samples read now."""
+        return dict(self._read())
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
-        for key, v in sorted(self._read().items()):
+        for key, v in sorted(self.series().items()):
             lines.append(f"{self.name}{_format_labels(self.label_names, key)} {_format_value(v)}")
         return lines
 
@@ -201,6 +205,11 @@ class Registry:
 
     def get(self, name: str) -> Counter | Gauge | None:
         return self._families.get(name)
+
+    def families(self) -> list[Counter | Gauge]:
+        """Every family, in registration order."""
+        with self._lock:
+            return list(self._families.values())
 
     def render(self) -> str:
         """The whole registry in the Prometheus text format."""

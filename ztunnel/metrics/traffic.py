@@ -17,8 +17,9 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from controller.api.model import Workload
 from controller.api.spiffe import SpiffeId
@@ -32,6 +33,7 @@ __all__ = [
     "ConnectionReport",
     "Reporter",
     "TrafficMetrics",
+    "access_log_line",
     "canonical_name",
     "write_access_log",
 ]
@@ -201,6 +203,8 @@ class TrafficMetrics:
             "istio_tcp_received_bytes_total",
             "Bytes received from the source of TCP connections, toward the destination.",
         )
+        # Called with every denied connection (the admin API's deny feed).
+        self.deny_listeners: list[Callable[[ConnectionReport], None]] = []
 
     def connection_opened(self, labels: ConnectionLabels) -> None:
         self.opened.inc(labels.values())
@@ -223,14 +227,24 @@ class TrafficMetrics:
             if report.sent_bytes:
                 self.sent.inc(values, report.sent_bytes)
         write_access_log(report)
+        if report.verdict == "deny":
+            for listener in self.deny_listeners:
+                listener(report)
 
     def render(self) -> str:
         return self.registry.render()
 
 
+def access_log_line(report: ConnectionReport, at: datetime | None = None) -> str:
+    """The access log line: one JSON object, nothing before or after it, so a
+    log shipper parses it as is. ``time`` is RFC 3339 UTC (microseconds)."""
+    when = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return json.dumps({"time": when, **report.to_json()}, separators=(",", ":"), sort_keys=False)
+
+
 def write_access_log(report: ConnectionReport) -> None:
-    """One JSON object per line on the ``veil.access`` logger (level INFO)."""
+    """One JSON line on the ``veil.access`` logger (level INFO). The process
+    gives that logger a handler that writes the message alone (no prefix)."""
     if not access_log.isEnabledFor(logging.INFO):
         return
-    entry = {"ts": round(time.time(), 6), **report.to_json()}
-    access_log.info(json.dumps(entry, separators=(",", ":"), sort_keys=False))
+    access_log.info(access_log_line(report))

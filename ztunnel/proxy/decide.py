@@ -43,7 +43,7 @@ from typing import ClassVar
 
 from controller.api.model import Workload
 from node.policy import Connection, authorize, plaintext_verdict
-from node.state import Snapshot
+from node.state import Snapshot, normalize_ip
 from ztunnel.hbone import ConnectRequest
 
 from .errors import FLAG_NO_ROUTE, FLAG_POLICY_DENIED
@@ -113,7 +113,8 @@ def inbound_source(snapshot: Snapshot, request: ConnectRequest) -> InboundSource
     """
     if request.forwarded_for is None:
         ip, port = request.peer_addr
-        return InboundSource(ip, port, transparent=False)
+        # A dual-stack HBONE listener reports IPv4 peers as ::ffff:a.b.c.d.
+        return InboundSource(normalize_ip(ip), port, transparent=False)
     ip, fport = request.forwarded_for
     owner = snapshot.workload_by_ip(ip)
     if owner is None:
@@ -127,17 +128,33 @@ def inbound_source(snapshot: Snapshot, request: ConnectRequest) -> InboundSource
 
 
 def decide_inbound(snapshot: Snapshot, request: ConnectRequest) -> InboundDecision:
-    """What to do with one HBONE CONNECT to ``request.host:request.port``."""
-    dest = snapshot.local_workload_by_ip(request.host)
+    """What to do with one HBONE CONNECT to ``request.host:request.port``.
+
+    The HBONE layer already refused an authority whose IP is not the
+    connection's L3 destination; the comparison is repeated here on canonical
+    forms (``fd00::a`` and ``FD00:0::A`` are one address, ``::ffff:10.0.0.1``
+    is ``10.0.0.1``) because this decision is what dials the pod, and a
+    request built by other code must not pick another local workload.
+    """
     source = inbound_source(snapshot, request)
     if isinstance(source, InboundSource):
         client = Address(source.ip, source.port)
     else:
-        client = Address(request.peer_addr[0], request.peer_addr[1])
+        client = Address(normalize_ip(request.peer_addr[0]), request.peer_addr[1])
     owner = snapshot.workload_by_ip(client.ip)
+    host = normalize_ip(request.host)
+    if host != normalize_ip(request.l3_dst):
+        return Reject(
+            f"CONNECT authority {request.authority} is not the connection's destination "
+            f"{request.l3_dst}",
+            FLAG_NO_ROUTE,
+            client,
+            source=owner,
+        )
+    dest = snapshot.local_workload_by_ip(host)
     if dest is None:
         return Reject(
-            f"{request.host} is not an enrolled workload of this node",
+            f"{host} is not an enrolled workload of this node",
             FLAG_NO_ROUTE,
             client,
             source=owner,
@@ -146,7 +163,7 @@ def decide_inbound(snapshot: Snapshot, request: ConnectRequest) -> InboundDecisi
         return Reject(source, FLAG_POLICY_DENIED, client, dest, owner)
     authz = Connection(
         src_ip=source.ip,
-        dst_ip=request.host,
+        dst_ip=host,
         dst_port=request.port,
         src_identity=request.peer_identity,
     )

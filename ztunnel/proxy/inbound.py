@@ -27,7 +27,7 @@ from ztunnel.errors import CertificateError
 from ztunnel.hbone import HboneConfig, HboneServer, InboundStream
 from ztunnel.hbone import relay as relay_stream
 from ztunnel.hbone.connect import STATUS_DENIED, STATUS_UNAVAILABLE
-from ztunnel.identity import CertManager, WorkloadCertificate
+from ztunnel.identity import CertificateSource, WorkloadCertificate
 from ztunnel.tls import TlsContextCache
 
 from .connections import ConnectionInfo, Direction, LiveConnection
@@ -48,7 +48,7 @@ class InboundProxy:
     def __init__(
         self,
         ctx: ProxyContext,
-        certs: CertManager,
+        certs: CertificateSource,
         trust_bundle: Callable[[], TrustBundle],
         *,
         config: HboneConfig | None = None,
@@ -118,7 +118,9 @@ class InboundProxy:
             dst_identity=dest.identity if dest is not None else None,
         )
         if isinstance(decision, Reject):
-            log.info(
+            # Debug only: the access log line (verdict, reason, policy) is the one
+            # record of a deny.
+            log.debug(
                 "hbone CONNECT %s from %s (%s) refused: %s",
                 req.authority,
                 req.peer_identity,

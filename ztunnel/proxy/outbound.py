@@ -29,7 +29,7 @@ from node.policy import Connection, authorize
 from ztunnel.errors import CertificateError
 from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneError, HboneStream
 from ztunnel.hbone import relay as relay_stream
-from ztunnel.identity import CertManager
+from ztunnel.identity import CertificateSource
 
 from .connections import ConnectionInfo, Direction, LiveConnection
 from .context import ProxyContext, proxied, refuse
@@ -37,6 +37,7 @@ from .errors import FLAG_NO_ROUTE, FLAG_POLICY_DENIED, NoRouteError, TunnelError
 from .relay import RelayResult, TunnelCounters, relay_sockets, tunnel_result
 from .route import Hbone, Passthrough, Refuse, SameNode, route
 from .sockets import Address, connect_to_pod, connect_upstream, local_address, peer_address, reset
+from .splice import SameNodeSplice
 
 __all__ = ["OutboundProxy"]
 
@@ -54,13 +55,16 @@ class OutboundProxy:
     def __init__(
         self,
         ctx: ProxyContext,
-        certs: CertManager,
+        certs: CertificateSource,
         pool: HboneClientPool,
         *,
         cert_timeout: float = 10.0,
         peer_hbone_port: int | None = None,
+        splice: SameNodeSplice | None = None,
     ) -> None:
         self._ctx = ctx
+        # Same-node kernel fast path (None: the Python relay carries same-node bytes).
+        self._splice = splice
         self._certs = certs
         self.pool = pool
         self._cert_timeout = cert_timeout
@@ -93,7 +97,9 @@ class OutboundProxy:
             info = ConnectionInfo(
                 Direction.OUTBOUND, src, dst, "refuse", src_workload=decision.source
             )
-            log.info("refused outbound %s -> %s: %s", src, dst, decision.reason)
+            # Debug only: the access log line (verdict, reason, policy) is the one
+            # record of a deny.
+            log.debug("refused outbound %s -> %s: %s", src, dst, decision.reason)
             refuse(ctx, sock, info, decision.reason, FLAG_NO_ROUTE)
             return None
         src_identity = decision.source.identity
@@ -191,7 +197,9 @@ class OutboundProxy:
         )
         verdict = authorize(authz, ctx.store.current, dest)
         if not verdict.allowed:
-            log.info("refused same-node %s -> %s: %s", src, target, verdict.reason)
+            # Debug only: the access log line (verdict, reason, policy) is the one
+            # record of a deny.
+            log.debug("refused same-node %s -> %s: %s", src, target, verdict.reason)
             refuse(ctx, sock, info, verdict.reason, FLAG_POLICY_DENIED, policy=verdict.policy)
             return None
 
@@ -201,6 +209,10 @@ class OutboundProxy:
             except BaseException:
                 reset(sock)
                 raise
+            if self._splice is not None:
+                spliced = await self._splice.relay(sock, upstream, conn)
+                if spliced is not None:
+                    return spliced
             return await relay_sockets(sock, upstream, conn.track_bytes())
 
         return proxied(ctx, info, relay, authz=authz, policy=verdict.policy)

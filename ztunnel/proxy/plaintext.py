@@ -57,7 +57,9 @@ class PlaintextProxy:
             dst_identity=dest.identity if dest is not None else None,
         )
         if isinstance(decision, Reject):
-            log.info("refused plaintext %s -> %s: %s", src, dst, decision.reason)
+            # Debug only: the access log line (verdict, reason, policy) is the one
+            # record of a deny.
+            log.debug("refused plaintext %s -> %s: %s", src, dst, decision.reason)
             refuse(ctx, sock, info, decision.reason, decision.flags, policy=decision.policy)
             return None
 

@@ -13,6 +13,8 @@ Decisions, in order:
 2. A destination ``VIP:port`` of a known service picks one ready endpoint (the
    choice is injectable so tests are deterministic) and maps the service port
    to the endpoint's target port. A service with no ready endpoint is refused.
+   IPv4 and IPv6 VIPs are alike; an endpoint is reached at its address of the
+   VIP's family when it has one.
 3. An enrolled destination on another node goes over HBONE to
    ``<pod IP>:15008`` with the destination's expected SPIFFE identity.
 4. An enrolled destination on this node is connected to directly
@@ -20,7 +22,9 @@ Decisions, in order:
 5. A destination outside the mesh (an unknown IP, or a known workload that is
    not enrolled) is connected to directly (``Passthrough``). Istio's ztunnel
    does the same: the mesh secures what it can, and traffic to the outside
-   world keeps working.
+   world keeps working. Addresses that only mean something on the pod's own
+   link or host (IPv6 link-local, loopback, multicast, unspecified) are
+   refused instead: dialled from the node they would reach node services.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from node.dataplane import HBONE_PORT
 from node.state.snapshot import Snapshot, normalize_ip
 
 __all__ = [
+    "REFUSE_NODE_SCOPED",
     "EndpointChooser",
     "Hbone",
     "Passthrough",
@@ -51,6 +56,27 @@ __all__ = [
 
 REFUSE_UNKNOWN_SOURCE = "source not a local enrolled workload"
 REFUSE_NO_ENDPOINTS = "no healthy endpoints"
+REFUSE_NODE_SCOPED = "destination only exists on the pod's own link or host"
+
+
+def _node_scoped(ip: str) -> bool:
+    """An address that, dialled from the node, would reach the node itself (or nothing).
+
+    The pod meant its own link or its own host: the IPv6 link-local gateway
+    (``fe80::1``) or the host veth's link-local address, loopback, the
+    unspecified address, multicast. Passing such a connection through would
+    hand the pod any node service bound to ``[::]`` or ``0.0.0.0``, outside
+    every policy. IPv4 link-local (169.254/16) is not in the list: clouds
+    serve instance metadata at 169.254.169.254 through the node's routes,
+    and pods rely on reaching it.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return True  # not an address at all: nothing sensible to dial
+    if addr.is_loopback or addr.is_unspecified or addr.is_multicast:
+        return True
+    return addr.version == 6 and addr.is_link_local
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,22 +161,30 @@ class RoundRobin:
         return endpoints[i % len(endpoints)]
 
 
+def _version(ip: str) -> int:
+    """4 or 6 for an address (IPv4-mapped IPv6 counts as 4), 0 for anything else."""
+    try:
+        return ipaddress.ip_address(normalize_ip(ip)).version
+    except ValueError:
+        return 0
+
+
+def _has_family(workload: Workload, version: int) -> bool:
+    return any(_version(ip) == version for ip in workload.ips)
+
+
 def _same_family_ip(workload: Workload, like: str) -> str:
     """The workload's IP in the same address family as ``like`` (else its first).
 
+    A client that dialled a Service over IPv6 reaches the endpoint's IPv6
+    address, so the pod sees the client's real (IPv6) address; only an
+    endpoint with no address of that family is reached over the other one.
     Callers pass only workloads with at least one IP.
     """
-    version: int
-    try:
-        version = ipaddress.ip_address(like).version
-    except ValueError:
-        version = 0
+    version = _version(like)
     for ip in workload.ips:
-        try:
-            if ipaddress.ip_address(ip).version == version:
-                return normalize_ip(ip)
-        except ValueError:
-            continue
+        if _version(ip) == version:
+            return normalize_ip(ip)
     return normalize_ip(workload.ips[0])
 
 
@@ -210,7 +244,12 @@ def route(
         healthy = [w for w in snapshot.endpoints(service) if w.ready and w.ips]
         if not healthy:
             return Refuse(reason=f"{REFUSE_NO_ENDPOINTS} for service {service.key}", source=source)
-        endpoint = choose(service, healthy)
+        # Endpoints reachable in the VIP's own family first (dual-stack
+        # Services); single-stack endpoints of the other family only when no
+        # endpoint has one.
+        version = _version(dst)
+        same_family = [w for w in healthy if _has_family(w, version)]
+        endpoint = choose(service, same_family or healthy)
         ep_ip = _same_family_ip(endpoint, dst)
         return _to_workload(snapshot, source, endpoint, ep_ip, port.target_port, service)
     if snapshot.is_vip(dst):
@@ -219,6 +258,8 @@ def route(
 
     dest = snapshot.workload_by_ip(dst)
     if dest is None:
+        if _node_scoped(dst):
+            return Refuse(reason=f"{REFUSE_NODE_SCOPED}: {dst}", source=source)
         return Passthrough(
             source=source,
             dst_ip=dst,

@@ -3,14 +3,25 @@
 Owns every ``setsockopt`` the data path needs, so the listener modules never
 touch raw option numbers:
 
-* listeners bind ``0.0.0.0:PORT`` (or a configured address) with
-  ``IP_TRANSPARENT``, which lets steered packets whose destination is not a
-  local address (TPROXY or ``bpf_sk_assign``) land on them; ``getsockname()``
-  of an accepted socket is then the client's original destination;
+* listeners bind the wildcard address (or a configured one) with
+  ``IP_TRANSPARENT`` / ``IPV6_TRANSPARENT``, which lets steered packets whose
+  destination is not a local address (TPROXY or ``bpf_sk_assign``) land on
+  them; ``getsockname()`` of an accepted socket is then the client's original
+  destination, IPv4 or IPv6;
 * upstream sockets carry ``SO_MARK = MARK_ZTUNNEL`` so the node's steering and
   egress guards let the ztunnel's own traffic pass instead of looping it back,
-  and may bind the original client's IP with ``IP_TRANSPARENT`` so the server
+  and may bind the original client's IP (v4 or v6) transparently so the server
   application sees the real client address.
+
+Dual stack: the wildcard listeners are ONE ``[::]`` socket per port with
+``IPV6_V6ONLY=0`` rather than a ``0.0.0.0`` and a ``[::]`` socket side by side.
+The kernel's IPv4 listener lookup (the eBPF steering's, and TPROXY's) finds
+that socket too, so each port keeps exactly one accept loop, one SO_REUSEPORT
+group for surge restarts and one socket to close at drain, and an address
+family can never be left without a listener while the other has one. The
+price is that IPv4 peers read as ``::ffff:a.b.c.d``: :func:`peer_address` and
+:func:`local_address` turn them back into plain IPv4, once, at accept. A node
+whose kernel has IPv6 disabled gets a plain ``0.0.0.0`` socket instead.
 
 Nothing here is async except :func:`connect_upstream`, which runs the
 non-blocking connect on the running loop.
@@ -36,10 +47,12 @@ __all__ = [
     "DialOptions",
     "connect_to_pod",
     "connect_upstream",
+    "family_of",
     "listener_socket",
     "local_address",
     "peer_address",
     "reset",
+    "unmap_ip",
     "upstream_socket",
 ]
 
@@ -49,18 +62,59 @@ DEFAULT_BACKLOG = 65535
 # Linux values; the socket module exposes them on 3.11+, but keep a fallback so
 # the numbers are visible here.
 _IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+_IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 _SO_MARK = getattr(socket, "SO_MARK", 36)
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+_MAPPED_PREFIX = "::ffff:"
 
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """An IPv4 ``ip:port`` pair."""
+    """An ``ip:port`` pair; ``ip`` is plain IPv4 or compressed IPv6 text."""
 
     ip: str
     port: int
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+def family_of(ip: str) -> socket.AddressFamily:
+    """AF_INET6 for IPv6 text, else AF_INET (the kernel reports the error, if any)."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def unmap_ip(ip: str) -> str:
+    """``::ffff:10.0.0.1`` (an IPv4 peer of a dual-stack socket) -> ``10.0.0.1``.
+
+    The kernel always prints mapped addresses in this dotted form, so a prefix
+    test suffices; anything else is returned unchanged.
+    """
+    if ip.startswith(_MAPPED_PREFIX) and "." in ip:
+        return ip[len(_MAPPED_PREFIX) :]
+    return ip
+
+
+def _set_transparent(sock: socket.socket, family: int) -> None:
+    # Both option names set the same kernel flag; a v6 socket gets both so
+    # that its IPv4-mapped traffic (dual-stack listeners) is plainly covered,
+    # whatever name a reader of the kernel source looks for.
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+
+
+def _listen_family(host: str) -> tuple[socket.AddressFamily, str, bool]:
+    """(family, bind address, dual-stack) for a configured listen address."""
+    if host in _WILDCARDS:
+        if socket.has_ipv6:
+            try:
+                socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+            except OSError:
+                return socket.AF_INET, "0.0.0.0", False  # IPv6 disabled on this node
+            return socket.AF_INET6, "::", True
+        return socket.AF_INET, "0.0.0.0", False
+    return family_of(host), host, False
 
 
 def listener_socket(
@@ -72,23 +126,31 @@ def listener_socket(
 ) -> socket.socket:
     """A non-blocking listening TCP socket on ``host:port``.
 
-    ``transparent`` sets ``IP_TRANSPARENT`` (needs CAP_NET_ADMIN); the steered
-    listeners need it, loopback test listeners do not. Raises OSError as the
-    kernel reports it; the caller turns it into a ZtunnelError with a hint.
+    A wildcard ``host`` (``0.0.0.0``, ``::`` or empty) gives one dual-stack
+    ``[::]`` socket (see the module docstring); a specific address gives a
+    socket of its own family only. ``transparent`` sets ``IP_TRANSPARENT`` /
+    ``IPV6_TRANSPARENT`` (needs CAP_NET_ADMIN); the steered listeners need it,
+    loopback test listeners do not. Raises OSError as the kernel reports it;
+    the caller turns it into a ZtunnelError with a hint.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family, bind_host, dual_stack = _listen_family(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if family == socket.AF_INET6:
+            # Explicit either way: the sysctl net.ipv6.bindv6only default must
+            # not decide whether IPv4 pods have a listener.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # SO_REUSEPORT lets a new ztunnel bind beside the old one during a
         # rolling update (maxSurge 1), so the node never lacks a listener.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
-            sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+            _set_transparent(sock, family)
             # The eBPF programs only steer to a listener carrying the
             # ztunnel's mark (anything else on :15001 is a foreign listener and
             # the SYN is dropped), and the egress guard passes marked replies.
             sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, MARK_ZTUNNEL)
-        sock.bind((host, port))
+        sock.bind((bind_host, port))
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
@@ -102,25 +164,30 @@ def upstream_socket(
     mark: int | None = MARK_ZTUNNEL,
     bind_ip: str | None = None,
     transparent: bool = False,
+    family: socket.AddressFamily | None = None,
 ) -> socket.socket:
     """A non-blocking, not yet connected TCP socket for the ztunnel's own traffic.
 
+    ``family`` is the destination's (default: ``bind_ip``'s, else IPv4).
     ``mark`` is set as SO_MARK (None leaves it unset, for loopback tests run
     without CAP_NET_ADMIN). ``bind_ip`` binds the source address with an
     ephemeral port; with ``transparent`` the address need not be local, which is
     how the ztunnel connects "as" the original client.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if family is None:
+        family = family_of(bind_ip) if bind_ip is not None else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
         if bind_ip is not None:
             if transparent:
-                sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+                _set_transparent(sock, family)
             # Let the kernel pick the port at connect() time so many
             # connections from one client IP to different destinations can
-            # share source ports (same as an ordinary unbound connect).
+            # share source ports (same as an ordinary unbound connect). The
+            # option is SOL_IP on IPv6 sockets too.
             sock.setsockopt(socket.SOL_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((bind_ip, 0))
         sock.setblocking(False)
@@ -145,7 +212,9 @@ async def connect_upstream(
     """
     loop = asyncio.get_running_loop()
     try:
-        sock = upstream_socket(mark=mark, bind_ip=bind_ip, transparent=transparent)
+        sock = upstream_socket(
+            mark=mark, bind_ip=bind_ip, transparent=transparent, family=family_of(dst.ip)
+        )
     except OSError as e:
         raise UpstreamConnectError(dst, e, bind_ip=bind_ip) from None
     try:
@@ -180,8 +249,13 @@ async def connect_to_pod(
 
     With ``client_ip`` and a transparent proxy it comes from the client's own
     address, so the pod sees who called it; with None it comes from this node.
+    So does a client of the other address family (an IPv6 client reaching an
+    IPv4-only endpoint through a Service): a socket cannot bind one family and
+    connect to the other.
     """
     bind = client_ip if opts.transparent else None
+    if bind is not None and family_of(bind) != family_of(dst.ip):
+        bind = None
     return await connect_upstream(
         dst,
         mark=opts.mark,
@@ -192,15 +266,16 @@ async def connect_to_pod(
 
 
 def local_address(sock: socket.socket) -> Address:
-    """``getsockname()``: for a steered accepted socket, the original destination."""
+    """``getsockname()``: for a steered accepted socket, the original destination
+    (IPv4-mapped addresses of a dual-stack listener as plain IPv4)."""
     ip, port = sock.getsockname()[:2]
-    return Address(str(ip), int(port))
+    return Address(unmap_ip(str(ip)), int(port))
 
 
 def peer_address(sock: socket.socket) -> Address:
-    """``getpeername()``: the client's address."""
+    """``getpeername()``: the client's address (IPv4-mapped as plain IPv4)."""
     ip, port = sock.getpeername()[:2]
-    return Address(str(ip), int(port))
+    return Address(unmap_ip(str(ip)), int(port))
 
 
 def reset(sock: socket.socket) -> None:

@@ -33,7 +33,7 @@ def controller(tmp_path: Path) -> Iterator[RunningController]:
     ctrl = ControllerProcess(
         tmp_path,
         EXAMPLE.read_text(),
-        extra=("--registry-hold", str(HOLD), "--registry-settle", "0.1"),
+        extra=("--registry-hold", str(HOLD)),
         registry_poll=0.05,  # poll often: the poll must not catch a half-written file either
         state_path=tmp_path / "state",
     ).start()
@@ -77,7 +77,7 @@ async def test_chunked_rewrite_reaches_the_watch_only_when_complete(
         text = yaml.safe_dump(with_workload(example_doc(), "cart", "10.244.1.20"), sort_keys=False)
         # Pauses longer than the settle window and the poll interval: only the
         # close-write tracking keeps the half-written file away from the parser.
-        await write_in_chunks(controller.registry, text, 256, 0.15)
+        await write_in_chunks(controller.registry, text, 256, 0.3)
         delta = await watch.next()
         assert not delta.snapshot
         assert [r.key for r in delta.upserts] == ["shop/cart"] and delta.removals == ()

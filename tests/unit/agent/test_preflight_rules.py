@@ -31,7 +31,8 @@ def caps(*bits: int) -> int:
         (caps(CAP_NET_ADMIN, CAP_BPF), 1000, ["CAP_PERFMON"]),
         (caps(CAP_BPF, CAP_PERFMON), 1000, ["CAP_NET_ADMIN"]),
         (0, 1000, ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]),
-        (0, 0, ["CAP_NET_ADMIN", "CAP_BPF", "CAP_SYS_ADMIN"]),
+        # Root without capabilities: the advice names what daemonset/node.yaml grants.
+        (0, 0, ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]),
     ],
 )
 def test_missing_capabilities(cap_eff: int, euid: int, missing: list[str]) -> None:
@@ -75,3 +76,40 @@ def test_report_lists_each_problem_with_its_fix() -> None:
 @pytest.mark.parametrize(("text", "n"), [("0", 1), ("0-1\n", 2), ("0-3,8", 5), ("0,2,4-5", 4)])
 def test_cpu_list(text: str, n: int) -> None:
     assert count_cpu_list(text) == n
+
+
+@pytest.mark.parametrize(
+    ("running", "headers", "warns"),
+    [
+        ("6.18.0-1-amd64", "6.1.0-37-amd64", True),
+        ("6.1.0-37-amd64", "6.1.0-30-amd64", False),
+        ("6.1.0", None, False),
+        ("weird", "6.1.0", False),
+    ],
+)
+def test_headers_version_mismatch_warns(running: str, headers: str | None, warns: bool) -> None:
+    from agent.preflight import headers_mismatch
+
+    warning = headers_mismatch(running, headers)
+    assert (warning is not None) is warns
+    if warning:
+        assert running in warning and str(headers) in warning
+
+
+def test_capability_advice_matches_the_manifest() -> None:
+    """The fix names the capabilities daemonset/node.yaml adds to the agent."""
+    from pathlib import Path
+
+    import yaml
+
+    from agent import preflight
+
+    docs = list(yaml.safe_load_all(Path("daemonset/node.yaml").read_text()))
+    ds = next(d for d in docs if d and d.get("kind") == "DaemonSet")
+    agent = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    added = set(agent["securityContext"]["capabilities"]["add"])
+    assert "SYS_ADMIN" not in added
+    src = Path(preflight.__file__).read_text()
+    advice = src[src.index("def _check_privileges"):]
+    for cap in added:
+        assert cap in advice, cap

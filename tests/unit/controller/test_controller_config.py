@@ -73,7 +73,7 @@ def test_registry_may_be_a_directory(tmp_path: Path) -> None:
         (["--trust-domain", "Cluster.Local"], {}, "--trust-domain: invalid trust domain"),
         (["--default-ttl", "1y"], {}, "--default-ttl: '1y' is not a duration"),
         (["--max-ttl", "0"], {}, "--max-ttl: '0' is not a positive duration"),
-        (["--default-ttl", "48h"], {}, "exceeds the maximum"),
+        (["--default-ttl", "48h"], {}, "48h exceeds --max-ttl 24h"),
         (["--ca-cert", "/etc/hosts"], {}, "needs both --ca-cert and --ca-key"),
         (
             ["--ca-cert", "/nope", "--ca-key", "/nope"],

@@ -132,11 +132,15 @@ def test_daemonset_shape() -> None:
         assert agent[probe]["exec"]["command"][:3] == ["veil", "agent", "health"], probe
     assert "--ready" in agent["readinessProbe"]["exec"]["command"]
     assert "--ready" not in agent["livenessProbe"]["exec"]["command"]
+    inits = {c["name"]: c for c in pod["initContainers"]}
     for c in [*pod["containers"], *pod["initContainers"]]:
         sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        if c["name"] == "mount-bpffs":
+            continue  # the one privileged step: test_bpffs_is_mounted_by_an_init_step
         assert not sc.get("privileged", False)
         assert sc["capabilities"]["drop"] == ["ALL"]
-        assert sc["readOnlyRootFilesystem"] is True
+    assert list(inits) == ["mount-bpffs", "install-seccomp", "join"]
     assert set(containers["agent"]["securityContext"]["capabilities"]["add"]) == {
         "NET_ADMIN",
         "BPF",
@@ -154,6 +158,27 @@ def test_daemonset_shape() -> None:
 def test_controller_shape() -> None:
     (deploy,) = by_kind("Deployment")
     assert deploy["spec"]["replicas"] == 2
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    (ctl,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in ctl["ports"]}
+    assert ports == {"grpc-mtls": 15012, "grpc-join": 15013, "http-monitoring": 15014}
+    env = {e["name"]: e.get("value") for e in ctl["env"]}
+    # Bound beyond loopback inside the pod, so the kubelet and Prometheus reach it.
+    assert env["VEIL_HEALTH_ADDR"] == "0.0.0.0:15014"
+    probes = {k: ctl[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert all(p["port"] == "http-monitoring" for p in probes.values())
+    assert probes["startupProbe"]["path"] == probes["readinessProbe"]["path"] == "/healthz/ready"
+    assert probes["livenessProbe"]["path"] == "/healthz/live"
+    # Sized for a large first list: at least 5 minutes before a restart.
+    startup = ctl["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "15014"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # The slim image, fully qualified.
+    assert ctl["image"] == "registry.example.com/veil/veil-controller:0.1.0"
+    assert int(ctl["resources"]["requests"]["memory"].removesuffix("Mi")) >= 140
     (svc,) = by_kind("Service")
     assert sorted(p["port"] for p in svc["spec"]["ports"]) == [15012, 15013]
     (pdb,) = by_kind("PodDisruptionBudget")
@@ -181,6 +206,27 @@ def test_rbac_least_privilege() -> None:
         if r["apiGroups"] == ["security.veil.io"] and set(r["verbs"]) - {"list", "watch", "get"}
     ]
     assert all(res.endswith("/status") for r in policy_writes for res in r["resources"])
+
+
+@pytest.mark.parametrize("kind", ["AuthorizationPolicy", "PeerAuthentication"])
+@pytest.mark.parametrize("selector", [{}, {"matchLabels": {}}, {"matchLabels": {"app": "x"}}])
+def test_crd_selector_is_optional_and_may_be_empty(kind: str, selector: dict[str, Any]) -> None:
+    """As in Istio: ``selector: {}`` means the whole namespace, and is accepted."""
+    spec: dict[str, Any] = {"selector": selector}
+    if kind == "PeerAuthentication":
+        spec["mtls"] = {"mode": "STRICT"}
+    obj = {
+        "apiVersion": "security.veil.io/v1",
+        "kind": kind,
+        "metadata": {"name": "x", "namespace": "shop"},
+        "spec": spec,
+    }
+    jsonschema.validate(obj, crd_schema(kind))
+    parse = (
+        parse_authorization_policy if kind == "AuthorizationPolicy" else parse_peer_authentication
+    )
+    parsed = parse("x", "shop", spec, f"{kind} x")
+    assert not parsed.selector or selector.get("matchLabels")
 
 
 def test_crds_are_structural_with_enums_and_required_fields() -> None:
@@ -234,7 +280,8 @@ def test_examples_validate_and_parse(obj: dict[str, Any]) -> None:
         ("AuthorizationPolicy", {"action": "AUDIT"}),
         ("AuthorizationPolicy", {"action": "allow"}),
         ("AuthorizationPolicy", {"rules": {"from": []}}),
-        ("AuthorizationPolicy", {"selector": {}}),
+        ("AuthorizationPolicy", {"selector": {"matchLabels": {"app": 1}}}),
+        ("AuthorizationPolicy", {"selector": []}),
         ("AuthorizationPolicy", {"rules": [{"from": [{}]}]}),
         ("AuthorizationPolicy", {"rules": [{"to": [{"operation": {"ports": [True]}}]}]}),
         ("PeerAuthentication", {"mtls": {"mode": "DISABLE"}}),

@@ -150,7 +150,7 @@ def test_policy_rows() -> None:
 
 def test_cert_rows_mark_rotation_due() -> None:
     rows = veilctl.cert_rows(ztunnel_dump()["certificates"], now=datetime(2025, 1, 1, tzinfo=UTC))
-    assert rows[0]["rotation"] == "2029-01-01T00:00:00+00:00"
+    assert rows[0]["rotation"] == "2029-01-01T00:00:00Z"  # RFC 3339 UTC
     assert rows[1]["rotation"].endswith("(due)")
     assert rows[0]["serial"] == "0a1b"
 
@@ -181,7 +181,7 @@ def test_usage_errors_exit_2() -> None:
         veilctl.main(["no-such-command"])
     assert err.value.code == veilctl.EXIT_USAGE
     with pytest.raises(SystemExit) as err:
-        veilctl.main(["pods", "-o", "yaml"])
+        veilctl.main(["pods", "-o", "xml"])
     assert err.value.code == veilctl.EXIT_USAGE
 
 

@@ -88,7 +88,7 @@ def _tamper(token: str, field: int) -> str:
 
 
 @pytest.mark.parametrize(
-    ("field", "needle"), [(1, "not recognised"), (2, "not recognised"), (3, "CA fingerprint")]
+    ("field", "needle"), [(1, "not recognised"), (2, "invalid secret"), (3, "CA fingerprint")]
 )
 async def test_tampered_tokens_are_refused(store: JoinTokenStore, field: int, needle: str) -> None:
     token = store.create("node-1", timedelta(hours=1))

@@ -44,10 +44,17 @@ def test_example_registry_describes_the_demo_mesh() -> None:
     assert wl["shop/checkout"].enrolled and wl["shop/payments"].enrolled
     assert not wl["shop/batch"].enrolled  # pod opted out
     assert not any(w.enrolled for w in state.workloads if w.namespace == "legacy")
-    for node, prefix in (("node-a", "10.244.1."), ("node-b", "10.244.2.")):
+    for node, prefix, prefix6 in (
+        ("node-a", "10.244.1.", "fd00:244:1::"),
+        ("node-b", "10.244.2.", "fd00:244:2::"),
+    ):
         pods = state.workloads_on(node)
         assert len(pods) == 3
-        assert all(ip.startswith(prefix) for w in pods for ip in w.ips)
+        # Dual stack: one address of each family per pod.
+        assert all(
+            len(w.ips) == 2 and w.ips[0].startswith(prefix) and w.ips[1].startswith(prefix6)
+            for w in pods
+        )
     (svc,) = state.services
     assert svc.key == "shop/payments" and svc.vips[0].startswith("10.96.")
     assert svc.endpoints == ("shop/payments",)

@@ -261,3 +261,22 @@ async def test_warnings_are_logged_and_kept_in_status(
     assert any("trust domain 'example.org'" in w and "principals[0]" in w for w in warnings)
     assert any("app=gone matches no workload in namespace shop" in w for w in warnings)
     assert sum(1 for r in caplog.records if r.levelno == logging.WARNING) == 2
+
+
+async def test_in_place_writes_wait_the_settle_window_renames_do_not(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    path.write_text(registry(4))
+    async with running(path, interval=30, settle=1.0) as (_, recorder, _):
+        start = time.monotonic()
+        path.write_text(registry(5))  # in place: same inode
+        await recorder.wait()
+        in_place = time.monotonic() - start
+
+        start = time.monotonic()
+        tmp = tmp_path / ".registry.yaml.new"
+        tmp.write_text(registry(4))
+        os.replace(tmp, path)  # a new inode: complete before it appeared
+        await recorder.wait()
+        renamed = time.monotonic() - start
+    assert in_place >= 1.0
+    assert renamed < 0.9

@@ -152,7 +152,8 @@ def test_traffic_metrics_and_access_log(caplog: pytest.LogCaptureFixture) -> Non
     assert entry["duration_ms"] == 1250.0
     assert entry["verdict"] == "allow" and entry["policy"] == "prod/p"
     assert entry["response_flags"] == "-" and entry["event"] == "connection_closed"
-    assert "ts" in entry
+    # RFC 3339 UTC, like every time veilctl prints.
+    assert entry["time"].endswith("Z") and entry["time"][10] == "T"
 
 
 def test_denied_plaintext_connection_labels_unknown(caplog: pytest.LogCaptureFixture) -> None:

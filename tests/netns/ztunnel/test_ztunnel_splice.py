@@ -1,0 +1,230 @@
+"""The same-node kernel fast path on a real lab mesh (agent eBPF steering + pins).
+
+checkout, other and intruder live on node-a; other accepts only checkout.
+The agent pins the splice (ebpf/sockmap.bpf.c) under its pin directory and
+the ztunnel, given the same --pin-dir, splices checkout -> other in the
+kernel. The last test restarts node-a's ztunnel without pins and checks the
+Python relay carries the bytes, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from lab.apps import TcpServer, echo_roundtrip, listen, sink_bytes, source_bytes
+from lab.netns import in_netns
+from node import bpf
+from tests.support.ztunnel_lab import NODE_A, STEERING, Lab, connect_from
+
+pytestmark = pytest.mark.skipif(STEERING != "ebpf", reason="the splice pins come from the agent")
+
+ECHO, SINK, SOURCE, RESETTER = 9100, 9101, 9102, 9103
+WARNING = "same-node fast path off, using the Python relay"
+
+
+@pytest.fixture(scope="module")
+def apps(lab: Lab) -> Iterator[dict[str, TcpServer]]:
+    servers = {
+        "echo": lab.serve("other", "echo", ECHO),
+        "sink": lab.serve("other", "sink", SINK),
+        "source": lab.serve("other", "source", SOURCE),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def spliced_sockets(lab: Lab) -> int:
+    """How many sockets sit in node-a's splice_socks right now."""
+    fd = bpf.obj_get(str(lab.mesh.pin_dir(NODE_A) / "splice_socks"))
+    try:
+        count, key = 0, None
+        while (key := bpf.map_next_key(fd, key, 8)) is not None and count < 100_000:
+            count += 1
+        return count
+    finally:
+        os.close(fd)
+
+
+def access_lines(lab: Lab, node: str) -> list[dict[str, Any]]:
+    out = []
+    for line in lab.log(node).splitlines():
+        start = line.find('{"time"')
+        if start >= 0 and '"connection_closed"' in line:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line[start:]))
+    return out
+
+
+def wait_access_line(lab: Lab, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [e for e in access_lines(lab, NODE_A) if pred(e)]
+        if found:
+            return found[-1]
+        time.sleep(0.05)
+    raise AssertionError("no matching access log line on node-a")
+
+
+def from_port(port: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("route") == "same_node" and str(e.get("src", "")).endswith(f":{port}")
+
+
+def test_pins_exist_and_a_live_connection_is_spliced(lab: Lab, apps: dict[str, TcpServer]) -> None:
+    names = {p.name for p in lab.mesh.pin_dir(NODE_A).iterdir()}
+    assert {"splice_socks", "splice_targets", "splice_peers", "prog_splice_verdict"} <= names
+    with connect_from(lab, "checkout", lab.ip("other"), ECHO) as s:
+        s.sendall(b"hello")
+        assert s.recv(5) == b"hello"
+        assert spliced_sockets(lab) >= 2
+    lab.wait_log(NODE_A, "same-node kernel splice on")
+    assert WARNING not in lab.log(NODE_A)
+
+
+@pytest.mark.parametrize("size", [0, 1, 64 << 10, 8 << 20, random.Random(7).randrange(1, 3 << 20)])
+def test_bytes_intact_both_ways_and_counted_exactly(
+    lab: Lab, apps: dict[str, TcpServer], size: int
+) -> None:
+    payload = os.urandom(size)
+    with connect_from(lab, "checkout", lab.ip("other"), ECHO, timeout=30) as s:
+        port = s.getsockname()[1]
+        assert echo_roundtrip(s, payload) == payload
+    line = wait_access_line(lab, from_port(port))
+    assert (line["bytes_received"], line["bytes_sent"]) == (size, size)
+    assert line["error"] is None and line["verdict"] == "allow"
+
+
+def test_half_close_under_load_loses_no_tail(lab: Lab, apps: dict[str, TcpServer]) -> None:
+    for i in range(20):
+        size = (1 << 20) + 7919 * i
+        with connect_from(lab, "checkout", lab.ip("other"), SINK, timeout=30) as s:
+            assert sink_bytes(s, size) == size, f"round {i}: client->server tail lost"
+        with connect_from(lab, "checkout", lab.ip("other"), SOURCE, timeout=30) as s:
+            assert source_bytes(s, size) == size, f"round {i}: server->client tail lost"
+    assert WARNING not in lab.log(NODE_A), "these rounds went through the Python relay"
+
+
+def test_live_counts_show_in_connections(lab: Lab, apps: dict[str, TcpServer]) -> None:
+    with connect_from(lab, "checkout", lab.ip("other"), ECHO) as s:
+        port = s.getsockname()[1]
+        s.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000:
+            got += s.recv(4096)
+
+        def counted(dump: dict[str, Any]) -> bool:
+            mine = [c for c in dump.get("connections", []) if c["src"].endswith(f":{port}")]
+            return bool(mine) and (mine[0]["bytes_received"], mine[0]["bytes_sent"]) == (1000, 1000)
+
+        lab.wait_state(NODE_A, counted)
+
+
+def test_reset_propagates_both_ways(lab: Lab, apps: dict[str, TcpServer]) -> None:
+    seen: list[str] = []
+
+    def resetter(conn: socket.socket) -> None:
+        first = conn.recv(16)
+        if first == b"reset-me":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return  # TcpServer closes it: a RST
+        try:
+            while conn.recv(4096):
+                pass
+            seen.append("eof")
+        except ConnectionResetError:
+            seen.append("reset")
+
+    with in_netns(lab.mesh.pod("other").lab.netns):
+        listener = listen("::", RESETTER)
+    server = TcpServer(listener, resetter).start()
+    try:
+        with connect_from(lab, "checkout", lab.ip("other"), RESETTER) as s:
+            s.sendall(b"reset-me")
+            with pytest.raises(ConnectionResetError):
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and s.recv(4096):
+                    pass
+        s = connect_from(lab, "checkout", lab.ip("other"), RESETTER)
+        s.sendall(b"client-resets")
+        time.sleep(0.2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == ["reset"]
+    finally:
+        server.stop()
+
+
+def test_policy_change_closes_a_spliced_connection(lab: Lab, apps: dict[str, TcpServer]) -> None:
+    sock = connect_from(lab, "checkout", lab.ip("other"), ECHO)
+    try:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+
+        def drop_checkout(doc: dict[str, Any]) -> None:
+            (policy,) = [
+                p for p in doc["authorizationPolicies"] if p["name"] == "other-allow-checkout"
+            ]
+            policy["spec"]["rules"][0]["from"][0]["source"]["principals"] = [
+                "cluster.local/ns/shop/sa/nobody"
+            ]
+
+        lab.set_registry(drop_checkout)
+        with pytest.raises((ConnectionResetError, BrokenPipeError, AssertionError)):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                sock.sendall(b"x")
+                assert sock.recv(1) == b"x"
+                time.sleep(0.05)
+    finally:
+        sock.close()
+        lab.restore_registry()
+    lab.wait_log(NODE_A, "policy re-check")
+    lab.wait_state(NODE_A, lambda d: not d.get("connections"))
+    assert spliced_sockets(lab) == 0
+
+
+def test_without_pins_the_python_relay_carries_bytes_and_warns_once(
+    lab: Lab, apps: dict[str, TcpServer]
+) -> None:
+    mesh = lab.mesh
+    saved = mesh.extra_ztunnel_args
+    mesh.stop_ztunnel(NODE_A)
+    mesh.extra_ztunnel_args = (*saved, "--pin-dir", str(mesh.pin_dir(NODE_A)) + "-absent")
+    try:
+        mesh.start_ztunnel(NODE_A)
+        mesh.wait_ztunnel_ready(NODE_A)
+        start = len(lab.log(NODE_A))
+        for size in (0, 1, 64 << 10, 2 << 20):
+            payload = os.urandom(size)
+            with connect_from(lab, "checkout", lab.ip("other"), ECHO, timeout=30) as s:
+                port = s.getsockname()[1]
+                assert echo_roundtrip(s, payload) == payload
+            line = wait_access_line(lab, from_port(port))
+            assert (line["bytes_received"], line["bytes_sent"]) == (size, size)
+        warnings = [line for line in lab.log(NODE_A)[start:].splitlines() if WARNING in line]
+        # Once per process: each ztunnel worker decides for itself.
+        workers = [re.search(r"\[w\d+\]", line) for line in warnings]
+        tags = [m.group(0) if m else "" for m in workers]
+        assert warnings and len(tags) == len(set(tags)), warnings
+        assert "to enable: run the agent with --pin-dir" in warnings[0]
+    finally:
+        mesh.stop_ztunnel(NODE_A)
+        mesh.extra_ztunnel_args = saved
+        mesh.start_ztunnel(NODE_A)
+        mesh.wait_ztunnel_ready(NODE_A)
+    with connect_from(lab, "checkout", lab.ip("other"), ECHO) as s:
+        assert echo_roundtrip(s, b"back") == b"back"

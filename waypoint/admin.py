@@ -1,0 +1,91 @@
+"""The waypoint's admin (loopback only) and metrics endpoints (aiohttp).
+
+Admin: ``/config_dump`` (identity, destinations with their endpoints,
+policies and JWT issuers, JWKS fetch status, upstream tunnels, in-flight
+requests), ``/healthz/ready``. Metrics: ``/metrics`` and ``/stats/prometheus``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ztunnel.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .app import Waypoint
+
+__all__ = ["AdminServer"]
+
+
+class AdminServer:
+    def __init__(self, waypoint: Waypoint) -> None:
+        self._wp = waypoint
+        self._runners: list[web.AppRunner] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def dump(self) -> dict[str, Any]:
+        wp = self._wp
+        cert = wp.certs.get(wp.identity)
+        view = wp.view
+        return {
+            "waypoint": f"{view.namespace}/{view.name}",
+            "identity": str(wp.identity),
+            "certificate_not_after": cert.not_after.isoformat() if cert is not None else None,
+            "state_version": view.version,
+            "destinations": [d.to_json() for d in view.destinations()],
+            "workload_destinations": sorted(view.workloads),
+            "jwks": [s.to_json() for s in wp.jwks.statuses()],
+            "upstream": wp.upstream.dump(),
+            "hbone_pool": [str(c) for c in wp.pool.connections()],
+            "in_flight": wp.proxy.balancer.in_flight(),
+            "tunnels_served": wp.tunnels,
+            "requests_served": wp.proxy.served,
+            "inbound_streams": len(wp.server.streams()),
+        }
+
+    async def _config_dump(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.dump())
+
+    async def _ready(self, _request: web.Request) -> web.Response:
+        wp = self._wp
+        problems = []
+        if not wp.store.current.synced:
+            problems.append("no state from the controller yet")
+        if wp.certs.get(wp.identity) is None:
+            problems.append("no certificate yet")
+        if problems:
+            return web.Response(status=503, text="; ".join(problems) + "\n")
+        return web.Response(text="ready\n")
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=self._wp.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+        )
+
+    async def _serve(self, name: str, app: web.Application, address: tuple[str, int]) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname() if sockets else address
+        self.addresses[name] = (str(bound[0]), int(bound[1]))
+
+    async def start(self) -> None:
+        admin = web.Application()
+        admin.router.add_get("/config_dump", self._config_dump)
+        admin.router.add_get("/healthz/ready", self._ready)
+        metrics = web.Application()
+        metrics.router.add_get("/metrics", self._metrics)
+        metrics.router.add_get("/stats/prometheus", self._metrics)
+        await self._serve("admin", admin, self._wp.config.admin_address)
+        await self._serve("metrics", metrics, self._wp.config.metrics_address)
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()

@@ -1,0 +1,190 @@
+"""HTTP/2 with prior knowledge inside a tunnel (the h2 library), one task per stream.
+
+Each stream's request is collected whole (headers, DATA up to the proxy's
+``max_body``, else 413) and handed to :class:`~waypoint.forward.RequestProxy`;
+its response goes out honouring the peer's flow-control windows. A protocol
+error from the client ends the connection with GOAWAY; nothing the client
+sends raises out of :func:`serve_http2`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from .forward import RequestProxy, TunnelContext
+
+__all__ = ["PREFACE", "serve_http2"]
+
+log = logging.getLogger("veil.waypoint.http2")
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_READ = 64 * 1024
+
+
+class _Stream:
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+        self.body = bytearray()
+        self.too_big = False
+        self.window = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Session:
+    def __init__(
+        self, writer: asyncio.StreamWriter, proxy: RequestProxy, ctx: TunnelContext
+    ) -> None:
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config=cfg)
+        self.writer = writer
+        self.proxy = proxy
+        self.ctx = ctx
+        self.streams: dict[int, _Stream] = {}
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+
+    def handle(self, events: Sequence[h2.events.Event]) -> None:
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                raw = [(bytes(n), bytes(v)) for n, v in ev.headers or []]
+                self.streams[ev.stream_id] = _Stream(raw)
+            elif isinstance(ev, h2.events.DataReceived):
+                st = self.streams.get(ev.stream_id)
+                data = ev.data or b""
+                if ev.flow_controlled_length:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if st is not None and not st.too_big:
+                    if len(st.body) + len(data) > self.proxy.max_body:
+                        st.too_big = True
+                        st.body.clear()
+                    else:
+                        st.body += data
+            elif isinstance(ev, h2.events.StreamEnded):
+                st = self.streams.get(ev.stream_id)
+                if st is not None and st.task is None:
+                    st.task = asyncio.get_running_loop().create_task(self._serve(ev.stream_id, st))
+            elif isinstance(ev, h2.events.StreamReset):
+                st = self.streams.pop(ev.stream_id, None)
+                if st is not None and st.task is not None:
+                    st.task.cancel()
+            elif isinstance(ev, h2.events.WindowUpdated):
+                targets = (
+                    self.streams.values()
+                    if ev.stream_id == 0
+                    else filter(None, [self.streams.get(ev.stream_id)])
+                )
+                for s in targets:
+                    s.window.set()
+        self.flush()
+
+    async def _serve(self, sid: int, st: _Stream) -> None:
+        pseudo = {
+            n.decode("latin-1"): v.decode("latin-1") for n, v in st.headers if n.startswith(b":")
+        }
+        regular = [(n, v) for n, v in st.headers if not n.startswith(b":")]
+        sink = _Sink(self, sid, st)
+        try:
+            method = pseudo.get(":method", "")
+            target = pseudo.get(":path", "")
+            host = pseudo.get(":authority") or next(
+                (v.decode("latin-1") for n, v in regular if n == b"host"), ""
+            )
+            if st.too_big:
+                await sink.simple(413, b"request body too large\n")
+            elif method == "CONNECT" or not target:
+                await sink.simple(405 if method == "CONNECT" else 400, b"bad request\n")
+            else:
+                await self.proxy.serve(
+                    self.ctx, method, target, host, regular, bytes(st.body), "http/2", sink
+                )
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError, ConnectionError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.reset_stream(sid)
+                self.flush()
+        finally:
+            self.streams.pop(sid, None)
+
+
+class _Sink:
+    def __init__(self, session: _Session, sid: int, st: _Stream) -> None:
+        self._s = session
+        self._sid = sid
+        self._st = st
+
+    async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        out = [(b":status", str(status).encode())] + [(n.lower(), v) for n, v in headers]
+        self._s.conn.send_headers(self._sid, out)
+        self._s.flush()
+
+    async def data(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        conn = self._s.conn
+        while view:
+            window = min(conn.local_flow_control_window(self._sid), conn.max_outbound_frame_size)
+            if window <= 0:
+                self._st.window.clear()
+                await self._st.window.wait()
+                continue
+            conn.send_data(self._sid, bytes(view[:window]))
+            view = view[window:]
+            self._s.flush()
+            await self._s.writer.drain()
+
+    async def end(self) -> None:
+        self._s.conn.end_stream(self._sid)
+        self._s.flush()
+        await self._s.writer.drain()
+
+    async def simple(self, status: int, body: bytes) -> None:
+        await self.start(
+            status, [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        )
+        await self.data(body)
+        await self.end()
+
+
+async def serve_http2(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    ctx: TunnelContext,
+    proxy: RequestProxy,
+    first: bytes,
+) -> None:
+    session = _Session(writer, proxy, ctx)
+    session.conn.initiate_connection()
+    session.flush()
+    data = first
+    try:
+        while data:
+            try:
+                events = session.conn.receive_data(data)
+            except h2.exceptions.ProtocolError as e:
+                log.info("HTTP/2 protocol error from %s: %s", ctx.peer.principal, e)
+                session.flush()  # the GOAWAY h2 queued
+                break
+            session.handle(events)
+            if any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+                break
+            await writer.drain()
+            data = await reader.read(_READ)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        tasks = [s.task for s in session.streams.values() if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(OSError):
+            writer.close()

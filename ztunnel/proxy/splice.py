@@ -1,0 +1,482 @@
+"""The same-node kernel fast path: splice an authorized connection's two sockets.
+
+After the outbound listener has authorized a same-node connection and
+connected to the destination pod, :class:`SameNodeSplice` puts both sockets
+into the agent's pinned sockhashes (ebpf/sockmap.bpf.c). The kernel then
+moves each socket's received bytes straight into the other socket's send
+path; Python only watches for the end of the connection. The ztunnel does
+not load bcc (that would cost about 130 MB of RSS): it opens the pins with
+raw bpf(2) calls (:mod:`node.bpf`).
+
+Order of setup, each step because the one after it depends on it:
+
+1. note each socket's ``tcpi_bytes_acked`` (the SYN may count as one byte),
+2. ``splice_peers[cookie] = (peer cookie, 0)`` for both sockets,
+3. both into ``splice_targets`` (no program: only a valid redirect target),
+4. both into ``splice_socks`` (the verdict runs from now on),
+5. poke each socket with SO_RCVLOWAT: bytes that arrived before step 4 sit
+   in the receive queue until the next "data ready", which the poke raises,
+   so a request sent before the splice is not left waiting for more data.
+
+Half-close, the trap: the verdict never sees a FIN. When one socket reads
+EOF, the redirected bytes may still be queued between the sockets, and an
+immediate ``shutdown(SHUT_WR)`` of the other socket lost the tail in 4-6 of
+10 runs. So the FIN is forwarded only once everything the verdict redirected
+from the EOF side is in the other socket's send queue: the redirected count
+(``splice_peers``) equals the bytes the peer has had acknowledged since the
+splice plus what waits in its send queue (SIOCOUTQ). :func:`drain_decision`
+is that test; it is pure and unit tested.
+
+A reset on either side resets the other; cancelling (policy re-check,
+drain deadline) resets both. Closing a socket removes it from both
+sockhashes; ``splice_peers`` entries are deleted here. Byte counts come from
+``splice_peers``, live for ``/config_dump`` and exact in the access log.
+
+When the pins are missing or the kernel refuses a sockhash update, the
+connection is relayed in Python and the reason is logged once (WARNING).
+
+Measured on a 2-core VM (perf/README.md, perf/bench_splice.py): a 64-byte
+round trip through the splice is about as fast as a direct connection and
+about 4x faster than the Python relay. The sk_msg ingress redirect that
+Cilium and Merbridge use needs the applications' own sockets in a sockmap
+(a sockops program on their cgroup), which a node proxy does not own; the
+benchmark compares it on a plain pair and perf/README.md records the choice.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from node import bpf
+
+from .connections import LiveConnection
+from .relay import ByteCounters, RelayResult
+
+__all__ = [
+    "Drain",
+    "SameNodeSplice",
+    "SpliceMaps",
+    "SpliceUnavailable",
+    "drain_decision",
+    "poll_delay",
+]
+
+log = logging.getLogger("veil.ztunnel.proxy")
+
+_SO_COOKIE: Final = 57
+_SIOCOUTQ: Final = 0x5411
+_TCPI_BYTES_ACKED: Final = 120  # offset of tcpi_bytes_acked in struct tcp_info
+_TCP_INFO_LEN: Final = _TCPI_BYTES_ACKED + 8
+_PEER: Final = struct.Struct(bpf.SPLICE_PEER_FORMAT)
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+# How often to look for the agent's pins again after they were missing.
+_REOPEN_INTERVAL: Final = 5.0
+# A half-close whose peer accepts no byte for this long is given up (reset).
+_DRAIN_STALL: Final = 120.0
+# Bytes left on a spliced socket itself for this long mean the redirect fails.
+_STUCK_LIMIT: Final = 1.0
+# How often a half-closed side is checked for a reset (its EOF stays readable).
+_ERROR_POLL: Final = 0.25
+
+
+class SpliceUnavailable(Exception):
+    """The fast path cannot be used; ``str()`` says why, ``hint`` how to enable it."""
+
+    def __init__(self, why: str, hint: str) -> None:
+        super().__init__(why)
+        self.hint = hint
+
+
+class Drain(enum.Enum):
+    """What a half-close may do now."""
+
+    WAIT = "wait"  # redirected bytes are still between the sockets
+    FORWARD_FIN = "forward_fin"  # all of them are in the peer's send queue
+
+
+def drain_decision(redirected: int, acked_since_splice: int, send_queue: int) -> Drain:
+    """May the EOF of one side become ``shutdown(SHUT_WR)`` of the other yet?
+
+    ``redirected``: bytes the verdict moved from the EOF side to the peer;
+    ``acked_since_splice``: the peer's ``tcpi_bytes_acked`` growth since the
+    splice (the ztunnel never writes to a spliced socket, so every such byte
+    was redirected); ``send_queue``: the peer's SIOCOUTQ. A FIN queued after
+    all of these leaves after them.
+    """
+    if acked_since_splice + send_queue >= redirected:
+        return Drain.FORWARD_FIN
+    return Drain.WAIT
+
+
+def poll_delay(attempt: int) -> float:
+    """Seconds before the ``attempt``-th drain check: 0.2 ms doubling up to 20 ms."""
+    return float(min(0.0002 * (2 ** min(attempt, 10)), 0.02))
+
+
+@dataclass(eq=False)
+class SpliceMaps:
+    """The agent's pinned splice maps, opened by fd."""
+
+    socks: int
+    targets: int
+    peers: int
+
+    @classmethod
+    def open(cls, pin_dir: Path) -> SpliceMaps:
+        fds: list[int] = []
+        try:
+            for name in bpf.SPLICE_MAPS:
+                fds.append(_open(pin_dir / name))
+            prog = _open(pin_dir / f"prog_{bpf.SPLICE_PROGRAM}")
+            try:
+                used = set(bpf.prog_info(prog).map_ids)
+            finally:
+                os.close(prog)
+            ids = {bpf.map_info(fd).id for fd in fds}
+            if not used <= ids:
+                raise SpliceUnavailable(
+                    f"the splice pins under {pin_dir} do not belong together "
+                    "(the agent is replacing them)",
+                    "the ztunnel retries shortly; if it persists, restart the agent",
+                )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(fds[0], fds[1], fds[2])
+
+    def close(self) -> None:
+        for fd in (self.socks, self.targets, self.peers):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def redirected(self, cookie: bytes) -> int:
+        raw = bpf.map_lookup(self.peers, cookie, _PEER.size)
+        return 0 if raw is None else int(_PEER.unpack(raw)[1])
+
+
+def _open(path: Path) -> int:
+    try:
+        return bpf.obj_get(str(path))
+    except bpf.BpfSyscallError as e:
+        if e.errno == errno.ENOENT:
+            raise SpliceUnavailable(
+                f"no splice pins at {path.parent} ({path.name} is missing)",
+                f"run the agent with --pin-dir {path.parent} (it pins the splice there) on a "
+                "kernel with sockmap (CONFIG_BPF_STREAM_PARSER)",
+            ) from None
+        raise SpliceUnavailable(
+            f"cannot open {path}: {e.strerror}",
+            "the ztunnel needs CAP_BPF (or root) to open the agent's pins",
+        ) from None
+
+
+class SpliceCounters:
+    """Live byte counts of a spliced connection, read from ``splice_peers``."""
+
+    __slots__ = ("_client", "_maps", "_server")
+
+    def __init__(self, maps: SpliceMaps, client: bytes, server: bytes) -> None:
+        self._maps = maps
+        self._client = client
+        self._server = server
+
+    @property
+    def from_client(self) -> int:
+        return self._maps.redirected(self._client)
+
+    @property
+    def to_client(self) -> int:
+        return self._maps.redirected(self._server)
+
+
+class SameNodeSplice:
+    """The fast path of one ztunnel: opens the pins lazily, warns once when it cannot."""
+
+    def __init__(self, pin_dir: Path | str | None) -> None:
+        self._pin_dir = None if pin_dir is None else Path(pin_dir)
+        self._maps: SpliceMaps | None = None
+        self._next_try = 0.0
+        self._warned = False
+
+    def close(self) -> None:
+        if self._maps is not None:
+            self._maps.close()
+            self._maps = None
+
+    def maps(self) -> SpliceMaps | None:
+        """The open maps, or None (the Python relay carries the connection)."""
+        if self._maps is not None or self._pin_dir is None:
+            return self._maps
+        now = time.monotonic()
+        if now < self._next_try:
+            return None
+        try:
+            self._maps = SpliceMaps.open(self._pin_dir)
+        except (SpliceUnavailable, OSError) as e:
+            self._next_try = now + _REOPEN_INTERVAL
+            hint = e.hint if isinstance(e, SpliceUnavailable) else "check bpffs and the agent"
+            self._disable(str(e), hint)
+            return None
+        log.info("same-node kernel splice on (pins %s)", self._pin_dir)
+        return self._maps
+
+    def _disable(self, why: str, hint: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "same-node fast path off, using the Python relay: %s; to enable: %s", why, hint
+            )
+
+    async def relay(
+        self, client: socket.socket, server: socket.socket, conn: LiveConnection
+    ) -> RelayResult | None:
+        """Splice and carry the connection to its end; None when the Python relay must.
+
+        Owns both sockets once it returns a result (or raises); on None they
+        are untouched and no byte has moved.
+        """
+        maps = self.maps()
+        if maps is None:
+            return None
+        try:
+            pair = _Pair.start(maps, client, server)
+        except SpliceUnavailable as e:
+            self._disable(str(e), e.hint)
+            return None
+        conn.counters = SpliceCounters(maps, pair.cookies[0], pair.cookies[1])
+        try:
+            return await pair.run()
+        except BaseException:
+            pair.reset()
+            raise
+        finally:
+            final = ByteCounters()
+            final.from_client = maps.redirected(pair.cookies[0])
+            final.to_client = maps.redirected(pair.cookies[1])
+            conn.counters = final
+            pair.release()
+
+
+class _Pair:
+    """The two spliced sockets of one connection (index 0: client, 1: server)."""
+
+    def __init__(self, maps: SpliceMaps, socks: tuple[socket.socket, socket.socket]) -> None:
+        self.maps = maps
+        self.socks = socks
+        self.cookies = (_cookie(socks[0]), _cookie(socks[1]))
+        self.base = (_bytes_acked(socks[0]), _bytes_acked(socks[1]))
+        self.eof = [False, False]
+        self.shut = [False, False]  # FIN forwarded to this socket
+        self.error: str | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._readers = [False, False]
+        self._stuck_since: list[float | None] = [None, None]
+        self._drains: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def start(cls, maps: SpliceMaps, client: socket.socket, server: socket.socket) -> _Pair:
+        try:
+            pair = cls(maps, (client, server))
+        except OSError as e:
+            raise SpliceUnavailable(f"cannot read socket state: {e}", "none needed") from None
+        c, s = pair.cookies
+        fds = [struct.pack("i", client.fileno()), struct.pack("i", server.fileno())]
+        step = "splice_peers"
+        try:
+            bpf.map_update(maps.peers, c, _PEER.pack(int.from_bytes(s, "little"), 0))
+            bpf.map_update(maps.peers, s, _PEER.pack(int.from_bytes(c, "little"), 0))
+            step = "splice_targets"
+            bpf.map_update(maps.targets, c, fds[0])
+            bpf.map_update(maps.targets, s, fds[1])
+            step = "splice_socks"
+            bpf.map_update(maps.socks, c, fds[0])
+        except bpf.BpfSyscallError as e:
+            # No verdict has run on either socket yet: undo and let Python relay.
+            pair.release()
+            raise SpliceUnavailable(
+                f"the kernel refused a {step} update ({e.strerror})",
+                "a full map (more than "
+                f"{bpf.SPLICE_MAX // 2} spliced connections) or a kernel without sockmap",
+            ) from None
+        try:
+            bpf.map_update(maps.socks, s, fds[1])
+        except bpf.BpfSyscallError as e:
+            # The client socket's bytes may already have moved: too late to fall back.
+            pair.release()
+            raise OSError(e.errno, f"splicing the server socket failed: {e.strerror}") from None
+        for sock in pair.socks:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        return pair
+
+    async def run(self) -> RelayResult:
+        loop = asyncio.get_running_loop()
+        for i, sock in enumerate(self.socks):
+            loop.add_reader(sock.fileno(), self._readable, i)
+            self._readers[i] = True
+        try:
+            await asyncio.shield(self.done)
+        finally:
+            self._stop_readers()
+            for task in self._drains:
+                task.cancel()
+        if self.error is not None:
+            self.reset()
+        else:
+            for sock in self.socks:
+                sock.close()
+        return RelayResult(
+            self.maps.redirected(self.cookies[0]), self.maps.redirected(self.cookies[1]), self.error
+        )
+
+    def _readable(self, i: int) -> None:
+        sock = self.socks[i]
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            self._stuck_since[i] = None
+            return
+        except OSError as e:
+            self._fail(f"{_side(i)}: {e}")
+            return
+        loop = asyncio.get_running_loop()
+        self._pause_reader(i)
+        if data:
+            # Bytes on the spliced socket itself: not yet through the verdict
+            # (gone within microseconds), or the redirect fails because the
+            # peer is gone. Look again shortly instead of spinning; give up
+            # when they stay.
+            now = time.monotonic()
+            since = self._stuck_since[i]
+            if since is None:
+                self._stuck_since[i] = now
+            elif now - since > _STUCK_LIMIT:
+                self._fail(f"{_side(1 - i)}: gone while bytes were still arriving")
+                return
+            loop.call_later(0.001, self._resume_reader, i)
+            return
+        self.eof[i] = True
+        self._drains.append(loop.create_task(self._forward_fin(i)))
+
+    def _resume_reader(self, i: int) -> None:
+        if not self.done.done() and not self._readers[i] and self.socks[i].fileno() >= 0:
+            asyncio.get_running_loop().add_reader(self.socks[i].fileno(), self._readable, i)
+            self._readers[i] = True
+
+    async def _forward_fin(self, i: int) -> None:
+        """Socket ``i`` read EOF: shut the other one down once the bytes have left,
+        then watch socket ``i`` for a reset (its reader is off: EOF stays readable)."""
+        peer = 1 - i
+        attempt = 0
+        last = -1
+        stalled_since = time.monotonic()
+        while True:
+            try:
+                acked = _bytes_acked(self.socks[peer]) - self.base[peer]
+                queued = _send_queue(self.socks[peer])
+            except OSError as e:
+                self._fail(f"{_side(peer)}: {e}")
+                return
+            redirected = self.maps.redirected(self.cookies[i])
+            if drain_decision(redirected, acked, queued) is Drain.FORWARD_FIN:
+                break
+            now = time.monotonic()
+            if acked != last:
+                last, stalled_since = acked, now
+            elif now - stalled_since > _DRAIN_STALL:
+                self._fail(f"{_side(peer)}: accepted no byte for {_DRAIN_STALL:.0f}s after EOF")
+                return
+            await asyncio.sleep(poll_delay(attempt))
+            attempt += 1
+        try:
+            self.socks[peer].shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._fail(f"{_side(peer)}: {e}")
+            return
+        self.shut[peer] = True
+        if all(self.shut):
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        while not self.done.done():
+            await asyncio.sleep(_ERROR_POLL)
+            err = _socket_error(self.socks[i])
+            if err:
+                self._fail(f"{_side(i)}: {os.strerror(err)}")
+                return
+
+    def _fail(self, error: str) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _pause_reader(self, i: int) -> None:
+        if self._readers[i]:
+            asyncio.get_running_loop().remove_reader(self.socks[i].fileno())
+            self._readers[i] = False
+
+    def _stop_readers(self) -> None:
+        for i in (0, 1):
+            if self.socks[i].fileno() >= 0:
+                self._pause_reader(i)
+
+    def reset(self) -> None:
+        """Abort both sockets with a RST (closing also drops them from the sockhashes)."""
+        self._stop_readers()
+        for sock in self.socks:
+            if sock.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                sock.close()
+
+    def release(self) -> None:
+        """Forget the connection in the maps (the sockhashes forget closed sockets)."""
+        for cookie in self.cookies:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.maps.peers, cookie)
+            for fd in (self.maps.socks, self.maps.targets):
+                with contextlib.suppress(OSError):
+                    bpf.map_delete(fd, cookie)
+
+
+def _side(i: int) -> str:
+    return "client" if i == 0 else "server"
+
+
+def _cookie(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8)
+
+
+def _bytes_acked(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    if len(raw) < _TCP_INFO_LEN:
+        raise OSError(errno.EOPNOTSUPP, "tcp_info has no tcpi_bytes_acked (kernel before 4.1)")
+    return int(struct.unpack_from("=Q", raw, _TCPI_BYTES_ACKED)[0])
+
+
+def _send_queue(sock: socket.socket) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), _SIOCOUTQ, buf)
+    return int(buf[0])
+
+
+def _socket_error(sock: socket.socket) -> int:
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    except OSError as e:
+        return e.errno or errno.EIO
