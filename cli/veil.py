@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 # before any room imports grpc, unless the user asked for it explicitly.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 os.environ.setdefault("GRPC_TRACE", "")
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from veil.errors import VeilError
 from veil.settings import finish_help

@@ -465,13 +465,13 @@ def _kind_checks(k8s: KubernetesRuntime) -> list[HealthCheck]:
     ]
 
 
-def check_can_bind(*addresses: ListenAddress) -> None:
+def check_can_bind(*addresses: tuple[ListenAddress, str]) -> None:
     """Raises ConfigError when a listener address cannot be bound right now.
 
     A probe with a plain socket (closed at once; SO_REUSEADDR like gRPC's), so
     the failure is reported before anything is written to the state directory.
     """
-    for addr in addresses:
+    for addr, what in addresses:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         probe = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -479,7 +479,7 @@ def check_can_bind(*addresses: ListenAddress) -> None:
             probe.bind((addr.host, addr.port))
         except OSError as e:
             raise ConfigError(
-                f"cannot listen on {addr}: {e.strerror or e}",
+                f"cannot listen on {addr} ({what} listener): {e.strerror or e}",
                 hint="is another controller running there, or the address not on this "
                 "host? Pick another with --listen / --join-listen (nothing was written)",
             ) from None
@@ -538,7 +538,7 @@ async def _serve(
         if k8s is None:
             # Before the CA is created: a controller that cannot listen must not
             # leave a fresh CA behind (tokens would pin a root nobody serves).
-            check_can_bind(config.listen, config.join_listen)
+            check_can_bind((config.listen, "mTLS"), (config.join_listen, "join"))
             if config.registry is None:
                 log.warning(
                     "no --registry given: the mesh is empty (no workloads, services or "

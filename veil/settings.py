@@ -140,7 +140,11 @@ def add_setting_arguments(
         suffix = f" (default: {shown}; env {s.env})" if shown else f" (env {s.env})"
         if s.is_switch:
             parser.add_argument(
-                s.flag, dest=s.field, action="store_const", const="1", default=None,
+                s.flag,
+                dest=s.field,
+                action="store_const",
+                const="1",
+                default=None,
                 help=f"{s.help} (env {s.env})",
             )
         else:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -42,17 +41,11 @@ from ztunnel.errors import ConfigError
 from ztunnel.identity import CertManager
 from ztunnel.limits import enable_request_migration, raise_nofile_limit
 from ztunnel.metrics import Registry
-from ztunnel.worker import ProxyEngine
+from ztunnel.worker import ProxyEngine, tune_gc
 
-__all__ = ["Ztunnel", "run_ztunnel", "tune_gc"]
+__all__ = ["Ztunnel", "run_ztunnel"]
 
 log = logging.getLogger("veil.ztunnel")
-
-# Young-generation collections every this many net allocations (CPython's
-# default is 700). Every proxied connection allocates a few hundred objects,
-# so the default runs a collection every couple of connections; a collection
-# pause lands on whichever packet is being relayed (latency tail).
-_GC_GEN0_THRESHOLD = 20_000
 
 # How often the node credentials in the state directory are checked for a
 # renewed node certificate (the agent or `veil node certificate` renews it).
@@ -127,6 +120,9 @@ class Ztunnel:
         self.listeners = self.engine.listeners
         self.readiness = Readiness(self.store, self.certs)
         self.readiness.add_check("listeners", self.engine.listeners_ready)
+        # Recent denies and the live feed behind `veilctl monitor --type deny`.
+        self.denies = DenyFeed()
+        self.traffic.deny_listeners.append(self.denies.publish)
         self.ops = OpsServer.from_config(
             config,
             store=self.store,
@@ -135,6 +131,7 @@ class Ztunnel:
             certs=self.certs,
             watch_status=self.watch.status,
             connections=self.connections.dump,
+            denies=self.denies,
         )
         register_state_gauges(self.metrics_registry, self.store, self.certs, self.watch.status)
         self._tasks: list[asyncio.Task[None]] = []
@@ -247,16 +244,3 @@ async def run_ztunnel(config: ZtunnelConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0
-
-
-def tune_gc() -> None:
-    """Move everything built at startup (modules, the first snapshot, TLS and
-    gRPC state) out of the collector's reach and make young collections rarer.
-
-    Full collections walk every tracked object; with startup objects frozen
-    they only walk what the data path created, which keeps their pauses short.
-    """
-    gc.collect()
-    gc.freeze()
-    _gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(_GC_GEN0_THRESHOLD, gen1, gen2)

@@ -97,7 +97,9 @@ def render(
         return
     cells = [[_cell(r.get(c.key)) for c in columns] for r in rows]
     widths = [max(len(c.header), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    out.write("  ".join(c.header.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    out.write(
+        "  ".join(c.header.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n"
+    )
     for row in cells:
         out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
 

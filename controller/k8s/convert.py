@@ -21,26 +21,30 @@ What Kubernetes adds, and how it is mapped:
 * A Service's named ``targetPort`` is resolved through its EndpointSlices
   (whose ports carry the numbers); a Service without a selector takes its
   endpoints from hand-written EndpointSlices, as kube-proxy does.
-* An AuthorizationPolicy or PeerAuthentication whose spec does not parse is left
-  out whole (never applied in part); its :class:`PolicyVerdict` carries the reason
-  for the status condition.
+* An AuthorizationPolicy, PeerAuthentication or RequestAuthentication whose
+  spec does not parse is left out whole (never applied in part); its
+  :class:`PolicyVerdict` carries the reason for the status condition.
+* The label ``veil.io/use-waypoint`` on a Namespace stays in its labels (the
+  model reads it from there); on a Service it becomes ``Service.use_waypoint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from controller.api.model import (
     ROOT_NAMESPACE,
+    USE_WAYPOINT_LABEL,
     AuthorizationPolicy,
     Labels,
     Namespace,
     PeerAuthentication,
     RegistryState,
+    RequestAuthentication,
     Service,
     ServicePort,
     Workload,
@@ -56,10 +60,16 @@ from controller.registry import (
     build_state,
     parse_authorization_policy,
     parse_peer_authentication,
+    parse_request_authentication,
     registry_warnings,
 )
 
-from .kinds import AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, ResourceKind
+from .kinds import (
+    AUTHORIZATION_POLICIES,
+    PEER_AUTHENTICATIONS,
+    REQUEST_AUTHENTICATIONS,
+    ResourceKind,
+)
 
 __all__ = [
     "Conversion",
@@ -231,12 +241,19 @@ def service_from(svc: Json, slices: Sequence[Json] = ()) -> tuple[Service | None
             vips=vips,
             ports=tuple(ports),
             selector=Labels({str(k): str(v) for k, v in selector.items()}),
+            use_waypoint=_labels(svc).get(USE_WAYPOINT_LABEL, ""),
         ),
         notes,
     )
 
 
-_Parsed = AuthorizationPolicy | PeerAuthentication | str  # the model, or the refusal
+_Policy = AuthorizationPolicy | PeerAuthentication | RequestAuthentication
+_Parsed = _Policy | str  # the model, or the refusal
+_PARSERS: dict[ResourceKind, Callable[[str, str, Json | None, str], _Policy]] = {
+    AUTHORIZATION_POLICIES: parse_authorization_policy,
+    PEER_AUTHENTICATIONS: parse_peer_authentication,
+    REQUEST_AUTHENTICATIONS: parse_request_authentication,
+}
 
 
 class ConversionCache:
@@ -263,9 +280,7 @@ def _claim_order(obj: Json, ready: bool) -> tuple[bool, bool, str]:
 
 
 def _parse_one(obj: Json, kind: ResourceKind, name: str, namespace: str) -> _Parsed:
-    parse = (
-        parse_authorization_policy if kind is AUTHORIZATION_POLICIES else parse_peer_authentication
-    )
+    parse = _PARSERS[kind]
     where = f"{kind.kind} {namespace}/{name}"
     spec = obj.get("spec")
     try:
@@ -281,8 +296,8 @@ def _parse_policies(
     kind: ResourceKind,
     old: Mapping[tuple[str, str, str], tuple[str, _Parsed]],
     new: dict[tuple[str, str, str], tuple[str, _Parsed]],
-) -> tuple[list[AuthorizationPolicy | PeerAuthentication], list[PolicyVerdict]]:
-    accepted: list[AuthorizationPolicy | PeerAuthentication] = []
+) -> tuple[list[_Policy], list[PolicyVerdict]]:
+    accepted: list[_Policy] = []
     verdicts: list[PolicyVerdict] = []
     for obj in objs:
         meta = _meta(obj)
@@ -312,6 +327,7 @@ def convert(
     endpoint_slices: Iterable[Json] = (),
     authorization_policies: Iterable[Json] = (),
     peer_authentications: Iterable[Json] = (),
+    request_authentications: Iterable[Json] = (),
     cache: ConversionCache | None = None,
 ) -> Conversion:
     """One RegistryState from a snapshot of the caches; raises RegistryError only on a bug.
@@ -388,8 +404,11 @@ def convert(
     peers, peer_verdicts = _parse_policies(
         peer_authentications, PEER_AUTHENTICATIONS, old_policies, cache.policies
     )
+    auths, auth_verdicts = _parse_policies(
+        request_authentications, REQUEST_AUTHENTICATIONS, old_policies, cache.policies
+    )
 
-    def placed(p: AuthorizationPolicy | PeerAuthentication) -> bool:
+    def placed(p: _Policy) -> bool:
         return p.namespace in known or p.namespace == ROOT_NAMESPACE
 
     state = build_state(
@@ -399,12 +418,14 @@ def convert(
         built_services,
         [p for p in authz if isinstance(p, AuthorizationPolicy) and placed(p)],
         [p for p in peers if isinstance(p, PeerAuthentication) and placed(p)],
+        [a for a in auths if isinstance(a, RequestAuthentication) and placed(a)],
     )
     state = _manual_endpoints(state, slices_of)
     # Valid but probably unintended (foreign trust domain, a selector matching
     # nothing): the same warnings the YAML registry logs.
     notes.extend(f"warning: {w}" for w in registry_warnings(state))
-    return Conversion(state, tuple(authz_verdicts + peer_verdicts), tuple(notes))
+    verdicts = authz_verdicts + peer_verdicts + auth_verdicts
+    return Conversion(state, tuple(verdicts), tuple(notes))
 
 
 def _manual_endpoints(

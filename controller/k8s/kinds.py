@@ -21,6 +21,7 @@ __all__ = [
     "OPTIONAL_KINDS",
     "PEER_AUTHENTICATIONS",
     "PODS",
+    "REQUEST_AUTHENTICATIONS",
     "REQUIRED_KINDS",
     "SECRETS",
     "SERVICES",
@@ -76,6 +77,10 @@ AUTHORIZATION_POLICIES = ResourceKind(
 PEER_AUTHENTICATIONS = ResourceKind(
     "PeerAuthentication", "peerauthentications", group=CRD_GROUP, version=CRD_VERSION
 )
+# JWT rules for the waypoint (docs/waypoint.md).
+REQUEST_AUTHENTICATIONS = ResourceKind(
+    "RequestAuthentication", "requestauthentications", group=CRD_GROUP, version=CRD_VERSION
+)
 LEASES = ResourceKind("Lease", "leases", group="coordination.k8s.io")
 SECRETS = ResourceKind("Secret", "secrets")
 CONFIG_MAPS = ResourceKind("ConfigMap", "configmaps")
@@ -94,6 +99,7 @@ WATCHED_KINDS: tuple[ResourceKind, ...] = (
     ENDPOINT_SLICES,
     AUTHORIZATION_POLICIES,
     PEER_AUTHENTICATIONS,
+    REQUEST_AUTHENTICATIONS,
 )
 
 # Kinds without which the controller does not serve: identities come from pods
@@ -101,8 +107,11 @@ WATCHED_KINDS: tuple[ResourceKind, ...] = (
 # no authorization (fail closed). Services and EndpointSlices only fill in
 # service VIPs and ports; without them a node still routes pod-to-pod traffic
 # correctly, so the controller may start degraded (VIPs empty until they list).
+# RequestAuthentications are required too: without them a waypoint sees no
+# request principal or claims, and a DENY policy on a claim would stop matching
+# (it would allow what its author denied).
 REQUIRED_KINDS: frozenset[ResourceKind] = frozenset(
-    {NAMESPACES, PODS, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS}
+    {NAMESPACES, PODS, AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, REQUEST_AUTHENTICATIONS}
 )
 OPTIONAL_KINDS: frozenset[ResourceKind] = frozenset(WATCHED_KINDS) - REQUIRED_KINDS
 

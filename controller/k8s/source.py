@@ -37,6 +37,7 @@ from .kinds import (
     NAMESPACES,
     PEER_AUTHENTICATIONS,
     PODS,
+    REQUEST_AUTHENTICATIONS,
     REQUIRED_KINDS,
     SERVICES,
     WATCHED_KINDS,
@@ -114,6 +115,7 @@ class KubernetesSource:
             endpoint_slices=snapshot[ENDPOINT_SLICES],
             authorization_policies=snapshot[AUTHORIZATION_POLICIES],
             peer_authentications=snapshot[PEER_AUTHENTICATIONS],
+            request_authentications=snapshot[REQUEST_AUTHENTICATIONS],
             cache=self._memo,
         )
 

@@ -14,7 +14,11 @@ from .errors import RegistryError
 from .fragments import RegistryFragment, assemble
 from .holder import RegistryHolder, RegistryStatus, describe_state
 from .lint import registry_warnings
-from .policy import parse_authorization_policy, parse_peer_authentication
+from .policy import (
+    parse_authorization_policy,
+    parse_peer_authentication,
+    parse_request_authentication,
+)
 from .watcher import (
     DEFAULT_HOLD_SECONDS,
     DEFAULT_SETTLE_SECONDS,
@@ -44,6 +48,7 @@ __all__ = [
     "parse_peer_authentication",
     "parse_registry",
     "parse_registry_bytes",
+    "parse_request_authentication",
     "read_registry_file",
     "registry_warnings",
 ]

@@ -29,6 +29,7 @@ from controller.api.model import (
     Namespace,
     PeerAuthentication,
     RegistryState,
+    RequestAuthentication,
     Resource,
     ResourceType,
     Service,
@@ -50,6 +51,7 @@ _KIND = {
     ResourceType.SERVICE: "Service",
     ResourceType.AUTHORIZATION_POLICY: "AuthorizationPolicy",
     ResourceType.PEER_AUTHENTICATION: "PeerAuthentication",
+    ResourceType.REQUEST_AUTHENTICATION: "RequestAuthentication",
 }
 
 
@@ -70,7 +72,15 @@ def is_enrolled(namespace: Namespace | None, workload: Workload) -> bool:
     )
 
 
-R = TypeVar("R", Namespace, Workload, Service, AuthorizationPolicy, PeerAuthentication)
+R = TypeVar(
+    "R",
+    Namespace,
+    Workload,
+    Service,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    RequestAuthentication,
+)
 
 
 def _unique(items: Iterable[R], describe_one: Callable[[R], str]) -> dict[str, R]:
@@ -94,6 +104,7 @@ def build_state(
     services: Iterable[Service] = (),
     authorization_policies: Iterable[AuthorizationPolicy] = (),
     peer_authentications: Iterable[PeerAuthentication] = (),
+    request_authentications: Iterable[RequestAuthentication] = (),
     *,
     origin: Origin | None = None,
 ) -> RegistryState:
@@ -117,6 +128,7 @@ def build_state(
     svc_by_key = _unique(services, name)
     authz_by_key = _unique(authorization_policies, name)
     peer_by_key = _unique(peer_authentications, name)
+    ra_by_key = _unique(request_authentications, name)
 
     def check_namespace(r: Resource, namespace: str, root_ok: bool) -> None:
         if namespace in ns_by_name or (root_ok and namespace == ROOT_NAMESPACE):
@@ -189,6 +201,8 @@ def build_state(
         check_namespace(p, p.namespace, root_ok=True)
     for a in peer_by_key.values():
         check_namespace(a, a.namespace, root_ok=True)
+    for r in ra_by_key.values():
+        check_namespace(r, r.namespace, root_ok=True)
 
     return RegistryState(
         trust_domain=trust_domain,
@@ -197,4 +211,5 @@ def build_state(
         services=tuple(built_services),
         authorization_policies=tuple(authz_by_key[k] for k in sorted(authz_by_key)),
         peer_authentications=tuple(peer_by_key[k] for k in sorted(peer_by_key)),
+        request_authentications=tuple(ra_by_key[k] for k in sorted(ra_by_key)),
     )

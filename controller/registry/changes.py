@@ -92,6 +92,7 @@ def diff_states(old: RegistryState, new: RegistryState) -> RegistryChange:
         ("services", old.services, new.services),
         ("authorizationPolicies", old.authorization_policies, new.authorization_policies),
         ("peerAuthentications", old.peer_authentications, new.peer_authentications),
+        ("requestAuthentications", old.request_authentications, new.request_authentications),
     )
     kinds: list[KindChange] = []
     modified = 0

@@ -18,10 +18,12 @@ from typing import Any
 import yaml
 
 from controller.api.model import (
+    USE_WAYPOINT_LABEL,
     AuthorizationPolicy,
     Namespace,
     PeerAuthentication,
     RegistryState,
+    RequestAuthentication,
     ResourceType,
     Service,
     ServicePort,
@@ -40,7 +42,11 @@ from .fields import (
     show,
 )
 from .fragments import RegistryFragment, assemble
-from .policy import parse_authorization_policy, parse_peer_authentication
+from .policy import (
+    parse_authorization_policy,
+    parse_peer_authentication,
+    parse_request_authentication,
+)
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -64,11 +70,12 @@ TOP_LEVEL_FIELDS = (
     "services",
     "authorizationPolicies",
     "peerAuthentications",
+    "requestAuthentications",
 )
 _OBJECT_FIELDS = TOP_LEVEL_FIELDS[1:]
 _NAMESPACE_FIELDS = ("name", "labels")
 _WORKLOAD_FIELDS = ("name", "namespace", "serviceAccount", "node", "ips", "labels", "ready")
-_SERVICE_FIELDS = ("name", "namespace", "vips", "ports", "selector")
+_SERVICE_FIELDS = ("name", "namespace", "vips", "ports", "selector", "labels")
 _PORT_FIELDS = ("name", "port", "targetPort")
 _POLICY_FIELDS = ("name", "namespace", "spec")
 
@@ -155,12 +162,15 @@ def _service(raw: object, where: str) -> Service:
                 name=p.value("name", check_dns1123_label, ""),
             )
         )
+    labels = f.labels("labels")
     return Service(
         name=f.value("name", check_dns1035_label),
         namespace=f.value("namespace", check_dns1123_label),
         vips=f.values("vips", check_ip),
         ports=tuple(ports),
         selector=f.labels("selector"),
+        # The model keeps only what nodes use: the waypoint opt-in.
+        use_waypoint=labels.get(USE_WAYPOINT_LABEL, ""),
     )
 
 
@@ -223,6 +233,7 @@ def _parse(text: str, source: str) -> RegistryFragment:
     services: list[Service] = []
     policies: list[AuthorizationPolicy] = []
     peers: list[PeerAuthentication] = []
+    request_auths: list[RequestAuthentication] = []
 
     for i, (_, raw) in enumerate(top.items("namespaces")):
         where = _label("namespaces", i, raw, namespaced=False)
@@ -251,6 +262,12 @@ def _parse(text: str, source: str) -> RegistryFragment:
         a = parse_peer_authentication(name, namespace, spec, where)
         remember(ResourceType.PEER_AUTHENTICATION, a.key, where)
         peers.append(a)
+    for i, (_, raw) in enumerate(top.items("requestAuthentications")):
+        where = _label("requestAuthentications", i, raw)
+        name, namespace, spec = _policy_header(raw, where)
+        ra = parse_request_authentication(name, namespace, spec, where)
+        remember(ResourceType.REQUEST_AUTHENTICATION, ra.key, where)
+        request_auths.append(ra)
 
     return RegistryFragment(
         source=source,
@@ -260,6 +277,7 @@ def _parse(text: str, source: str) -> RegistryFragment:
         services=tuple(services),
         authorization_policies=tuple(policies),
         peer_authentications=tuple(peers),
+        request_authentications=tuple(request_auths),
         origin=origin,
         declares_objects=any(top.present(name) for name in _OBJECT_FIELDS),
     )

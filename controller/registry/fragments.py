@@ -18,6 +18,7 @@ from controller.api.model import (
     Namespace,
     PeerAuthentication,
     RegistryState,
+    RequestAuthentication,
     Resource,
     ResourceType,
     Service,
@@ -42,6 +43,7 @@ class RegistryFragment:
     services: tuple[Service, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
     # Resource key -> where it is in the document, e.g. "workloads[3] (shop/checkout)".
     origin: Mapping[tuple[ResourceType, str], str] = field(default_factory=dict)
     # Whether the document names any object list (``workloads: []`` counts).
@@ -54,6 +56,7 @@ class RegistryFragment:
             *self.services,
             *self.authorization_policies,
             *self.peer_authentications,
+            *self.request_authentications,
         )
 
 
@@ -82,7 +85,7 @@ def assemble(fragments: Sequence[RegistryFragment]) -> RegistryState:
         # truncated write left behind (that would unenroll every pod).
         err = RegistryError(
             "the registry lists no objects: none of namespaces, workloads, services, "
-            "authorizationPolicies, peerAuthentications is present",
+            "authorizationPolicies, peerAuthentications, requestAuthentications is present",
             hint="to empty the mesh on purpose, write `workloads: []`",
         )
         raise err.located(fragments[0].source) if len(fragments) == 1 else err
@@ -96,6 +99,7 @@ def assemble(fragments: Sequence[RegistryFragment]) -> RegistryState:
                 only.services,
                 only.authorization_policies,
                 only.peer_authentications,
+                only.request_authentications,
                 origin=only.origin,
             )
         except RegistryError as e:
@@ -110,6 +114,7 @@ def assemble(fragments: Sequence[RegistryFragment]) -> RegistryState:
         (s for f in fragments for s in f.services),
         (p for f in fragments for p in f.authorization_policies),
         (a for f in fragments for a in f.peer_authentications),
+        (r for f in fragments for r in f.request_authentications),
         origin=origin,
     )
 

@@ -45,6 +45,7 @@ def describe_state(state: RegistryState) -> str:
                 len(state.authorization_policies), "authorization policy", "authorization policies"
             ),
             _count(len(state.peer_authentications), "peer authentication"),
+            _count(len(state.request_authentications), "request authentication"),
         )
     )
 

@@ -8,6 +8,10 @@ Kubernetes converter adds them to its notes. Checked here:
 
 * a principal (exact, or a ``prefix*`` that spells out the trust domain) in a
   trust domain other than the registry's: no peer of this mesh carries it;
+* an AuthorizationPolicy with L7 terms (methods, paths, hosts, request
+  principals, ``when``) but no ``targetRefs``: ztunnels enforce it and cannot
+  see L7, so its ALLOW rules with L7 terms match nothing and its DENY rules
+  deny on their L4 terms alone (attach it to a waypoint with ``targetRefs``);
 * an AuthorizationPolicy or PeerAuthentication whose ``matchLabels`` selector
   matches no workload in its scope (its namespace, or every namespace for the
   root namespace).
@@ -61,6 +65,31 @@ def _foreign(policy: AuthorizationPolicy, trust_domain: str) -> list[str]:
     return out
 
 
+def _l7_at_ztunnel(policy: AuthorizationPolicy) -> str | None:
+    if policy.target_refs:
+        return None
+    l7 = any(
+        rule.conditions
+        or any(s.request_principals or s.not_request_principals for s in rule.sources)
+        or any(
+            o.hosts or o.not_hosts or o.methods or o.not_methods or o.paths or o.not_paths
+            for o in rule.operations
+        )
+        for rule in policy.rules
+    )
+    if not l7:
+        return None
+    effect = (
+        "its rules with L7 terms match nothing"
+        if policy.action.value == "ALLOW"
+        else "its rules with L7 terms deny on their L4 terms alone"
+    )
+    return (
+        f"AuthorizationPolicy {policy.key} has L7 terms but no targetRefs: ztunnels enforce "
+        f"it and cannot see HTTP, so {effect}; attach it to a waypoint with targetRefs"
+    )
+
+
 def _selects_nothing(
     policy: AuthorizationPolicy | PeerAuthentication,
     by_namespace: dict[str, list[Workload]],
@@ -95,9 +124,9 @@ def registry_warnings(state: RegistryState) -> tuple[str, ...]:
     out: list[str] = []
     for p in state.authorization_policies:
         out.extend(_foreign(p, state.trust_domain))
-        note = _selects_nothing(p, by_namespace, state.workloads)
-        if note is not None:
-            out.append(note)
+        for note in (_l7_at_ztunnel(p), _selects_nothing(p, by_namespace, state.workloads)):
+            if note is not None:
+                out.append(note)
     for a in state.peer_authentications:
         note = _selects_nothing(a, by_namespace, state.workloads)
         if note is not None:

@@ -1,12 +1,15 @@
-"""Istio-shaped AuthorizationPolicy and PeerAuthentication specs to model types.
+"""Istio-shaped AuthorizationPolicy, PeerAuthentication and RequestAuthentication specs.
 
 Both registry sources (the YAML file and the Kubernetes API) hand the ``spec`` of
-each object to :func:`parse_authorization_policy` or
-:func:`parse_peer_authentication`, so the two sources accept and refuse exactly
-the same documents. Veil enforces L4 policy only: the L7 fields of Istio's API
-(methods, paths, request principals, ``when`` conditions) are refused with a
-reason instead of being silently ignored, because ignoring a condition in an
-ALLOW rule would allow more than the author meant.
+each object to :func:`parse_authorization_policy`,
+:func:`parse_peer_authentication` or :func:`parse_request_authentication`, so
+the two sources accept and refuse exactly the same documents. The L7 fields
+(methods, paths, hosts, request principals, ``when`` conditions,
+``targetRefs``, ``jwtRules``) are validated in :mod:`.l7`; the waypoint
+enforces them, and a ztunnel that receives a policy with L7 terms fails closed
+(docs/waypoint.md). Fields Veil does not implement are refused with a reason
+instead of being silently ignored, because ignoring a condition in an ALLOW
+rule would allow more than the author meant.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from typing import Any
 from controller.api.model import (
     AuthorizationPolicy,
     Labels,
-    Operation,
     PeerAuthentication,
     PeerAuthMode,
     PolicyAction,
+    RequestAuthentication,
     Rule,
     Source,
 )
@@ -29,23 +32,29 @@ from .fields import (
     Fields,
     check_cidr,
     check_namespace_pattern,
-    check_port,
     check_principal,
     show,
 )
+from .l7 import (
+    check_request_principal,
+    parse_condition,
+    parse_operation,
+    parse_target_refs,
+)
+from .l7 import parse_request_authentication as _parse_request_authentication
 
-__all__ = ["parse_authorization_policy", "parse_peer_authentication"]
+__all__ = [
+    "parse_authorization_policy",
+    "parse_peer_authentication",
+    "parse_request_authentication",
+]
 
-_L7 = "Veil enforces L4 policy only (identities, namespaces, IP blocks and ports)"
-
-_AUTHZ_SPEC_FIELDS = ("selector", "action", "rules")
+_AUTHZ_SPEC_FIELDS = ("selector", "targetRefs", "action", "rules")
 _AUTHZ_SPEC_UNSUPPORTED = {
     "provider": "CUSTOM authorization providers are not supported; use ALLOW or DENY",
-    "targetRef": "policy attachment by targetRef is not supported; use selector.matchLabels",
-    "targetRefs": "policy attachment by targetRefs is not supported; use selector.matchLabels",
+    "targetRef": "use targetRefs (a list)",
 }
-_RULE_FIELDS = ("from", "to")
-_RULE_UNSUPPORTED = {"when": f"conditions are L7 or request attributes; {_L7}"}
+_RULE_FIELDS = ("from", "to", "when")
 _SOURCE_FIELDS = (
     "principals",
     "notPrincipals",
@@ -53,19 +62,14 @@ _SOURCE_FIELDS = (
     "notNamespaces",
     "ipBlocks",
     "notIpBlocks",
+    "requestPrincipals",
+    "notRequestPrincipals",
 )
 _SOURCE_UNSUPPORTED = {
-    "requestPrincipals": f"request principals come from JWTs; {_L7}",
-    "notRequestPrincipals": f"request principals come from JWTs; {_L7}",
     "remoteIpBlocks": "remote IP blocks come from X-Forwarded-For; use ipBlocks",
     "notRemoteIpBlocks": "remote IP blocks come from X-Forwarded-For; use notIpBlocks",
     "serviceAccounts": "use principals (<trust-domain>/ns/<namespace>/sa/<name>)",
     "notServiceAccounts": "use notPrincipals (<trust-domain>/ns/<namespace>/sa/<name>)",
-}
-_OPERATION_FIELDS = ("ports", "notPorts")
-_OPERATION_UNSUPPORTED = {
-    name: f"{name} is an HTTP attribute; {_L7}"
-    for name in ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 }
 _SELECTOR_FIELDS = ("matchLabels",)
 _PEER_SPEC_FIELDS = ("selector", "mtls")
@@ -97,24 +101,17 @@ def _source(raw: object, where: str, path: str) -> Source:
         not_namespaces=src.values("notNamespaces", check_namespace_pattern),
         ip_blocks=src.values("ipBlocks", check_cidr),
         not_ip_blocks=src.values("notIpBlocks", check_cidr),
-    )
-
-
-def _operation(raw: object, where: str, path: str) -> Operation:
-    wrapper = Fields(raw, where, ("operation",), path=path)
-    op = wrapper.child("operation", _OPERATION_FIELDS, unsupported=_OPERATION_UNSUPPORTED)
-    if op is None:
-        wrapper.fail("operation", "is required in each to[] entry")
-    return Operation(
-        ports=op.values("ports", check_port), not_ports=op.values("notPorts", check_port)
+        request_principals=src.values("requestPrincipals", check_request_principal),
+        not_request_principals=src.values("notRequestPrincipals", check_request_principal),
     )
 
 
 def _rule(raw: object, where: str, path: str) -> Rule:
-    rule = Fields(raw, where, _RULE_FIELDS, path=path, unsupported=_RULE_UNSUPPORTED)
+    rule = Fields(raw, where, _RULE_FIELDS, path=path)
     return Rule(
         sources=tuple(_source(item, where, p) for p, item in rule.items("from")),
-        operations=tuple(_operation(item, where, p) for p, item in rule.items("to")),
+        operations=tuple(parse_operation(item, where, p) for p, item in rule.items("to")),
+        conditions=tuple(parse_condition(item, where, p) for p, item in rule.items("when")),
     )
 
 
@@ -153,13 +150,26 @@ def parse_authorization_policy(
         path="spec",
         unsupported=_AUTHZ_SPEC_UNSUPPORTED,
     )
+    selector = _selector(fields)
     return AuthorizationPolicy(
         name=name,
         namespace=namespace,
         action=_action(fields),
         rules=tuple(_rule(item, where, path) for path, item in fields.items("rules")),
-        selector=_selector(fields),
+        selector=selector,
+        target_refs=parse_target_refs(fields, selector),
     )
+
+
+def parse_request_authentication(
+    name: str, namespace: str, spec: Mapping[str, Any] | None, where: str
+) -> RequestAuthentication:
+    """An Istio RequestAuthentication spec (``selector`` or ``targetRefs``, ``jwtRules``).
+
+    Validation of the rules is in :mod:`.l7`; see docs/waypoint.md for where it
+    applies.
+    """
+    return _parse_request_authentication(name, namespace, spec, where, _selector)
 
 
 _MODES = {

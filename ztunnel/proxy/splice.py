@@ -35,12 +35,17 @@ sockhashes; ``splice_peers`` entries are deleted here. Byte counts come from
 When the pins are missing or the kernel refuses a sockhash update, the
 connection is relayed in Python and the reason is logged once (WARNING).
 
-Measured on a 2-core VM (perf/README.md, perf/bench_splice.py): a 64-byte
-round trip through the splice is about as fast as a direct connection and
-about 4x faster than the Python relay. The sk_msg ingress redirect that
-Cilium and Merbridge use needs the applications' own sockets in a sockmap
-(a sockops program on their cgroup), which a node proxy does not own; the
-benchmark compares it on a plain pair and perf/README.md records the choice.
+Which is faster depends on the traffic (perf/bench_splice.py, figures in
+perf/README.md): for request/response the splice wins (p50 and p99 below the
+Python relay's, no ztunnel CPU per message); for bulk the Python relay's
+256 KiB reads beat the kernel's per-skb redirect through the psock work queue
+(about 1.5-3x). So each connection starts spliced and a bulk transfer is
+handed over to the relay (:func:`is_bulk`, checked a few times in the first
+seconds): the verdict is removed, the redirected bytes drain by the same test
+as a half-close, and the relay continues in order with the counts so far.
+The sk_msg ingress redirect that Cilium and Merbridge use beat both on a
+plain pair, but it needs the applications' own sockets in a sockmap (a
+sockops program on the pods' cgroups), which a node proxy does not own.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from typing import Final
 from node import bpf
 
 from .connections import LiveConnection
-from .relay import ByteCounters, RelayResult
+from .relay import ByteCounters, RelayResult, relay_sockets
 
 __all__ = [
     "Drain",
@@ -71,6 +76,7 @@ __all__ = [
     "SpliceMaps",
     "SpliceUnavailable",
     "drain_decision",
+    "is_bulk",
     "poll_delay",
 ]
 
@@ -80,12 +86,17 @@ _SO_COOKIE: Final = 57
 _SIOCOUTQ: Final = 0x5411
 _TCPI_BYTES_ACKED: Final = 120  # offset of tcpi_bytes_acked in struct tcp_info
 _TCP_INFO_LEN: Final = _TCPI_BYTES_ACKED + 8
+_TCP_ESTABLISHED: Final = 1  # tcpi_state
 _PEER: Final = struct.Struct(bpf.SPLICE_PEER_FORMAT)
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # How often to look for the agent's pins again after they were missing.
 _REOPEN_INTERVAL: Final = 5.0
 # A half-close whose peer accepts no byte for this long is given up (reset).
 _DRAIN_STALL: Final = 120.0
+# Bulk detection (see _Pair._watch_bulk): bytes/s in one direction, and when to look.
+_BULK_RATE: Final = 100 * 1024 * 1024
+_BULK_FIRST_CHECK: Final = 0.05
+_BULK_LAST_CHECK: Final = 6.4
 # Bytes left on a spliced socket itself for this long mean the redirect fails.
 _STUCK_LIMIT: Final = 1.0
 # How often a half-closed side is checked for a reset (its EOF stays readable).
@@ -98,6 +109,10 @@ class SpliceUnavailable(Exception):
     def __init__(self, why: str, hint: str) -> None:
         super().__init__(why)
         self.hint = hint
+
+
+class _NotEstablished(Exception):
+    """This connection cannot be spliced (already half-closed); the relay takes it."""
 
 
 class Drain(enum.Enum):
@@ -119,6 +134,11 @@ def drain_decision(redirected: int, acked_since_splice: int, send_queue: int) ->
     if acked_since_splice + send_queue >= redirected:
         return Drain.FORWARD_FIN
     return Drain.WAIT
+
+
+def is_bulk(moved: int, interval: float) -> bool:
+    """Did one direction move bulk-transfer amounts (``moved`` bytes in ``interval`` s)?"""
+    return moved >= _BULK_RATE * interval
 
 
 def poll_delay(attempt: int) -> float:
@@ -206,8 +226,9 @@ class SpliceCounters:
 class SameNodeSplice:
     """The fast path of one ztunnel: opens the pins lazily, warns once when it cannot."""
 
-    def __init__(self, pin_dir: Path | str | None) -> None:
+    def __init__(self, pin_dir: Path | str | None, *, bulk_handover: bool = True) -> None:
         self._pin_dir = None if pin_dir is None else Path(pin_dir)
+        self._bulk_handover = bulk_handover
         self._maps: SpliceMaps | None = None
         self._next_try = 0.0
         self._warned = False
@@ -254,21 +275,34 @@ class SameNodeSplice:
             return None
         try:
             pair = _Pair.start(maps, client, server)
+        except _NotEstablished:
+            return None
         except SpliceUnavailable as e:
             self._disable(str(e), e.hint)
             return None
+        except OSError:
+            # Half spliced: bytes may have moved, so no relay can take over.
+            for sock in (client, server):
+                _reset(sock)
+            raise
         conn.counters = SpliceCounters(maps, pair.cookies[0], pair.cookies[1])
         try:
-            return await pair.run()
+            result = await pair.run(self._bulk_handover)
         except BaseException:
             pair.reset()
             raise
         finally:
+            # Freeze the counts before the entries go: the access log (and the
+            # relay taking over) continue from them.
             final = ByteCounters()
-            final.from_client = maps.redirected(pair.cookies[0])
-            final.to_client = maps.redirected(pair.cookies[1])
+            with contextlib.suppress(OSError):
+                final.from_client = maps.redirected(pair.cookies[0])
+                final.to_client = maps.redirected(pair.cookies[1])
             conn.counters = final
             pair.release()
+        if result is not None:
+            return result
+        return await relay_sockets(client, server, final)
 
 
 class _Pair:
@@ -286,6 +320,7 @@ class _Pair:
         self._readers = [False, False]
         self._stuck_since: list[float | None] = [None, None]
         self._drains: list[asyncio.Task[None]] = []
+        self.handover = False  # bulk: undone for the Python relay
 
     @classmethod
     def start(cls, maps: SpliceMaps, client: socket.socket, server: socket.socket) -> _Pair:
@@ -293,6 +328,10 @@ class _Pair:
             pair = cls(maps, (client, server))
         except OSError as e:
             raise SpliceUnavailable(f"cannot read socket state: {e}", "none needed") from None
+        if not all(_established(x) for x in pair.socks):
+            # A sockhash takes only established sockets: a client that sent its
+            # FIN before the splice is relayed (the kernel would refuse it).
+            raise _NotEstablished
         c, s = pair.cookies
         fds = [struct.pack("i", client.fileno()), struct.pack("i", server.fileno())]
         step = "splice_peers"
@@ -307,6 +346,8 @@ class _Pair:
         except bpf.BpfSyscallError as e:
             # No verdict has run on either socket yet: undo and let Python relay.
             pair.release()
+            if e.errno == errno.EOPNOTSUPP and not all(_established(x) for x in pair.socks):
+                raise _NotEstablished from None
             raise SpliceUnavailable(
                 f"the kernel refused a {step} update ({e.strerror})",
                 "a full map (more than "
@@ -323,17 +364,24 @@ class _Pair:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return pair
 
-    async def run(self) -> RelayResult:
+    async def run(self, watch_bulk: bool) -> RelayResult | None:
+        """Watch the splice to its end; None when it was undone for the Python relay."""
         loop = asyncio.get_running_loop()
         for i, sock in enumerate(self.socks):
             loop.add_reader(sock.fileno(), self._readable, i)
             self._readers[i] = True
+        if watch_bulk:
+            self._drains.append(loop.create_task(self._watch_bulk()))
         try:
             await asyncio.shield(self.done)
         finally:
             self._stop_readers()
             for task in self._drains:
                 task.cancel()
+        if self.handover and self.error is None:
+            await self._unsplice()
+            if self.error is None:
+                return None
         if self.error is not None:
             self.reset()
         else:
@@ -342,6 +390,59 @@ class _Pair:
         return RelayResult(
             self.maps.redirected(self.cookies[0]), self.maps.redirected(self.cookies[1]), self.error
         )
+
+    async def _watch_bulk(self) -> None:
+        """Hand a bulk transfer over to the Python relay, which carries bulk faster.
+
+        Checked at 50 ms, 100 ms, ... 6.4 s after the splice (then never again,
+        so parked connections cost nothing): a direction moving at least
+        :data:`_BULK_RATE` bytes/s is bulk. perf/README.md has the figures.
+        """
+        last = (0, 0)
+        interval = _BULK_FIRST_CHECK
+        while interval <= _BULK_LAST_CHECK and not self.done.done():
+            await asyncio.sleep(interval)
+            now = (self.maps.redirected(self.cookies[0]), self.maps.redirected(self.cookies[1]))
+            moved = max(now[0] - last[0], now[1] - last[1])
+            if is_bulk(moved, interval) and not any(self.eof):
+                self.handover = True
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
+            last, interval = now, interval * 2
+
+    async def _unsplice(self) -> None:
+        """Stop the verdict, wait until every redirected byte is in its send queue.
+
+        Bytes arriving meanwhile stay in the sockets' receive queues, in order,
+        for the relay. The sockets leave splice_targets only after the wait:
+        dropping a socket from its last map discards what its psock still holds.
+        """
+        for cookie in self.cookies:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.maps.socks, cookie)
+        for i in (0, 1):
+            peer = 1 - i
+            attempt = 0
+            deadline = time.monotonic() + _DRAIN_STALL
+            while True:
+                try:
+                    acked = _bytes_acked(self.socks[peer]) - self.base[peer]
+                    queued = _send_queue(self.socks[peer])
+                except OSError as e:
+                    self.error = f"{_side(peer)}: {e}"
+                    return
+                redirected = self.maps.redirected(self.cookies[i])
+                if drain_decision(redirected, acked, queued) is Drain.FORWARD_FIN:
+                    break
+                if time.monotonic() > deadline:
+                    self.error = f"{_side(peer)}: redirected bytes did not leave within the limit"
+                    return
+                await asyncio.sleep(poll_delay(attempt))
+                attempt += 1
+        for cookie in self.cookies:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.maps.targets, cookie)
 
     def _readable(self, i: int) -> None:
         sock = self.socks[i]
@@ -439,10 +540,7 @@ class _Pair:
         """Abort both sockets with a RST (closing also drops them from the sockhashes)."""
         self._stop_readers()
         for sock in self.socks:
-            if sock.fileno() >= 0:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                sock.close()
+            _reset(sock)
 
     def release(self) -> None:
         """Forget the connection in the maps (the sockhashes forget closed sockets)."""
@@ -452,6 +550,13 @@ class _Pair:
             for fd in (self.maps.socks, self.maps.targets):
                 with contextlib.suppress(OSError):
                     bpf.map_delete(fd, cookie)
+
+
+def _reset(sock: socket.socket) -> None:
+    if sock.fileno() >= 0:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.close()
 
 
 def _side(i: int) -> str:
@@ -467,6 +572,14 @@ def _bytes_acked(sock: socket.socket) -> int:
     if len(raw) < _TCP_INFO_LEN:
         raise OSError(errno.EOPNOTSUPP, "tcp_info has no tcpi_bytes_acked (kernel before 4.1)")
     return int(struct.unpack_from("=Q", raw, _TCPI_BYTES_ACKED)[0])
+
+
+def _established(sock: socket.socket) -> bool:
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return False
+    return info[:1] == bytes([_TCP_ESTABLISHED])
 
 
 def _send_queue(sock: socket.socket) -> int:

@@ -35,11 +35,11 @@ from node.errors import StateError
 from node.state import StateStore
 from veil.errors import VeilError
 
-from ..app import tune_gc
 from ..limits import enable_request_migration, raise_nofile_limit
 from ..metrics import Registry
 from ..metrics.aggregate import export_registry
-from ..worker import LISTENER_NAMES, ProxyEngine
+from ..proxy.errors import ListenerError
+from ..worker import LISTENER_NAMES, ProxyEngine, tune_gc
 from .certs import PushedCertificates
 from .codec import (
     Frame,
@@ -169,11 +169,20 @@ async def serve(sock: socket.socket) -> int:
     loop.add_signal_handler(signal.SIGTERM, worker.drain)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
 
+    exit_code = 0
+
     async def pump() -> None:
+        nonlocal exit_code
         try:
             async for frame in frames:
                 worker.handle(frame)
                 await link.flush()
+        except ListenerError as e:
+            # Not the supervisor's fault: say what the kernel refused.
+            log.error("worker %d: %s (hint: %s)", hello.index, e.message, e.hint)
+            exit_code = 3
+            worker.drain(0.0)
+            return
         except (IpcError, VeilError, ValueError) as e:
             log.error("worker %d: bad message from the supervisor (%s); exiting", hello.index, e)
             worker.drain(0.0)
@@ -188,7 +197,7 @@ async def serve(sock: socket.socket) -> int:
         await reader
     link.close()
     log.info("worker %d (pid %d) stopped", hello.index, os.getpid())
-    return 0
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

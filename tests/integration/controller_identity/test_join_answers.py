@@ -36,8 +36,9 @@ async def test_join_stores_the_address_the_controller_reports(
     controller: Any, tmp_path: Path
 ) -> None:
     controller.identity.mtls_address = "0.0.0.0:" + controller.mtls_address.rsplit(":", 1)[1]
-    creds = await join(controller.join_address, controller.tokens.create("node-1"), "node-1",
-                       tmp_path / "n1")
+    creds = await join(
+        controller.join_address, controller.tokens.create("node-1"), "node-1", tmp_path / "n1"
+    )
     assert creds.controller_address == controller.mtls_address
     assert load_node_credentials(tmp_path / "n1").controller_address == controller.mtls_address
     # The stored address works: the next mTLS call (`veil node certificate`) succeeds.
@@ -64,8 +65,13 @@ async def test_tls_handshake_timeout_is_named(controller: Any, tmp_path: Path) -
     try:
         start = time.monotonic()
         with pytest.raises(NodeCredentialsError) as e:
-            await join(f"127.0.0.1:{port}", controller.tokens.create("node-1"), "node-1",
-                       tmp_path / "n1", timeout=1.5)
+            await join(
+                f"127.0.0.1:{port}",
+                controller.tokens.create("node-1"),
+                "node-1",
+                tmp_path / "n1",
+                timeout=1.5,
+            )
         assert "TLS handshake" in e.value.message and "timed out" in e.value.message
         assert "within --timeout 1.5s" in e.value.message
         assert time.monotonic() - start < 10
@@ -102,8 +108,14 @@ async def test_join_retries_until_the_controller_listens(controller: Any, tmp_pa
 
     listener_task = asyncio.create_task(late_listener())
     try:
-        creds = await join(f"127.0.0.1:{port}", controller.tokens.create("node-1"), "node-1",
-                           tmp_path / "n1", mtls_address=controller.mtls_address, timeout=15)
+        creds = await join(
+            f"127.0.0.1:{port}",
+            controller.tokens.create("node-1"),
+            "node-1",
+            tmp_path / "n1",
+            mtls_address=controller.mtls_address,
+            timeout=15,
+        )
         assert creds.node == "node-1"
     finally:
         server = await listener_task
@@ -117,6 +129,11 @@ async def test_unreachable_until_timeout_says_so(tmp_path: Path, controller: Any
     port = probe.getsockname()[1]
     probe.close()
     with pytest.raises(NodeCredentialsError) as e:
-        await join(f"127.0.0.1:{port}", controller.tokens.create("node-1"), "node-1",
-                   tmp_path / "n1", timeout=1.0)
+        await join(
+            f"127.0.0.1:{port}",
+            controller.tokens.create("node-1"),
+            "node-1",
+            tmp_path / "n1",
+            timeout=1.0,
+        )
     assert "could not join within --timeout 1s" in e.value.message

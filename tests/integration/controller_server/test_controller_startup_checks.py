@@ -17,8 +17,9 @@ def test_unbindable_port_fails_before_writing_a_ca(tmp_path: Path) -> None:
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
     port = holder.getsockname()[1]
-    ctl = ControllerProcess(tmp_path, registry_doc={"workloads": []}, mtls_port=port,
-                            start_timeout=20)
+    ctl = ControllerProcess(
+        tmp_path, registry_doc={"workloads": []}, mtls_port=port, start_timeout=20
+    )
     try:
         with pytest.raises(AssertionError, match="did not start"):
             ctl.start()

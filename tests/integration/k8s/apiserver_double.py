@@ -66,11 +66,14 @@ _RESOURCES = {
         _Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
         _Resource("security.veil.io", "v1", "authorizationpolicies", "AuthorizationPolicy", True),
         _Resource("security.veil.io", "v1", "peerauthentications", "PeerAuthentication", True),
+        _Resource(
+            "security.veil.io", "v1", "requestauthentications", "RequestAuthentication", True
+        ),
         _Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
         _Resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False),
     )
 }
-_WITH_GENERATION = {"authorizationpolicies", "peerauthentications"}
+_WITH_GENERATION = {"authorizationpolicies", "peerauthentications", "requestauthentications"}
 
 
 def _status(code: int, reason: str, message: str) -> Obj:

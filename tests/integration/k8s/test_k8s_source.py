@@ -199,7 +199,7 @@ async def test_follower_writes_no_status(apiserver: ThreadedApiServer) -> None:
     seed_shop(apiserver, "ambient")
     apiserver.put(
         "authorizationpolicies",
-        authz("broken", "shop", {"action": "DENY", "rules": [{"when": []}]}),
+        authz("broken", "shop", {"action": "DENY", "rules": [{"when": [{"key": "x"}]}]}),
     )
     async with running_source(apiserver, leader=False) as run:
         await asyncio.sleep(0.3)

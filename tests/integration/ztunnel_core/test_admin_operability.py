@@ -43,21 +43,51 @@ PAY = Workload("pay", "prod", "pay", NODE, ("10.0.0.2",), Labels({"app": "pay"})
 @pytest.fixture
 async def admin() -> AsyncIterator[tuple[str, TrafficMetrics, DenyFeed]]:
     store = StateStore(NODE)
-    store.apply(WatchUpdate("e1", 1, True, (
-        Namespace("shop"), Namespace("prod"), WEB, PAY,
-        Service("pay", "prod", ("10.96.0.2",), (ServicePort(80, 8080),), Labels({"app": "pay"}),
-                ("prod/pay",)),
-        AuthorizationPolicy("allow-web", "prod", PolicyAction.ALLOW, (
-            Rule((Source(principals=("cluster.local/ns/shop/sa/web",)),),
-                 (Operation(ports=(8080,)),)),)),
-    )))
+    store.apply(
+        WatchUpdate(
+            "e1",
+            1,
+            True,
+            (
+                Namespace("shop"),
+                Namespace("prod"),
+                WEB,
+                PAY,
+                Service(
+                    "pay",
+                    "prod",
+                    ("10.96.0.2",),
+                    (ServicePort(80, 8080),),
+                    Labels({"app": "pay"}),
+                    ("prod/pay",),
+                ),
+                AuthorizationPolicy(
+                    "allow-web",
+                    "prod",
+                    PolicyAction.ALLOW,
+                    (
+                        Rule(
+                            (Source(principals=("cluster.local/ns/shop/sa/web",)),),
+                            (Operation(ports=(8080,)),),
+                        ),
+                    ),
+                ),
+            ),
+        )
+    )
     registry = Registry()
     traffic = TrafficMetrics(registry)
     denies = DenyFeed()
     traffic.deny_listeners.append(denies.publish)
-    ops = OpsServer(store=store, registry=registry, readiness=Readiness(store, None),
-                    denies=denies, admin_address=("127.0.0.1", 0), metrics_address=None,
-                    readiness_address=None)
+    ops = OpsServer(
+        store=store,
+        registry=registry,
+        readiness=Readiness(store, None),
+        denies=denies,
+        admin_address=("127.0.0.1", 0),
+        metrics_address=None,
+        readiness_address=None,
+    )
     await ops.start()
     host, port = ops.addresses["admin"]
     try:
@@ -69,7 +99,8 @@ async def admin() -> AsyncIterator[tuple[str, TrafficMetrics, DenyFeed]]:
 async def ctl(addr: str, *args: str) -> tuple[int, str]:
     out = io.StringIO()
     code = await asyncio.to_thread(
-        veilctl.main, ["--agent-socket", "/nonexistent/agent.sock", "--ztunnel-admin", addr, *args],
+        veilctl.main,
+        ["--agent-socket", "/nonexistent/agent.sock", "--ztunnel-admin", addr, *args],
         out,
     )
     return code, out.getvalue()
@@ -77,9 +108,15 @@ async def ctl(addr: str, *args: str) -> tuple[int, str]:
 
 def deny_report() -> ConnectionReport:
     return ConnectionReport(
-        reporter=Reporter.DESTINATION, src_addr=("10.0.0.9", 5555), dst_addr=("10.0.0.2", 8080),
-        dst_workload=PAY, dst_principal=PAY.identity, verdict="deny",
-        reason="no ALLOW policy matched", policy=None, response_flags="DENY",
+        reporter=Reporter.DESTINATION,
+        src_addr=("10.0.0.9", 5555),
+        dst_addr=("10.0.0.2", 8080),
+        dst_workload=PAY,
+        dst_principal=PAY.identity,
+        verdict="deny",
+        reason="no ALLOW policy matched",
+        policy=None,
+        response_flags="DENY",
         direction="inbound",
     )
 
@@ -92,8 +129,9 @@ async def test_log_level_changes_at_runtime(admin: tuple[str, TrafficMetrics, De
         code, text = await ctl(addr, "log", "--component", "ztunnel", "--level", "proxy=debug")
         assert code == 0 and "veil.ztunnel.proxy=debug" in text
         assert logger.level == logging.DEBUG
-        code, text = await ctl(addr, "log", "--component", "ztunnel", "--level", "proxy=loud",
-                               "-o", "json")
+        code, text = await ctl(
+            addr, "log", "--component", "ztunnel", "--level", "proxy=loud", "-o", "json"
+        )
         assert code == 1 and "unknown log level" in json.loads(text)["error"]["message"]
     finally:
         logger.setLevel(before)
@@ -101,8 +139,22 @@ async def test_log_level_changes_at_runtime(admin: tuple[str, TrafficMetrics, De
 
 async def test_monitor_streams_denies(admin: tuple[str, TrafficMetrics, DenyFeed]) -> None:
     addr, traffic, denies = admin
-    watcher = asyncio.create_task(ctl(addr, "monitor", "--type", "deny", "--count", "1",
-                                      "-n", "prod", "-o", "json", "--idle-timeout", "20"))
+    watcher = asyncio.create_task(
+        ctl(
+            addr,
+            "monitor",
+            "--type",
+            "deny",
+            "--count",
+            "1",
+            "-n",
+            "prod",
+            "-o",
+            "json",
+            "--idle-timeout",
+            "20",
+        )
+    )
     for _ in range(100):  # until veilctl is following (bounded: 10 s)
         if denies._followers:
             break
@@ -133,8 +185,9 @@ async def test_services_config_whatif_and_version(
     assert code == 3 and doc["ztunnel"]["node"] == NODE and "agent" in doc["errors"]
     code, text = await ctl(addr, "policy", "check", "--from", "shop/web", "--to", "prod/pay:8080")
     assert code == 0 and text.startswith("ALLOW") and "prod/allow-web" in text
-    code, text = await ctl(addr, "policy", "check", "--from", "shop/web", "--to", "pay:9090",
-                           "-o", "yaml")
+    code, text = await ctl(
+        addr, "policy", "check", "--from", "shop/web", "--to", "pay:9090", "-o", "yaml"
+    )
     assert code == 1 and "allowed: false" in text
     code, text = await ctl(addr, "workloads", "--all", "--workload", "web", "-o", "yaml")
     assert code == 0 and "shop/web" in text and "prod/pay" not in text

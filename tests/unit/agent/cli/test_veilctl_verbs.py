@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -57,23 +56,41 @@ def mesh_dump() -> dict[str, object]:
             Namespace("shop"),
             Namespace("prod"),
             Workload("web", "shop", "web", "node-a", ("10.0.0.1",), Labels({"app": "web"})),
-            Workload("pay", "prod", "pay", "node-a", ("10.0.0.2", "fd00::2"), Labels({"app": "pay"})),
+            Workload(
+                "pay", "prod", "pay", "node-a", ("10.0.0.2", "fd00::2"), Labels({"app": "pay"})
+            ),
             Workload("batch", "prod", "batch", "node-b", ("10.0.0.3",)),
-            Service("pay", "prod", ("10.96.0.2",), (ServicePort(80, 8080, "http"),),
-                    Labels({"app": "pay"}), ("prod/pay",)),
+            Service(
+                "pay",
+                "prod",
+                ("10.96.0.2",),
+                (ServicePort(80, 8080, "http"),),
+                Labels({"app": "pay"}),
+                ("prod/pay",),
+            ),
             AuthorizationPolicy(
-                "allow-web", "prod", PolicyAction.ALLOW,
-                (Rule((Source(principals=("cluster.local/ns/shop/sa/web",)),),
-                      (Operation(ports=(8080,)),)),),
+                "allow-web",
+                "prod",
+                PolicyAction.ALLOW,
+                (
+                    Rule(
+                        (Source(principals=("cluster.local/ns/shop/sa/web",)),),
+                        (Operation(ports=(8080,)),),
+                    ),
+                ),
                 selector=Labels({"app": "pay"}),
             ),
             AuthorizationPolicy(
-                "deny-batch", "prod", PolicyAction.DENY,
+                "deny-batch",
+                "prod",
+                PolicyAction.DENY,
                 (Rule((Source(principals=("cluster.local/ns/prod/sa/batch",)),)),),
             ),
             PeerAuthentication("strict", "prod", PeerAuthMode.STRICT),
         ],
-        epoch="e", version=3, trust_bundle=None,
+        epoch="e",
+        version=3,
+        trust_bundle=None,
     )
     return config_dump(snap)
 
@@ -129,8 +146,9 @@ def test_help_shows_defaults_and_typed_metavars(capsys: pytest.CaptureFixture[st
 
 def test_version_without_components(tmp_path: Path) -> None:
     out = io.StringIO()
-    code = veilctl.main(["--agent-socket", str(tmp_path / "x"), "--ztunnel-admin", "127.0.0.1:1",
-                         "--version"], out)
+    code = veilctl.main(
+        ["--agent-socket", str(tmp_path / "x"), "--ztunnel-admin", "127.0.0.1:1", "--version"], out
+    )
     assert code == 0
     assert out.getvalue().startswith("veilctl ") and "agent: unreachable" in out.getvalue()
 
@@ -161,12 +179,16 @@ def test_filters_on_each_list() -> None:
     wls = dump["workloads"]
     assert [w["key"] for w in RowFilter("prod").workloads(wls)] == ["prod/batch", "prod/pay"]
     assert [p["key"] for p in RowFilter(None, "prod/pay").policies(dump["policies"], wls)] == [
-        "prod/allow-web", "prod/deny-batch"]
+        "prod/allow-web",
+        "prod/deny-batch",
+    ]
     assert RowFilter(None, "web").policies(dump["policies"], wls) == []
     assert [s["key"] for s in RowFilter(None, "pay").services(dump["services"])] == ["prod/pay"]
     assert RowFilter("shop").services(dump["services"]) == []
-    certs = [{"identity": "spiffe://cluster.local/ns/prod/sa/pay"},
-             {"identity": "spiffe://cluster.local/ns/shop/sa/web"}]
+    certs = [
+        {"identity": "spiffe://cluster.local/ns/prod/sa/pay"},
+        {"identity": "spiffe://cluster.local/ns/shop/sa/web"},
+    ]
     assert RowFilter("shop").certificates(certs, wls) == [certs[1]]
     assert RowFilter(None, "prod/pay").certificates(certs, wls) == [certs[0]]
     conns = [{"src_workload": "shop/web", "dst_workload": "prod/pay"}]
@@ -191,7 +213,9 @@ def test_whatif_allow_names_the_policy() -> None:
     result = check(snap, resolve_source(snap, "shop/web"), dest, port)
     assert result["allowed"] and result["policy"] == "prod/allow-web"
     assert {p["policy"]: p["matches"] for p in result["policies"]} == {
-        "prod/allow-web": True, "prod/deny-batch": False}
+        "prod/allow-web": True,
+        "prod/deny-batch": False,
+    }
     assert check_lines(result)[0] == "ALLOW: shop/web -> prod/pay:8080"
 
 
@@ -200,7 +224,9 @@ def test_whatif_deny_and_no_match_and_identity_source() -> None:
     dest, _ = resolve_destination(snap, "pay:8080")
     denied = check(snap, resolve_source(snap, "batch"), dest, 8080)
     assert not denied["allowed"] and denied["policy"] == "prod/deny-batch"
-    other_port = check(snap, resolve_source(snap, "spiffe://cluster.local/ns/shop/sa/web"), dest, 9090)
+    other_port = check(
+        snap, resolve_source(snap, "spiffe://cluster.local/ns/shop/sa/web"), dest, 9090
+    )
     assert not other_port["allowed"] and other_port["reason"] == "no ALLOW policy matched"
 
 
@@ -221,29 +247,46 @@ def test_whatif_bad_destination(to: str) -> None:
 # -- certificates -----------------------------------------------------------------------------
 
 
-def _cert(subject: str, issuer_key: ec.EllipticCurvePrivateKey, issuer: str, ca: bool,
-          key: ec.EllipticCurvePrivateKey) -> str:
+def _cert(
+    subject: str,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    ca: bool,
+    key: ec.EllipticCurvePrivateKey,
+) -> str:
     now = datetime(2030, 1, 1, tzinfo=UTC)
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, subject)]))
-         .issuer_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, issuer)]))
-         .public_key(key.public_key()).serial_number(0xABC)
-         .not_valid_before(now).not_valid_after(now + timedelta(hours=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(0xABC)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier("spiffe://cluster.local/ns/a/sa/b")]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("spiffe://cluster.local/ns/a/sa/b")]
+            ),
+            critical=False,
+        )
     return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
 
 def test_chain_info_names_issuer_root_and_times() -> None:
-    root_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
     root = _cert("root", root_key, "root", True, root_key)
     leaf = _cert("leaf", root_key, "root", False, leaf_key)
-    [l, r] = chain_info([leaf + root])
-    assert l["issuer"] == "O=root" and l["uri_sans"] == ["spiffe://cluster.local/ns/a/sa/b"]
-    assert r["ca"] and not l["ca"] and l["serial"] == "abc"
-    assert l["not_before"] == "2030-01-01T00:00:00Z" and l["not_after"] == "2030-01-01T01:00:00Z"
+    [lf, rt] = chain_info([leaf + root])
+    assert lf["issuer"] == "O=root" and lf["uri_sans"] == ["spiffe://cluster.local/ns/a/sa/b"]
+    assert rt["ca"] and not lf["ca"] and lf["serial"] == "abc"
+    assert lf["not_before"] == "2030-01-01T00:00:00Z"
+    assert lf["not_after"] == "2030-01-01T01:00:00Z"
 
 
 # -- pins, monitor, log levels --------------------------------------------------------------------
@@ -260,12 +303,26 @@ def test_pin_dir_problem_says_why(tmp_path: Path) -> None:
 
 
 def test_monitor_lines() -> None:
-    drop = {"type": "drop", "time": "T", "pod": "shop/a", "reason": "spoofed_source", "count": 2,
-            "src": None, "dst": None}
+    drop = {
+        "type": "drop",
+        "time": "T",
+        "pod": "shop/a",
+        "reason": "spoofed_source",
+        "count": 2,
+        "src": None,
+        "dst": None,
+    }
     assert monitor_line(drop).startswith("T drop  spoofed_source pod=shop/a")
-    deny = {"type": "deny", "time": "T", "src": "10.0.0.1:1", "dst": "10.0.0.2:80",
-            "src_workload": "shop/web", "dst_workload": "prod/pay", "policy": "prod/p",
-            "reason": "denied by DENY policy prod/p"}
+    deny = {
+        "type": "deny",
+        "time": "T",
+        "src": "10.0.0.1:1",
+        "dst": "10.0.0.2:80",
+        "src_workload": "shop/web",
+        "dst_workload": "prod/pay",
+        "policy": "prod/p",
+        "reason": "denied by DENY policy prod/p",
+    }
     assert "policy=prod/p" in monitor_line(deny) and "shop/web" in monitor_line(deny)
     assert RowFilter("prod").event(deny) and not RowFilter("x").event(deny)
 
@@ -277,7 +334,10 @@ def test_drop_deltas_report_growth_only() -> None:
     assert drop_deltas(counts, rows)[0] == []
     rows[0]["drops"] = {"no_listener": 5, "spoofed_source": 1}
     events, counts = drop_deltas(counts, rows)
-    assert {(e["reason"], e["count"]) for e in events} == {("no_listener", 2), ("spoofed_source", 1)}
+    assert {(e["reason"], e["count"]) for e in events} == {
+        ("no_listener", 2),
+        ("spoofed_source", 1),
+    }
     rows[0]["drops"] = {"no_listener": 1}  # row recreated: restart from zero
     assert [e["count"] for e in drop_deltas(counts, rows)[0]] == [1]
 
@@ -303,6 +363,3 @@ def test_apply_levels_sets_loggers() -> None:
         assert logging.getLogger(name).level == logging.ERROR
     finally:
         logging.getLogger(name).setLevel(before)
-
-
-
