@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 # gRPC's C core logs on its own (absl) to stderr, bypassing Python logging:
 # "E0000 ... ev_poll_posix" lines in the middle of CLI output. Silence it
@@ -64,7 +65,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version", action="store_true",
-        help="print Veil's version, and this node's agent and ztunnel versions where reachable",
+        help="print Veil's version, and this node's agent and ztunnel versions and the "
+        "controller's where reachable",
+    )
+    parser.add_argument(
+        "--controller-health", metavar="HOST:PORT", default=os.environ.get("VEIL_CONTROLLER_HEALTH"),
+        help="where --version asks the controller (env VEIL_CONTROLLER_HEALTH; default: the "
+        "joined controller's host, port 15014)",
     )
     parser.add_argument(
         "--log-level",
@@ -90,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_version() -> int:
+def _print_version(controller_health: str | None = None) -> int:
     try:
         version = importlib.metadata.version("veil-mesh")
     except importlib.metadata.PackageNotFoundError:
@@ -98,18 +105,21 @@ def _print_version() -> int:
     print(f"veil {version}")
     try:
         from agent.cli.commands import versions
+        from agent.cli.controller_version import DEFAULT_NODE_STATE_DIR
         from agent.cli.sources import Sources
 
         found = versions(
             Sources(
                 os.environ.get("VEIL_AGENT_SOCKET", "/run/veil/agent.sock"),
                 os.environ.get("VEIL_ZTUNNEL_ADMIN", "127.0.0.1:15000"),
-            )
+            ),
+            controller_health,
+            Path(os.environ.get("VEIL_STATE_DIR", str(DEFAULT_NODE_STATE_DIR))),
         )
     except (ImportError, VeilError):
         return 0
-    for component in ("agent", "ztunnel"):
-        print(f"{component}: {found.get(component) or 'not reachable on this node'}")
+    for component in ("agent", "ztunnel", "controller"):
+        print(f"{component}: {found.get(component) or 'not reachable from here'}")
     return 0
 
 
@@ -131,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        return _print_version()
+        return _print_version(args.controller_health)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

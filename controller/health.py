@@ -4,6 +4,9 @@ A deliberately small aiohttp server, on loopback by default (``--health-addr``,
 default ``127.0.0.1:15014``), with two paths:
 
 * ``GET /healthz/live``: 200 while the process runs its event loop;
+* ``GET /version``: ``{"component": "controller", "version": ...}`` (also the
+  ``version`` field of the ready document), for ``veil --version`` and
+  ``veilctl --version``;
 * ``GET /healthz/ready``: 200 when the gRPC listeners serve and every *required*
   check passes, 503 otherwise; the JSON body always carries the phase
   (``starting``, ``syncing``, ``serving``, ``stopping``), a detail line and each
@@ -18,6 +21,7 @@ and for scraping, as the Deployment declares it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import urllib.error
@@ -28,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controller.api.ports import CONTROLLER_HEALTH_PORT
 from controller.config import ConfigError, ListenAddress
 from controller.metrics import CONTENT_TYPE, ControllerMetrics
 
@@ -36,12 +41,20 @@ __all__ = [
     "HealthCheck",
     "HealthServer",
     "HealthState",
+    "controller_version",
     "fetch_health",
 ]
 
 log = logging.getLogger("veil.controller")
 
-DEFAULT_HEALTH_PORT = 15014
+DEFAULT_HEALTH_PORT = CONTROLLER_HEALTH_PORT
+
+
+def controller_version() -> str:
+    try:
+        return importlib.metadata.version("veil-mesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +87,7 @@ class HealthState:
             "phase": self.phase,
             "detail": self.detail,
             "checks": [asdict(c) for c in checks],
+            "version": controller_version(),
         }
 
 
@@ -91,6 +105,9 @@ class HealthServer:
     async def _live(self, _request: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
+    async def _version(self, _request: web.Request) -> web.Response:
+        return web.json_response({"component": "controller", "version": controller_version()})
+
     async def _scrape(self, _request: web.Request) -> web.Response:
         assert self._metrics is not None
         # Collected on the event loop: the registry and the hub belong to it,
@@ -102,6 +119,7 @@ class HealthServer:
         app = web.Application()
         app.router.add_get("/healthz/ready", self._ready)
         app.router.add_get("/healthz/live", self._live)
+        app.router.add_get("/version", self._version)
         if self._metrics is not None:
             app.router.add_get("/metrics", self._scrape)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)

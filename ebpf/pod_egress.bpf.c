@@ -33,8 +33,26 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
+#include "veil_events.h"
 #include "veil_maps.h"
 #include "veil_packet.h"
+
+/*
+ * Count a drop on the pod's row and report it to the drop stream. It lives
+ * here, not in a header, because bcc rewrites map calls only in the main
+ * source (veil_events.h); `ifindex` names the pod whose row is charged.
+ */
+static __always_inline int pod_egress_drop(const struct veil_packet *pkt, __u32 ifindex,
+					   struct veil_counters *c, int reason)
+{
+	struct veil_drop_event ev;
+	__u32 zero = 0;
+
+	if (veil_drop_event_take(veil_drop_limit.lookup(&zero), pkt, ifindex, reason,
+				 VEIL_PROG_POD_EGRESS, &ev))
+		veil_drop_events.ringbuf_output(&ev, sizeof(ev), 0);
+	return veil_drop(c, reason);
+}
 
 static __always_inline bool from_probe_source(const struct veil_packet *pkt)
 {
@@ -64,30 +82,30 @@ int veil_pod_egress(struct __sk_buff *skb)
 
 	err = veil_parse(skb, &pkt);
 	if (err < 0)
-		return veil_drop(veil_counters.lookup(&ifindex), -err);
+		return pod_egress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), -err);
 	if (veil_link_control(&pkt, true))
 		return TC_ACT_UNSPEC;
 	if (pkt.family == VEIL_AF_INET6 && !(pod->flags & VEIL_POD_IPV6))
-		return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_IPV6_UNKNOWN);
+		return pod_egress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), VEIL_DROP_IPV6_UNKNOWN);
 
 	switch (pkt.protocol) {
 	case IPPROTO_TCP:
 		if (from_probe_source(&pkt))
 			return TC_ACT_UNSPEC;
-		return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_NOT_ZTUNNEL);
+		return pod_egress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), VEIL_DROP_NOT_ZTUNNEL);
 	case IPPROTO_UDP:
 #ifdef VEIL_DROP_UDP
 		if (!pkt.has_ports || pkt.sport != bpf_htons(VEIL_DNS_PORT))
-			return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_UDP_BLOCKED);
+			return pod_egress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), VEIL_DROP_UDP_BLOCKED);
 #endif
 		return TC_ACT_UNSPEC;
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6:
 		err = veil_icmp_reason(&pkt);
 		if (err)
-			return veil_drop(veil_counters.lookup(&ifindex), err);
+			return pod_egress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), err);
 		return TC_ACT_UNSPEC;
 	default:
-		return veil_drop(veil_counters.lookup(&ifindex), VEIL_DROP_PROTOCOL);
+		return pod_egress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), VEIL_DROP_PROTOCOL);
 	}
 }

@@ -28,9 +28,27 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
+#include "veil_events.h"
 #include "veil_maps.h"
 #include "veil_packet.h"
 #include "veil_steer.h"
+
+/*
+ * Count a drop on the pod's row and report it to the drop stream. It lives
+ * here, not in a header, because bcc rewrites map calls only in the main
+ * source (veil_events.h); `ifindex` names the pod whose row is charged.
+ */
+static __always_inline int pod_ingress_drop(const struct veil_packet *pkt, __u32 ifindex,
+					    struct veil_counters *c, int reason)
+{
+	struct veil_drop_event ev;
+	__u32 zero = 0;
+
+	if (veil_drop_event_take(veil_drop_limit.lookup(&zero), pkt, ifindex, reason,
+				 VEIL_PROG_POD_INGRESS, &ev))
+		veil_drop_events.ringbuf_output(&ev, sizeof(ev), 0);
+	return veil_drop(c, reason);
+}
 
 /* 0 when the pod behind `ifindex` owns the packet's source address, else the drop reason. */
 static __always_inline int ingress_source_reason(__u32 ifindex, const struct veil_packet *pkt,
@@ -58,26 +76,27 @@ static __always_inline int enrolled_pod(struct __sk_buff *skb, struct veil_packe
 		return TC_ACT_UNSPEC;
 	reason = ingress_source_reason(ifindex, pkt, pod);
 	if (reason)
-		return veil_drop(c, reason);
+		return pod_ingress_drop(pkt, ifindex, c, reason);
 
 	switch (pkt->protocol) {
 	case IPPROTO_TCP:
-		return veil_steer_tcp(skb, pkt, VEIL_OUTBOUND_PORT, c, false);
+		reason = veil_steer_tcp(skb, pkt, VEIL_OUTBOUND_PORT, c, false);
+		return reason < 0 ? pod_ingress_drop(pkt, ifindex, c, -reason) : reason;
 	case IPPROTO_UDP:
 #ifdef VEIL_DROP_UDP
 		/* A non-first fragment has no ports to prove it is DNS. */
 		if (!pkt->has_ports || pkt->dport != bpf_htons(VEIL_DNS_PORT))
-			return veil_drop(c, VEIL_DROP_UDP_BLOCKED);
+			return pod_ingress_drop(pkt, ifindex, c, VEIL_DROP_UDP_BLOCKED);
 #endif
 		return TC_ACT_UNSPEC;
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6:
 		reason = veil_icmp_reason(pkt);
 		if (reason)
-			return veil_drop(c, reason);
+			return pod_ingress_drop(pkt, ifindex, c, reason);
 		return TC_ACT_UNSPEC;
 	default:
-		return veil_drop(c, VEIL_DROP_PROTOCOL);
+		return pod_ingress_drop(pkt, ifindex, c, VEIL_DROP_PROTOCOL);
 	}
 }
 
@@ -85,6 +104,7 @@ static __always_inline int plain_pod(struct __sk_buff *skb, struct veil_packet *
 				     const struct veil_pod *pod, __u32 ifindex)
 {
 	struct veil_local_pod *dst;
+	struct veil_counters *c;
 	__u32 dst_ifindex;
 	int reason;
 
@@ -103,11 +123,12 @@ static __always_inline int plain_pod(struct __sk_buff *skb, struct veil_packet *
 	/* The ztunnel matches ipBlocks against this source: keep it honest. */
 	reason = ingress_source_reason(ifindex, pkt, pod);
 	if (reason)
-		return veil_drop(veil_counters.lookup(&ifindex), reason);
+		return pod_ingress_drop(pkt, ifindex, veil_counters.lookup(&ifindex), reason);
 	/* Steering is charged to the destination: it is that pod's inbound. */
 	dst_ifindex = dst->ifindex;
-	return veil_steer_tcp(skb, pkt, VEIL_INBOUND_PLAINTEXT_PORT,
-			      veil_counters.lookup(&dst_ifindex), true);
+	c = veil_counters.lookup(&dst_ifindex);
+	reason = veil_steer_tcp(skb, pkt, VEIL_INBOUND_PLAINTEXT_PORT, c, true);
+	return reason < 0 ? pod_ingress_drop(pkt, dst_ifindex, c, -reason) : reason;
 }
 
 int veil_pod_ingress(struct __sk_buff *skb)
@@ -132,6 +153,6 @@ int veil_pod_ingress(struct __sk_buff *skb)
 		return plain_pod(skb, &pkt, pod, ifindex);
 	}
 	if (err < 0)
-		return veil_drop(veil_counters.lookup(&ifindex), -err);
+		return pod_ingress_drop(&pkt, ifindex, veil_counters.lookup(&ifindex), -err);
 	return enrolled_pod(skb, &pkt, pod, ifindex, veil_counters.lookup(&ifindex));
 }

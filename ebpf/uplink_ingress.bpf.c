@@ -17,16 +17,36 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
+#include "veil_events.h"
 #include "veil_maps.h"
 #include "veil_packet.h"
 #include "veil_steer.h"
+
+/*
+ * Count a drop on the pod's row and report it to the drop stream. It lives
+ * here, not in a header, because bcc rewrites map calls only in the main
+ * source (veil_events.h); `ifindex` names the pod whose row is charged.
+ */
+static __always_inline int uplink_drop(const struct veil_packet *pkt, __u32 ifindex,
+					struct veil_counters *c, int reason)
+{
+	struct veil_drop_event ev;
+	__u32 zero = 0;
+
+	if (veil_drop_event_take(veil_drop_limit.lookup(&zero), pkt, ifindex, reason,
+				 VEIL_PROG_UPLINK_INGRESS, &ev))
+		veil_drop_events.ringbuf_output(&ev, sizeof(ev), 0);
+	return veil_drop(c, reason);
+}
 
 int veil_uplink_ingress(struct __sk_buff *skb)
 {
 	struct veil_packet pkt = {};
 	struct veil_local_pod *dst;
+	struct veil_counters *c;
 	__u32 dst_ifindex;
 	__u16 port;
+	int ret;
 
 	if (!veil_is_ip(skb))
 		return TC_ACT_UNSPEC;
@@ -49,5 +69,7 @@ int veil_uplink_ingress(struct __sk_buff *skb)
 	if (pkt.has_ports && pkt.dport == bpf_htons(VEIL_HBONE_PORT))
 		port = VEIL_HBONE_PORT;
 	dst_ifindex = dst->ifindex;
-	return veil_steer_tcp(skb, &pkt, port, veil_counters.lookup(&dst_ifindex), true);
+	c = veil_counters.lookup(&dst_ifindex);
+	ret = veil_steer_tcp(skb, &pkt, port, c, true);
+	return ret < 0 ? uplink_drop(&pkt, dst_ifindex, c, -ret) : ret;
 }

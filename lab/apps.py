@@ -14,6 +14,11 @@ Protocols (all plain TCP, one exchange per connection):
   and its own local address, so tests can assert the real client IP arrived.
 - ``sink``: reads until EOF, then answers the byte count as ``<n>\\n``.
 - ``source``: reads ``<n>\\n`` and sends ``n`` bytes, then closes.
+- ``http``: HTTP/1.1 with keep-alive (Content-Length bodies; chunked bodies
+  are answered 411): every request gets ``200`` and the body
+  ``<name> saw <METHOD> <path>``, and one line ``seen {json}`` (method, path,
+  client address, whether an Authorization header arrived) goes to stdout, so
+  a test or the demo can tell what reached the application.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "WhoAmI",
     "app_argv",
     "echo_roundtrip",
+    "http_request",
     "main",
     "serve",
     "sink_bytes",
@@ -112,7 +118,78 @@ def _source(conn: socket.socket) -> None:
         remaining -= n
 
 
-APPS: dict[str, Handler] = {"echo": _echo, "whoami": _whoami, "sink": _sink, "source": _source}
+def _read_head(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+    """(head, rest) once ``buf`` plus what arrives holds a full request head."""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > _HEAD_LIMIT:
+            return None
+        data = conn.recv(4096)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _http(conn: socket.socket) -> None:
+    peer = _unmap(conn.getpeername()[0])
+    buf = b""
+    while True:
+        got = _read_head(conn, buf)
+        if got is None:
+            return
+        head, buf = got
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, path, _version = lines[0].split(" ")
+        except ValueError:
+            conn.sendall(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            conn.sendall(
+                b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            return
+        length = int(headers.get("content-length", "0") or 0)
+        while len(buf) < length:
+            data = conn.recv(_CHUNK)
+            if not data:
+                return
+            buf += data
+        buf = buf[length:]
+        seen = {
+            "method": method,
+            "path": path,
+            "client": peer,
+            "authorization": "authorization" in headers,
+        }
+        print("seen " + json.dumps(seen, sort_keys=True), flush=True)
+        body = f"payments saw {method} {path}\n".encode()
+        close = headers.get("connection", "").lower() == "close"
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            + f"Content-Length: {len(body)}\r\n".encode()
+            + (b"Connection: close\r\n" if close else b"")
+            + b"\r\n"
+            + body
+        )
+        if close:
+            return
+
+
+APPS: dict[str, Handler] = {
+    "echo": _echo,
+    "whoami": _whoami,
+    "sink": _sink,
+    "source": _source,
+    "http": _http,
+}
 
 
 class TcpServer:
@@ -250,6 +327,21 @@ def whoami(sock: socket.socket, host: str = "lab") -> WhoAmI:
         raise ConnectionError(f"whoami answered {head[:80]!r}")
     data = json.loads(body)
     return WhoAmI(data["peer_ip"], data["peer_port"], data["local_ip"], data["local_port"])
+
+
+def http_request(
+    sock: socket.socket, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on ``sock`` (closing it after); (status, body)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: lab", "Connection: close", "Content-Length: 0"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    response = _read_all(sock)
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(status_line) < 2 or not status_line[1].isdigit():
+        raise ConnectionError(f"not an HTTP answer: {response[:80]!r}")
+    return int(status_line[1]), body
 
 
 def sink_bytes(sock: socket.socket, total: int) -> int:

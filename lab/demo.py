@@ -15,7 +15,13 @@ the agent (eBPF redirection). Then it checks what an SRE would want to see:
   address, and shop/other is refused over IPv6 too;
 * nothing crossed the underlay in plaintext, and HBONE carried TLS records
   (over IPv6 as well, in dual stack);
-* ``veilctl pods``, ``veilctl connections`` and ``veilctl verify`` output.
+* ``veilctl pods``, ``veilctl connections`` and ``veilctl verify`` output;
+* L7 through the waypoint (when the registry declares one, as the example
+  does: Service shop/payments-api opts into shop-waypoint): the waypoint runs
+  in its own pod, and checkout ``GET /pay`` is 200, ``DELETE /pay`` 403;
+  ``POST /admin`` with a valid token carrying ``role: admin`` 200, without a
+  token 403, with an expired or a forged token 401; payments' HTTP app saw the
+  allowed requests (and none of the refused ones), then ``veilctl waypoint``.
 
 It exits 0 only if every check held, prints a summary line, and removes
 everything it created, including on Ctrl-C.
@@ -36,6 +42,7 @@ from types import FrameType
 
 from lab.apps import whoami
 from lab.capture import UnderlayCapture
+from lab.demo_waypoint import L7_APP_PORT, L7Demo
 from lab.mesh import LabMesh
 from node.dataplane import HBONE_PORT
 
@@ -125,10 +132,14 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
         topo = mesh.topo
         out(f"  lab {topo.prefix}: nodes {', '.join(topo.nodes)}; work dir {mesh.workdir}")
         out("Starting the controller, joining nodes, starting ztunnels and agents")
+        l7 = L7Demo.prepare(mesh)
         mesh.start()
         out(f"  mesh ready in {time.monotonic() - started:.1f}s")
         for name in ("payments", "legacy-server"):
             topo.start_app(mesh.pod(name).lab, "whoami", APP_PORT)
+        if l7 is not None:
+            l7.start()
+            out(f"  waypoint {l7.pod} ready in its own pod; payments' HTTP app on :{L7_APP_PORT}")
 
         demo = Demo(mesh, out)
         payments = mesh.pod("payments")
@@ -199,6 +210,8 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
             return f"no plaintext marker; ports seen {sorted(ports)}; {records} TLS records{v6}"
 
         demo.check("underlay carries only TLS", encrypted)
+        if l7 is not None:
+            l7.run_checks(demo, out)
 
         for node in topo.nodes:
             out(f"\n$ veilctl pods    (node {node})")

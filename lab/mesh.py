@@ -104,12 +104,17 @@ class LabMesh:
         steering: str = "ebpf",
         log_level: str = "info",
         extra_ztunnel_args: Sequence[str] = (),
+        ztunnel_workers: int | None = None,
     ) -> None:
+        """``ztunnel_workers``: ``--workers`` for every ztunnel (None: its default,
+        one per usable CPU)."""
         if steering not in ("ebpf", "tproxy", "none"):
             raise LabError(f"unknown steering {steering!r}", hint="use ebpf, tproxy or none")
         self.steering = steering
         self.log_level = log_level
         self.extra_ztunnel_args = tuple(extra_ztunnel_args)
+        if ztunnel_workers is not None:
+            self.extra_ztunnel_args += ("--workers", str(ztunnel_workers))
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="veil-lab-"))
         self.registry_path = self.workdir / "registry.yaml"
@@ -120,6 +125,8 @@ class LabMesh:
         self.controller: LabProcess | None = None
         self.ztunnels: dict[str, LabProcess] = {}
         self.agents: dict[str, LabProcess] = {}
+        # Waypoint processes by pod name (start_waypoint).
+        self.waypoints: dict[str, LabProcess] = {}
         self._closed = False
         self._pin_root_existed = PIN_ROOT.exists()
         self._declare()
@@ -292,6 +299,76 @@ class LabMesh:
             ns_labels.get("veil.io/dataplane-mode") == "ambient"
             and pod.labels.get("veil.io/dataplane-mode") != "none"
         )
+
+    def waypoint_pods(self) -> list[MeshPod]:
+        """The registry's waypoint replicas (label veil.io/waypoint)."""
+        return [p for p in self.pods.values() if p.labels.get("veil.io/waypoint")]
+
+    def start_waypoint(self, pod_name: str, timeout: float = 30.0) -> LabProcess:
+        """Joins and runs ``veil waypoint run`` in the waypoint pod's own namespace.
+
+        The waypoint is a node process of its own: it joins with a fresh
+        token for the node its Workload names (node-scoped issuance) into its
+        own state directory, and serves HBONE on the pod's address. Returns
+        once its admin API reports ready.
+        """
+        pod = self.pod(pod_name)
+        state = self.workdir / "waypoints" / pod_name
+        self.topo.run(
+            pod.lab,
+            veil_argv(
+                "node", "join",
+                "--controller", f"{self.topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
+                "--token", self.token(pod.node),
+                "--node", pod.node,
+                "--state-dir", str(state),
+            ),
+        )  # fmt: skip
+        proc = self.topo.popen(
+            pod.lab,
+            veil_argv(
+                "--log-level", self.log_level,
+                "waypoint", "run",
+                "--node", pod.node,
+                "--namespace", pod.namespace,
+                "--name", pod.labels["veil.io/waypoint"],
+                "--service-account", pod.service_account,
+                "--state-dir", str(state),
+            ),
+            log_path=self._log(f"waypoint-{pod_name}"),
+        )  # fmt: skip
+        self.waypoints[pod_name] = proc
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LabError(
+                    f"waypoint {pod_name} exited with {proc.returncode}",
+                    hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
+                )
+            try:
+                status, body = self.pod_http_get(pod_name, ADMIN_PORT, "/healthz/ready")
+                if status == 200:
+                    return proc
+                last = f"HTTP {status} {body[:200]!r}"
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise LabError(
+            f"waypoint {pod_name} not ready after {timeout:.0f}s ({last})",
+            hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
+        )
+
+    def pod_http_get(
+        self, pod_name: str, port: int, path: str, timeout: float = 2.0
+    ) -> tuple[int, bytes]:
+        """GET http://127.0.0.1:port/path from inside a pod's namespace."""
+        with in_netns(self.pod(pod_name).lab.netns):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+                    return int(r.status), bytes(r.read())
+            except urllib.error.HTTPError as e:
+                return int(e.code), bytes(e.read())
 
     # -- readiness ---------------------------------------------------------
 

@@ -85,8 +85,10 @@ class _MsgSplice:
 
     def splice(self, a: socket.socket, b: socket.socket) -> None:
         ka, kb = self.key(a), self.key(b)
-        bpf.map_update(self.peers, ka, struct.pack("=QQ", int.from_bytes(kb, "little"), 0))
-        bpf.map_update(self.peers, kb, struct.pack("=QQ", int.from_bytes(ka, "little"), 0))
+        pinned = bpf.SPLICE_PINNED  # sk_msg does not hand over
+        peer = struct.Struct(bpf.SPLICE_PEER_FORMAT)
+        bpf.map_update(self.peers, ka, peer.pack(int.from_bytes(kb, "little"), 0, 0, 0, pinned))
+        bpf.map_update(self.peers, kb, peer.pack(int.from_bytes(ka, "little"), 0, 0, 0, pinned))
         bpf.map_update(self.socks, ka, struct.pack("i", a.fileno()))
         bpf.map_update(self.socks, kb, struct.pack("i", b.fileno()))
 

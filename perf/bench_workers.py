@@ -54,7 +54,7 @@ def _measure(
         registry,
         workdir=work / "mesh",
         steering=steering,
-        extra_ztunnel_args=("--workers", str(workers)),
+        ztunnel_workers=workers,
     )
     with mesh:
         mesh.start()

@@ -1,8 +1,9 @@
 """The waypoint's admin (loopback only) and metrics endpoints (aiohttp).
 
 Admin: ``/config_dump`` (identity, destinations with their endpoints,
-policies and JWT issuers, JWKS fetch status, upstream tunnels, in-flight
-requests), ``/healthz/ready``. Metrics: ``/metrics`` and ``/stats/prometheus``.
+policies and JWT issuers, the attached policies and RequestAuthentications in
+full, live inbound tunnels, JWKS fetch status, upstream tunnels, in-flight
+requests; ``veilctl waypoint`` renders it), ``/healthz/ready``. Metrics: ``/metrics`` and ``/stats/prometheus``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,33 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from controller.api.model import ROOT_NAMESPACE, AuthorizationPolicy, RequestAuthentication
+from ztunnel.admin.dump import policy_json
 from ztunnel.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from .app import Waypoint
 
 __all__ = ["AdminServer"]
+
+
+def _request_authentication_json(a: RequestAuthentication) -> dict[str, Any]:
+    return {
+        "key": a.key,
+        "target_refs": [{"kind": t.kind, "name": t.name} for t in a.target_refs],
+        "selector": dict(a.selector) if a.selector is not None else None,
+        "jwt_rules": [
+            {
+                "issuer": r.issuer,
+                "audiences": list(r.audiences),
+                "jwks": "inline" if r.jwks else None,
+                "jwks_uri": r.jwks_uri or None,
+                "from_headers": [{"name": h.name, "prefix": h.prefix} for h in r.from_headers],
+                "forward_original_token": r.forward_original_token,
+            }
+            for r in a.jwt_rules
+        ],
+    }
 
 
 class AdminServer:
@@ -29,6 +51,30 @@ class AdminServer:
         wp = self._wp
         cert = wp.certs.get(wp.identity)
         view = wp.view
+        snap = wp.store.current
+        used = {k for d in view.destinations() for k in d.policies.keys}
+        used.update(k for _, pset, _ in view.workloads.values() for k in pset.keys)
+        policies: list[AuthorizationPolicy] = [snap.policies[k] for k in sorted(used)]
+        auths = [
+            a
+            for a in sorted(snap.request_authentications.values(), key=lambda a: a.key)
+            if a.namespace in (view.namespace, ROOT_NAMESPACE)
+        ]
+        connections = [
+            {
+                "peer_identity": str(s.request.peer_identity),
+                "peer": f"{s.request.peer_addr[0]}:{s.request.peer_addr[1]}",
+                "authority": s.request.authority,
+                "client": (
+                    f"{s.request.forwarded_for[0]}:{s.request.forwarded_for[1]}"
+                    if s.request.forwarded_for is not None
+                    else None
+                ),
+                "bytes_up": s.bytes_up,
+                "bytes_down": s.bytes_down,
+            }
+            for s in wp.server.streams()
+        ]
         return {
             "waypoint": f"{view.namespace}/{view.name}",
             "identity": str(wp.identity),
@@ -36,6 +82,9 @@ class AdminServer:
             "state_version": view.version,
             "destinations": [d.to_json() for d in view.destinations()],
             "workload_destinations": sorted(view.workloads),
+            "policies": [policy_json(p) for p in policies],
+            "request_authentications": [_request_authentication_json(a) for a in auths],
+            "connections": connections,
             "jwks": [s.to_json() for s in wp.jwks.statuses()],
             "upstream": wp.upstream.dump(),
             "hbone_pool": [str(c) for c in wp.pool.connections()],

@@ -16,6 +16,11 @@
 
 While the controller is unreachable nothing is torn down: the last snapshot
 keeps routing, certificates keep serving until they expire.
+
+This is the whole ztunnel when it runs one worker (``--workers 1``); the
+listeners and proxies themselves are :class:`~ztunnel.worker.ProxyEngine`.
+With more workers, :mod:`ztunnel.workers` splits the same parts over a
+supervisor (controller, certificates, admin) and N engine processes.
 """
 
 from __future__ import annotations

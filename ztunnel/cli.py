@@ -1,7 +1,9 @@
 """``veil ztunnel``: the ztunnel side of the ``veil`` CLI.
 
 ``veil ztunnel run --state-dir DIR --node NAME [...]`` runs the node's ztunnel
-until SIGTERM/SIGINT, then drains. Every setting of
+until SIGTERM/SIGINT, then drains. ``--workers N`` (``VEIL_ZTUNNEL_WORKERS``;
+default one per usable CPU, at most 8) runs N worker processes sharing the
+listeners under one supervisor; 1 runs today's single process. Every setting of
 :class:`~ztunnel.config.ZtunnelConfig` is a flag here and a ``VEIL_*``
 environment variable (flags win). The handler returns an exit code and raises
 :class:`~veil.errors.VeilError` subclasses (printed with their hint

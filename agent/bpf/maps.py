@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from agent.bpf.codes import DROP_SLOTS, DropReason, PodFlag
 from agent.bpf.pins import MAP_NAMES, PinLayout, open_pin
-from agent.bpf.programs import MAX_POD_ADDRS, MAX_PODS
+from agent.bpf.programs import DROP_EVENTS_BYTES, MAX_POD_ADDRS, MAX_PODS
 from agent.errors import MapError
 from node import bpf as syscall
 
@@ -56,6 +56,10 @@ _CONFIG = struct.Struct("=4sI32s")  # struct veil_config
 _ADDR_KEY = struct.Struct("=IB3x16s")
 _AF_INET = 2
 _AF_INET6 = 10
+# Map types node.bpf does not name (include/uapi/linux/bpf.h).
+_BPF_MAP_TYPE_PERCPU_ARRAY = 6
+_BPF_MAP_TYPE_RINGBUF = 27
+_DROP_BUCKET_SIZE = 24  # struct veil_drop_bucket: three __u64
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -83,6 +87,11 @@ MAP_LAYOUTS: Final[Mapping[str, MapLayout]] = {
     ),
     "local_ips6": MapLayout(
         "local_ips6", syscall.BPF_MAP_TYPE_HASH, 16, _LOCAL.size, MAX_POD_ADDRS
+    ),
+    # The drop stream (read by agent.bpf.events, never through this class).
+    "drop_events": MapLayout("drop_events", _BPF_MAP_TYPE_RINGBUF, 0, 0, DROP_EVENTS_BYTES),
+    "drop_limit": MapLayout(
+        "drop_limit", _BPF_MAP_TYPE_PERCPU_ARRAY, 4, _DROP_BUCKET_SIZE, 1
     ),
 }
 assert tuple(MAP_LAYOUTS) == MAP_NAMES

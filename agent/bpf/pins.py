@@ -5,7 +5,7 @@ several lab nodes share a machine, because bpffs is not per network
 namespace)::
 
     pods  local_ips  counters  config  pod_addrs  local_ips6
-                                                  maps (BPF_TABLE_PINNED in ebpf/include)
+    drop_events  drop_limit                       maps (BPF_TABLE_PINNED in ebpf/include)
     prog_pod_ingress  prog_uplink_ingress  prog_pod_egress     programs
 
 Maps are pinned by bcc itself when the programs are compiled; programs are
@@ -51,7 +51,19 @@ __all__ = [
 
 BPFFS_ROOT: Final = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR: Final = BPFFS_ROOT / "veil"
-MAP_NAMES: Final = ("pods", "local_ips", "counters", "config", "pod_addrs", "local_ips6")
+# A map added here is created and pinned by the next compile: older pins lack
+# it, so Dataplane.open does not reuse their programs and swaps in a new build
+# that keeps every older map (and its entries).
+MAP_NAMES: Final = (
+    "pods",
+    "local_ips",
+    "counters",
+    "config",
+    "pod_addrs",
+    "local_ips6",
+    "drop_events",
+    "drop_limit",
+)
 
 # Path characters that survive the trip into a C string literal (-DVEIL_PIN_DIR)
 # and bcc's "type:path" section syntax, which splits on ':'. bpffs forbids '.'.

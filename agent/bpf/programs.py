@@ -40,6 +40,9 @@ from node import dataplane as dp
 __all__ = [
     "DEFAULT_EBPF_DIR",
     "DNS_PORT",
+    "DROP_EVENTS_BYTES",
+    "DROP_EVENT_BURST",
+    "DROP_EVENT_RATE",
     "MAX_PODS",
     "MAX_POD_ADDRS",
     "PROBE",
@@ -65,6 +68,13 @@ MAX_PODS: Final = 4096
 # Capacity of the per-address maps (pod_addrs, local_ips6): an IPv4 and a
 # few IPv6 addresses per pod.
 MAX_POD_ADDRS: Final = 4 * MAX_PODS
+# The drop stream (ebpf/include/veil_events.h): ring buffer size (a power of
+# two, a multiple of the page size; part of the pinned layout: 4096 records of
+# 64 bytes) and the per-CPU rate limit of records (not of drops: the counters
+# count every drop).
+DROP_EVENTS_BYTES: Final = 256 * 1024
+DROP_EVENT_RATE: Final = 100
+DROP_EVENT_BURST: Final = 100
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,9 @@ def build_cflags(options: DataplaneOptions, pin_dir: Path) -> tuple[str, ...]:
         f'-DVEIL_PIN_DIR="{pin_dir}"',
         f"-DVEIL_MAX_PODS={MAX_PODS}",
         f"-DVEIL_MAX_POD_ADDRS={MAX_POD_ADDRS}",
+        f"-DVEIL_DROP_EVENTS_BYTES={DROP_EVENTS_BYTES}",
+        f"-DVEIL_DROP_EVENT_RATE={DROP_EVENT_RATE}",
+        f"-DVEIL_DROP_EVENT_BURST={DROP_EVENT_BURST}",
     ]
     if options.drop_udp:
         flags.append("-DVEIL_DROP_UDP=1")

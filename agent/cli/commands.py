@@ -14,6 +14,7 @@ import errno
 import importlib.metadata
 import json
 import os
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,6 +22,7 @@ from typing import Any, TextIO
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.cli.controller_version import DEFAULT_NODE_STATE_DIR, fetch_controller_version
 from agent.cli.filters import RowFilter
 from agent.cli.output import Column, dump_data, render, rfc3339
 from agent.cli.rows import cert_rows, service_rows
@@ -44,6 +46,7 @@ __all__ = [
     "cmd_policy_check",
     "cmd_services",
     "monitor_line",
+    "monitor_query",
     "pin_dir_problem",
     "row_filter",
     "versions",
@@ -269,8 +272,11 @@ def monitor_line(e: Mapping[str, Any]) -> str:
     """One event as a line: ``TIME drop REASON pod=.. SRC -> DST`` or a deny."""
     when = e.get("time") or "-"
     if e.get("type") == "drop":
+        pod = e.get("pod") or e.get("veth") or e.get("ifindex")
+        if e.get("src") is None:  # the counter-based stream: no tuple, a count
+            return f"{when} drop  {e.get('reason')} pod={pod} count={e.get('count')}"
         return (
-            f"{when} drop  {e.get('reason')} pod={e.get('pod') or e.get('ifindex')} "
+            f"{when} drop  {e.get('reason')} pod={pod} "
             f"{e.get('src')} -> {e.get('dst')} {e.get('protocol', '')} ({e.get('program')})"
         ).rstrip()
     if e.get("type") == "deny":
@@ -280,7 +286,7 @@ def monitor_line(e: Mapping[str, Any]) -> str:
             f"{e.get('reason')}"
         )
     if e.get("type") == "lost":
-        return f"{when} lost  {e.get('count')} event(s) (rate limit or a slow reader)"
+        return f"{when} lost  {e.get('count')} event(s) ({e.get('why') or 'rate limit or a slow reader'})"
     return f"{when} {e.get('type')} {e.get('error') or ''}".rstrip()
 
 
@@ -312,17 +318,42 @@ def _merge(streams: Sequence[Iterator[dict[str, Any]]]) -> Iterator[dict[str, An
             yield item
 
 
+def monitor_query(args: argparse.Namespace) -> str:
+    """The agent filters drops itself (fewer events cross the socket): ``?follow=1&...``."""
+    query = {"follow": "1"}
+    for key, value in (
+        ("namespace", getattr(args, "namespace", None)),
+        ("pod", getattr(args, "workload", None)),
+        ("reason", getattr(args, "reason", None)),
+    ):
+        if value:
+            query[key] = value
+    return "/monitor?" + urllib.parse.urlencode(query)
+
+
+def _shown(event: Mapping[str, Any], rf: RowFilter, reason: str | None) -> bool:
+    kind = event.get("type")
+    if kind in ("heartbeat", "subscribed"):
+        return False
+    if kind == "lost":
+        return True  # about the stream itself, whatever the filter
+    if reason is not None and kind == "drop" and event.get("reason") != reason:
+        return False
+    return rf.event(event)
+
+
 def cmd_monitor(src: Sources, args: argparse.Namespace, out: TextIO) -> int:
     rf = row_filter(args)
+    reason = getattr(args, "reason", None)
     streams: list[Iterator[dict[str, Any]]] = []
     if args.type in ("all", "drop"):
-        streams.append(src.stream("agent", "/monitor?follow=1", args.idle_timeout))
+        streams.append(src.stream("agent", monitor_query(args), args.idle_timeout))
     if args.type in ("all", "deny"):
         streams.append(src.stream("ztunnel", "/denies?follow=1", args.idle_timeout))
     shown = 0
     try:
         for event in _merge(streams):
-            if event.get("type") == "heartbeat" or not rf.event(event):
+            if not _shown(event, rf, reason):
                 continue
             if args.output == "table":
                 out.write(monitor_line(event) + "\n")
@@ -342,8 +373,14 @@ def cmd_monitor(src: Sources, args: argparse.Namespace, out: TextIO) -> int:
 # -- versions -----------------------------------------------------------------------------------
 
 
-def versions(src: Sources, controller: str | None = None) -> dict[str, Any]:
-    """The client's version and each reachable component's (None when unreachable)."""
+def versions(
+    src: Sources, controller_health: str | None = None, state_dir: Path | None = None
+) -> dict[str, Any]:
+    """The client's version and each reachable component's (None when unreachable).
+
+    The controller is asked at ``controller_health`` or, failing that, at the
+    host this node joined (``state_dir``) on the default health port.
+    """
     out: dict[str, Any] = {"client": client_version()}
     for component, path, key in (
         ("agent", "/status", "version"),
@@ -355,8 +392,10 @@ def versions(src: Sources, controller: str | None = None) -> dict[str, Any]:
         except VeilError as e:
             out[component] = None
             out.setdefault("unreachable", {})[component] = e.message
-    if controller is not None:
-        out["controller"] = controller
+    found = fetch_controller_version(controller_health, state_dir or DEFAULT_NODE_STATE_DIR)
+    out["controller"] = found.version
+    if found.error is not None:
+        out.setdefault("unreachable", {})["controller"] = found.error
     return out
 
 

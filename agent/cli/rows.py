@@ -213,7 +213,22 @@ def _rule_text(rule: Mapping[str, Any]) -> str:
     for dst in rule.get("to", []):
         o = dst.get("operation", {})
         parts.append("to " + " ".join(f"{k}={','.join(map(str, v))}" for k, v in sorted(o.items())))
+    for c in rule.get("when", []):
+        values = ",".join(c.get("values", [])) or "!" + ",!".join(c.get("notValues", []))
+        parts.append(f"when {c.get('key')}={values}")
     return "; ".join(parts) or "any"
+
+
+def _l7_flag(p: Mapping[str, Any]) -> str:
+    """Where a policy's L7 terms are enforced, and what a ztunnel makes of them."""
+    refs = p.get("target_refs") or []
+    if refs:
+        return "waypoint: " + ",".join(f"{r.get('kind')}/{r.get('name')}" for r in refs)
+    terms = p.get("l7_terms") or []
+    if not terms:
+        return "-"
+    effect = "matches nothing at L4" if p.get("action") == "ALLOW" else "denies on L4 terms"
+    return f"L7 at ztunnel ({','.join(terms)}): {effect}"
 
 
 def policy_rows(policies: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -223,6 +238,7 @@ def policy_rows(policies: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "action": p.get("action"),
             "selector": p.get("selector") if p.get("selector") is not None else "(namespace)",
             "rules": " | ".join(_rule_text(r) for r in p.get("rules", [])) or "(none: matches nothing)",
+            "l7": _l7_flag(p),
         }
         for p in policies
     ]

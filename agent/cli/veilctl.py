@@ -31,6 +31,7 @@ from agent.cli.commands import (
     row_filter,
     versions,
 )
+from agent.cli.controller_version import DEFAULT_NODE_STATE_DIR
 from agent.cli.output import FORMATS, Column, render, render_error, render_kv
 from agent.cli.rows import (
     POD_COLUMNS,
@@ -218,7 +219,7 @@ def _cmd_policies(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
                   out)
         return EXIT_OK
     render(policy_rows(policies), (Column("POLICY", "policy"), Column("ACTION", "action"),
-           Column("SELECTOR", "selector"), Column("RULES", "rules")), "table", out,
+           Column("SELECTOR", "selector"), Column("L7", "l7"), Column("RULES", "rules")), "table", out,
            empty="(no authorization policies)")
     out.write("\n")
     render([{"key": a.get("key"), "mode": a.get("mode"),
@@ -302,7 +303,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version", action="store_true",
-        help="print veilctl's version and the agent's and ztunnel's where reachable",
+        help="print veilctl's version and the agent's, ztunnel's and controller's where reachable",
+    )
+    parser.add_argument(
+        "--controller-health", metavar="HOST:PORT",
+        default=os.environ.get("VEIL_CONTROLLER_HEALTH"),
+        help="the controller's health endpoint, for --version (env VEIL_CONTROLLER_HEALTH; "
+        "default: the joined controller's host, port 15014)",
+    )
+    parser.add_argument(
+        "--state-dir", metavar="PATH", type=Path,
+        default=Path(os.environ.get("VEIL_STATE_DIR", str(DEFAULT_NODE_STATE_DIR))),
+        help="this node's state directory from `veil node join` (env VEIL_STATE_DIR)",
     )
     parser.add_argument(
         "--agent-socket", metavar="PATH",
@@ -380,22 +392,36 @@ def _build_parser() -> argparse.ArgumentParser:
     m = add("monitor", cmd_monitor, "live stream of BPF drops and policy denies", lists=True)
     m.add_argument("--type", choices=("all", "drop", "deny"), default="all",
                    help="drop: BPF drops (agent); deny: ztunnel policy denies")
+    m.add_argument("--pod", dest="workload", metavar="[NAMESPACE/]NAME", default=None,
+                   help="only this pod's drops and denies (same as --workload)")
+    m.add_argument("--reason", metavar="REASON", default=None,
+                   help="only drops with this reason, e.g. spoofed_source, no_listener")
     m.add_argument("--count", type=int, default=0, metavar="N",
                    help="stop after N events (0: until interrupted)")
     m.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                    help="stop after this long without an event (default: never)")
     add("verify", _cmd_verify, "audit: exits 1 when any enrolled pod could bypass the mesh")
+    from agent.cli.waypoint_cmd import DEFAULT_WAYPOINT_ADMIN, cmd_waypoint
+
+    wpc = add("waypoint", cmd_waypoint,
+              "a waypoint's destinations, attached policies and open tunnels (its admin API)")
+    wpc.add_argument("--admin", metavar="HOST:PORT",
+                     default=os.environ.get("VEIL_WAYPOINT_ADMIN", DEFAULT_WAYPOINT_ADMIN),
+                     help="the waypoint's admin API (env VEIL_WAYPOINT_ADMIN)")
     return parser
 
 
-def _version(src: Sources, fmt: str, out: TextIO) -> int:
-    data = versions(src)
+def _version(src: Sources, args: argparse.Namespace, fmt: str, out: TextIO) -> int:
+    data = versions(src, args.controller_health, args.state_dir)
     if fmt != "table":
         render_kv(data, fmt, out)
         return EXIT_OK
     out.write(f"veilctl {data['client']}\n")
-    for component in ("agent", "ztunnel"):
-        out.write(f"{component}: {data.get(component) or 'unreachable'}\n")
+    why = data.get("unreachable") or {}
+    for component in ("agent", "ztunnel", "controller"):
+        found = data.get(component)
+        note = f" ({why[component]})" if component == "controller" and component in why else ""
+        out.write(f"{component}: {found or 'unreachable'}{note}\n")
     return EXIT_OK
 
 
@@ -410,7 +436,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         src = Sources(args.agent_socket, args.ztunnel_admin)
         if args.version:
-            return _version(src, fmt, stream)
+            return _version(src, args, fmt, stream)
         handler: _Handler | None = getattr(args, "handler", None)
         if handler is None:
             parser.print_usage(sys.stderr)

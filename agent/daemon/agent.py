@@ -49,7 +49,7 @@ from agent.bpf import Dataplane, DataplaneOptions, PodDataplaneState
 from agent.errors import AgentError
 from agent.net.sockreset import reset_pod_tcp
 from agent.status import StatusServer
-from agent.status.monitor import follow_drops
+from agent.status.monitor import DropMonitor
 from controller.api.model import ResourceType, Workload
 from node import NodeCredentials, load_node_credentials
 from node.backoff import Backoff
@@ -142,6 +142,7 @@ class AgentDaemon:
         self._full = True
         self._pending: dict[str, str] = {}  # workload key -> why it waits for its veth
         self._drop_totals = DropTotals()
+        self._drops: DropMonitor | None = None  # the drop stream (veilctl monitor)
         self.metrics = AgentMetrics(self._metrics_sample)
 
     # -- control -------------------------------------------------------------------
@@ -205,6 +206,8 @@ class AgentDaemon:
                 self._uplink,
                 self._programs,
             )
+            self._drops = DropMonitor.for_pins(plane.layout, self._pods)
+            self._drops.start()
             status = StatusServer(cfg.status_socket)
             self._add_routes(status)
             await status.start()
@@ -251,6 +254,8 @@ class AgentDaemon:
                 await status.stop()
             if metrics is not None:
                 await metrics.stop()
+            if self._drops is not None:
+                await self._drops.close()
             if self._net is not None:
                 await asyncio.to_thread(self._net.close)
             await asyncio.to_thread(plane.close)
@@ -477,7 +482,8 @@ class AgentDaemon:
         return {"applied": applied, **current_levels()}
 
     def _monitor(self, query: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
-        return follow_drops(self._pods)
+        assert self._drops is not None
+        return self._drops.subscribe(query)
 
     async def _status(self) -> dict[str, Any]:
         assert self._plane is not None

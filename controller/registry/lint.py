@@ -65,11 +65,17 @@ def _foreign(policy: AuthorizationPolicy, trust_domain: str) -> list[str]:
     return out
 
 
+# ``when`` keys a ztunnel evaluates itself; every other key is L7.
+_L4_CONDITION_KEYS = frozenset(
+    {"source.principal", "source.namespace", "source.ip", "destination.port"}
+)
+
+
 def _l7_at_ztunnel(policy: AuthorizationPolicy) -> str | None:
     if policy.target_refs:
         return None
     l7 = any(
-        rule.conditions
+        any(c.key not in _L4_CONDITION_KEYS for c in rule.conditions)
         or any(s.request_principals or s.not_request_principals for s in rule.sources)
         or any(
             o.hosts or o.not_hosts or o.methods or o.not_methods or o.paths or o.not_paths

@@ -127,8 +127,14 @@ static __always_inline int veil_assign_listener(struct __sk_buff *skb, struct ve
 
 /*
  * The whole TCP decision shared by the pod and uplink programs: an existing
- * socket first, else a new connection (SYN) to `port`, else drop. Counters
- * go to `c`, the row of the pod the packet comes from or goes to (may be NULL).
+ * socket first, else a new connection (SYN) to `port`, else drop. Success
+ * counters go to `c`, the row of the pod the packet comes from or goes to
+ * (may be NULL).
+ *
+ * Returns TC_ACT_OK when the packet was steered, or a negative drop reason:
+ * the caller drops through its own helper, which counts the drop and reports
+ * it to the drop stream (a map call, so it must live in the main source; see
+ * veil_events.h).
  *
  * A non-SYN packet without a socket is dropped rather than passed, so a pod
  * cannot slip data past the ztunnel by never sending a SYN.
@@ -140,22 +146,22 @@ static __always_inline int veil_steer_tcp(struct __sk_buff *skb, struct veil_pac
 
 	/* A fragmented TCP segment has no reliable tuple to look up. */
 	if (pkt->fragment || !pkt->has_ports)
-		return veil_drop(c, VEIL_DROP_FRAGMENT);
+		return -VEIL_DROP_FRAGMENT;
 
 	ret = veil_assign_established(skb, pkt);
 	if (ret < 0)
-		return veil_drop(c, -ret);
+		return ret;
 	if (ret == VEIL_STEER_ASSIGNED) {
 		if (c)
 			c->established += 1;
 		return TC_ACT_OK;
 	}
 	if (!pkt->syn_only)
-		return veil_drop(c, VEIL_DROP_NO_SOCKET);
+		return -VEIL_DROP_NO_SOCKET;
 
 	ret = veil_assign_listener(skb, pkt, port);
 	if (ret < 0)
-		return veil_drop(c, -ret);
+		return ret;
 	if (c) {
 		if (inbound)
 			c->inbound_redirected += 1;

@@ -116,6 +116,12 @@ class Snapshot:
     local_policy_sets: Mapping[str, PolicySet] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # Waypoint replicas (label veil.io/waypoint) by (namespace, waypoint name),
+    # ready ones with an address only, sorted by key: the source ztunnel's
+    # route() picks one per connection.
+    waypoints: Mapping[tuple[str, str], tuple[Workload, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     # -- lookups ---------------------------------------------------------------
 
@@ -299,6 +305,10 @@ def build_snapshot(
     pa_by_ns: dict[str, list[PeerAuthentication]] = {}
     for a in sorted(peer_auths.values(), key=lambda a: a.key):
         pa_by_ns.setdefault(a.namespace, []).append(a)
+    waypoints: dict[tuple[str, str], list[Workload]] = {}
+    for w in sorted(workloads.values(), key=lambda w: w.key):
+        if w.waypoint and w.ready and w.ips:
+            waypoints.setdefault((w.namespace, w.waypoint), []).append(w)
 
     return Snapshot(
         node=node,
@@ -326,6 +336,7 @@ def build_snapshot(
         compiled_policies=MappingProxyType(compiled),
         local_policies=MappingProxyType(local_policies),
         local_policy_sets=MappingProxyType(local_sets),
+        waypoints=MappingProxyType({k: tuple(v) for k, v in waypoints.items()}),
     )
 
 

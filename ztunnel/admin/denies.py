@@ -59,7 +59,11 @@ class DenyFeed:
         """Called by the proxy for each deny: never blocks, never raises."""
         if report.verdict != "deny":
             return
-        event = deny_event(report)
+        self.publish_event(deny_event(report))
+
+    def publish_event(self, event: dict[str, Any]) -> None:
+        """Adds one :func:`deny_event` (a worker process of a multi-core
+        ztunnel reports its denies to the supervisor this way)."""
         self.total += 1
         self._recent.append(event)
         for q in self._followers:

@@ -20,7 +20,7 @@ from controller.api.model import (
     TrustBundle,
     Workload,
 )
-from node.policy import effective_mode
+from node.policy import effective_mode, l7_terms
 from node.state.snapshot import Snapshot
 
 __all__ = [
@@ -79,8 +79,18 @@ def _source_json(s: Source) -> dict[str, Any]:
         "notNamespaces": s.not_namespaces,
         "ipBlocks": s.ip_blocks,
         "notIpBlocks": s.not_ip_blocks,
+        "requestPrincipals": s.request_principals,
+        "notRequestPrincipals": s.not_request_principals,
     }
     return {k: list(v) for k, v in fields.items() if v}
+
+
+_OPERATION_FIELDS = (
+    ("ports", "not_ports", "notPorts"),
+    ("hosts", "not_hosts", "notHosts"),
+    ("methods", "not_methods", "notMethods"),
+    ("paths", "not_paths", "notPaths"),
+)
 
 
 def _rule_json(r: Rule) -> dict[str, Any]:
@@ -92,11 +102,21 @@ def _rule_json(r: Rule) -> dict[str, Any]:
             {
                 "operation": {
                     k: list(v)
-                    for k, v in (("ports", o.ports), ("notPorts", o.not_ports))
+                    for pos, neg, neg_name in _OPERATION_FIELDS
+                    for k, v in ((pos, getattr(o, pos)), (neg_name, getattr(o, neg)))
                     if v
                 }
             }
             for o in r.operations
+        ]
+    if r.conditions:
+        out["when"] = [
+            {
+                "key": c.key,
+                **({"values": list(c.values)} if c.values else {}),
+                **({"notValues": list(c.not_values)} if c.not_values else {}),
+            }
+            for c in r.conditions
         ]
     return out
 
@@ -109,6 +129,10 @@ def policy_json(p: AuthorizationPolicy) -> dict[str, Any]:
         "action": p.action.value,
         "selector": dict(p.selector) if p.selector is not None else None,
         "rules": [_rule_json(r) for r in p.rules],
+        # Attached to a waypoint: enforced there only, never by a ztunnel.
+        "target_refs": [{"kind": t.kind, "name": t.name} for t in p.target_refs],
+        # L7 fields a ztunnel cannot see (it fails closed on them).
+        "l7_terms": sorted({t for r in p.rules for t in l7_terms(r)}),
     }
 
 

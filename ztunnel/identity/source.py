@@ -22,8 +22,6 @@ class CertificateSource(Protocol):
         """The current, unexpired certificate for ``identity``, if one is held."""
         ...
 
-    async def fetch(
-        self, identity: SpiffeId, timeout: float | None = None
-    ) -> WorkloadCertificate:
+    async def fetch(self, identity: SpiffeId, timeout: float | None = None) -> WorkloadCertificate:
         """A valid certificate, waiting for the first one; raises CertificateError."""
         ...

@@ -9,6 +9,10 @@ IP, and :func:`ztunnel.proxy.route` says what to do:
   and requiring the destination workload's identity; ``forwarded`` carries the
   client address. Nothing is relayed before the peer answers 200, so a client
   the destination denies is reset before it sees a byte;
+* ``ViaWaypoint``: the same CONNECT, to a replica of the destination's
+  waypoint (its IP, port 15008, its identity required) with the original
+  destination as the authority; the waypoint authorizes each HTTP request
+  and forwards under its own identity;
 * ``SameNode``: both ends live here, so this ztunnel enforces the destination's
   policy on the source identity itself and connects directly, from the
   client's IP, without TLS (nothing leaves the node);
@@ -35,7 +39,7 @@ from .connections import ConnectionInfo, Direction, LiveConnection
 from .context import ProxyContext, proxied, refuse
 from .errors import FLAG_NO_ROUTE, FLAG_POLICY_DENIED, NoRouteError, TunnelError
 from .relay import RelayResult, TunnelCounters, relay_sockets, tunnel_result
-from .route import Hbone, Passthrough, Refuse, SameNode, route
+from .route import Hbone, Passthrough, Refuse, SameNode, ViaWaypoint, route
 from .sockets import Address, connect_to_pod, connect_upstream, local_address, peer_address, reset
 from .splice import SameNodeSplice
 
@@ -103,14 +107,18 @@ class OutboundProxy:
             refuse(ctx, sock, info, decision.reason, FLAG_NO_ROUTE)
             return None
         src_identity = decision.source.identity
-        if isinstance(decision, Hbone):
+        if isinstance(decision, Hbone | ViaWaypoint):
             return self._hbone(sock, src, decision, src_identity)
         if isinstance(decision, SameNode):
             return self._same_node(sock, src, decision, src_identity)
         return self._passthrough(sock, src, decision, src_identity)
 
     def _hbone(
-        self, sock: socket.socket, src: Address, decision: Hbone, src_identity: SpiffeId
+        self,
+        sock: socket.socket,
+        src: Address,
+        decision: Hbone | ViaWaypoint,
+        src_identity: SpiffeId,
     ) -> Coroutine[Any, Any, None]:
         ctx = self._ctx
         target = Address(decision.dst_ip, decision.dst_port)
@@ -118,14 +126,16 @@ class OutboundProxy:
             Direction.OUTBOUND,
             src,
             target,
-            "hbone",
+            decision.kind,
             src_workload=decision.source,
             dst_workload=decision.destination,
             src_identity=src_identity,
             dst_identity=decision.expected_identity,
         )
         hbone_ip, hbone_port = decision.hbone_addr
-        if self._peer_port is not None:
+        if self._peer_port is not None and isinstance(decision, Hbone):
+            # A test override for peer ztunnels; a waypoint listens where
+            # its Workload says.
             hbone_port = self._peer_port
 
         async def relay(conn: LiveConnection) -> RelayResult:
@@ -144,7 +154,7 @@ class OutboundProxy:
     async def _open(
         self,
         conn: LiveConnection,
-        decision: Hbone,
+        decision: Hbone | ViaWaypoint,
         src: Address,
         src_identity: SpiffeId,
         hbone_ip: str,

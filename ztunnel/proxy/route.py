@@ -19,7 +19,17 @@ Decisions, in order:
    ``<pod IP>:15008`` with the destination's expected SPIFFE identity.
 4. An enrolled destination on this node is connected to directly
    (``SameNode``): the ztunnel holds both identities, nothing leaves the node.
-5. A destination outside the mesh (an unknown IP, or a known workload that is
+5. A destination that opted into a waypoint (docs/waypoint.md) goes over
+   HBONE to one ready replica of that waypoint (``ViaWaypoint``): a Service
+   VIP when the Service's ``use_waypoint`` - or, when empty, its
+   namespace's - names one; an enrolled workload IP when its namespace's
+   does (a Service label covers traffic addressed to the Service, as in
+   Istio). The CONNECT authority is the original destination, the client
+   certificate is the source's, and the waypoint's identity is required. A
+   waypoint with no ready replica refuses the connection: traffic that
+   asked for L7 authorization never bypasses it. A waypoint's own
+   connections are never sent to itself.
+6. A destination outside the mesh (an unknown IP, or a known workload that is
    not enrolled) is connected to directly (``Passthrough``). Istio's ztunnel
    does the same: the mesh secures what it can, and traffic to the outside
    world keeps working. Addresses that only mean something on the pod's own
@@ -49,6 +59,7 @@ __all__ = [
     "RoundRobin",
     "Route",
     "SameNode",
+    "ViaWaypoint",
     "first_endpoint",
     "random_chooser",
     "route",
@@ -57,6 +68,7 @@ __all__ = [
 REFUSE_UNKNOWN_SOURCE = "source not a local enrolled workload"
 REFUSE_NO_ENDPOINTS = "no healthy endpoints"
 REFUSE_NODE_SCOPED = "destination only exists on the pod's own link or host"
+REFUSE_NO_WAYPOINT = "no ready replica of waypoint"
 
 
 def _node_scoped(ip: str) -> bool:
@@ -108,6 +120,23 @@ class SameNode:
 
 
 @dataclass(frozen=True, slots=True)
+class ViaWaypoint:
+    """Tunnel to the waypoint replica at ``hbone_addr`` (it must present
+    ``expected_identity``) and CONNECT to the original ``dst_ip:dst_port``;
+    the waypoint applies L7 policy and forwards under its own identity."""
+
+    kind: ClassVar[str] = "waypoint"
+    source: Workload
+    waypoint: Workload  # the chosen replica
+    dst_ip: str  # the original destination: a Service VIP or a workload IP
+    dst_port: int
+    expected_identity: SpiffeId
+    hbone_addr: tuple[str, int]
+    service: Service | None = None
+    destination: Workload | None = None  # a workload-addressed destination
+
+
+@dataclass(frozen=True, slots=True)
 class Passthrough:
     """The destination is outside the mesh: connect to it directly."""
 
@@ -129,7 +158,7 @@ class Refuse:
     source: Workload | None = None
 
 
-Route = Hbone | SameNode | Passthrough | Refuse
+Route = Hbone | SameNode | ViaWaypoint | Passthrough | Refuse
 
 EndpointChooser = Callable[[Service, Sequence[Workload]], Workload]
 
@@ -188,6 +217,47 @@ def _same_family_ip(workload: Workload, like: str) -> str:
     return normalize_ip(workload.ips[0])
 
 
+def _waypoint_name(snapshot: Snapshot, namespace: str, service: Service | None) -> str:
+    """The waypoint a destination uses: the Service's label, else its namespace's."""
+    if service is not None and service.use_waypoint:
+        return service.use_waypoint
+    ns = snapshot.namespaces.get(namespace)
+    return ns.use_waypoint if ns is not None else ""
+
+
+def _via_waypoint(
+    snapshot: Snapshot,
+    source: Workload,
+    name: str,
+    namespace: str,
+    dst_ip: str,
+    dst_port: int,
+    service: Service | None,
+    destination: Workload | None,
+    choose: EndpointChooser,
+) -> Route:
+    replicas = snapshot.waypoints.get((namespace, name), ())
+    version = _version(dst_ip)
+    same_family = [w for w in replicas if _has_family(w, version)]
+    candidates = same_family or list(replicas)
+    if not candidates:
+        what = service.key if service is not None else f"{dst_ip}:{dst_port}"
+        return Refuse(reason=f"{REFUSE_NO_WAYPOINT} {namespace}/{name} for {what}", source=source)
+    # The chooser balances per Service; a synthetic one keys the waypoint.
+    waypoint_service = Service(name=name, namespace=namespace, vips=(), ports=())
+    replica = choose(waypoint_service, candidates)
+    return ViaWaypoint(
+        source=source,
+        waypoint=replica,
+        dst_ip=dst_ip,
+        dst_port=dst_port,
+        expected_identity=replica.identity,
+        hbone_addr=(_same_family_ip(replica, dst_ip), HBONE_PORT),
+        service=service,
+        destination=destination,
+    )
+
+
 def _to_workload(
     snapshot: Snapshot,
     source: Workload,
@@ -241,6 +311,13 @@ def route(
     svc = snapshot.service_at(dst, dst_port)
     if svc is not None:
         service, port = svc
+        name = _waypoint_name(snapshot, service.namespace, service)
+        if name and not (source.waypoint == name and source.namespace == service.namespace):
+            # The waypoint picks the endpoint (per request) and answers 503
+            # when there is none.
+            return _via_waypoint(
+                snapshot, source, name, service.namespace, dst, dst_port, service, None, choose
+            )
         healthy = [w for w in snapshot.endpoints(service) if w.ready and w.ips]
         if not healthy:
             return Refuse(reason=f"{REFUSE_NO_ENDPOINTS} for service {service.key}", source=source)
@@ -266,4 +343,10 @@ def route(
             dst_port=dst_port,
             reason="destination is not a known workload",
         )
+    if dest.enrolled and not dest.waypoint:
+        name = _waypoint_name(snapshot, dest.namespace, None)
+        if name and not (source.waypoint == name and source.namespace == dest.namespace):
+            return _via_waypoint(
+                snapshot, source, name, dest.namespace, dst, dst_port, None, dest, choose
+            )
     return _to_workload(snapshot, source, dest, dst, dst_port, None)

@@ -242,9 +242,7 @@ class DialOptions(Protocol):
     connect_timeout: float
 
 
-async def connect_to_pod(
-    opts: DialOptions, dst: Address, client_ip: str | None
-) -> socket.socket:
+async def connect_to_pod(opts: DialOptions, dst: Address, client_ip: str | None) -> socket.socket:
     """A marked connection to a local pod.
 
     With ``client_ip`` and a transparent proxy it comes from the client's own

@@ -76,7 +76,6 @@ __all__ = [
     "SpliceMaps",
     "SpliceUnavailable",
     "drain_decision",
-    "is_bulk",
     "poll_delay",
 ]
 
@@ -93,10 +92,6 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _REOPEN_INTERVAL: Final = 5.0
 # A half-close whose peer accepts no byte for this long is given up (reset).
 _DRAIN_STALL: Final = 120.0
-# Bulk detection (see _Pair._watch_bulk): bytes/s in one direction, and when to look.
-_BULK_RATE: Final = 100 * 1024 * 1024
-_BULK_FIRST_CHECK: Final = 0.05
-_BULK_LAST_CHECK: Final = 6.4
 # Bytes left on a spliced socket itself for this long mean the redirect fails.
 _STUCK_LIMIT: Final = 1.0
 # How often a half-closed side is checked for a reset (its EOF stays readable).
@@ -134,11 +129,6 @@ def drain_decision(redirected: int, acked_since_splice: int, send_queue: int) ->
     if acked_since_splice + send_queue >= redirected:
         return Drain.FORWARD_FIN
     return Drain.WAIT
-
-
-def is_bulk(moved: int, interval: float) -> bool:
-    """Did one direction move bulk-transfer amounts (``moved`` bytes in ``interval`` s)?"""
-    return moved >= _BULK_RATE * interval
 
 
 def poll_delay(attempt: int) -> float:
@@ -186,6 +176,11 @@ class SpliceMaps:
     def redirected(self, cookie: bytes) -> int:
         raw = bpf.map_lookup(self.peers, cookie, _PEER.size)
         return 0 if raw is None else int(_PEER.unpack(raw)[1])
+
+    def handed_over(self, cookie: bytes) -> bool:
+        """Did the verdict flag this socket as bulk (its bytes now stay on it)?"""
+        raw = bpf.map_lookup(self.peers, cookie, _PEER.size)
+        return raw is not None and bool(_PEER.unpack(raw)[4] & bpf.SPLICE_HANDOVER)
 
 
 def _open(path: Path) -> int:
@@ -274,7 +269,7 @@ class SameNodeSplice:
         if maps is None:
             return None
         try:
-            pair = _Pair.start(maps, client, server)
+            pair = _Pair.start(maps, client, server, self._bulk_handover)
         except _NotEstablished:
             return None
         except SpliceUnavailable as e:
@@ -287,7 +282,7 @@ class SameNodeSplice:
             raise
         conn.counters = SpliceCounters(maps, pair.cookies[0], pair.cookies[1])
         try:
-            result = await pair.run(self._bulk_handover)
+            result = await pair.run()
         except BaseException:
             pair.reset()
             raise
@@ -302,6 +297,25 @@ class SameNodeSplice:
             pair.release()
         if result is not None:
             return result
+        log.debug(
+            "bulk transfer handed over to the relay after %d/%d bytes",
+            final.from_client,
+            final.to_client,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            # What the sockets held goes first, in order, then the relay reads on.
+            for data, sock, side in ((pair.pending[0], server, 0), (pair.pending[1], client, 1)):
+                if data:
+                    await loop.sock_sendall(sock, data)
+                    if side == 0:
+                        final.from_client += len(data)
+                    else:
+                        final.to_client += len(data)
+        except BaseException:
+            _reset(client)
+            _reset(server)
+            raise
         return await relay_sockets(client, server, final)
 
 
@@ -321,9 +335,13 @@ class _Pair:
         self._stuck_since: list[float | None] = [None, None]
         self._drains: list[asyncio.Task[None]] = []
         self.handover = False  # bulk: undone for the Python relay
+        # Bytes read from each socket while undoing the splice, for its peer.
+        self.pending: list[bytes] = [b"", b""]
 
     @classmethod
-    def start(cls, maps: SpliceMaps, client: socket.socket, server: socket.socket) -> _Pair:
+    def start(
+        cls, maps: SpliceMaps, client: socket.socket, server: socket.socket, handover: bool
+    ) -> _Pair:
         try:
             pair = cls(maps, (client, server))
         except OSError as e:
@@ -336,8 +354,9 @@ class _Pair:
         fds = [struct.pack("i", client.fileno()), struct.pack("i", server.fileno())]
         step = "splice_peers"
         try:
-            bpf.map_update(maps.peers, c, _PEER.pack(int.from_bytes(s, "little"), 0))
-            bpf.map_update(maps.peers, s, _PEER.pack(int.from_bytes(c, "little"), 0))
+            flags = 0 if handover else bpf.SPLICE_PINNED
+            bpf.map_update(maps.peers, c, _PEER.pack(int.from_bytes(s, "little"), 0, 0, 0, flags))
+            bpf.map_update(maps.peers, s, _PEER.pack(int.from_bytes(c, "little"), 0, 0, 0, flags))
             step = "splice_targets"
             bpf.map_update(maps.targets, c, fds[0])
             bpf.map_update(maps.targets, s, fds[1])
@@ -364,14 +383,12 @@ class _Pair:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return pair
 
-    async def run(self, watch_bulk: bool) -> RelayResult | None:
+    async def run(self) -> RelayResult | None:
         """Watch the splice to its end; None when it was undone for the Python relay."""
         loop = asyncio.get_running_loop()
         for i, sock in enumerate(self.socks):
             loop.add_reader(sock.fileno(), self._readable, i)
             self._readers[i] = True
-        if watch_bulk:
-            self._drains.append(loop.create_task(self._watch_bulk()))
         try:
             await asyncio.shield(self.done)
         finally:
@@ -391,32 +408,19 @@ class _Pair:
             self.maps.redirected(self.cookies[0]), self.maps.redirected(self.cookies[1]), self.error
         )
 
-    async def _watch_bulk(self) -> None:
-        """Hand a bulk transfer over to the Python relay, which carries bulk faster.
-
-        Checked at 50 ms, 100 ms, ... 6.4 s after the splice (then never again,
-        so parked connections cost nothing): a direction moving at least
-        :data:`_BULK_RATE` bytes/s is bulk. perf/README.md has the figures.
-        """
-        last = (0, 0)
-        interval = _BULK_FIRST_CHECK
-        while interval <= _BULK_LAST_CHECK and not self.done.done():
-            await asyncio.sleep(interval)
-            now = (self.maps.redirected(self.cookies[0]), self.maps.redirected(self.cookies[1]))
-            moved = max(now[0] - last[0], now[1] - last[1])
-            if is_bulk(moved, interval) and not any(self.eof):
-                self.handover = True
-                if not self.done.done():
-                    self.done.set_result(None)
-                return
-            last, interval = now, interval * 2
-
     async def _unsplice(self) -> None:
-        """Stop the verdict, wait until every redirected byte is in its send queue.
+        """Undo the splice without losing or reordering a byte (bulk hand-over).
 
-        Bytes arriving meanwhile stay in the sockets' receive queues, in order,
-        for the relay. The sockets leave splice_targets only after the wait:
-        dropping a socket from its last map discards what its psock still holds.
+        1. Out of splice_socks: no verdict runs any more; later bytes queue in
+           the sockets' own receive queues.
+        2. Wait until every redirected byte is in the peer's send queue (the
+           half-close test): they must leave before anything the relay writes.
+        3. Read what each socket holds (bytes the verdict passed back after
+           flagging the hand-over come first, then the receive queue): these
+           follow the redirected bytes. They must be read before the last step,
+           because dropping a socket from its last map discards what its psock
+           still holds.
+        4. Out of splice_targets.
         """
         for cookie in self.cookies:
             with contextlib.suppress(OSError):
@@ -440,6 +444,12 @@ class _Pair:
                     return
                 await asyncio.sleep(poll_delay(attempt))
                 attempt += 1
+        for i in (0, 1):
+            try:
+                self.pending[i] = _read_available(self.socks[i])
+            except OSError as e:
+                self.error = f"{_side(i)}: {e}"
+                return
         for cookie in self.cookies:
             with contextlib.suppress(OSError):
                 bpf.map_delete(self.maps.targets, cookie)
@@ -456,6 +466,11 @@ class _Pair:
             return
         loop = asyncio.get_running_loop()
         self._pause_reader(i)
+        if data and not any(self.eof) and self.maps.handed_over(self.cookies[i]):
+            self.handover = True
+            if not self.done.done():
+                self.done.set_result(None)
+            return
         if data:
             # Bytes on the spliced socket itself: not yet through the verdict
             # (gone within microseconds), or the redirect fails because the
@@ -572,6 +587,20 @@ def _bytes_acked(sock: socket.socket) -> int:
     if len(raw) < _TCP_INFO_LEN:
         raise OSError(errno.EOPNOTSUPP, "tcp_info has no tcpi_bytes_acked (kernel before 4.1)")
     return int(struct.unpack_from("=Q", raw, _TCPI_BYTES_ACKED)[0])
+
+
+def _read_available(sock: socket.socket) -> bytes:
+    """Everything readable now (bounded by the receive buffer), without blocking."""
+    chunks: list[bytes] = []
+    for _ in range(4096):  # bounded: the buffer empties long before
+        try:
+            data = sock.recv(256 * 1024, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
 
 
 def _established(sock: socket.socket) -> bool:

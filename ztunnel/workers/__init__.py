@@ -3,6 +3,7 @@
 - :mod:`.supervision`: pure decisions (how many workers, restart delays);
 - :mod:`.codec`: the versioned, length-prefixed frames on the socketpair;
 - :mod:`.link`: framed I/O on one end of that socketpair;
+- :mod:`.slots`: the supervisor's per-worker records and forwarding state store;
 - :mod:`.certs`: a worker's certificates, as the supervisor pushed them;
 - :mod:`.process`: the worker process (``python -m ztunnel.workers.process``);
 - :mod:`.supervisor`: the supervisor (controller, certificates, admin API).

@@ -78,6 +78,7 @@ class Kind(enum.IntEnum):
     QUERY = 8  # supervisor -> worker: {id, what}
     ANSWER = 9  # worker -> supervisor: {id, body}
     DRAIN = 10  # supervisor -> worker: stop accepting, drain for {grace}
+    DENY = 11  # worker -> supervisor: one policy deny (admin /denies feed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,9 +35,11 @@ from node.errors import StateError
 from node.state import StateStore
 from veil.errors import VeilError
 
+from ..admin.denies import deny_event
 from ..limits import enable_request_migration, raise_nofile_limit
 from ..metrics import Registry
 from ..metrics.aggregate import export_registry
+from ..metrics.traffic import ConnectionReport
 from ..proxy.errors import ListenerError
 from ..worker import LISTENER_NAMES, ProxyEngine, tune_gc
 from .certs import PushedCertificates
@@ -79,6 +81,8 @@ class WorkerProcess:
             mark=hello.mark,
             peer_hbone_port=hello.peer_hbone_port,
         )
+        # Denies feed the supervisor's /denies (veilctl monitor).
+        self.engine.traffic.deny_listeners.append(self._forward_deny)
         self.done = asyncio.Event()
         self.tune_gc = True
         self._draining: asyncio.Task[None] | None = None
@@ -86,6 +90,10 @@ class WorkerProcess:
     def trust_bundle(self) -> TrustBundle:
         bundle = self.store.current.trust_bundle
         return bundle if bundle is not None else self.hello.join_bundle
+
+    def _forward_deny(self, report: ConnectionReport) -> None:
+        if report.verdict == "deny":
+            self.link.send(encode_json(Kind.DENY, deny_event(report)))
 
     def _want(self, identity: SpiffeId) -> None:
         self.link.send(encode_json(Kind.CERT_WANTED, {"identity": str(identity)}))

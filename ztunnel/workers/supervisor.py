@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,15 +43,15 @@ from node import NodeCredentials, load_node_credentials
 from node.backoff import Backoff
 from node.channel import ControllerChannel
 from node.dataplane import MARK_ZTUNNEL
-from node.state import StateChange, StateStore
 from node.watch import WatchClient
 
 from ..admin import OpsServer, Readiness, register_state_gauges
+from ..admin.denies import DenyFeed
 from ..config import ZtunnelConfig
 from ..errors import ConfigError
 from ..identity import CertManager
 from ..metrics import Registry
-from ..metrics.aggregate import ExportedFamily, MetricsMerger, export_registry, parse_export
+from ..metrics.aggregate import MetricsMerger, export_registry, parse_export
 from .codec import (
     Frame,
     Hello,
@@ -64,6 +64,7 @@ from .codec import (
     parse_json,
 )
 from .link import FrameLink
+from .slots import ForwardingStore, WorkerHandle
 from .supervision import RestartPolicy
 
 __all__ = ["Supervisor", "WorkerHandle", "run_supervised"]
@@ -79,53 +80,6 @@ _CERT_SYNC_INTERVAL = 0.5
 _METRICS_POLL = 5.0
 _QUERY_TIMEOUT = 2.0
 _ROOT = Path(__file__).resolve().parents[2]
-
-
-class _ForwardingStore(StateStore):
-    """A state store that hands every applied update to the workers."""
-
-    def __init__(self, node: str, trust_domain: str, forward: Callable[[WatchUpdate], None]):
-        super().__init__(node, trust_domain)
-        self._forward = forward
-
-    def apply(self, update: WatchUpdate) -> StateChange | None:
-        change = super().apply(update)
-        if change is not None:
-            self._forward(update)
-        return change
-
-    def full_update(self) -> WatchUpdate | None:
-        """The whole current state as one snapshot update (None before sync)."""
-        snap = self.current
-        if not snap.synced:
-            return None
-        return WatchUpdate(
-            epoch=snap.epoch,
-            version=snap.version,
-            snapshot=True,
-            upserts=tuple(self._resources.values()),
-            trust_bundle=snap.trust_bundle,
-        )
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    """The supervisor's view of one worker slot (the process in it changes)."""
-
-    index: int
-    process: asyncio.subprocess.Process | None = None
-    link: FrameLink | None = None
-    pid: int = 0
-    ready: bool = False
-    started_at: float = 0.0
-    crash_streak: int = 0
-    restarts: int = 0
-    ports: dict[str, int] = field(default_factory=dict)
-    sent: dict[SpiffeId, int] = field(default_factory=dict)  # identity -> serial pushed
-    pending: dict[int, asyncio.Future[object]] = field(default_factory=dict)
-    last_metrics: list[ExportedFamily] = field(default_factory=list)
-    became_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Supervisor:
@@ -154,7 +108,7 @@ class Supervisor:
         self._controller = ControllerChannel(
             config.state_dir, creds, address=config.controller_address or None
         )
-        self.store = _ForwardingStore(config.node_name, creds.trust_domain, self._forward)
+        self.store = ForwardingStore(config.node_name, creds.trust_domain, self._forward)
         self.certs = CertManager(
             self._controller,
             self.trust_bundle,
@@ -187,6 +141,8 @@ class Supervisor:
                 ("serving",): float(sum(1 for w in self.workers if w.ready)),
             },
         )
+        # The workers' denies, for /denies and `veilctl monitor`.
+        self.denies = DenyFeed()
         self.readiness = Readiness(self.store, self.certs)
         self.readiness.add_check("workers", self._workers_ready)
         self.ops = OpsServer.from_config(
@@ -196,6 +152,7 @@ class Supervisor:
             readiness=self.readiness,
             certs=self.certs,
             watch_status=self.watch.status,
+            denies=self.denies,
             gather_connections=self.gather_connections,
             render_metrics=self.render_metrics,
         )
@@ -408,6 +365,10 @@ class Supervisor:
             fut = w.pending.pop(qid, None) if isinstance(qid, int) else None
             if fut is not None and not fut.done():
                 fut.set_result(body.get("body"))
+        elif frame.kind is Kind.DENY:
+            if body.get("type") != "deny":
+                raise IpcError("DENY frame without a deny event")
+            self.denies.publish_event(body)
         else:
             raise IpcError(f"the supervisor does not accept {frame.kind.name} frames")
 

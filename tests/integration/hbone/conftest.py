@@ -20,7 +20,7 @@ import pytest
 import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.api.model import TrustBundle
@@ -49,6 +49,16 @@ def pytest_asyncio_loop_factories(
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _leaf_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "rsa2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"unknown key type {key_type!r}")
 
 
 @dataclass
@@ -99,12 +109,14 @@ class Ca:
         not_before: datetime | None = None,
         not_after: datetime | None = None,
         ca_leaf: bool = False,
+        key_type: str = "p256",
     ) -> WorkloadCertificate:
-        """An SVID for ``identity``; ``uris`` overrides the URI SANs (zero or several)."""
+        """An SVID for ``identity``; ``uris`` overrides the URI SANs (zero or several),
+        ``key_type`` the leaf key (``p256``, ``p384`` or ``rsa2048``)."""
         now = datetime.now(UTC)
         nb = not_before or now - timedelta(minutes=5)
         na = not_after or now + timedelta(hours=1)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = _leaf_key(key_type)
         pub = key.public_key()
         names = [
             x509.UniformResourceIdentifier(u) for u in (uris if uris is not None else [identity])

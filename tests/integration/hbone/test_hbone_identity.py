@@ -139,3 +139,41 @@ async def test_unknown_destination_gets_no_handshake(harness, client_cert) -> No
     harness.server_cert = None  # select_cert finds no local workload for the address
     with pytest.raises(HboneConnectError):
         await open_with(harness, client_cert)
+
+
+NODE = "spiffe://cluster.local/veil/node/node-1"
+
+
+async def test_server_refuses_a_node_identity_as_client(harness, client_cert, echo_port) -> None:  # type: ignore[no-untyped-def]
+    # A node certificate chains to the same CA, and its key sits on the node's disk.
+    with pytest.raises(HboneConnectError, match="node identity"):
+        await open_with(harness, harness.ca.issue(NODE))
+    assert harness.policy.seen == []
+    await assert_server_still_serves(harness, client_cert, echo_port)
+
+
+async def test_client_refuses_a_node_identity_as_server(harness, client_cert) -> None:  # type: ignore[no-untyped-def]
+    harness.server_cert = harness.ca.issue(NODE)
+    with pytest.raises(HboneConnectError, match="node identity"):
+        await open_with(harness, client_cert, SpiffeId("cluster.local", "/veil/node/node-1"))
+    assert harness.policy.seen == []
+
+
+@pytest.mark.parametrize("key_type", ["p384", "rsa2048"])
+async def test_server_refuses_client_leaves_that_are_not_p256(
+    harness, client_cert, echo_port, key_type
+) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(HboneConnectError, match="P-256"):
+        await open_with(harness, harness.ca.issue(CLIENT, key_type=key_type))
+    assert harness.policy.seen == []
+    await assert_server_still_serves(harness, client_cert, echo_port)
+
+
+@pytest.mark.parametrize("key_type", ["p384", "rsa2048"])
+async def test_client_refuses_server_leaves_that_are_not_p256(
+    harness, client_cert, key_type
+) -> None:  # type: ignore[no-untyped-def]
+    harness.server_cert = harness.ca.issue(SERVER, key_type=key_type)
+    with pytest.raises(HboneConnectError, match="P-256"):
+        await open_with(harness, client_cert)
+    assert harness.policy.seen == []

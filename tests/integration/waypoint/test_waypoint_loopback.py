@@ -4,9 +4,11 @@ ztunnel in front of an HTTP app, and an HBONE client with checkout's identity.
 checkout --HBONE (checkout's SVID, CONNECT <payments VIP>:80)--> waypoint
   --HBONE (waypoint's SVID, CONNECT <payments IP>:<app port>)--> node-b ztunnel --> app
 
-The registry cannot carry L7 policies or RequestAuthentications yet (the
-registry's parser is another change); until it does, the test adds them to the
-waypoint's state as a controller delta would, after the controller's snapshot.
+The L7 AuthorizationPolicies and the RequestAuthentication come from the
+controller's registry document, as in production. The checkout side is the
+HBONE stream the source ztunnel's ``ViaWaypoint`` route opens (asserted
+against node-a's own route() decision), opened by hand because loopback has no
+eBPF capture.
 """
 
 from __future__ import annotations
@@ -31,18 +33,6 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from controller.api.model import (
-    AuthorizationPolicy,
-    Condition,
-    JwtRule,
-    Operation,
-    PolicyAction,
-    RequestAuthentication,
-    Rule,
-    Source,
-    TargetRef,
-    WatchUpdate,
-)
 from controller.api.spiffe import workload_identity
 from tests.support.controller import ControllerProcess
 from tests.support.loopback_mesh import CHECKOUT, CHECKOUT_IP, PAYMENTS_IP, AccessLog, Mesh
@@ -50,6 +40,7 @@ from tests.support.registry_docs import mesh_doc, workload
 from waypoint.app import Waypoint
 from waypoint.config import WaypointConfig
 from ztunnel.hbone import relay
+from ztunnel.proxy.route import ViaWaypoint, route
 
 pytestmark = pytest.mark.slow
 
@@ -69,32 +60,45 @@ def token(key: Any = SIGNING, **claims: Any) -> str:
     return jwt.encode(body, key, algorithm="ES256", headers={"kid": "k1"})
 
 
-POLICIES = (
-    AuthorizationPolicy(
-        "payments-l7", "shop", PolicyAction.ALLOW,
-        rules=(
-            Rule(
-                sources=(Source(principals=("cluster.local/ns/shop/sa/checkout",)),),
-                operations=(Operation(methods=("GET",), paths=("/pay", "/pay/*")),),
-            ),
-            Rule(
-                operations=(Operation(methods=("POST",), paths=("/admin",)),),
-                conditions=(Condition("request.auth.claims[role]", ("admin",)),),
-            ),
-        ),
-        target_refs=(TargetRef("Service", "payments"),),
-    ),
-    AuthorizationPolicy(
-        "deny-internal", "shop", PolicyAction.DENY,
-        rules=(Rule(operations=(Operation(paths=("/internal*",)),)),),
-        target_refs=(TargetRef("Gateway", "shop-waypoint"),),
-    ),
-    RequestAuthentication(
-        "payments-jwt", "shop",
-        jwt_rules=(JwtRule(issuer=ISS, audiences=("payments",), jwks=JWKS),),
-        target_refs=(TargetRef("Service", "payments"),),
-    ),
-)  # fmt: skip
+POLICIES = [
+    {
+        "name": "payments-l7",
+        "namespace": "shop",
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "payments"}],
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}],
+                    "to": [{"operation": {"methods": ["GET"], "paths": ["/pay", "/pay/*"]}}],
+                },
+                {
+                    "to": [{"operation": {"methods": ["POST"], "paths": ["/admin"]}}],
+                    "when": [{"key": "request.auth.claims[role]", "values": ["admin"]}],
+                },
+            ],
+        },
+    },
+    {
+        "name": "deny-internal",
+        "namespace": "shop",
+        "spec": {
+            "targetRefs": [{"kind": "Gateway", "name": "shop-waypoint"}],
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"paths": ["/internal*"]}}]}],
+        },
+    },
+]
+REQUEST_AUTHENTICATIONS = [
+    {
+        "name": "payments-jwt",
+        "namespace": "shop",
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "payments"}],
+            "jwtRules": [{"issuer": ISS, "audiences": ["payments"], "jwks": JWKS}],
+        },
+    },
+]
 
 
 @dataclass
@@ -138,6 +142,8 @@ def registry(app_port: int) -> dict[str, Any]:
          "ports": [{"name": "http", "port": 80, "targetPort": app_port}],
          "selector": {"app": "payments"}},
     ]  # fmt: skip
+    doc["authorizationPolicies"] = POLICIES
+    doc["requestAuthentications"] = REQUEST_AUTHENTICATIONS
     return doc
 
 
@@ -184,10 +190,6 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             )
         )
         await wp.start(sync_timeout=15)
-        snap = wp.store.current
-        wp.store.apply(
-            WatchUpdate(snap.epoch, snap.version + 1000, snapshot=False, upserts=POLICIES)
-        )
         yield Env(wp, mesh, app, access)
     finally:
         if wp is not None:
@@ -201,6 +203,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 
 async def open_tunnel(env: Env) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     node_a = env.mesh.nodes["node-a"]
+    # What checkout's ztunnel decides for the payments VIP: this very tunnel.
+    decision = route(node_a.store.current, CHECKOUT_IP, VIP, 80)
+    assert isinstance(decision, ViaWaypoint), decision
+    assert decision.hbone_addr[0] == WAYPOINT_IP
+    assert decision.expected_identity == WAYPOINT_ID
+    assert (decision.dst_ip, decision.dst_port) == (VIP, 80)
     cert = await node_a.certs.fetch(CHECKOUT, timeout=10)
     stream = await node_a.pool.open_stream(
         cert,
@@ -401,3 +409,32 @@ async def test_destinations_not_using_the_waypoint_are_refused(env: Env) -> None
             cert, WAYPOINT_IP, env.waypoint.hbone_address[1], WAYPOINT_ID, ("10.96.0.99", 80)
         )
     assert e.value.status == 401
+
+
+async def test_veilctl_shows_the_waypoints_policies_and_tunnels(env: Env) -> None:
+    import io
+
+    from agent.cli import veilctl
+
+    client = H1Client(*await open_tunnel(env))
+    assert (await client.request("GET", "/pay"))[0] == 200
+    host, port = env.waypoint.admin.addresses["admin"]
+
+    def run(*extra: str) -> tuple[int, str]:
+        out = io.StringIO()
+        code = veilctl.main(["waypoint", "--admin", f"{host}:{port}", *extra], out=out)
+        return code, out.getvalue()
+
+    # veilctl is synchronous; the waypoint answers on this loop meanwhile.
+    code, text = await asyncio.to_thread(run)
+    assert code == 0, text
+    assert "shop/shop-waypoint" in text and str(WAYPOINT_ID) in text
+    assert "service:shop/payments:80" in text
+    assert "shop/payments-l7" in text and "waypoint: Service/payments" in text
+    assert "shop/deny-internal" in text and "paths=/internal*" in text
+    assert "spiffe://cluster.local/ns/shop/sa/checkout" in text  # the open tunnel's peer
+    assert f"{VIP}:80" in text
+    code, raw = await asyncio.to_thread(run, "-o", "json")
+    doc = json.loads(raw)
+    assert [a["key"] for a in doc["request_authentications"]] == ["shop/payments-jwt"]
+    assert doc["request_authentications"][0]["jwt_rules"][0]["jwks"] == "inline"

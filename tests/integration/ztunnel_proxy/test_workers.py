@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +29,14 @@ from tests.support.controller import REPO, clean_env, veil_argv
 from tests.support.loopback_mesh import (
     CHECKOUT,
     CHECKOUT_IP,
+    OTHER,
     PAYMENTS,
     PAYMENTS_IP,
     App,
     Mesh,
 )
 from ztunnel.app import Ztunnel
-from ztunnel.hbone import HboneClientPool, HboneConfig, relay
+from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneConfig, relay
 from ztunnel.proxy.sockets import Address, connect_upstream
 
 GRACE = 3.0
@@ -125,6 +128,29 @@ async def metric(http: aiohttp.ClientSession, node: Node, line_start: str) -> fl
     return None
 
 
+async def veilctl_connections(node: Node) -> list[dict[str, object]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli.veilctl",
+        "--ztunnel-admin", f"127.0.0.1:{node.ports['admin']}",
+        "connections", "-o", "json",
+        cwd=REPO, env=clean_env(), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    data = json.loads(out)
+    assert isinstance(data, list)
+    return data
+
+
+async def wait_serving(http: aiohttp.ClientSession, node: Node, count: int) -> None:
+    serving = 'veil_ztunnel_workers{state="serving"}'
+    for _ in range(150):
+        if await metric(http, node, serving) == count:
+            return
+        await asyncio.sleep(0.1)
+    assert await metric(http, node, serving) == count, node.log.read_text()
+
+
 @dataclass
 class Tunnel:
     pool: HboneClientPool
@@ -169,6 +195,19 @@ async def open_tunnel(node_a: Ztunnel, node: Node, app: App) -> Tunnel:
     return Tunnel(pool, reader, writer, task)
 
 
+async def expect_denied(node_a: Ztunnel, node: Node, app: App) -> None:
+    """other may not call payments: node-b's worker refuses the CONNECT."""
+    pool = HboneClientPool(node_a.trust_bundle, config=HboneConfig())
+    try:
+        cert = await node_a.certs.fetch(OTHER, timeout=10)
+        with pytest.raises(ConnectRefused):
+            await pool.open_stream(
+                cert, PAYMENTS_IP, node.ports["hbone"], PAYMENTS, (PAYMENTS_IP, app.port)
+            )
+    finally:
+        await pool.shutdown(0.1)
+
+
 async def workers_serving(
     http: aiohttp.ClientSession, node: Node, tunnels: list[Tunnel]
 ) -> set[int]:
@@ -186,7 +225,8 @@ async def test_two_workers_serve_and_one_is_restarted_after_a_crash(
     try:
         async with aiohttp.ClientSession() as http:
             await wait_ready(http, node_b)
-            assert await metric(http, node_b, 'veil_ztunnel_workers{state="serving"}') == 2
+            # Ready as soon as one worker serves; the second follows.
+            await wait_serving(http, node_b, 2)
 
             tunnels = [await open_tunnel(node_a, node_b, app) for _ in range(TUNNELS)]
             for t in tunnels:
@@ -198,6 +238,22 @@ async def test_two_workers_serve_and_one_is_restarted_after_a_crash(
                 http, node_b, "veil_ztunnel_active_connections" + '{direction="inbound"}'
             )
             assert opened == TUNNELS
+
+            # veilctl reads the merged connections as it reads a single process's.
+            listed = await veilctl_connections(node_b)
+            assert len(listed) == TUNNELS
+            assert {c["direction"] for c in listed} == {"inbound"}
+
+            # A deny in a worker reaches the supervisor's /denies.
+            await expect_denied(node_a, node_b, app)
+            for _ in range(50):
+                async with http.get(node_b.url("/denies")) as resp:
+                    denies = await resp.json()
+                if denies["total"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert denies["total"] == 1
+            assert denies["denies"][0]["src_identity"] == str(OTHER)
 
             # Kill one worker: its connections die, the other's keep working,
             # and new connections are served at once.
@@ -218,13 +274,8 @@ async def test_two_workers_serve_and_one_is_restarted_after_a_crash(
             tunnels += fresh
 
             # The killed worker is restarted and serves again.
-            for _ in range(100):
-                if await metric(http, node_b, "veil_ztunnel_worker_restarts_total") == 1 and (
-                    await metric(http, node_b, 'veil_ztunnel_workers{state="serving"}') == 2
-                ):
-                    break
-                await asyncio.sleep(0.1)
-            assert await metric(http, node_b, 'veil_ztunnel_workers{state="serving"}') == 2
+            await wait_serving(http, node_b, 2)
+            assert await metric(http, node_b, "veil_ztunnel_worker_restarts_total") == 1
             more = [await open_tunnel(node_a, node_b, app) for _ in range(TUNNELS)]
             tunnels += more
             pids_after = await workers_serving(http, node_b, tunnels)

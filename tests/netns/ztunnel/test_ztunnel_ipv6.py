@@ -73,6 +73,28 @@ def test_ipv6_service_vip_reaches_the_endpoints_ipv6_address(lab: Lab) -> None:
     assert who.peer_ip == lab.ip6("checkout")
 
 
+def test_ipv6_same_node_enforces_policy_without_tls(lab: Lab) -> None:
+    with UnderlayCapture(lab.mesh.topo) as cap:
+        with connect_from(lab, "checkout", lab.ip6("other"), APP_PORT) as s:
+            who = whoami(s)
+        expect_refused(lab, "intruder", lab.ip6("other"), APP_PORT)
+    assert (who.peer_ip, who.local_ip) == (lab.ip6("checkout"), lab.ip6("other"))
+    assert HBONE_PORT not in cap.tcp_connection_ports()
+    assert APP_PORT not in cap.tcp_ports_seen()
+
+
+def test_ipv6_destination_outside_the_mesh_is_passed_through(lab: Lab) -> None:
+    server = lab.serve("legacy-server", "whoami", 9090)
+    try:
+        with connect_from(lab, "checkout", lab.ip6("legacy-server"), 9090) as s:
+            who = whoami(s)
+    finally:
+        server.stop()
+    # Direct from node-a's own IPv6 address: the destination has no ztunnel.
+    assert who.peer_ip == lab.mesh.topo.node(NODE_A).underlay_ip6
+    assert who.local_ip == lab.ip6("legacy-server")
+
+
 def test_ipv6_client_not_allowed_by_policy_is_reset(lab: Lab) -> None:
     # intruder is enrolled but payments' ALLOW policy names only checkout.
     expect_refused(lab, "intruder", lab.ip6("payments"), WHOAMI)
@@ -108,14 +130,22 @@ def host_link_local(lab: Lab, pod: str) -> str:
     raise AssertionError(f"{lab_pod.host_veth} has no usable link-local address")
 
 
-def dial_link_local(lab: Lab, pod: str, address: str, port: int) -> bytes | str:
-    """What ``pod`` gets from ``[address%eth0]:port``: the bytes read, or the error."""
+def dial_link_local(
+    lab: Lab, pod: str, address: str, port: int, source: str | None = None
+) -> bytes | str:
+    """What ``pod`` gets from ``[address%eth0]:port``: the bytes read, or the error.
+
+    ``source`` binds the pod's own global address first (the kernel would
+    otherwise pick the pod's link-local address for a link-local destination).
+    """
     with in_netns(lab.mesh.pod(pod).lab.netns):
         scope = socket.if_nametoindex("eth0")
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     with sock:
         sock.settimeout(3)
         try:
+            if source is not None:
+                sock.bind((source, 0))
             sock.connect((address, port, 0, scope))
             sock.sendall(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
             chunks = []
@@ -145,8 +175,15 @@ def test_enrolled_pod_cannot_reach_a_node_service_on_the_link_local_gateway(lab:
             lab, "legacy-client", host_link_local(lab, "legacy-client"), NODE_SERVICE_PORT
         )
         assert isinstance(plain, bytes) and plain.startswith(b"HTTP/1.1 200"), plain
+        # From the pod's link-local source address (what the kernel picks) the
+        # pod's anti-spoofing drops it; from its own fd00:: address the SYN is
+        # steered to the ztunnel, which refuses a destination that only exists
+        # on the pod's link.
         for address in ("fe80::1", host_ll):
-            got = dial_link_local(lab, "checkout", address, NODE_SERVICE_PORT)
-            assert not (isinstance(got, bytes) and got), (
-                f"enrolled checkout reached the node service at [{address}%eth0]: {got!r}"
-            )
+            for source in (None, lab.ip6("checkout")):
+                got = dial_link_local(lab, "checkout", address, NODE_SERVICE_PORT, source)
+                assert not (isinstance(got, bytes) and got), (
+                    f"enrolled checkout ({source or 'link-local source'}) reached the node "
+                    f"service at [{address}%eth0]: {got!r}"
+                )
+    lab.wait_log(NODE_A, f"destination only exists on the pod's own link or host: {host_ll}")

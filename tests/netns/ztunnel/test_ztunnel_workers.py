@@ -21,7 +21,16 @@ import pytest
 import yaml
 
 from lab.mesh import LabMesh
-from tests.support.ztunnel_lab import APP_PORT, NODE_A, REGISTRY, STEERING, Lab, connect_from
+from node.dataplane import METRICS_PORT
+from tests.support.ztunnel_lab import (
+    APP_PORT,
+    NODE_A,
+    NODE_B,
+    REGISTRY,
+    STEERING,
+    Lab,
+    connect_from,
+)
 
 CONNECTIONS = 16
 
@@ -36,17 +45,32 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         registry,
         workdir=work / "mesh",
         steering=STEERING,
-        extra_ztunnel_args=("--workers", "2", "--drain-grace-period", "2s"),
+        extra_ztunnel_args=("--drain-grace-period", "2s"),
+        ztunnel_workers=2,
     )
     the_lab = Lab(mesh)
     try:
         mesh.start()
+        # Ready means one worker serves; these tests want both.
+        for node in (NODE_A, NODE_B):
+            wait_serving(mesh, node, 2)
         the_lab.serve("payments", "echo")
         yield the_lab
     finally:
         for server in the_lab.apps:
             server.stop()
         mesh.close()
+
+
+def wait_serving(mesh: LabMesh, node: str, count: int) -> None:
+    want = f'veil_ztunnel_workers{{state="serving"}} {count}'
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status, body = mesh.http_get(node, METRICS_PORT, "/metrics")
+        if status == 200 and want in body.decode():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{node}: {count} workers not serving after 30s")
 
 
 def echo(s: socket.socket, data: bytes) -> bytes:

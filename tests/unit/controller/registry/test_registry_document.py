@@ -49,16 +49,20 @@ def test_example_registry_describes_the_demo_mesh() -> None:
         ("node-b", "10.244.2.", "fd00:244:2::"),
     ):
         pods = state.workloads_on(node)
-        assert len(pods) == 3
+        # Three application pods per node (node-a also runs the waypoint replica).
+        assert len([w for w in pods if not w.waypoint]) == 3
         # Dual stack: one address of each family per pod.
         assert all(
             len(w.ips) == 2 and w.ips[0].startswith(prefix) and w.ips[1].startswith(prefix6)
             for w in pods
         )
-    (svc,) = state.services
+    svc, api = state.services
     assert svc.key == "shop/payments" and svc.vips[0].startswith("10.96.")
-    assert svc.endpoints == ("shop/payments",)
-    (policy,) = state.authorization_policies
+    assert svc.endpoints == ("shop/payments",) and not svc.use_waypoint
+    assert api.key == "shop/payments-api" and api.use_waypoint == "shop-waypoint"
+    assert [w.key for w in state.workloads if w.waypoint] == ["shop/shop-waypoint-0"]
+    policy, l7 = state.authorization_policies
+    assert l7.target_refs and l7.rules[0].operations[0].methods == ("GET",)
     assert policy.action is PolicyAction.ALLOW
     assert policy.selector == {"app": "payments"}
     assert policy.rules[0].sources[0].principals == ("cluster.local/ns/shop/sa/checkout",)

@@ -117,6 +117,7 @@ async def test_config_dump_lists_state_certificates_and_connections(tmp_path: Pa
             "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/web/sa/web"],
                                             "ipBlocks": ["10.0.0.0/8"]}}],
                        "to": [{"operation": {"ports": [8080]}}]}],
+            "target_refs": [], "l7_terms": [],
         }]
         assert doc["peer_authentications"][0]["mode"] == "STRICT"
         assert doc["services"][0]["ports"] == [{"name": "http", "port": 80, "target_port": 8080}]

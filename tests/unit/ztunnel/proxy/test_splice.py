@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel.proxy.splice import Drain, SameNodeSplice, drain_decision, is_bulk, poll_delay
+from ztunnel.proxy.splice import Drain, SameNodeSplice, drain_decision, poll_delay
 
 
 @pytest.mark.parametrize(
@@ -52,17 +52,3 @@ def test_no_pin_dir_means_no_fast_path_and_no_warning(caplog: pytest.LogCaptureF
         assert SameNodeSplice(None).maps() is None
     assert not caplog.records
 
-
-@pytest.mark.parametrize(
-    ("moved", "interval", "bulk"),
-    [
-        (0, 0.05, False),
-        (64 * 2000, 0.05, False),  # 2,000 64-byte round trips in 50 ms: interactive
-        ((5 << 20) - 1, 0.05, False),  # just under 100 MiB/s
-        (6 << 20, 0.05, True),
-        (700 << 20, 6.4, True),
-        (100 << 20, 6.4, False),  # a slow steady stream stays spliced
-    ],
-)
-def test_is_bulk(moved: int, interval: float, bulk: bool) -> None:
-    assert is_bulk(moved, interval) is bulk
