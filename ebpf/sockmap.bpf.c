@@ -19,14 +19,6 @@
  * verdict answers SK_PASS: the bytes stay on their own socket, where the
  * ztunnel sees them and resets the connection, instead of being lost silently.
  *
- * Bulk hand-over: the kernel queues redirected bytes for the peer's send
- * path without back-pressure (a fast sender piled up hundreds of MB on
- * loopback), and for bulk the ztunnel's Python relay is faster anyway. So a
- * socket that has redirected more than VEIL_SPLICE_BULK_BYTES within
- * VEIL_SPLICE_WINDOW_NS is flagged VEIL_SPLICE_HANDOVER and from then on its
- * bytes stay on it (SK_PASS, bounded by its receive buffer); the ztunnel,
- * woken by them, unsplices the connection and relays it.
- *
  * The verdict does not see FINs; the ztunnel forwards a half-close itself once
  * splice_peers' byte count says every redirected byte reached the peer's send
  * queue (see ztunnel/proxy/splice.py).
@@ -55,22 +47,6 @@ int veil_splice_verdict(struct __sk_buff *skb)
 	 */
 	if (!len)
 		return SK_DROP;
-	if (entry->flags & VEIL_SPLICE_HANDOVER)
-		return SK_PASS;
-	if (!(entry->flags & VEIL_SPLICE_PINNED)) {
-		/* One socket's verdicts run one at a time (under its lock). */
-		__u64 now = bpf_ktime_get_ns();
-
-		if (now - entry->window_start > VEIL_SPLICE_WINDOW_NS) {
-			entry->window_start = now;
-			entry->window_bytes = 0;
-		}
-		if (entry->window_bytes + len > VEIL_SPLICE_BULK_BYTES) {
-			entry->flags |= VEIL_SPLICE_HANDOVER;
-			return SK_PASS;
-		}
-		entry->window_bytes += len;
-	}
 	/* flags 0: out of the peer socket (its send path), not into its receive queue. */
 	if (splice_targets.sk_redirect_hash(skb, &entry->peer, 0) != SK_PASS)
 		return SK_PASS;

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from lab.mesh import LabMesh, MeshPod
     from lab.process import LabProcess
 
-__all__ = ["ISSUER", "L7_APP_PORT", "L7Demo"]
+__all__ = ["AUDIENCE", "ISSUER", "L7_APP_PORT", "L7Demo"]
 
 L7_APP_PORT = 8081
 ISSUER = "https://idp.demo.veil"

@@ -33,14 +33,10 @@ __all__ = [
     "BPF_MAP_TYPE_PERCPU_HASH",
     "BPF_MAP_TYPE_SOCKHASH",
     "BPF_NOEXIST",
-    "SPLICE_BULK_BYTES",
-    "SPLICE_HANDOVER",
     "SPLICE_MAPS",
     "SPLICE_MAX",
     "SPLICE_PEER_FORMAT",
-    "SPLICE_PINNED",
     "SPLICE_PROGRAM",
-    "SPLICE_WINDOW_NS",
     "BpfSyscallError",
     "MapInfo",
     "ProgInfo",
@@ -80,14 +76,8 @@ BPF_MAP_TYPE_SOCKHASH: Final = 18
 SPLICE_MAX: Final = 65536  # spliced sockets per node (two per connection)
 SPLICE_MAPS: Final = ("splice_socks", "splice_targets", "splice_peers")
 SPLICE_PROGRAM: Final = "splice_verdict"  # pinned as prog_splice_verdict
-# struct veil_splice_peer: peer cookie, bytes redirected, window start (ns),
-# window bytes, flags (host order).
-SPLICE_PEER_FORMAT: Final = "=QQQII"
-SPLICE_HANDOVER: Final = 1  # set by the verdict: bulk, hand over to the relay
-SPLICE_PINNED: Final = 2  # set by the ztunnel: never hand over
-# Bulk: more than this many bytes redirected by one socket within the window.
-SPLICE_BULK_BYTES: Final = 2 * 1024 * 1024
-SPLICE_WINDOW_NS: Final = 20_000_000
+# struct veil_splice_peer: peer cookie, bytes redirected (host order u64s).
+SPLICE_PEER_FORMAT: Final = "=QQ"
 
 
 class BpfSyscallError(OSError):

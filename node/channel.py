@@ -118,6 +118,8 @@ class ControllerChannel:
         self.client: ControllerRpc = connect(creds, self.address)
         self.reachable = True  # optimistic until an RPC says otherwise
         self.reconnects = 0
+        # Failed RPCs by gRPC status name (a closed set), for the metrics.
+        self.errors: dict[str, int] = {}
         self._generation = 0  # bumped at every reconnection signal
         self._watch_generation = 0  # the generation when the last watch stream began
         self._signal = asyncio.Event()
@@ -232,6 +234,7 @@ class ControllerChannel:
             self._reachable_again("the controller answered")
 
     def _rpc_failed(self, client: ControllerRpc, error: ApiError) -> None:
+        self.errors[error.code] = self.errors.get(error.code, 0) + 1
         # A failure on a client already replaced says nothing about the new one.
         if error.code not in _UNREACHABLE or self._closed or client is not self.client:
             return

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping nftables iperf3 stunnel4 socat tshark
   nghttp2-proxy nghttp2-client tinyproxy openssl make
   etcd-server  # the store of the real kube-apiserver in tests/k8s_real
+  haproxy      # the baseline of perf/bench_waypoint.py (TLS, jwt_verify, path ACLs)
 )
 
 # The HBONE interop test drives our server with Node.js's own http2 client. The

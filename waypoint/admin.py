@@ -13,13 +13,64 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from controller.api.model import ROOT_NAMESPACE, AuthorizationPolicy, RequestAuthentication
-from ztunnel.admin.dump import policy_json
+from node.policy import l7_terms
 from ztunnel.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from .app import Waypoint
 
 __all__ = ["AdminServer"]
+
+
+def _fields(obj: object, names: tuple[tuple[str, str], ...]) -> dict[str, list[object]]:
+    return {key: list(getattr(obj, attr)) for attr, key in names if getattr(obj, attr)}
+
+
+_SOURCE = (
+    ("principals", "principals"),
+    ("not_principals", "notPrincipals"),
+    ("namespaces", "namespaces"),
+    ("not_namespaces", "notNamespaces"),
+    ("ip_blocks", "ipBlocks"),
+    ("not_ip_blocks", "notIpBlocks"),
+    ("request_principals", "requestPrincipals"),
+    ("not_request_principals", "notRequestPrincipals"),
+)
+_OPERATION = (
+    ("hosts", "hosts"),
+    ("not_hosts", "notHosts"),
+    ("methods", "methods"),
+    ("not_methods", "notMethods"),
+    ("paths", "paths"),
+    ("not_paths", "notPaths"),
+    ("ports", "ports"),
+    ("not_ports", "notPorts"),
+)
+
+
+def _policy_json(p: AuthorizationPolicy) -> dict[str, Any]:
+    """An attached policy as veilctl renders it (the ztunnel dump's shape)."""
+    rules: list[dict[str, Any]] = []
+    for r in p.rules:
+        rule: dict[str, Any] = {}
+        if r.sources:
+            rule["from"] = [{"source": _fields(s, _SOURCE)} for s in r.sources]
+        if r.operations:
+            rule["to"] = [{"operation": _fields(o, _OPERATION)} for o in r.operations]
+        if r.conditions:
+            rule["when"] = [
+                {"key": c.key, "values": list(c.values), "notValues": list(c.not_values)}
+                for c in r.conditions
+            ]
+        rules.append(rule)
+    return {
+        "key": p.key,
+        "action": p.action.value,
+        "selector": dict(p.selector) if p.selector is not None else None,
+        "target_refs": [{"kind": t.kind, "name": t.name} for t in p.target_refs],
+        "l7_terms": sorted({t for r in p.rules for t in l7_terms(r)}),
+        "rules": rules,
+    }
 
 
 def _request_authentication_json(a: RequestAuthentication) -> dict[str, Any]:
@@ -82,7 +133,7 @@ class AdminServer:
             "state_version": view.version,
             "destinations": [d.to_json() for d in view.destinations()],
             "workload_destinations": sorted(view.workloads),
-            "policies": [policy_json(p) for p in policies],
+            "policies": [_policy_json(p) for p in policies],
             "request_authentications": [_request_authentication_json(a) for a in auths],
             "connections": connections,
             "jwks": [s.to_json() for s in wp.jwks.statuses()],

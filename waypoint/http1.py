@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 
 import h11
 
@@ -23,6 +24,18 @@ from .forward import RequestProxy, TunnelContext
 __all__ = ["serve_http1"]
 
 log = logging.getLogger("veil.waypoint.http1")
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase. HTTP/1.1 allows an empty one, but some
+    clients (llhttp-based ones such as h2load) only record the status when a
+    reason phrase is present."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 _READ = 64 * 1024
 _MAX_HEAD = 64 * 1024
 
@@ -37,7 +50,7 @@ class _Sink:
         self._writer = writer
 
     async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        self._write(h11.Response(status_code=status, headers=list(headers)))
+        self._write(h11.Response(status_code=status, headers=list(headers), reason=_reason(status)))
 
     async def data(self, chunk: bytes) -> None:
         if chunk:
@@ -109,7 +122,10 @@ async def serve_http1(
             (b"connection", b"close"),
         ]
         with contextlib.suppress(h11.LocalProtocolError, OSError):
-            writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+            writer.write(
+                conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+                or b""
+            )
             writer.write(conn.send(h11.Data(data=body)) or b"")
             writer.write(conn.send(h11.EndOfMessage()) or b"")
             await writer.drain()

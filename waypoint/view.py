@@ -110,7 +110,9 @@ class WaypointView:
         )
 
     def destinations(self) -> list[Destination]:
-        return sorted(self.services.values(), key=lambda d: d.key)
+        """Each service destination once (a dual-stack Service has a key per VIP)."""
+        unique = {d.key: d for d in self.services.values()}
+        return [unique[k] for k in sorted(unique)]
 
 
 def _uses(snapshot: Snapshot, namespace: str, service_label: str, name: str) -> bool:

@@ -41,6 +41,7 @@ from node.state import StateStore
 from node.watch import WatchClient
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
 from ztunnel.admin.denies import DenyFeed
+from ztunnel.admin.health_socket import HealthSocket
 from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import ConfigError
 from ztunnel.identity import CertManager
@@ -138,7 +139,14 @@ class Ztunnel:
             connections=self.connections.dump,
             denies=self.denies,
         )
-        register_state_gauges(self.metrics_registry, self.store, self.certs, self.watch.status)
+        register_state_gauges(
+            self.metrics_registry, self.store, self.certs, self.watch.status, self._controller
+        )
+        # This instance's own readiness, unambiguous during a surge (the
+        # DaemonSet's exec probes read it; :15021 may be the old pod's).
+        self.health = (
+            HealthSocket(config.health_socket, self.readiness) if config.health_socket else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: list[Callable[[], None]] = []
         self._stopped = False
@@ -171,6 +179,8 @@ class Ztunnel:
                 self._controller.follow_credentials(_CREDENTIALS_POLL), name="veil-creds"
             ))
         await self.ops.start()
+        if self.health is not None:
+            await self.health.start()
         log.info(
             "ztunnel for node %s: waiting for the controller's first snapshot from %s",
             self.config.node_name,
@@ -218,6 +228,9 @@ class Ztunnel:
                 await task
         await self.certs.close()
         await self.ops.stop()
+        if self.health is not None:
+            # Last: it answered "draining" to this pod's probes until now.
+            await self.health.stop()
         await self._controller.close()
         log.info("ztunnel stopped")
 

@@ -1,7 +1,9 @@
 """``veil ztunnel``: the ztunnel side of the ``veil`` CLI.
 
 ``veil ztunnel run --state-dir DIR --node NAME [...]`` runs the node's ztunnel
-until SIGTERM/SIGINT, then drains. ``--workers N`` (``VEIL_ZTUNNEL_WORKERS``;
+until SIGTERM/SIGINT, then drains. ``veil ztunnel health [--ready]`` asks
+one instance over its ``--health-socket`` (the DaemonSet's exec probes; see
+:mod:`ztunnel.admin.health_socket`). ``--workers N`` (``VEIL_ZTUNNEL_WORKERS``;
 default one per usable CPU, at most 8) runs N worker processes sharing the
 listeners under one supervisor; 1 runs today's single process. Every setting of
 :class:`~ztunnel.config.ZtunnelConfig` is a flag here and a ``VEIL_*``
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ztunnel.config import add_config_arguments, config_fields, config_from_args
 
-__all__ = ["access_log_off_the_loop", "add_ztunnel_parser", "run_command"]
+__all__ = ["access_log_off_the_loop", "add_ztunnel_parser", "health_command", "run_command"]
 
 if TYPE_CHECKING:
     _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -58,6 +60,25 @@ def add_ztunnel_parser(sub: _Sub) -> None:
     )
     add_config_arguments(run, skip=_SKIPPED | {"node_name"})
     run.set_defaults(func=run_command)
+    health = zsub.add_parser(
+        "health",
+        help="exit 0 when this pod's ztunnel is alive (or, with --ready, ready)",
+        description="Asks the ztunnel on its --health-socket, a unix socket only that "
+        "instance serves: unlike the shared :15021, the answer cannot come from another "
+        "ztunnel on the node (a rolling-update surge). Exit 0 when healthy, 1 when not "
+        "(the reason on stderr), 2 when no socket path is given.",
+    )
+    health.add_argument(
+        "--health-socket", default=None, metavar="PATH",
+        help="the ztunnel's health socket (env VEIL_ZTUNNEL_HEALTH_SOCKET)",
+    )
+    health.add_argument("--ready", action="store_true", help="check readiness, not liveness")
+    health.add_argument(
+        "--timeout", type=float, default=3.0, metavar="SECONDS",
+        help="how long to wait for the answer (default: 3)",
+    )
+    health.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
+    health.set_defaults(func=health_command)
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -89,6 +110,32 @@ def node_from_state(state_dir: str | os.PathLike[str] | None) -> str | None:
         return load_node_credentials(directory).node
     except (VeilError, OSError):
         return None
+
+
+def health_command(args: argparse.Namespace) -> int:
+    """``veil ztunnel health``: one instance's answer, as a probe exit code."""
+    from ztunnel.admin.health_socket import HealthUnavailable, query_health
+
+    where = args.health_socket or os.environ.get("VEIL_ZTUNNEL_HEALTH_SOCKET")
+    if not where:
+        print(
+            "error: no health socket given\nhint: pass --health-socket PATH or set "
+            "VEIL_ZTUNNEL_HEALTH_SOCKET (the ztunnel must run with the same setting)",
+            file=sys.stderr,
+        )
+        return 2
+    check = "ready" if args.ready else "live"
+    try:
+        answer = query_health(Path(where), check, timeout=args.timeout)
+    except HealthUnavailable as e:
+        print(f"ztunnel not {check}: {e.message}\nhint: {e.hint}", file=sys.stderr)
+        return 1
+    if not answer.ok:
+        print(f"ztunnel {answer.describe()}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"ztunnel {answer.describe()}")
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:

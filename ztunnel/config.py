@@ -105,6 +105,10 @@ class ZtunnelConfig:
     admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     metrics_address: tuple[str, int] = ("0.0.0.0", METRICS_PORT)
     readiness_address: tuple[str, int] = ("0.0.0.0", READINESS_PORT)
+    # Readiness and liveness for this instance alone on a 0600 unix socket
+    # (ztunnel.admin.health_socket); the DaemonSet's exec probes read it,
+    # because :15021 is shared with a surge pod through SO_REUSEPORT.
+    health_socket: Path | None = None
     drain_grace_period: float = 25.0
     # Requested workload certificate lifetime; None lets the controller decide.
     cert_ttl: float | None = None
@@ -190,6 +194,13 @@ def _validate(c: ZtunnelConfig) -> None:
             f"{c.workers} is not a worker count",
             f"use 1-{_MAX_WORKERS}, or leave it unset for one per CPU (at most 8)",
         )
+    # sun_path holds 108 bytes; the atomic bind uses a longer temporary name.
+    if c.health_socket is not None and len(os.fsencode(c.health_socket)) > 80:
+        raise _err(
+            "health_socket",
+            f"{c.health_socket} is too long for a unix socket path",
+            "use a path under 80 bytes, e.g. /var/run/veil-ztunnel/health.sock",
+        )
     if c.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise _err("log_level", f"{c.log_level!r} is not a level", "use DEBUG, INFO, WARNING or ERROR")
 
@@ -233,6 +244,9 @@ _SPECS = (
           "Prometheus host:port"),
     Setting("readiness_address", "--readiness-address", "VEIL_READINESS_ADDRESS", parse_host_port,
           "readiness probe host:port"),
+    Setting("health_socket", "--health-socket", "VEIL_ZTUNNEL_HEALTH_SOCKET", _path,
+          "also answer readiness/liveness for this instance on this unix socket (mode 0600; "
+          "read by `veil ztunnel health`)"),
     Setting("drain_grace_period", "--drain-grace-period", "VEIL_DRAIN_GRACE_PERIOD", parse_duration,
           "how long to let connections finish at shutdown"),
     Setting("cert_ttl", "--cert-ttl", "VEIL_CERT_TTL", _optional_duration,

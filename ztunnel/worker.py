@@ -31,6 +31,7 @@ from .config import ZtunnelConfig
 from .hbone import HboneClientPool, HboneConfig
 from .identity import CertificateSource
 from .metrics import Registry, TrafficMetrics
+from .metrics.components import register_pool_gauges
 from .proxy.connections import ConnectionRegistry, Direction
 from .proxy.context import ProxyContext
 from .proxy.errors import ListenerError
@@ -107,6 +108,7 @@ class ProxyEngine:
             self.ctx, certs, trust_bundle, config=hbone_config, contexts=contexts
         )
         self.plaintext = PlaintextProxy(self.ctx)
+        register_pool_gauges(registry, self.pool.connections)
         registry.gauge(
             "veil_ztunnel_active_connections",
             "Connections the ztunnel is proxying now, by direction.",

@@ -51,7 +51,7 @@ SPLICE_FUNCTION: Final = "veil_splice_verdict"
 _LAYOUT: Final = {
     "splice_socks": (bpf.BPF_MAP_TYPE_SOCKHASH, 8, 4, bpf.SPLICE_MAX),
     "splice_targets": (bpf.BPF_MAP_TYPE_SOCKHASH, 8, 4, bpf.SPLICE_MAX),
-    "splice_peers": (bpf.BPF_MAP_TYPE_HASH, 8, 32, bpf.SPLICE_MAX),
+    "splice_peers": (bpf.BPF_MAP_TYPE_HASH, 8, 16, bpf.SPLICE_MAX),
 }
 _BUILD_KEY: Final = bytes(8)  # cookie 0: never a socket's
 _BPF_PROG_TYPE_SK_SKB: Final = 14
@@ -71,8 +71,6 @@ def splice_cflags(ebpf_dir: Path) -> tuple[str, ...]:
     return (
         f"-I{ebpf_dir / 'include'}",
         f"-DVEIL_SPLICE_MAX={bpf.SPLICE_MAX}",
-        f"-DVEIL_SPLICE_BULK_BYTES={bpf.SPLICE_BULK_BYTES}",
-        f"-DVEIL_SPLICE_WINDOW_NS={bpf.SPLICE_WINDOW_NS}",
     )
 
 
@@ -125,12 +123,12 @@ def _pinned_consistent(layout: PinLayout, build: bytes) -> int | None:
             return None
         try:
             info = bpf.map_info(fd)
-            stored = bpf.map_lookup(fd, _BUILD_KEY, 32) if name == "splice_peers" else None
+            stored = bpf.map_lookup(fd, _BUILD_KEY, 16) if name == "splice_peers" else None
         finally:
             os.close(fd)
         if (info.type, info.key_size, info.value_size, info.max_entries) != want:
             return None
-        if name == "splice_peers" and (stored is None or stored[:16] != build):
+        if name == "splice_peers" and (stored is None or stored != build):
             return None
         ids.add(info.id)
     fd = open_pin(layout.program(bpf.SPLICE_PROGRAM))
@@ -182,7 +180,7 @@ def _build_and_pin(layout: PinLayout, ebpf_dir: Path, text: str, build: bytes) -
                 f"cannot attach {SPLICE_FUNCTION} to splice_socks: {os.strerror(-rc)}",
                 hint="the same-node fast path needs sockmap support (CONFIG_BPF_STREAM_PARSER)",
             )
-        bpf.map_update(fds["splice_peers"], _BUILD_KEY, build + bytes(16))
+        bpf.map_update(fds["splice_peers"], _BUILD_KEY, build)
         # Maps first, program last: a complete program pin means a complete set.
         for name, fd in fds.items():
             pin_atomically(fd, layout.map(name))

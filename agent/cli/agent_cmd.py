@@ -75,15 +75,25 @@ def _agent_running(socket_path: Path) -> bool:
     return True
 
 
-def agent_health(status: Any, *, ready: bool) -> str | None:
+def agent_health(status: Any, *, ready: bool, pod: str | None = None) -> str | None:
     """None when the agent's ``/status`` answer is healthy, else what is wrong.
 
     Alive: the status API answered at all (its event loop runs; the answer
     depends on nothing outside the process but the pinned maps). Ready: it has
-    also applied the controller's state to the node at least once.
+    also applied the controller's state to the node at least once. ``pod``:
+    the answer must also come from the agent of that pod. During a rolling
+    update the socket path is shared by two pods' agents and leads to the old
+    one until the new one takes it over, so without this check the old agent
+    would make the new pod look started and ready.
     """
     if not isinstance(status, dict):
         return "the status API answered with something other than a JSON object"
+    if pod is not None and status.get("pod") != pod:
+        other = status.get("pod") or "unknown"
+        return (
+            f"the agent answering is pod {other}'s, not this pod's ({pod}): this pod's "
+            "agent has not taken the status socket over yet"
+        )
     if not ready:
         return None
     registry = status.get("registry") or {}
@@ -101,7 +111,14 @@ def _cmd_health(args: argparse.Namespace) -> int:
     except StatusUnavailable as e:
         print(f"agent not healthy: {e}", file=sys.stderr)
         return 1
-    problem = agent_health(status, ready=args.ready)
+    pod = None
+    if args.this_pod:
+        pod = os.environ.get("VEIL_POD_NAME")
+        if not pod:
+            print("error: --this-pod needs VEIL_POD_NAME (the downward API's metadata.name)",
+                  file=sys.stderr)
+            return 2
+    problem = agent_health(status, ready=args.ready, pod=pod)
     if problem is not None:
         print(f"agent not {'ready' if args.ready else 'alive'}: {problem}", file=sys.stderr)
         return 1
@@ -186,6 +203,10 @@ def add_agent_parser(sub: _Sub) -> None:
                         "env VEIL_AGENT_SOCKET)")
     health.add_argument("--ready", action="store_true",
                         help="check readiness instead of liveness")
+    health.add_argument("--this-pod", action="store_true",
+                        help="also require that the answering agent runs in this pod "
+                        "(env VEIL_POD_NAME), not in the other pod of a rolling update; for "
+                        "startup and readiness probes, never liveness")
     health.add_argument("--timeout", type=float, default=3.0,
                         help="seconds to wait for the answer (default 3)")
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")

@@ -143,6 +143,7 @@ class AgentDaemon:
         self._pending: dict[str, str] = {}  # workload key -> why it waits for its veth
         self._drop_totals = DropTotals()
         self._drops: DropMonitor | None = None  # the drop stream (veilctl monitor)
+        self._status_server: StatusServer | None = None
         self.metrics = AgentMetrics(self._metrics_sample)
 
     # -- control -------------------------------------------------------------------
@@ -169,12 +170,14 @@ class AgentDaemon:
 
     async def run(self) -> int:
         cfg = self.config
+        # Another agent answering on the status socket is the old pod of a
+        # rolling update (maxSurge): this one starts anyway and takes the
+        # socket over once its data plane is open (StatusServer.start); the
+        # old one then stops changing the data plane. Pins and filters are
+        # shared and reconciling is idempotent, so the overlap is safe.
         if _socket_answers(cfg.status_socket):
-            raise AgentStartupError(
-                f"another agent is running on this node (its status socket {cfg.status_socket} "
-                "answers)",
-                hint="stop it first, or give this one another --status-socket and --pin-dir",
-            )
+            log.info("another agent answers on %s: taking over from it once ready",
+                     cfg.status_socket)
         creds = self._credentials()
         self._node = creds.node
         options = DataplaneOptions(drop_udp=cfg.drop_udp, allow_icmp_echo=cfg.allow_icmp_echo)
@@ -208,7 +211,7 @@ class AgentDaemon:
             )
             self._drops = DropMonitor.for_pins(plane.layout, self._pods)
             self._drops.start()
-            status = StatusServer(cfg.status_socket)
+            status = self._status_server = StatusServer(cfg.status_socket)
             self._add_routes(status)
             await status.start()
             if cfg.metrics_address is not None:
@@ -289,6 +292,13 @@ class AgentDaemon:
         self._full = True
         retry_delay = self.config.veth_retry
         while True:
+            if self._superseded():
+                # A newer agent owns the node now; stay out of its way (no
+                # second writer, no older programs re-attached over its
+                # newer ones) until SIGTERM. Exiting instead would get this
+                # container restarted, and it would take the socket back.
+                await self._stop.wait()
+                return
             self._wake.clear()
             scope: tuple[set[str], set[IPv4Address]] | None = None
             if not self._full:
@@ -318,6 +328,17 @@ class AgentDaemon:
             except TimeoutError:
                 if not retrying:
                     self._full = True  # periodic resync: repair drift
+
+    def _superseded(self) -> bool:
+        server = self._status_server
+        if server is None or not server.taken_over:
+            return False
+        log.warning(
+            "a newer agent took over the status socket %s: this agent stops reconciling and "
+            "leaves the data plane to it (programs stay attached)",
+            server.socket_path,
+        )
+        return True
 
     def _desired(self, workloads: Iterable[Workload] | None = None) -> DesiredState:
         assert self._store is not None and self._net is not None
@@ -495,6 +516,10 @@ class AgentDaemon:
             "node": self._node,
             "version": agent_version(),
             "pid": os.getpid(),
+            # The DaemonSet pod this agent runs in (downward API), so a probe
+            # can tell its own agent from the other pod's during a surge.
+            "pod": os.environ.get("VEIL_POD_NAME") or None,
+            "superseded": bool(self._status_server and self._status_server.taken_over),
             "started_at": self._started_wall,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "cpu_percent": self._proc.cpu_percent(None),

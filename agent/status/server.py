@@ -4,6 +4,15 @@ Three kinds of route: GET documents, POST changes (a JSON body in, a JSON
 document out; used for runtime log levels) and streams (JSON lines until the
 client goes away; used by ``veilctl monitor``). A handler that fails answers
 HTTP 500 with the error; it never takes the agent down.
+
+The socket lives at a well-known host path that the old and the new agent
+of a DaemonSet surge share. Starting never refuses and never leaves a gap:
+the new agent binds beside the path and renames its socket over it
+(:func:`node.unix_socket.bind_over`), logging which agent it took over from.
+The old agent keeps answering the connections it already accepted, notices
+that the path is no longer its socket (:attr:`StatusServer.taken_over`; the
+daemon then stops changing the data plane) and at exit removes the path only
+if it is still its own.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.unix_socket import SocketClaim, bind_over, socket_owner_pid
 from veil.errors import VeilError
 
 __all__ = ["StatusServer"]
@@ -48,6 +58,9 @@ class StatusServer:
         self._streams: dict[str, StreamHandler] = {}
         self._runner: web.AppRunner | None = None
         self._streaming: set[asyncio.Task[Any]] = set()
+        self._claim: SocketClaim | None = None
+        # The pid whose socket this one replaced at start (None: nothing answered).
+        self.took_over_from: int | None = None
 
     def route(self, path: str, handler: Handler) -> None:
         self._routes[path] = handler
@@ -116,19 +129,32 @@ class StatusServer:
             self._streaming.discard(task)  # type: ignore[arg-type]
         return resp
 
+    @property
+    def taken_over(self) -> bool:
+        """True once another agent has put its socket at our path."""
+        return self._claim is not None and not self._claim.held()
+
     async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.socket_path.parent, 0o700)
-        if self.socket_path.exists() or self.socket_path.is_symlink():
-            self.socket_path.unlink()
+        previous = await asyncio.to_thread(socket_owner_pid, self.socket_path)
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._dispatch)
         app.router.add_route("POST", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.UnixSite(self._runner, str(self.socket_path))
+        sock, self._claim = bind_over(self.socket_path, mode=0o600)
+        site = web.SockSite(self._runner, sock)
         await site.start()
-        os.chmod(self.socket_path, 0o600)
+        if previous is not None:
+            self.took_over_from = previous
+            log.warning(
+                "took over the status socket %s from the agent running as pid %d (a rolling "
+                "update); that agent stops changing the data plane and keeps only the "
+                "connections it already accepted",
+                self.socket_path,
+                previous,
+            )
         log.info("status API on unix:%s", self.socket_path)
 
     async def stop(self) -> None:
@@ -138,4 +164,9 @@ class StatusServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        self.socket_path.unlink(missing_ok=True)
+        if self._claim is not None:
+            # Only our own socket: after a takeover the path is the new agent's.
+            if not self._claim.release():
+                log.info("status socket %s belongs to a newer agent; left in place",
+                         self.socket_path)
+            self._claim = None

@@ -12,21 +12,14 @@
 #ifndef VEIL_SPLICE_H
 #define VEIL_SPLICE_H
 
-#if !defined(VEIL_SPLICE_MAX) || !defined(VEIL_SPLICE_BULK_BYTES) || !defined(VEIL_SPLICE_WINDOW_NS)
-#error "VEIL_SPLICE_MAX, VEIL_SPLICE_BULK_BYTES and VEIL_SPLICE_WINDOW_NS must be -D flags"
+#if !defined(VEIL_SPLICE_MAX)
+#error "VEIL_SPLICE_MAX (spliced sockets per node) must be passed as a -D flag"
 #endif
-
-/* veil_splice_peer.flags */
-#define VEIL_SPLICE_HANDOVER 1  /* set by the verdict: bulk, stop redirecting */
-#define VEIL_SPLICE_PINNED 2    /* set by the ztunnel: never hand over */
 
 /* splice_peers: own cookie -> where my bytes go and how many went. */
 struct veil_splice_peer {
-	__u64 peer;          /* cookie of the socket that sends my received bytes on */
-	__u64 bytes;         /* bytes the verdict redirected from me to peer */
-	__u64 window_start;  /* bpf_ktime_get_ns() when the current window began */
-	__u32 window_bytes;  /* bytes redirected in the current window */
-	__u32 flags;         /* VEIL_SPLICE_* */
+	__u64 peer;   /* cookie of the socket that sends my received bytes on */
+	__u64 bytes;  /* bytes the verdict redirected from me to peer */
 };
 
 #endif /* VEIL_SPLICE_H */

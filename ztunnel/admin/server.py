@@ -38,6 +38,12 @@ from node.watch import WatchStatus
 from ..config import ZtunnelConfig, is_loopback
 from ..errors import AdminBindError
 from ..identity.manager import CertManager
+from ..metrics.components import (
+    ControllerCounters,
+    add_process_metrics,
+    register_certificate_expiry,
+    register_controller_metrics,
+)
 from ..metrics.prometheus import CONTENT_TYPE, Registry
 from .denies import DenyFeed
 from .dump import config_dump
@@ -72,8 +78,17 @@ def register_state_gauges(
     store: StateStore,
     certs: CertManager | None = None,
     watch_status: Callable[[], WatchStatus] | None = None,
+    controller: ControllerCounters | None = None,
+    *,
+    process: bool = True,
 ) -> None:
-    """Gauges about the control-plane state, read at scrape time."""
+    """Gauges about the control-plane state, read at scrape time, and (unless
+    ``process`` is False) this process's own metrics and build info. Called
+    once per process that serves ``/metrics``."""
+    if process:
+        add_process_metrics(registry)
+    if controller is not None:
+        register_controller_metrics(registry, controller)
 
     def workloads() -> dict[tuple[str, ...], float]:
         snap = store.current
@@ -113,6 +128,7 @@ def register_state_gauges(
             ("state",),
             cert_states,
         )
+        register_certificate_expiry(registry, certs.statuses)
 
 
 class OpsServer:

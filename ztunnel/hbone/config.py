@@ -46,3 +46,7 @@ class HboneConfig:
     # Frames handled for one connection per event-loop turn; the rest waits for
     # the next turn (reading paused), so a flooding peer cannot monopolise the loop.
     max_frames_per_turn: int = 64
+    # Give the heap back to the system after this many server connections closed
+    # (0: never), heap_trim_delay seconds after the burst (see heap.py).
+    heap_trim_after_closes: int = 256
+    heap_trim_delay: float = 1.0

@@ -43,6 +43,7 @@ from .config import HboneConfig
 from .connect import STATUS_BAD_REQUEST, ConnectRequest, Rejection, decide_request, normalize_ip
 from .endpoint import H2Endpoint, close_selected, drain, wait_all
 from .errors import LocalProtocolError
+from .heap import HeapTrimmer
 from .http2.connection import Role
 from .http2.events import RequestReceived
 from .http2.frames import ErrorCode
@@ -138,6 +139,7 @@ class _ServerEndpoint(H2Endpoint):
 
     def _on_closed(self) -> None:
         self._server._endpoints.discard(self)
+        self._server._heap.connection_closed(self.loop)
 
 
 class HboneServer:
@@ -165,6 +167,8 @@ class HboneServer:
         self._endpoints: set[_ServerEndpoint] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._shutting_down = False
+        cfg = self.config
+        self._heap = HeapTrimmer(cfg.heap_trim_after_closes, cfg.heap_trim_delay)
 
     async def serve_connection(self, sock: socket.socket) -> None:
         """Serve one accepted connection until it closes. Never raises for peer errors."""
@@ -275,3 +279,4 @@ class HboneServer:
         for task in tasks:
             task.cancel()
         await wait_all(tasks, 1.0)
+        self._heap.cancel()

@@ -14,18 +14,19 @@ Counters of a worker that exited are kept (:meth:`MetricsMerger.retire`), so
 a restarted worker does not make a summed counter go backwards.
 
 This module depends only on the exported shape (``name``, ``help``,
-``kind``, ``labels``, ``samples``), not on the registry's internals, so the
-registry can be replaced without touching the aggregation.
+``kind``, ``labels``, ``samples``), not on the registry's internals. The
+sum is rendered by prometheus_client, through the registry's own path
+(:meth:`~.prometheus.Registry.render_families`), so the supervisor's
+process and build-info collectors appear once, next to the summed families.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .prometheus import OVERFLOW_LABEL, Counter, Registry, escape_label_value
+from .prometheus import OVERFLOW_LABEL, Registry
 
 __all__ = ["ExportedFamily", "MetricsMerger", "export_registry", "parse_export"]
 
@@ -52,13 +53,7 @@ class ExportedFamily:
 
 def export_registry(registry: Registry) -> list[ExportedFamily]:
     return [
-        ExportedFamily(
-            f.name,
-            f.help,
-            "counter" if isinstance(f, Counter) else "gauge",
-            f.label_names,
-            f.series(),
-        )
+        ExportedFamily(f.name, f.help, f.kind, f.label_names, f.series())
         for f in registry.families()
     ]
 
@@ -130,29 +125,10 @@ class MetricsMerger:
             for n in order
         ]
 
-    def render(self, exports: Sequence[Sequence[ExportedFamily]]) -> str:
-        """The Prometheus text of ``exports`` summed with the retired counters."""
-        lines: list[str] = []
-        for fam in self.merge([*exports, list(self._retired.values())]):
-            lines.append(f"# HELP {fam.name} {fam.help}")
-            lines.append(f"# TYPE {fam.name} {fam.kind}")
-            for key, v in sorted(fam.samples.items()):
-                lines.append(f"{fam.name}{_labels(fam.labels, key)} {_value(v)}")
-        return "\n".join(lines) + "\n"
-
-
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    inner = ",".join(f'{n}="{escape_label_value(v)}"' for n, v in zip(names, values, strict=True))
-    return "{" + inner + "}"
-
-
-def _value(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if float(v).is_integer() and abs(v) < 2**53:
-        return str(int(v))
-    return repr(float(v))
+    def render(
+        self, exports: Sequence[Sequence[ExportedFamily]], registry: Registry | None = None
+    ) -> str:
+        """The Prometheus text of ``exports`` summed with the retired counters,
+        plus the extra collectors (process, build info) of ``registry``."""
+        merged = self.merge([*exports, list(self._retired.values())])
+        return (registry if registry is not None else Registry()).render_families(merged)

@@ -10,6 +10,14 @@ Byte directions follow Istio: ``received`` counts bytes from the source
 back to the source. Workload labels use the workload's canonical name (the
 ``service.istio.io/canonical-name``, ``app.kubernetes.io/name`` or ``app``
 label, else the pod name) so a Deployment's pods share one series, as in Istio.
+:mod:`.labels` holds every label rule (app, canonical service and revision,
+destination service, connection security policy).
+
+Denies this ztunnel decided (policy, peer authentication, a policy re-check)
+are also counted in ``veil_ztunnel_policy_denies_total{policy, reason}``;
+``reason`` is one of the closed set :data:`DENY_REASONS`, so free text never
+becomes a label. A deny answered by a peer (401 on outbound HBONE) is the
+peer's decision and is counted there, not twice.
 """
 
 from __future__ import annotations
@@ -21,13 +29,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from controller.api.model import Workload
+from controller.api.model import Service, Workload
 from controller.api.spiffe import SpiffeId
+from node.state import Snapshot
 
+from .labels import (
+    UNKNOWN,
+    InboundServices,
+    app_name,
+    canonical_name,
+    canonical_revision,
+    security_policy,
+    service_host,
+)
 from .prometheus import Counter, Registry
 
 __all__ = [
     "ACCESS_LOGGER",
+    "DENY_LABEL_NAMES",
+    "DENY_REASONS",
     "LABEL_NAMES",
     "ConnectionLabels",
     "ConnectionReport",
@@ -35,22 +55,47 @@ __all__ = [
     "TrafficMetrics",
     "access_log_line",
     "canonical_name",
+    "deny_reason",
     "write_access_log",
 ]
 
 ACCESS_LOGGER = "veil.access"
-UNKNOWN = "unknown"
 LABEL_NAMES = (
     "reporter",
     "source_workload",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_canonical_service",
+    "source_canonical_revision",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
+    "destination_app",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
     "response_flags",
+    "connection_security_policy",
 )
-_CANONICAL_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+DENY_LABEL_NAMES = ("policy", "reason")
+# Why this ztunnel denied: a closed set, mapped from the decision's text.
+DENY_REASONS = (
+    "deny_policy",  # a DENY policy matched
+    "invalid_policy",  # a DENY policy that cannot be evaluated denies everything
+    "no_allow_match",  # ALLOW policies apply and none matched
+    "peer_authentication_strict",  # plaintext to a STRICT workload
+    "unknown_source",  # the forwarded client is unknown or not the peer identity
+    "unknown_destination",
+    "policy_recheck",  # a live connection closed after a policy change
+    "other",
+)
+_POLICY_DENIED_FLAG = "RBAC"  # the proxy's response flag for authorization denies
+_PEER_DECIDED_ROUTES = frozenset({"hbone", "waypoint"})  # outbound: the peer enforces
+_DENY_CAP = 1000  # (policy, reason) sets: policies are few, written by operators
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 
@@ -62,24 +107,29 @@ class Reporter(enum.Enum):
     DESTINATION = "destination"
 
 
-def canonical_name(workload: Workload) -> str:
-    for label in _CANONICAL_LABELS:
-        value = workload.labels.get(label)
-        if value:
-            return value
-    return workload.name
-
-
 @dataclass(frozen=True, slots=True)
 class ConnectionLabels:
+    """The label values of one connection's ``istio_tcp_*`` series."""
+
     reporter: Reporter
     source_workload: str = UNKNOWN
     source_workload_namespace: str = UNKNOWN
     source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = UNKNOWN
     destination_workload: str = UNKNOWN
     destination_workload_namespace: str = UNKNOWN
     destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    request_protocol: str = "tcp"
     response_flags: str = "-"
+    connection_security_policy: str = UNKNOWN
 
     @classmethod
     def of(
@@ -90,28 +140,57 @@ class ConnectionLabels:
         destination: Workload | None,
         destination_principal: SpiffeId | None,
         response_flags: str = "-",
+        *,
+        service: Service | None = None,
+        route: str | None = None,
     ) -> ConnectionLabels:
+        """``route`` (``ConnectionInfo.route``) gives the security policy;
+        ``service`` is the destination Service, when one is known."""
         return cls(
             reporter=reporter,
             source_workload=canonical_name(source) if source else UNKNOWN,
             source_workload_namespace=source.namespace if source else UNKNOWN,
             source_principal=str(source_principal) if source_principal else UNKNOWN,
+            source_app=app_name(source) if source else UNKNOWN,
+            source_canonical_service=canonical_name(source) if source else UNKNOWN,
+            source_canonical_revision=canonical_revision(source) if source else UNKNOWN,
             destination_workload=canonical_name(destination) if destination else UNKNOWN,
             destination_workload_namespace=destination.namespace if destination else UNKNOWN,
             destination_principal=str(destination_principal) if destination_principal else UNKNOWN,
+            destination_app=app_name(destination) if destination else UNKNOWN,
+            destination_canonical_service=canonical_name(destination) if destination else UNKNOWN,
+            destination_canonical_revision=(
+                canonical_revision(destination) if destination else UNKNOWN
+            ),
+            destination_service=service_host(service) if service else UNKNOWN,
+            destination_service_name=service.name if service else UNKNOWN,
+            destination_service_namespace=service.namespace if service else UNKNOWN,
             response_flags=response_flags or "-",
+            connection_security_policy=security_policy(route) if route else UNKNOWN,
         )
 
     def values(self) -> tuple[str, ...]:
+        """The values in :data:`LABEL_NAMES` order."""
         return (
             self.reporter.value,
             self.source_workload,
             self.source_workload_namespace,
             self.source_principal,
+            self.source_app,
+            self.source_canonical_service,
+            self.source_canonical_revision,
             self.destination_workload,
             self.destination_workload_namespace,
             self.destination_principal,
+            self.destination_app,
+            self.destination_canonical_service,
+            self.destination_canonical_revision,
+            self.destination_service,
+            self.destination_service_name,
+            self.destination_service_namespace,
+            self.request_protocol,
             self.response_flags,
+            self.connection_security_policy,
         )
 
 
@@ -143,6 +222,7 @@ class ConnectionReport:
     response_flags: str = "-"
     direction: str | None = None  # "outbound", "inbound", "inbound_plaintext"
     route: str | None = None  # Route.kind on outbound
+    service: Service | None = None  # the destination Service, when known
 
     @property
     def labels(self) -> ConnectionLabels:
@@ -153,7 +233,16 @@ class ConnectionReport:
             self.dst_workload,
             self.dst_principal,
             self.response_flags,
+            service=self.service,
+            route=self.route,
         )
+
+    @property
+    def decided_here(self) -> bool:
+        """A policy deny this ztunnel decided (not one a peer answered)."""
+        if self.verdict != "deny" or self.response_flags != _POLICY_DENIED_FLAG:
+            return False
+        return not (self.direction == "outbound" and self.route in _PEER_DECIDED_ROUTES)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -203,8 +292,22 @@ class TrafficMetrics:
             "istio_tcp_received_bytes_total",
             "Bytes received from the source of TCP connections, toward the destination.",
         )
+        self.denies = self.registry.counter(
+            "veil_ztunnel_policy_denies_total",
+            "Connections this ztunnel denied (authorization policy, peer authentication, "
+            "policy re-check), by deciding policy ('none' without one) and reason.",
+            DENY_LABEL_NAMES,
+            max_label_sets=min(max_label_sets, _DENY_CAP),
+        )
+        for reason in DENY_REASONS:
+            self.denies.touch(("none", reason))
+        self._inbound_services = InboundServices()
         # Called with every denied connection (the admin API's deny feed).
         self.deny_listeners: list[Callable[[ConnectionReport], None]] = []
+
+    def inbound_service(self, snapshot: Snapshot, destination: Workload | None) -> Service | None:
+        """The destination Service of an inbound connection (see :mod:`.labels`)."""
+        return self._inbound_services.lookup(snapshot, destination)
 
     def connection_opened(self, labels: ConnectionLabels) -> None:
         self.opened.inc(labels.values())
@@ -226,6 +329,8 @@ class TrafficMetrics:
                 self.received.inc(values, report.received_bytes)
             if report.sent_bytes:
                 self.sent.inc(values, report.sent_bytes)
+        if report.decided_here:
+            self.denies.inc((report.policy or "none", deny_reason(report.reason)))
         write_access_log(report)
         if report.verdict == "deny":
             for listener in self.deny_listeners:
@@ -233,6 +338,25 @@ class TrafficMetrics:
 
     def render(self) -> str:
         return self.registry.render()
+
+
+def deny_reason(text: str) -> str:
+    """The :data:`DENY_REASONS` entry for a decision's reason text."""
+    if text.startswith("policy re-check"):
+        return "policy_recheck"
+    if "DENY policy" in text and "invalid" in text:
+        return "invalid_policy"
+    if text.startswith("denied by DENY policy"):
+        return "deny_policy"
+    if text.startswith("no ALLOW policy matched"):
+        return "no_allow_match"
+    if "is STRICT" in text:
+        return "peer_authentication_strict"
+    if text.startswith("forwarded client"):
+        return "unknown_source"
+    if "not a known workload" in text or "left the mesh" in text:
+        return "unknown_destination"
+    return "other"
 
 
 def access_log_line(report: ConnectionReport, at: datetime | None = None) -> str:

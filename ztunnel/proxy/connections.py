@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.api.model import Workload
+from controller.api.model import Service, Workload
 from controller.api.spiffe import SpiffeId
 from node.policy import Connection, Verdict, recheck
 from node.state import Snapshot
@@ -79,6 +79,9 @@ class ConnectionInfo:
     dst_workload: Workload | None = None
     src_identity: SpiffeId | None = None
     dst_identity: SpiffeId | None = None
+    # The destination Service (VIP dialled, or the one selecting the inbound
+    # destination), for the metrics' destination_service labels.
+    service: Service | None = None
 
     def reporter(self) -> Reporter:
         return Reporter.SOURCE if self.direction is Direction.OUTBOUND else Reporter.DESTINATION
@@ -91,6 +94,8 @@ class ConnectionInfo:
             self.src_identity,
             self.dst_workload,
             self.dst_identity,
+            service=self.service,
+            route=self.route,
         )
 
 
@@ -186,6 +191,7 @@ class LiveConnection:
             response_flags=response_flags,
             direction=i.direction.value,
             route=i.route,
+            service=i.service,
         )
 
 

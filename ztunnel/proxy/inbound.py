@@ -104,7 +104,8 @@ class InboundProxy:
         when it was answered with an error here."""
         ctx = self._ctx
         req = stream.request
-        decision = decide_inbound(ctx.store.current, req)
+        snapshot = ctx.store.current
+        decision = decide_inbound(snapshot, req)
         dst = Address(req.host, req.port)
         dest = decision.destination
         info = ConnectionInfo(
@@ -116,6 +117,7 @@ class InboundProxy:
             dst_workload=dest,
             src_identity=req.peer_identity,
             dst_identity=dest.identity if dest is not None else None,
+            service=ctx.metrics.inbound_service(snapshot, dest),
         )
         if isinstance(decision, Reject):
             # Debug only: the access log line (verdict, reason, policy) is the one

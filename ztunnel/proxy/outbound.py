@@ -131,6 +131,7 @@ class OutboundProxy:
             dst_workload=decision.destination,
             src_identity=src_identity,
             dst_identity=decision.expected_identity,
+            service=decision.service,
         )
         hbone_ip, hbone_port = decision.hbone_addr
         if self._peer_port is not None and isinstance(decision, Hbone):
@@ -201,6 +202,7 @@ class OutboundProxy:
             dst_workload=dest,
             src_identity=src_identity,
             dst_identity=dest.identity,
+            service=decision.service,
         )
         authz = Connection(
             src_ip=src.ip, dst_ip=target.ip, dst_port=target.port, src_identity=src_identity
@@ -240,6 +242,7 @@ class OutboundProxy:
             src_workload=decision.source,
             dst_workload=decision.destination,
             src_identity=src_identity,
+            service=decision.service,
         )
 
         async def relay(conn: LiveConnection) -> RelayResult:

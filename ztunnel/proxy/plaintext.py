@@ -45,7 +45,8 @@ class PlaintextProxy:
         except OSError:
             sock.close()  # the client is already gone
             return None
-        decision = decide_plaintext(ctx.store.current, src, dst, ctx.own_ports)
+        snapshot = ctx.store.current
+        decision = decide_plaintext(snapshot, src, dst, ctx.own_ports)
         dest = decision.destination
         info = ConnectionInfo(
             direction=Direction.INBOUND_PLAINTEXT,
@@ -55,6 +56,7 @@ class PlaintextProxy:
             src_workload=decision.source,
             dst_workload=dest,
             dst_identity=dest.identity if dest is not None else None,
+            service=ctx.metrics.inbound_service(snapshot, dest),
         )
         if isinstance(decision, Reject):
             # Debug only: the access log line (verdict, reason, policy) is the one

@@ -39,13 +39,13 @@ Which is faster depends on the traffic (perf/bench_splice.py, figures in
 perf/README.md): for request/response the splice wins (p50 and p99 below the
 Python relay's, no ztunnel CPU per message); for bulk the Python relay's
 256 KiB reads beat the kernel's per-skb redirect through the psock work queue
-(about 1.5-3x). So each connection starts spliced and a bulk transfer is
-handed over to the relay (:func:`is_bulk`, checked a few times in the first
-seconds): the verdict is removed, the redirected bytes drain by the same test
-as a half-close, and the relay continues in order with the counts so far.
-The sk_msg ingress redirect that Cilium and Merbridge use beat both on a
-plain pair, but it needs the applications' own sockets in a sockmap (a
-sockops program on the pods' cgroups), which a node proxy does not own.
+(about 1.5-3x). Handing a bulk connection over from the splice to the relay
+was tried and is not here: after the sockets left the sockhashes the relay
+stalled (the sockets' write wake-ups did not come back on this kernel), so
+the splice carries every authorized same-node connection to its end. The
+sk_msg ingress redirect that Cilium and Merbridge use beat both on a plain
+pair, but it needs the applications' own sockets in a sockmap (a sockops
+program on the pods' cgroups), which a node proxy does not own.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from typing import Final
 from node import bpf
 
 from .connections import LiveConnection
-from .relay import ByteCounters, RelayResult, relay_sockets
+from .relay import ByteCounters, RelayResult
 
 __all__ = [
     "Drain",
@@ -177,11 +177,6 @@ class SpliceMaps:
         raw = bpf.map_lookup(self.peers, cookie, _PEER.size)
         return 0 if raw is None else int(_PEER.unpack(raw)[1])
 
-    def handed_over(self, cookie: bytes) -> bool:
-        """Did the verdict flag this socket as bulk (its bytes now stay on it)?"""
-        raw = bpf.map_lookup(self.peers, cookie, _PEER.size)
-        return raw is not None and bool(_PEER.unpack(raw)[4] & bpf.SPLICE_HANDOVER)
-
 
 def _open(path: Path) -> int:
     try:
@@ -221,9 +216,8 @@ class SpliceCounters:
 class SameNodeSplice:
     """The fast path of one ztunnel: opens the pins lazily, warns once when it cannot."""
 
-    def __init__(self, pin_dir: Path | str | None, *, bulk_handover: bool = True) -> None:
+    def __init__(self, pin_dir: Path | str | None) -> None:
         self._pin_dir = None if pin_dir is None else Path(pin_dir)
-        self._bulk_handover = bulk_handover
         self._maps: SpliceMaps | None = None
         self._next_try = 0.0
         self._warned = False
@@ -269,7 +263,7 @@ class SameNodeSplice:
         if maps is None:
             return None
         try:
-            pair = _Pair.start(maps, client, server, self._bulk_handover)
+            pair = _Pair.start(maps, client, server)
         except _NotEstablished:
             return None
         except SpliceUnavailable as e:
@@ -282,41 +276,18 @@ class SameNodeSplice:
             raise
         conn.counters = SpliceCounters(maps, pair.cookies[0], pair.cookies[1])
         try:
-            result = await pair.run()
+            return await pair.run()
         except BaseException:
             pair.reset()
             raise
         finally:
-            # Freeze the counts before the entries go: the access log (and the
-            # relay taking over) continue from them.
+            # Freeze the counts before the entries go: the access log reads them after.
             final = ByteCounters()
             with contextlib.suppress(OSError):
                 final.from_client = maps.redirected(pair.cookies[0])
                 final.to_client = maps.redirected(pair.cookies[1])
             conn.counters = final
             pair.release()
-        if result is not None:
-            return result
-        log.debug(
-            "bulk transfer handed over to the relay after %d/%d bytes",
-            final.from_client,
-            final.to_client,
-        )
-        loop = asyncio.get_running_loop()
-        try:
-            # What the sockets held goes first, in order, then the relay reads on.
-            for data, sock, side in ((pair.pending[0], server, 0), (pair.pending[1], client, 1)):
-                if data:
-                    await loop.sock_sendall(sock, data)
-                    if side == 0:
-                        final.from_client += len(data)
-                    else:
-                        final.to_client += len(data)
-        except BaseException:
-            _reset(client)
-            _reset(server)
-            raise
-        return await relay_sockets(client, server, final)
 
 
 class _Pair:
@@ -334,14 +305,9 @@ class _Pair:
         self._readers = [False, False]
         self._stuck_since: list[float | None] = [None, None]
         self._drains: list[asyncio.Task[None]] = []
-        self.handover = False  # bulk: undone for the Python relay
-        # Bytes read from each socket while undoing the splice, for its peer.
-        self.pending: list[bytes] = [b"", b""]
 
     @classmethod
-    def start(
-        cls, maps: SpliceMaps, client: socket.socket, server: socket.socket, handover: bool
-    ) -> _Pair:
+    def start(cls, maps: SpliceMaps, client: socket.socket, server: socket.socket) -> _Pair:
         try:
             pair = cls(maps, (client, server))
         except OSError as e:
@@ -354,9 +320,8 @@ class _Pair:
         fds = [struct.pack("i", client.fileno()), struct.pack("i", server.fileno())]
         step = "splice_peers"
         try:
-            flags = 0 if handover else bpf.SPLICE_PINNED
-            bpf.map_update(maps.peers, c, _PEER.pack(int.from_bytes(s, "little"), 0, 0, 0, flags))
-            bpf.map_update(maps.peers, s, _PEER.pack(int.from_bytes(c, "little"), 0, 0, 0, flags))
+            bpf.map_update(maps.peers, c, _PEER.pack(int.from_bytes(s, "little"), 0))
+            bpf.map_update(maps.peers, s, _PEER.pack(int.from_bytes(c, "little"), 0))
             step = "splice_targets"
             bpf.map_update(maps.targets, c, fds[0])
             bpf.map_update(maps.targets, s, fds[1])
@@ -383,8 +348,8 @@ class _Pair:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return pair
 
-    async def run(self) -> RelayResult | None:
-        """Watch the splice to its end; None when it was undone for the Python relay."""
+    async def run(self) -> RelayResult:
+        """Watch the splice to its end: EOFs, resets, cancellation."""
         loop = asyncio.get_running_loop()
         for i, sock in enumerate(self.socks):
             loop.add_reader(sock.fileno(), self._readable, i)
@@ -395,10 +360,6 @@ class _Pair:
             self._stop_readers()
             for task in self._drains:
                 task.cancel()
-        if self.handover and self.error is None:
-            await self._unsplice()
-            if self.error is None:
-                return None
         if self.error is not None:
             self.reset()
         else:
@@ -407,52 +368,6 @@ class _Pair:
         return RelayResult(
             self.maps.redirected(self.cookies[0]), self.maps.redirected(self.cookies[1]), self.error
         )
-
-    async def _unsplice(self) -> None:
-        """Undo the splice without losing or reordering a byte (bulk hand-over).
-
-        1. Out of splice_socks: no verdict runs any more; later bytes queue in
-           the sockets' own receive queues.
-        2. Wait until every redirected byte is in the peer's send queue (the
-           half-close test): they must leave before anything the relay writes.
-        3. Read what each socket holds (bytes the verdict passed back after
-           flagging the hand-over come first, then the receive queue): these
-           follow the redirected bytes. They must be read before the last step,
-           because dropping a socket from its last map discards what its psock
-           still holds.
-        4. Out of splice_targets.
-        """
-        for cookie in self.cookies:
-            with contextlib.suppress(OSError):
-                bpf.map_delete(self.maps.socks, cookie)
-        for i in (0, 1):
-            peer = 1 - i
-            attempt = 0
-            deadline = time.monotonic() + _DRAIN_STALL
-            while True:
-                try:
-                    acked = _bytes_acked(self.socks[peer]) - self.base[peer]
-                    queued = _send_queue(self.socks[peer])
-                except OSError as e:
-                    self.error = f"{_side(peer)}: {e}"
-                    return
-                redirected = self.maps.redirected(self.cookies[i])
-                if drain_decision(redirected, acked, queued) is Drain.FORWARD_FIN:
-                    break
-                if time.monotonic() > deadline:
-                    self.error = f"{_side(peer)}: redirected bytes did not leave within the limit"
-                    return
-                await asyncio.sleep(poll_delay(attempt))
-                attempt += 1
-        for i in (0, 1):
-            try:
-                self.pending[i] = _read_available(self.socks[i])
-            except OSError as e:
-                self.error = f"{_side(i)}: {e}"
-                return
-        for cookie in self.cookies:
-            with contextlib.suppress(OSError):
-                bpf.map_delete(self.maps.targets, cookie)
 
     def _readable(self, i: int) -> None:
         sock = self.socks[i]
@@ -466,11 +381,6 @@ class _Pair:
             return
         loop = asyncio.get_running_loop()
         self._pause_reader(i)
-        if data and not any(self.eof) and self.maps.handed_over(self.cookies[i]):
-            self.handover = True
-            if not self.done.done():
-                self.done.set_result(None)
-            return
         if data:
             # Bytes on the spliced socket itself: not yet through the verdict
             # (gone within microseconds), or the redirect fails because the
@@ -587,20 +497,6 @@ def _bytes_acked(sock: socket.socket) -> int:
     if len(raw) < _TCP_INFO_LEN:
         raise OSError(errno.EOPNOTSUPP, "tcp_info has no tcpi_bytes_acked (kernel before 4.1)")
     return int(struct.unpack_from("=Q", raw, _TCPI_BYTES_ACKED)[0])
-
-
-def _read_available(sock: socket.socket) -> bytes:
-    """Everything readable now (bounded by the receive buffer), without blocking."""
-    chunks: list[bytes] = []
-    for _ in range(4096):  # bounded: the buffer empties long before
-        try:
-            data = sock.recv(256 * 1024, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 def _established(sock: socket.socket) -> bool:

@@ -47,6 +47,7 @@ from node.watch import WatchClient
 
 from ..admin import OpsServer, Readiness, register_state_gauges
 from ..admin.denies import DenyFeed
+from ..admin.health_socket import HealthSocket
 from ..config import ZtunnelConfig
 from ..errors import ConfigError
 from ..identity import CertManager
@@ -156,7 +157,13 @@ class Supervisor:
             gather_connections=self.gather_connections,
             render_metrics=self.render_metrics,
         )
-        register_state_gauges(self.registry, self.store, self.certs, self.watch.status)
+        register_state_gauges(
+            self.registry, self.store, self.certs, self.watch.status, self._controller
+        )
+        # This instance's own readiness (see ztunnel.admin.health_socket).
+        self.health = (
+            HealthSocket(config.health_socket, self.readiness) if config.health_socket else None
+        )
         self.workers = [WorkerHandle(i) for i in range(workers)]
         self.stopping = False
         self._stopped = False
@@ -211,6 +218,8 @@ class Supervisor:
         self._spawn_task(self.watch.run(), "veil-watch")
         self._spawn_task(self._controller.follow_credentials(_CREDENTIALS_POLL), "veil-creds")
         await self.ops.start()
+        if self.health is not None:
+            await self.health.start()
         log.info(
             "ztunnel for node %s with %d workers: waiting for the controller's first "
             "snapshot from %s",
@@ -508,7 +517,7 @@ class Supervisor:
         await self._collect_metrics()
         exports = [export_registry(self.registry)]
         exports.extend(w.last_metrics for w in self.workers if w.last_metrics)
-        return self._merger.render(exports)
+        return self._merger.render(exports, self.registry)
 
     async def _metrics_loop(self) -> None:
         while not self.stopping:
@@ -558,6 +567,8 @@ class Supervisor:
             s.close()
         await self.certs.close()
         await self.ops.stop()
+        if self.health is not None:
+            await self.health.stop()
         await self._controller.close()
         log.info("ztunnel stopped")
 

@@ -174,10 +174,12 @@ async def test_state_certificates_rotation_outage_and_operations(
     core.connections.append({"src": "10.244.1.10:41000", "dst": "10.244.2.10:8080"})
     status, text = await core.get("metrics", "/metrics")
     assert status == 200
-    assert "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"checkout\"" in text
-    assert 'istio_tcp_sent_bytes_total{reporter="source"' in text and "} 22\n" in text
-    assert "veil_ztunnel_controller_connected 1\n" in text
-    assert 'veil_ztunnel_certificates{state="valid"} 3\n' in text
+    opened = [ln for ln in text.splitlines() if ln.startswith("istio_tcp_connections_opened_total{")]
+    assert any('reporter="source"' in ln and 'source_workload="checkout"' in ln for ln in opened)
+    sent = [ln for ln in text.splitlines() if ln.startswith("istio_tcp_sent_bytes_total{")]
+    assert any('reporter="source"' in ln and ln.endswith("} 22.0") for ln in sent)
+    assert "veil_ztunnel_controller_connected 1.0\n" in text
+    assert 'veil_ztunnel_certificates{state="valid"} 3.0\n' in text
     status, text = await core.get("admin", "/config_dump")
     assert status == 200
     dump = json.loads(text)
@@ -202,7 +204,7 @@ async def test_state_certificates_rotation_outage_and_operations(
     await until(lambda: any(s.last_error for s in core.certs.statuses()), "a failed renewal",
                 timeout=8)
     status, text = await core.get("metrics", "/metrics")
-    assert "veil_ztunnel_controller_connected 0\n" in text
+    assert "veil_ztunnel_controller_connected 0.0\n" in text
     controller.start()
     await until(lambda: core.watch.status().connected, "reconnect", timeout=20)
     await until(lambda: all(s.state == "valid" and s.last_error is None

@@ -240,10 +240,8 @@ def test_preflight_and_startup_failures_are_explained(agent_node: AgentNode) -> 
     assert "node preflight failed" in not_bpffs.stderr
     assert "not on a bpf filesystem" in not_bpffs.stderr and "hint:" in not_bpffs.stderr
     assert "Traceback" not in not_bpffs.stderr
-
-    twice = env.veil("agent", "run", "--state-dir", str(env.state_dir),
-                     "--status-socket", str(env.socket))
-    assert twice.returncode == 1 and "another agent is running" in twice.stderr
+    # A second agent on the same socket is a rolling-update surge: it takes
+    # the socket over instead of refusing (test_agent_surge.py).
 
 
 def test_veilctl_reads_a_real_ztunnel(agent_node: AgentNode) -> None:

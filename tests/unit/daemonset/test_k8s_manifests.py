@@ -120,18 +120,32 @@ def test_daemonset_shape() -> None:
     assert pod["automountServiceAccountToken"] is False
     containers = {c["name"]: c for c in pod["containers"]}
     assert set(containers) == {"agent", "ztunnel"}
-    assert containers["ztunnel"]["readinessProbe"]["httpGet"]["port"] == 15021
     # Liveness never asks what a controller outage takes away (issue: a
     # liveness probe on readiness restarted every ztunnel during an outage).
     zt = containers["ztunnel"]
-    assert zt["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
-    assert zt["livenessProbe"]["httpGet"]["path"] != zt["readinessProbe"]["httpGet"]["path"]
-    assert zt["startupProbe"]["httpGet"] == zt["readinessProbe"]["httpGet"]
     agent = containers["agent"]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert agent[probe]["exec"]["command"][:3] == ["veil", "agent", "health"], probe
-    assert "--ready" in agent["readinessProbe"]["exec"]["command"]
-    assert "--ready" not in agent["livenessProbe"]["exec"]["command"]
+    for c, cmd in ((zt, ["veil", "ztunnel", "health"]), (agent, ["veil", "agent", "health"])):
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert c[probe]["exec"]["command"][:3] == cmd, (c["name"], probe)
+            assert "httpGet" not in c[probe]
+        assert "--ready" in c["readinessProbe"]["exec"]["command"]
+        assert "--ready" not in c["livenessProbe"]["exec"]["command"]
+    assert zt["startupProbe"]["exec"] == zt["readinessProbe"]["exec"]
+    # Surge: answers only this pod's instance can give (docs/kubernetes.md,
+    # "Rolling updates and readiness"). The ztunnel's health socket sits in a
+    # per-pod emptyDir, never a host path both pods share.
+    env = {e["name"]: e for e in zt["env"]}
+    sock = Path(env["VEIL_ZTUNNEL_HEALTH_SOCKET"]["value"])
+    (mount,) = [m for m in zt["volumeMounts"] if sock.is_relative_to(m["mountPath"])]
+    volumes_by_name = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes_by_name[mount["name"]]
+    assert "hostPath" not in volumes_by_name[mount["name"]]
+    assert "--this-pod" in agent["startupProbe"]["exec"]["command"]
+    assert "--this-pod" in agent["readinessProbe"]["exec"]["command"]
+    # Liveness must not restart the old pod's agent once the new one took over.
+    assert "--this-pod" not in agent["livenessProbe"]["exec"]["command"]
+    agent_env = {e["name"]: e for e in agent["env"]}
+    assert agent_env["VEIL_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     inits = {c["name"]: c for c in pod["initContainers"]}
     for c in [*pod["containers"], *pod["initContainers"]]:
         sc = c["securityContext"]

@@ -27,3 +27,23 @@ STARTING: dict[str, Any] = {"registry": {"synced": False}, "reconciles": 0}
 )
 def test_agent_health(status: Any, ready: bool, healthy: bool) -> None:
     assert (agent_health(status, ready=ready) is None) == healthy
+
+
+@pytest.mark.parametrize(
+    ("answering", "ready", "healthy"),
+    [
+        ("veil-node-new", True, True),
+        ("veil-node-new", False, True),
+        # The old pod's agent still holds the shared socket path during a surge.
+        ("veil-node-old", True, False),
+        ("veil-node-old", False, False),
+        # An agent too old to report its pod is not this pod's either.
+        (None, True, False),
+    ],
+)
+def test_agent_health_of_this_pod(answering: str | None, ready: bool, healthy: bool) -> None:
+    status = {**SYNCED, "pod": answering}
+    problem = agent_health(status, ready=ready, pod="veil-node-new")
+    assert (problem is None) == healthy
+    if not healthy:
+        assert problem is not None and "has not taken the status socket over" in problem

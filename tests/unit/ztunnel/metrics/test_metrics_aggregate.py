@@ -19,8 +19,8 @@ def worker_registry(opened: float, active: float) -> Registry:
 def test_counters_and_gauges_are_summed_over_workers() -> None:
     exports = [export_registry(worker_registry(3, 1)), export_registry(worker_registry(4, 2))]
     text = MetricsMerger().render(exports)
-    assert 'veil_test_opened_total{reporter="destination"} 7' in text
-    assert 'veil_test_active{direction="inbound"} 3' in text
+    assert 'veil_test_opened_total{reporter="destination"} 7.0' in text
+    assert 'veil_test_active{direction="inbound"} 3.0' in text
     assert text.count("# TYPE veil_test_opened_total counter") == 1
 
 
@@ -29,8 +29,8 @@ def test_a_retired_workers_counters_are_kept_but_not_its_gauges() -> None:
     gone = export_registry(worker_registry(5, 9))
     m.retire(gone)
     text = m.render([export_registry(worker_registry(1, 1))])
-    assert 'veil_test_opened_total{reporter="destination"} 6' in text
-    assert 'veil_test_active{direction="inbound"} 1' in text
+    assert 'veil_test_opened_total{reporter="destination"} 6.0' in text
+    assert 'veil_test_active{direction="inbound"} 1.0' in text
 
 
 def test_the_label_set_cap_holds_after_the_merge() -> None:

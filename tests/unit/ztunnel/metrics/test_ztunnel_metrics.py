@@ -9,6 +9,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from controller.api.model import Labels, Workload
 from controller.api.spiffe import SpiffeId
@@ -40,6 +41,19 @@ def assert_valid_exposition(text: str) -> dict[str, float]:
         key, _, value = line.rpartition(" ")
         samples[key] = float(value)
     return samples
+
+
+def sample_value(text: str, name: str, labels: dict[str, str]) -> float:
+    """The one sample of ``name`` whose labels include ``labels`` (parsed by
+    prometheus_client's own parser)."""
+    found = [
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    ]
+    assert len(found) == 1, (name, labels, found)
+    return float(found[0])
 
 
 def test_counter_exposition_and_escaping() -> None:
@@ -132,15 +146,26 @@ def test_traffic_metrics_and_access_log(caplog: pytest.LogCaptureFixture) -> Non
     )
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
         tm.connection_closed(report)
-    samples = assert_valid_exposition(tm.render())
-    key = ('{reporter="source",source_workload="checkout",source_workload_namespace="shop",'
-           'source_principal="spiffe://cluster.local/ns/shop/sa/checkout",'
-           'destination_workload="payments-0",destination_workload_namespace="prod",'
-           'destination_principal="spiffe://cluster.local/ns/prod/sa/payments",response_flags="-"}')
-    assert samples["istio_tcp_connections_opened_total" + key] == 1
-    assert samples["istio_tcp_connections_closed_total" + key] == 1
-    assert samples["istio_tcp_received_bytes_total" + key] == 100
-    assert samples["istio_tcp_sent_bytes_total" + key] == 2500
+    text = tm.render()
+    assert_valid_exposition(text)
+    want = {
+        "reporter": "source",
+        "source_workload": "checkout",
+        "source_workload_namespace": "shop",
+        "source_principal": "spiffe://cluster.local/ns/shop/sa/checkout",
+        "source_app": "checkout",
+        "destination_workload": "payments-0",
+        "destination_workload_namespace": "prod",
+        "destination_principal": "spiffe://cluster.local/ns/prod/sa/payments",
+        "destination_app": "unknown",
+        "request_protocol": "tcp",
+        "response_flags": "-",
+    }
+    assert sample_value(text, "istio_tcp_connections_opened_total", want) == 1
+    closed = {**want, "connection_security_policy": "mutual_tls"}
+    assert sample_value(text, "istio_tcp_connections_closed_total", closed) == 1
+    assert sample_value(text, "istio_tcp_received_bytes_total", closed) == 100
+    assert sample_value(text, "istio_tcp_sent_bytes_total", closed) == 2500
 
     records = [r for r in caplog.records if r.name == ACCESS_LOGGER]
     assert len(records) == 1

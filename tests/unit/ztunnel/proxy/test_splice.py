@@ -51,4 +51,3 @@ def test_no_pin_dir_means_no_fast_path_and_no_warning(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING):
         assert SameNodeSplice(None).maps() is None
     assert not caplog.records
-
