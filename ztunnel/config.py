@@ -10,6 +10,7 @@ valid value looks like.
 from __future__ import annotations
 
 import argparse
+import enum
 import ipaddress
 import os
 import re
@@ -32,6 +33,7 @@ from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "SpliceMode",
     "ZtunnelConfig",
     "add_config_arguments",
     "config_fields",
@@ -48,6 +50,27 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 # import the workers package: it imports the config).
 _MAX_WORKERS = 64
 _NODE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+class SpliceMode(enum.StrEnum):
+    """When a same-node connection is spliced in the kernel (perf/README.md).
+
+    ``always`` splices at once: lowest latency, but bulk runs below the
+    Python relay. ``auto`` starts on the relay and hands interactive
+    connections to the splice (ztunnel.proxy.splice.promotion_decision).
+    ``off`` keeps every connection on the relay.
+    """
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    OFF = "off"
+
+
+def _splice_mode(text: str) -> SpliceMode:
+    try:
+        return SpliceMode(text.strip().lower())
+    except ValueError:
+        raise ValueError(f"{text!r} is not one of auto, always, off") from None
 
 
 def parse_duration(text: str) -> float:
@@ -124,11 +147,21 @@ class ZtunnelConfig:
     log_level: str = "INFO"
     # The agent's bpffs pin directory: the same-node kernel splice lives there.
     pin_dir: Path = Path("/sys/fs/bpf/veil")
+    # When same-node connections use that splice; the default is never slower
+    # than the Python relay for bulk (perf/README.md).
+    same_node_splice: SpliceMode = SpliceMode.OFF
     # Worker processes sharing the listeners (SO_REUSEPORT); None: one per
     # CPU this process may use, capped (ztunnel.workers.supervision).
     workers: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.same_node_splice, SpliceMode):
+            # Typed values come as plain strings across the worker channel (JSON).
+            try:
+                mode = _splice_mode(str(self.same_node_splice))
+            except ValueError as e:
+                raise _err("same_node_splice", str(e), "use auto, always or off") from None
+            object.__setattr__(self, "same_node_splice", mode)
         _validate(self)
 
 
@@ -270,6 +303,9 @@ _SPECS = (
     Setting("log_level", "--log-level", "VEIL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
     Setting("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
           "the agent's bpffs pin directory (same-node kernel splice)"),
+    Setting("same_node_splice", "--same-node-splice", "VEIL_SAME_NODE_SPLICE", _splice_mode,
+          "same-node kernel splice: auto (relay first, splice interactive connections), "
+          "always, or off (Python relay only)", metavar="{auto,always,off}"),
     Setting("workers", "--workers", "VEIL_ZTUNNEL_WORKERS", _int,
           "worker processes sharing the listeners (default: one per usable CPU, at most 8; "
           "1 runs a single process)"),

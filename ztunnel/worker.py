@@ -27,7 +27,7 @@ from controller.api.model import TrustBundle
 from node.dataplane import MARK_ZTUNNEL
 from node.state import StateChange, StateStore
 
-from .config import ZtunnelConfig
+from .config import SpliceMode, ZtunnelConfig
 from .hbone import HboneClientPool, HboneConfig
 from .identity import CertificateSource
 from .metrics import Registry, TrafficMetrics
@@ -100,7 +100,12 @@ class ProxyEngine:
         self.pool = HboneClientPool(
             trust_bundle, connect=self._dial_peer, config=hbone_config, contexts=contexts
         )
-        self.splice = SameNodeSplice(config.pin_dir)
+        # Off: the relay carries every same-node connection (never slower for bulk).
+        self.splice = (
+            None
+            if config.same_node_splice is SpliceMode.OFF
+            else SameNodeSplice(config.pin_dir, promote=config.same_node_splice is SpliceMode.AUTO)
+        )
         self.outbound = OutboundProxy(
             self.ctx, certs, self.pool, peer_hbone_port=peer_hbone_port, splice=self.splice
         )

@@ -60,6 +60,8 @@ _AF_INET6 = 10
 _BPF_MAP_TYPE_PERCPU_ARRAY = 6
 _BPF_MAP_TYPE_RINGBUF = 27
 _DROP_BUCKET_SIZE = 24  # struct veil_drop_bucket: three __u64
+# The drop stream's maps: nothing here reads them (agent.bpf.events does).
+_STREAM_MAPS = frozenset({"drop_events", "drop_limit"})
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -235,6 +237,8 @@ class DataplaneMaps:
         try:
             for name in MAP_NAMES:
                 fd = open_pin(layout.map(name))
+                if fd is None and name in _STREAM_MAPS:
+                    continue  # pins of an agent that predates the drop stream: still readable
                 if fd is None:
                     raise MapError(
                         f"BPF map {name} is not pinned at {layout.map(name)}",

@@ -29,11 +29,11 @@ import json
 import logging
 import os
 import secrets
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from node.unix_socket import SocketClaim, bind_over
+from veil.probe import ProbeUnavailable, ask
 
 from ..errors import ZtunnelError
 from .readiness import Readiness
@@ -140,33 +140,13 @@ class HealthSocket:
 
 
 def query_health(path: Path, check: str = "ready", timeout: float = 3.0) -> HealthAnswer:
-    """Asks the ztunnel at ``path``; raises :class:`HealthUnavailable`."""
-    if check not in CHECKS:
-        raise ValueError(f"check must be one of {CHECKS}")
+    """Asks the ztunnel at ``path``; raises :class:`HealthUnavailable`.
+
+    The socket client itself is :func:`veil.probe.ask`, which the DaemonSet's
+    exec probes run directly (``python -m veil.probe``) because it starts fast.
+    """
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(check.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n") and len(data) < 65536:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except FileNotFoundError:
-        raise HealthUnavailable(
-            f"no ztunnel health socket at {path}",
-            hint="the ztunnel has not started yet, or runs with another --health-socket "
-            "(VEIL_ZTUNNEL_HEALTH_SOCKET)",
-        ) from None
-    except OSError as e:
-        raise HealthUnavailable(
-            f"the ztunnel health socket {path} did not answer: {e.strerror or e}",
-            hint="the ztunnel is starting, stopping or hung; see its log",
-        ) from None
-    try:
-        body = json.loads(data)
+        body = ask(path, check, timeout)
         return HealthAnswer(
             check=str(body["check"]),
             ok=body["ok"] is True,
@@ -174,8 +154,10 @@ def query_health(path: Path, check: str = "ready", timeout: float = 3.0) -> Heal
             pid=int(body["pid"]),
             instance=str(body["instance"]),
         )
-    except (ValueError, KeyError, TypeError):
+    except ProbeUnavailable as e:
+        raise HealthUnavailable(e.message, hint=e.hint) from None
+    except (KeyError, TypeError, ValueError):
         raise HealthUnavailable(
-            f"the answer on {path} is not a ztunnel health answer: {data[:80]!r}",
+            f"the answer on {path} is not a ztunnel health answer",
             hint="check that --health-socket points at the ztunnel's socket",
         ) from None

@@ -221,7 +221,7 @@ class OutboundProxy:
             except BaseException:
                 reset(sock)
                 raise
-            if self._splice is not None:
+            if self._splice is not None and not self._splice.promote:
                 spliced = await self._splice.relay(sock, upstream, conn)
                 if spliced is not None:
                     return spliced

@@ -216,8 +216,10 @@ class SpliceCounters:
 class SameNodeSplice:
     """The fast path of one ztunnel: opens the pins lazily, warns once when it cannot."""
 
-    def __init__(self, pin_dir: Path | str | None) -> None:
+    def __init__(self, pin_dir: Path | str | None, *, promote: bool = False) -> None:
         self._pin_dir = None if pin_dir is None else Path(pin_dir)
+        # True (auto): relay first, splice once interactive; False: splice at once.
+        self.promote = promote
         self._maps: SpliceMaps | None = None
         self._next_try = 0.0
         self._warned = False

@@ -34,6 +34,31 @@ WARNING = "same-node fast path off, using the Python relay"
 
 
 @pytest.fixture(scope="module")
+def lab(lab: Lab) -> Iterator[Lab]:
+    """The shared lab with node-a's ztunnel splicing every same-node connection."""
+    with ztunnel_args(lab, "--same-node-splice", "always"):
+        yield lab
+
+
+@contextlib.contextmanager
+def ztunnel_args(lab: Lab, *args: str) -> Iterator[None]:
+    """Restart node-a's ztunnel with ``args`` added; restore it afterwards."""
+    mesh = lab.mesh
+    saved = mesh.extra_ztunnel_args
+    mesh.stop_ztunnel(NODE_A)
+    mesh.extra_ztunnel_args = (*saved, *args)
+    try:
+        mesh.start_ztunnel(NODE_A)
+        mesh.wait_ztunnel_ready(NODE_A)
+        yield
+    finally:
+        mesh.stop_ztunnel(NODE_A)
+        mesh.extra_ztunnel_args = saved
+        mesh.start_ztunnel(NODE_A)
+        mesh.wait_ztunnel_ready(NODE_A)
+
+
+@pytest.fixture(scope="module")
 def apps(lab: Lab) -> Iterator[dict[str, TcpServer]]:
     servers = {
         "echo": lab.serve("other", "echo", ECHO),

@@ -124,18 +124,22 @@ def test_daemonset_shape() -> None:
     # liveness probe on readiness restarted every ztunnel during an outage).
     zt = containers["ztunnel"]
     agent = containers["agent"]
-    for c, cmd in ((zt, ["veil", "ztunnel", "health"]), (agent, ["veil", "agent", "health"])):
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert c[probe]["exec"]["command"][:3] == cmd, (c["name"], probe)
-            assert "httpGet" not in c[probe]
-        assert "--ready" in c["readinessProbe"]["exec"]["command"]
-        assert "--ready" not in c["livenessProbe"]["exec"]["command"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for c in (zt, agent):
+            assert "httpGet" not in c[probe], (c["name"], probe)
+        assert agent[probe]["exec"]["command"][:3] == ["veil", "agent", "health"], probe
+    assert "--ready" in agent["readinessProbe"]["exec"]["command"]
+    assert "--ready" not in agent["livenessProbe"]["exec"]["command"]
+    # The ztunnel's probes: the standard-library client on its health socket.
+    env = {e["name"]: e for e in zt["env"]}
+    sock = Path(env["VEIL_ZTUNNEL_HEALTH_SOCKET"]["value"])
+    probe_cmd = ["python", "-m", "veil.probe", str(sock)]
+    assert zt["readinessProbe"]["exec"]["command"] == [*probe_cmd, "ready"]
+    assert zt["livenessProbe"]["exec"]["command"] == [*probe_cmd, "live"]
     assert zt["startupProbe"]["exec"] == zt["readinessProbe"]["exec"]
     # Surge: answers only this pod's instance can give (docs/kubernetes.md,
     # "Rolling updates and readiness"). The ztunnel's health socket sits in a
     # per-pod emptyDir, never a host path both pods share.
-    env = {e["name"]: e for e in zt["env"]}
-    sock = Path(env["VEIL_ZTUNNEL_HEALTH_SOCKET"]["value"])
     (mount,) = [m for m in zt["volumeMounts"] if sock.is_relative_to(m["mountPath"])]
     volumes_by_name = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes_by_name[mount["name"]]
