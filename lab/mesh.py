@@ -334,6 +334,7 @@ class LabMesh:
                 "--name", pod.labels["veil.io/waypoint"],
                 "--service-account", pod.service_account,
                 "--state-dir", str(state),
+                "--listen-address", "::",  # dual stack, like the pod
             ),
             log_path=self._log(f"waypoint-{pod_name}"),
         )  # fmt: skip

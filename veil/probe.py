@@ -31,8 +31,13 @@ class ProbeUnavailable(VeilError):
     """The health socket is missing, did not answer, or answered nonsense."""
 
 
-def ask(path: Path, check: str = "ready", timeout: float = 3.0) -> dict[str, Any]:
-    """Sends ``check`` to the health socket at ``path``; returns its JSON answer."""
+def ask(
+    path: Path, check: str = "ready", timeout: float = 3.0, *, what: str = "health socket"
+) -> dict[str, Any]:
+    """Sends ``check`` to the health socket at ``path``; returns its JSON answer.
+
+    ``what`` names the socket in errors (e.g. "ztunnel health socket").
+    """
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}")
     data = b""
@@ -48,12 +53,12 @@ def ask(path: Path, check: str = "ready", timeout: float = 3.0) -> dict[str, Any
                 data += chunk
     except FileNotFoundError:
         raise ProbeUnavailable(
-            f"no health socket at {path}",
+            f"no {what} at {path}",
             hint="the process has not started yet, or listens on another path",
         ) from None
     except OSError as e:
         raise ProbeUnavailable(
-            f"the health socket {path} did not answer: {e.strerror or e}",
+            f"the {what} {path} did not answer: {e.strerror or e}",
             hint="the process is starting, stopping or hung; see its log",
         ) from None
     try:

@@ -214,6 +214,10 @@ class Waypoint:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if host == "::":
+            # One dual-stack listener: source ztunnels dial a replica in the
+            # destination's address family (IPv4 peers read as ::ffff:a.b.c.d).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             sock.bind((host, port))
         except OSError as e:

@@ -146,7 +146,7 @@ def query_health(path: Path, check: str = "ready", timeout: float = 3.0) -> Heal
     exec probes run directly (``python -m veil.probe``) because it starts fast.
     """
     try:
-        body = ask(path, check, timeout)
+        body = ask(path, check, timeout, what="ztunnel health socket")
         return HealthAnswer(
             check=str(body["check"]),
             ok=body["ok"] is True,
@@ -155,7 +155,13 @@ def query_health(path: Path, check: str = "ready", timeout: float = 3.0) -> Heal
             instance=str(body["instance"]),
         )
     except ProbeUnavailable as e:
-        raise HealthUnavailable(e.message, hint=e.hint) from None
+        hint = e.hint
+        if e.message.startswith("no ztunnel health socket"):
+            hint = (
+                "the ztunnel has not started yet, or runs with another --health-socket "
+                "(VEIL_ZTUNNEL_HEALTH_SOCKET)"
+            )
+        raise HealthUnavailable(e.message, hint=hint) from None
     except (KeyError, TypeError, ValueError):
         raise HealthUnavailable(
             f"the answer on {path} is not a ztunnel health answer",

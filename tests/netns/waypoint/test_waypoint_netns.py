@@ -51,10 +51,12 @@ def l7() -> Iterator[L7Demo]:
         yield demo
 
 
-def from_pod(l7: L7Demo, pod: str, method: str, path: str, token: str | None = None) -> int:
+def from_pod(
+    l7: L7Demo, pod: str, method: str, path: str, token: str | None = None, vip: str = ""
+) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with l7.mesh.in_pod(pod):
-        sock = socket.create_connection((l7.service_vip, l7.service_port), timeout=5.0)
+        sock = socket.create_connection((vip or l7.service_vip, l7.service_port), timeout=5.0)
     with sock:
         sock.settimeout(10.0)
         return http_request(sock, method, path, headers)[0]
@@ -76,6 +78,20 @@ def test_policies_and_tokens_through_the_waypoint(l7: L7Demo) -> None:
     assert from_pod(l7, "checkout", "POST", "/admin", l7.token(l7.forger, role="admin")) == 401
     seen = [(s["method"], s["path"]) for s in l7.seen()[before:]]
     assert seen == [("GET", "/pay"), ("GET", "/pay/123"), ("POST", "/admin")]
+
+
+def test_ipv6_vip_goes_through_the_waypoint_too(l7: L7Demo) -> None:
+    (vip6,) = [
+        v
+        for s in l7.mesh.document["services"]
+        if s["name"] == "payments-api"
+        for v in s["vips"]
+        if ":" in v
+    ]
+    before = len(l7.seen())
+    assert from_pod(l7, "checkout", "GET", "/pay", vip=vip6) == 200
+    assert from_pod(l7, "checkout", "DELETE", "/pay", vip=vip6) == 403
+    assert [(s["method"], s["path"]) for s in l7.seen()[before:]] == [("GET", "/pay")]
 
 
 @pytest.mark.parametrize(
