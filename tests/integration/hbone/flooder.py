@@ -8,8 +8,9 @@ with KIND frames (``window_update``: WINDOW_UPDATE(+1) on the connection;
 flow control)
 as fast as the server takes them. Whenever the server ends the connection it
 reconnects (a tenth of a second later), until SECONDS have passed. Prints ``flooding`` once the first flood
-write went out, then one line per connection: the GOAWAY error codes received
-(``-`` when none was seen).
+write went out, then one line per connection: the GOAWAY error codes received,
+``deadline`` when SECONDS ran out first, ``-`` when the server closed it
+without a GOAWAY.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def _opening(kind: str, authority: str) -> bytes:
     return head + fr.pack_header(len(block), fr.FrameType.HEADERS, fr.FLAG_END_HEADERS, 1) + block
 
 
-def _goaway_codes(data: bytes) -> list[int]:
-    codes, pos = [], 0
+def _goaway_codes(data: bytes) -> list[int | str]:
+    codes: list[int | str] = []
+    pos = 0
     while pos + 9 <= len(data):
         length, ftype, _, _ = fr.unpack_header(data, pos)
         if ftype == fr.FrameType.GOAWAY and pos + 9 + length <= len(data):
@@ -85,12 +87,13 @@ async def _one_connection(
     authority: str,
     deadline: float,
     first: list[bool],
-) -> list[int]:
+) -> list[int | str]:
     loop = asyncio.get_running_loop()
     transport, flood = await loop.create_connection(
         _Flood, host, port, ssl=ctx, server_hostname=None
     )
     chunk = _flood_chunk(kind)
+    ended_by_deadline = False
     transport.write(_opening(kind, authority))
     while time.monotonic() < deadline and not flood.lost.done():
         transport.write(chunk)
@@ -100,11 +103,13 @@ async def _one_connection(
         await flood.can_write.wait()
         await asyncio.sleep(0)
     if not flood.lost.done():
+        ended_by_deadline = True
         transport.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await flood.lost
-    return _goaway_codes(bytes(flood.received))
+    codes = _goaway_codes(bytes(flood.received))
+    return codes if codes or not ended_by_deadline else ["deadline"]
 
 
 async def main(argv: list[str]) -> None:

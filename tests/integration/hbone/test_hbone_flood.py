@@ -140,6 +140,8 @@ async def test_flooder_gets_enhance_your_calm_and_others_keep_latency(
     # One line per flooding connection; "error ..." lines are reconnects that
     # failed before flooding (a loaded machine), not connections that flooded.
     connections = [line for line in lines if line and not line.startswith(("flooding", "error"))]
+    if len(connections) > 1 and connections[-1] == "deadline":
+        connections.pop()  # the last one began just before the flooder's time ran out
     assert connections, lines
     # Every flooding connection was cut off with ENHANCE_YOUR_CALM (the flooder
     # reconnects at once, so the flood went on for the whole measurement).
@@ -175,6 +177,6 @@ class TestWithoutBudgets:
                 samples = await bystander.measure(2.5)
             finally:
                 lines = await stop(proc)
-        assert lines[0] == "-", lines  # one connection, never cut off
+        assert lines[0] == "deadline", lines  # one connection, never cut off
         worst = p99(samples)
         assert worst < P99_LIMIT, f"p99 {worst * 1000:.1f} ms over {len(samples)} round trips"
