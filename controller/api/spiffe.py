@@ -19,8 +19,13 @@ __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "MAX_SPIFFE_ID_LENGTH",
     "InvalidSpiffeId",
+    "WAYPOINT_PRINCIPAL_PREFIX",
     "SpiffeId",
+    "channel_identity",
+    "channel_principal",
     "node_identity",
+    "waypoint_channel_identity",
+    "waypoint_principal",
     "validate_trust_domain",
     "workload_identity",
 ]
@@ -109,6 +114,14 @@ class SpiffeId:
             return parts[3]
         return None
 
+    @property
+    def waypoint(self) -> tuple[str, str, str] | None:
+        """``(namespace, service_account, pod)`` for ``/veil/waypoint/<ns>/<sa>/<pod>``, else None."""
+        parts = self.path.split("/")
+        if len(parts) == 6 and parts[1] == "veil" and parts[2] == "waypoint":
+            return parts[3], parts[4], parts[5]
+        return None
+
 
 def _check_k8s_name(kind: str, value: str) -> None:
     if not _K8S_NAME_RE.match(value):
@@ -141,3 +154,49 @@ def node_identity(trust_domain: str, node: str) -> SpiffeId:
     validate_trust_domain(trust_domain)
     _check_k8s_name("node name", node)
     return SpiffeId(trust_domain, f"/veil/node/{node}")
+
+
+# A waypoint pod joins under a principal name of this form instead of a node
+# name. "/" never occurs in a Kubernetes node name, so the two cannot collide.
+WAYPOINT_PRINCIPAL_PREFIX = "waypoint/"
+
+
+def waypoint_principal(namespace: str, service_account: str, pod: str) -> str:
+    """``waypoint/<ns>/<sa>/<pod>``: the name a waypoint pod joins and watches under."""
+    return f"{WAYPOINT_PRINCIPAL_PREFIX}{namespace}/{service_account}/{pod}"
+
+
+def waypoint_channel_identity(
+    trust_domain: str, namespace: str, service_account: str, pod: str
+) -> SpiffeId:
+    """``spiffe://<td>/veil/waypoint/<ns>/<sa>/<pod>``: a waypoint pod's channel identity.
+
+    Like a node identity it never matches a workload principal; the service
+    account in it is the one identity the controller will sign for its holder.
+    """
+    validate_trust_domain(trust_domain)
+    _check_k8s_name("namespace", namespace)
+    _check_k8s_name("service account", service_account)
+    _check_k8s_name("pod name", pod)
+    return SpiffeId(trust_domain, f"/veil/waypoint/{namespace}/{service_account}/{pod}")
+
+
+def channel_identity(trust_domain: str, principal: str) -> SpiffeId:
+    """The controller-channel identity for a node name or a ``waypoint/<ns>/<sa>/<pod>`` name."""
+    if principal.startswith(WAYPOINT_PRINCIPAL_PREFIX):
+        parts = principal[len(WAYPOINT_PRINCIPAL_PREFIX) :].split("/")
+        if len(parts) != 3:
+            raise InvalidSpiffeId(
+                f"invalid waypoint principal {principal!r}",
+                hint="use waypoint/<namespace>/<service-account>/<pod-name>",
+            )
+        return waypoint_channel_identity(trust_domain, *parts)
+    return node_identity(trust_domain, principal)
+
+
+def channel_principal(sid: SpiffeId) -> str | None:
+    """The node name or waypoint principal a channel identity names, else None."""
+    if sid.node is not None:
+        return sid.node
+    wp = sid.waypoint
+    return waypoint_principal(*wp) if wp is not None else None

@@ -155,6 +155,8 @@ class LiveConnection:
             "started": self.started_wall,
             "duration_s": round(self.duration, 3),
             "verdict": self.verdict,
+            # True while the same-node kernel splice carries it (SpliceCounters).
+            "spliced": bool(getattr(self.counters, "spliced", False)),
         }
 
     def report(

@@ -221,7 +221,9 @@ class OutboundProxy:
             except BaseException:
                 reset(sock)
                 raise
-            if self._splice is not None and not self._splice.promote:
+            if self._splice is not None and self._splice.promote:
+                return await self._splice.relay_then_splice(sock, upstream, conn)
+            if self._splice is not None:
                 spliced = await self._splice.relay(sock, upstream, conn)
                 if spliced is not None:
                     return spliced

@@ -23,12 +23,18 @@ Two :class:`asyncio.BufferedProtocol` halves forward each other's bytes:
   relay keeps the opposite direction running until it also ends.
 * A reset (or a cancelled relay) resets the other side too, with SO_LINGER 0,
   so neither end mistakes an aborted stream for a complete one.
+
+:func:`relay_until_handover` is the same relay with a watcher
+(:mod:`ztunnel.proxy.promotion`) that may end it early: it stops reading both
+sides at a moment when nothing waits in user space and returns the two
+sockets, still open, for the kernel splice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -39,6 +45,7 @@ from ztunnel.hbone import CloseReason
 from ztunnel.hbone import RelayResult as TunnelResult
 
 from .errors import FLAG_DOWNSTREAM_CLOSED, FLAG_UPSTREAM_CLOSED
+from .promotion import Interactivity, Promotion
 
 __all__ = [
     "BUFFER_SIZE",
@@ -47,6 +54,7 @@ __all__ = [
     "RelayResult",
     "TunnelCounters",
     "relay_sockets",
+    "relay_until_handover",
     "reset_transport",
     "tunnel_result",
 ]
@@ -206,6 +214,8 @@ class _Half(asyncio.BufferedProtocol):
             return
         if not peer.lost:
             peer.transport.write(data)
+        if self.pipe.watch is not None:
+            self.pipe.consider(not self.upstream, nbytes)
 
     def eof_received(self) -> bool:
         self.read_eof = True
@@ -228,6 +238,8 @@ class _Half(asyncio.BufferedProtocol):
                 self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.pipe.handing_over:
+            return
         if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
             with contextlib.suppress(RuntimeError):
                 self.peer.transport.resume_reading()
@@ -238,6 +250,10 @@ class _Half(asyncio.BufferedProtocol):
         if exc is not None and self.pipe.error is None:
             self.pipe.error = f"{'server' if self.upstream else 'client'}: {exc}"
         self.lost_clean = exc is None and self.read_eof
+        if self.pipe.handing_over:
+            # Closed by the hand-over: the sockets live on in the splice.
+            self.pipe.half_lost()
+            return
         if self.pipe.started and peer is not None and peer.transport is not None and not peer.lost:
             if exc is not None or not self.read_eof:
                 # Reset, or closed without an orderly EOF: do not let the other
@@ -259,6 +275,10 @@ class _Pipe:
         self.server.peer = self.client
         self._lost = 0
         self.started = False
+        # Set by relay_until_handover; None once the decision is NEVER.
+        self.watch: Interactivity | None = None
+        self.handing_over = False
+        self.all_lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def start(self) -> None:
         """Both transports exist: flush anything read early and start reading."""
@@ -295,7 +315,32 @@ class _Pipe:
 
     def half_lost(self) -> None:
         self._lost += 1
-        if self._lost == 2 and not self.done.done():
+        if self._lost == 2:
+            if not self.done.done():
+                self.done.set_result(None)
+            if not self.all_lost.done():
+                self.all_lost.set_result(None)
+
+    def consider(self, from_client: bool, nbytes: int) -> None:
+        """After a read was forwarded: promote now, later, or never?"""
+        assert self.watch is not None
+        halves = (self.client, self.server)
+        backlog = sum(
+            h.transport.get_write_buffer_size() for h in halves if h.transport is not None
+        )
+        eof = any(h.read_eof or h.lost or h.transport is None for h in halves)
+        decision = self.watch.read(from_client, nbytes, backlog=backlog, eof=eof)
+        if decision is Promotion.WAIT:
+            return
+        self.watch = None
+        if decision is Promotion.PROMOTE and not self.done.done():
+            # Quiescent: every byte read is in the kernel. Read no more; what
+            # arrives from now on waits in the sockets' receive queues, where
+            # the splice picks it up when they enter the sockhash.
+            self.handing_over = True
+            for h in halves:
+                assert h.transport is not None
+                h.transport.pause_reading()
             self.done.set_result(None)
 
 
@@ -310,8 +355,65 @@ async def relay_sockets(
     calling task is cancelled, both connections are reset and the
     cancellation propagates.
     """
-    loop = asyncio.get_running_loop()
     pipe = _Pipe(counters if counters is not None else ByteCounters())
+    await _run(pipe, client, server)
+    return RelayResult(pipe.counters.from_client, pipe.counters.to_client, pipe.error)
+
+
+async def relay_until_handover(
+    client: socket.socket,
+    server: socket.socket,
+    counters: ByteCounters,
+    watch: Interactivity,
+) -> RelayResult | tuple[socket.socket, socket.socket]:
+    """:func:`relay_sockets`, until ``watch`` says the connection is interactive.
+
+    Returns the relay's result when the connection ended on the relay, or
+    the (client, server) sockets, open and unread since the moment of the
+    decision, with nothing left in user space: the caller owns them.
+    ``counters`` hold exactly the bytes the relay carried.
+    """
+    pipe = _Pipe(counters)
+    pipe.watch = watch
+    await _run(pipe, client, server)
+    if not pipe.handing_over:
+        return RelayResult(pipe.counters.from_client, pipe.counters.to_client, pipe.error)
+    # The transports own the original descriptors: keep the sockets open
+    # through duplicates, then let the transports close theirs.
+    socks: list[socket.socket] = []
+    try:
+        for half in (pipe.client, pipe.server):
+            assert half.transport is not None
+            fd = os.dup(half.transport.get_extra_info("socket").fileno())
+            socks.append(socket.socket(fileno=fd))
+            socks[-1].setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        pipe.handing_over = False
+        pipe.reset_both()
+        raise
+    for half in (pipe.client, pipe.server):
+        if half.transport is not None and not half.lost:
+            half.transport.close()
+    try:
+        await asyncio.shield(pipe.all_lost)
+    except asyncio.CancelledError:
+        for sock in socks:
+            _reset_socket(sock)
+        raise
+    return socks[0], socks[1]
+
+
+def _reset_socket(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+async def _run(pipe: _Pipe, client: socket.socket, server: socket.socket) -> None:
+    """Wires both sockets into ``pipe`` and waits for its end (or its hand-over)."""
+    loop = asyncio.get_running_loop()
     try:
         await loop.connect_accepted_socket(lambda: pipe.client, client)
     except BaseException:
@@ -331,4 +433,3 @@ async def relay_sockets(
     except asyncio.CancelledError:
         pipe.reset_both()
         raise
-    return RelayResult(pipe.counters.from_client, pipe.counters.to_client, pipe.error)

@@ -39,13 +39,22 @@ Which is faster depends on the traffic (perf/bench_splice.py, figures in
 perf/README.md): for request/response the splice wins (p50 and p99 below the
 Python relay's, no ztunnel CPU per message); for bulk the Python relay's
 256 KiB reads beat the kernel's per-skb redirect through the psock work queue
-(about 1.5-3x). Handing a bulk connection over from the splice to the relay
+(about 1.5-3x). So the ztunnel's ``--same-node-splice`` chooses: ``always``
+splices at once (:meth:`SameNodeSplice.relay`); ``auto``
+(:meth:`SameNodeSplice.relay_then_splice`) starts on the relay and promotes
+the connection once it behaves interactively (:mod:`ztunnel.proxy.promotion`),
+the direction the kernel handles well: bytes queued on a socket when it
+enters the sockhash are redirected. The other direction, splice to relay,
 was tried and is not here: after the sockets left the sockhashes the relay
-stalled (the sockets' write wake-ups did not come back on this kernel), so
-the splice carries every authorized same-node connection to its end. The
+stalled (the sockets' write wake-ups did not come back on this kernel). The
 sk_msg ingress redirect that Cilium and Merbridge use beat both on a plain
 pair, but it needs the applications' own sockets in a sockmap (a sockops
 program on the pods' cgroups), which a node proxy does not own.
+
+After a promotion the relay's counts and the map's are summed, and the
+half-close drain starts from each socket's acknowledged bytes plus its send
+queue at the splice, so bytes the relay wrote but the peer had not yet
+acknowledged are not taken for redirected ones.
 """
 
 from __future__ import annotations
@@ -68,7 +77,8 @@ from typing import Final
 from node import bpf
 
 from .connections import LiveConnection
-from .relay import ByteCounters, RelayResult
+from .promotion import Interactivity
+from .relay import ByteCounters, RelayResult, relay_sockets, relay_until_handover
 
 __all__ = [
     "Drain",
@@ -195,22 +205,28 @@ def _open(path: Path) -> int:
 
 
 class SpliceCounters:
-    """Live byte counts of a spliced connection, read from ``splice_peers``."""
+    """Live byte counts of a spliced connection: ``base`` (what the relay
+    carried before a promotion) plus the redirected counts in ``splice_peers``."""
 
-    __slots__ = ("_client", "_maps", "_server")
+    __slots__ = ("_base", "_client", "_maps", "_server")
+    # Shown in /config_dump: the kernel carries this connection now.
+    spliced = True
 
-    def __init__(self, maps: SpliceMaps, client: bytes, server: bytes) -> None:
+    def __init__(
+        self, maps: SpliceMaps, client: bytes, server: bytes, base: tuple[int, int] = (0, 0)
+    ) -> None:
         self._maps = maps
         self._client = client
         self._server = server
+        self._base = base
 
     @property
     def from_client(self) -> int:
-        return self._maps.redirected(self._client)
+        return self._base[0] + self._maps.redirected(self._client)
 
     @property
     def to_client(self) -> int:
-        return self._maps.redirected(self._server)
+        return self._base[1] + self._maps.redirected(self._server)
 
 
 class SameNodeSplice:
@@ -253,13 +269,45 @@ class SameNodeSplice:
                 "same-node fast path off, using the Python relay: %s; to enable: %s", why, hint
             )
 
-    async def relay(
+    async def relay_then_splice(
         self, client: socket.socket, server: socket.socket, conn: LiveConnection
+    ) -> RelayResult:
+        """``auto``: relay, and splice once the connection behaves interactively.
+
+        Owns both sockets. Bulk connections stay on the relay to their end.
+        """
+        counters = conn.track_bytes()
+        handed = await relay_until_handover(client, server, counters, Interactivity())
+        if isinstance(handed, RelayResult):
+            return handed
+        c, s = handed
+        base = (counters.from_client, counters.to_client)
+        try:
+            spliced = await self.relay(c, s, conn, base=base)
+        except BaseException:
+            for sock in (c, s):
+                _reset(sock)
+            raise
+        if spliced is not None:
+            return spliced
+        # Not spliced (a FIN arrived meanwhile, or the pins went): no byte
+        # moved, so the relay carries on where it stopped.
+        conn.counters = counters
+        return await relay_sockets(c, s, counters)
+
+    async def relay(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        conn: LiveConnection,
+        *,
+        base: tuple[int, int] = (0, 0),
     ) -> RelayResult | None:
         """Splice and carry the connection to its end; None when the Python relay must.
 
         Owns both sockets once it returns a result (or raises); on None they
-        are untouched and no byte has moved.
+        are untouched and no byte has moved. ``base``: bytes (from, to the
+        client) the relay carried before a promotion, added to every count.
         """
         maps = self.maps()
         if maps is None:
@@ -276,18 +324,22 @@ class SameNodeSplice:
             for sock in (client, server):
                 _reset(sock)
             raise
-        conn.counters = SpliceCounters(maps, pair.cookies[0], pair.cookies[1])
+        conn.counters = SpliceCounters(maps, pair.cookies[0], pair.cookies[1], base)
         try:
-            return await pair.run()
+            result = await pair.run()
+            return RelayResult(
+                base[0] + result.from_client, base[1] + result.to_client, result.error
+            )
         except BaseException:
             pair.reset()
             raise
         finally:
             # Freeze the counts before the entries go: the access log reads them after.
             final = ByteCounters()
+            final.from_client, final.to_client = base
             with contextlib.suppress(OSError):
-                final.from_client = maps.redirected(pair.cookies[0])
-                final.to_client = maps.redirected(pair.cookies[1])
+                final.from_client += maps.redirected(pair.cookies[0])
+                final.to_client += maps.redirected(pair.cookies[1])
             conn.counters = final
             pair.release()
 
@@ -299,7 +351,12 @@ class _Pair:
         self.maps = maps
         self.socks = socks
         self.cookies = (_cookie(socks[0]), _cookie(socks[1]))
-        self.base = (_bytes_acked(socks[0]), _bytes_acked(socks[1]))
+        # Everything written before the splice (by a relay before a promotion)
+        # is acknowledged or still queued; only bytes beyond it were redirected.
+        self.base = (
+            _bytes_acked(socks[0]) + _send_queue(socks[0]),
+            _bytes_acked(socks[1]) + _send_queue(socks[1]),
+        )
         self.eof = [False, False]
         self.shut = [False, False]  # FIN forwarded to this socket
         self.error: str | None = None

@@ -1,0 +1,99 @@
+"""When ``auto`` hands a relayed same-node connection to the kernel splice."""
+
+from __future__ import annotations
+
+import pytest
+
+from ztunnel.proxy.promotion import (
+    BULK_BURST,
+    MAX_MESSAGE,
+    PROMOTE_AFTER_TURNS,
+    Activity,
+    Interactivity,
+    Promotion,
+    observe,
+    promotion_decision,
+)
+
+C, S = True, False  # read from the client, from the server
+
+
+def feed(reads: list[tuple[bool, int]]) -> Activity:
+    activity = Activity()
+    for from_client, nbytes in reads:
+        activity = observe(activity, from_client, nbytes)
+    return activity
+
+
+def ping_pong(turns: int, size: int = 64) -> list[tuple[bool, int]]:
+    """``turns`` direction flips of ``size``-byte messages, starting with the client."""
+    return [(i % 2 == 0, size) for i in range(turns + 1)]
+
+
+@pytest.mark.parametrize(
+    ("reads", "expected"),
+    [
+        ([], Activity()),
+        ([(C, 10)], Activity(0, C, 10, False, False)),
+        ([(C, 10), (C, 5)], Activity(0, C, 15, False, False)),
+        ([(C, 10), (S, 7)], Activity(1, S, 7, True, False)),
+        ([(C, 10), (S, 7), (S, 1)], Activity(1, S, 8, False, False)),
+        # A large burst ends a turn that is not small: the count starts again.
+        ([(C, 10), (S, 7), (C, MAX_MESSAGE + 1), (S, 1)], Activity(0, S, 1, True, False)),
+        ([(C, MAX_MESSAGE), (S, 1)], Activity(1, S, 1, True, False)),
+        # Above the bulk limit, in one read or many: bulk for good.
+        ([(C, BULK_BURST + 1)], Activity(0, C, BULK_BURST + 1, False, True)),
+        ([(C, BULK_BURST), (C, 1), (S, 1)], Activity(0, S, 1, True, True)),
+        # The server speaks first (a banner): symmetric.
+        ([(S, 20), (C, 4)], Activity(1, C, 4, True, False)),
+    ],
+)
+def test_observe(reads: list[tuple[bool, int]], expected: Activity) -> None:
+    assert feed(reads) == expected
+
+
+@pytest.mark.parametrize(
+    ("reads", "backlog", "eof", "expected"),
+    [
+        ([], 0, False, Promotion.WAIT),
+        (ping_pong(PROMOTE_AFTER_TURNS - 1), 0, False, Promotion.WAIT),
+        (ping_pong(PROMOTE_AFTER_TURNS), 0, False, Promotion.PROMOTE),
+        (ping_pong(PROMOTE_AFTER_TURNS + 3), 0, False, Promotion.PROMOTE),
+        # Only at the start of a burst, never in its middle.
+        ([*ping_pong(PROMOTE_AFTER_TURNS), (C, 1)], 0, False, Promotion.WAIT),
+        # Bytes still in the relay's buffers: wait for a quiet moment.
+        (ping_pong(PROMOTE_AFTER_TURNS), 1, False, Promotion.WAIT),
+        # Half-closed: the relay has forwarded the FIN; it keeps the connection.
+        (ping_pong(PROMOTE_AFTER_TURNS), 0, True, Promotion.NEVER),
+        ([(C, 1)], 0, True, Promotion.NEVER),
+        # The burst that opens the turn must be a message too.
+        (
+            [
+                *ping_pong(PROMOTE_AFTER_TURNS - 1),
+                (C if PROMOTE_AFTER_TURNS % 2 == 0 else S, MAX_MESSAGE + 1),
+            ],
+            0,
+            False,
+            Promotion.WAIT,
+        ),
+        # Large messages now and then reset the count.
+        (ping_pong(PROMOTE_AFTER_TURNS, size=MAX_MESSAGE + 1), 0, False, Promotion.WAIT),
+        # A one-way stream never turns; a bulk transfer never promotes.
+        ([(C, 64)] * 1000, 0, False, Promotion.WAIT),
+        ([(C, BULK_BURST + 1)], 0, False, Promotion.NEVER),
+        ([(C, 256 << 10)] * 5 + ping_pong(PROMOTE_AFTER_TURNS + 1), 0, False, Promotion.NEVER),
+    ],
+)
+def test_promotion_decision(
+    reads: list[tuple[bool, int]], backlog: int, eof: bool, expected: Promotion
+) -> None:
+    assert promotion_decision(feed(reads), backlog=backlog, eof=eof) is expected
+
+
+def test_interactivity_promotes_a_conversation_once_it_has_enough_turns() -> None:
+    watch = Interactivity()
+    decisions = [
+        watch.read(from_client, nbytes, backlog=0, eof=False)
+        for from_client, nbytes in ping_pong(PROMOTE_AFTER_TURNS)
+    ]
+    assert decisions == [Promotion.WAIT] * PROMOTE_AFTER_TURNS + [Promotion.PROMOTE]
