@@ -7,7 +7,10 @@ The decisions are pure functions with table-driven tests:
   trust domain;
 * :func:`authorize_identity`: node N may obtain ``ns/X/sa/Y`` only while the
   registry has a workload with namespace X and service account Y on N, and may
-  renew its own node identity; nothing else;
+  renew its own node identity; nothing else. A waypoint principal
+  ``waypoint/<ns>/<sa>/<pod>`` (admitted by the Kubernetes authenticator for a
+  pod labelled ``veil.io/waypoint``) may obtain exactly ``ns/<ns>/sa/<sa>`` and
+  renew its own channel identity; never a node's or another workload's;
 * :func:`effective_ttl`: 0 means the default, above the maximum is clamped.
 
 Every signature and every refusal is reported to an :class:`IssuanceRecorder`
@@ -27,7 +30,13 @@ from typing import Protocol
 
 from controller.api.errors import ApiError
 from controller.api.model import JoinResult, RegistryState
-from controller.api.spiffe import InvalidSpiffeId, SpiffeId, node_identity
+from controller.api.spiffe import (
+    WAYPOINT_PRINCIPAL_PREFIX,
+    InvalidSpiffeId,
+    SpiffeId,
+    channel_identity,
+    channel_principal,
+)
 from controller.auth.protocol import NodeAuthenticator
 from controller.ca.authority import CertificateAuthority, IssuedCertificate
 from controller.ca.csr import validate_csr
@@ -87,7 +96,7 @@ def parse_requested_identity(identity: str, trust_domain: str) -> SpiffeId:
             f"requested identity {sid} is in trust domain {sid.trust_domain!r}; this controller "
             f"issues only for {trust_domain!r}",
         )
-    if sid.workload is None and sid.node is None:
+    if sid.workload is None and channel_principal(sid) is None:
         raise ApiError(
             "INVALID_ARGUMENT",
             f"requested identity {sid} is not a workload identity",
@@ -102,6 +111,9 @@ def workload_index(state: RegistryState) -> _Index:
 
 def authorize_identity(index: _Index, node: str, identity: SpiffeId) -> None:
     """Raises ApiError(PERMISSION_DENIED) unless ``node`` may hold ``identity``."""
+    if node.startswith(WAYPOINT_PRINCIPAL_PREFIX):
+        _authorize_waypoint(node, identity)
+        return
     own = identity.node
     if own is not None:
         if own != node:
@@ -122,6 +134,26 @@ def authorize_identity(index: _Index, node: str, identity: SpiffeId) -> None:
             hint="identities are issued only to the node running a workload that uses them; "
             "check the workload's node and serviceAccount in the registry",
         )
+
+
+def _authorize_waypoint(principal: str, identity: SpiffeId) -> None:
+    """A waypoint pod holds its own channel identity and its ServiceAccount's SVID only.
+
+    The service account comes from the caller's verified channel certificate,
+    which the controller signed after TokenReview read the pod back, so the
+    rule needs no registry: it does not depend on where the pod is scheduled.
+    """
+    if channel_principal(identity) == principal:
+        return
+    _, namespace, service_account, _pod = principal.split("/", 3)
+    if identity.workload == (namespace, service_account):
+        return
+    raise ApiError(
+        "PERMISSION_DENIED",
+        f"waypoint {principal!r} may not obtain {identity}: a waypoint obtains only its own "
+        f"service account's identity ns/{namespace}/sa/{service_account}",
+        hint="run the waypoint as the ServiceAccount whose identity it should serve",
+    )
 
 
 def effective_ttl(
@@ -228,7 +260,7 @@ class IdentityService:
 
     async def _join_node(self, token: str, csr_pem: bytes, node: str) -> JoinResult:
         try:
-            expected = node_identity(self.trust_domain(), node)
+            expected = channel_identity(self.trust_domain(), node)
         except InvalidSpiffeId as e:
             error = ApiError("INVALID_ARGUMENT", f"invalid node name: {e.message}", hint=e.hint)
             raise _Refusal("invalid_node_name", error) from None
@@ -272,7 +304,7 @@ class IdentityService:
         with _reason("not_scheduled"):
             authorize_identity(self._index(), node, sid)
         with _reason("invalid_ttl"):
-            if sid.node is not None:
+            if channel_principal(sid) is not None:
                 ttl, clamped = effective_ttl(ttl_seconds, self._node_cert_ttl, self._node_cert_ttl)
             else:
                 ttl, clamped = effective_ttl(ttl_seconds, self._default_ttl, self._max_ttl)
@@ -292,7 +324,7 @@ class IdentityService:
             issued.serial,
             issued.not_after.isoformat(),
         )
-        return ("node" if sid.node is not None else "workload"), issued.chain_pem
+        return ("node" if channel_principal(sid) is not None else "workload"), issued.chain_pem
 
 
 @contextlib.contextmanager

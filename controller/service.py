@@ -23,7 +23,7 @@ from controller.api import veil_pb2 as pb
 from controller.api import veil_pb2_grpc as pb_grpc
 from controller.api.errors import ApiError
 from controller.api.model import JoinResult, ResourceType, WatchUpdate
-from controller.api.spiffe import InvalidSpiffeId, SpiffeId
+from controller.api.spiffe import InvalidSpiffeId, SpiffeId, channel_principal
 from controller.api.wire import watch_response_to_pb
 
 __all__ = [
@@ -96,12 +96,15 @@ def peer_node(context: grpc.aio.ServicerContext, trust_domain: str) -> str:
         sid = SpiffeId.parse(uris[0])
     except InvalidSpiffeId as e:
         raise ApiError("UNAUTHENTICATED", f"client certificate SAN is not a SPIFFE ID: {e}") from None
-    if sid.trust_domain != trust_domain or sid.node is None:
+    # A waypoint pod's channel identity (/veil/waypoint/...) is a principal too;
+    # what it may obtain is decided by controller.identity.authorize_identity.
+    principal = channel_principal(sid) if sid.trust_domain == trust_domain else None
+    if principal is None:
         raise ApiError(
             "PERMISSION_DENIED",
             f"client certificate identity {sid} is not a node identity of trust domain {trust_domain}",
         )
-    return sid.node
+    return principal
 
 
 class _IdentityServicer(pb_grpc.IdentityServicer):

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from controller.api.client import ControllerClient
 from controller.api.model import TrustBundle
-from controller.api.spiffe import InvalidSpiffeId, SpiffeId, node_identity
+from controller.api.spiffe import InvalidSpiffeId, SpiffeId, channel_identity
 from node.errors import NodeCredentialsError
 from veil.files import atomic_write, ensure_private_dir, exclusive_lock
 
@@ -59,7 +59,7 @@ class NodeCredentials:
 
     @property
     def identity(self) -> SpiffeId:
-        return node_identity(self.trust_domain, self.node)
+        return channel_identity(self.trust_domain, self.node)
 
     @property
     def leaf(self) -> x509.Certificate:

@@ -20,7 +20,7 @@ from controller.api.client import join_node
 from controller.api.errors import ApiError
 from controller.api.model import ResourceType
 from controller.api.ports import CONTROLLER_JOIN_PORT, CONTROLLER_PORT
-from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, node_identity
+from controller.api.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, channel_identity
 from controller.api.token import JoinToken
 from node.errors import NodeCredentialsError
 
@@ -149,7 +149,7 @@ async def _join_once(
     else:
         root_pem = ca_pem
         td = trust_domain or DEFAULT_TRUST_DOMAIN
-    expected = node_identity(td, node)
+    expected = channel_identity(td, node)
     key = generate_key()
     result = await join_node(join_address, root_pem, token, node, build_csr(key, expected), timeout)
     if result.node != node or result.trust_domain != td:

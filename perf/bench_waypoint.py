@@ -284,7 +284,12 @@ def _result(
         "rounds": {"waypoint": wp, "haproxy": ha},
         "seconds_per_round": seconds,
         "connections": conns,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        # The machine is shared: the 1-minute load average says how much.
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        },
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 

@@ -15,6 +15,14 @@ locations (default ``Authorization: Bearer <token>``) and returns an
   expired, not yet valid, unsupported algorithm, garbage): ``error`` set, and
   the waypoint answers 401 with ``WWW-Authenticate``.
 
+Verified tokens are cached per :class:`Authenticator` (so a policy change
+starts afresh) by the SHA-256 of the token, bounded to :data:`CACHE_SIZE`
+entries, until the token's ``exp`` (plus leeway, at most :data:`CACHE_TTL`)
+and only while its issuer's key set is the same object it was verified with:
+a JWKS refresh or rotation invalidates it. Clients reuse one token across
+thousands of requests, and a signature check costs more than the rest of
+the request's decision. Failures are never cached.
+
 Signatures: RS256, ES256 and EdDSA (PyJWT on ``cryptography``); ``exp`` and
 ``nbf`` are checked with :data:`LEEWAY` seconds of clock skew. Keys come
 from the inline ``jwks`` or, for ``jwksUri``, from a ``keys_for(uri)`` lookup
@@ -23,8 +31,10 @@ from the inline ``jwks`` or, for ``jwksUri``, from a ``keys_for(uri)`` lookup
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -51,6 +61,8 @@ log = logging.getLogger("veil.waypoint.authn")
 ALGORITHMS = ("RS256", "ES256", "EdDSA")
 LEEWAY = 30.0
 MAX_TOKEN = 16 * 1024
+CACHE_SIZE = 1024
+CACHE_TTL = 300.0
 DEFAULT_HEADER = JwtHeader("authorization", "Bearer ")
 _NO_CLAIMS: Mapping[str, object] = MappingProxyType({})
 
@@ -146,6 +158,11 @@ class Authenticator:
 
     def __init__(self, providers: Iterable[JwtProvider]) -> None:
         self.providers = tuple(providers)
+        # (header, sha256(token)) -> (result, provider, key set, valid from, valid until)
+        self._cache: dict[
+            tuple[JwtHeader, bytes],
+            tuple[AuthnResult, JwtProvider, jwt.PyJWKSet, float, float],
+        ] = {}
         seen: dict[tuple[str, str], JwtHeader] = {}
         for p in self.providers:
             for loc in p.locations:
@@ -189,6 +206,47 @@ class Authenticator:
     ) -> AuthnResult:
         if len(token) > MAX_TOKEN:
             return AuthnResult(error=f"JWT longer than {MAX_TOKEN} bytes")
+        at = time.time() if now is None else now
+        cache_key = (loc, hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest())
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            cached, provider, keys, valid_from, valid_until = hit
+            current = provider.keys if provider.keys is not None else keys_for(provider.jwks_uri)
+            if current is keys and valid_from <= at < valid_until:
+                return cached
+            del self._cache[cache_key]
+        return self._verify_uncached(loc, token, keys_for, cache_key, at)
+
+    def _remember(
+        self,
+        cache_key: tuple[JwtHeader, bytes],
+        result: AuthnResult,
+        provider: JwtProvider,
+        keys: jwt.PyJWKSet,
+        at: float,
+    ) -> None:
+        claims = result.claims or _NO_CLAIMS
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        until = at + CACHE_TTL
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            until = min(until, float(exp) + LEEWAY)
+        since = float("-inf")
+        if isinstance(nbf, (int, float)) and not isinstance(nbf, bool):
+            since = float(nbf) - LEEWAY
+        if len(self._cache) >= CACHE_SIZE:
+            # Evict the oldest entry (dicts keep insertion order).
+            self._cache.pop(next(iter(self._cache)))
+        if since < until:
+            self._cache[cache_key] = (result, provider, keys, since, until)
+
+    def _verify_uncached(
+        self,
+        loc: JwtHeader,
+        token: str,
+        keys_for: KeysFor,
+        cache_key: tuple[JwtHeader, bytes],
+        at: float,
+    ) -> AuthnResult:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -230,7 +288,7 @@ class Authenticator:
                 return AuthnResult(error=f"JWT rejected: {e}")
             sub = claims.get("sub")
             azp = claims.get("azp")
-            return AuthnResult(
+            result = AuthnResult(
                 principal=f"{iss}/{sub if isinstance(sub, str) else ''}",
                 claims=MappingProxyType(dict(claims)),
                 audiences=_audiences(claims),
@@ -238,6 +296,8 @@ class Authenticator:
                 strip=() if provider.forward else (loc.name,),
                 issuer=iss,
             )
+            self._remember(cache_key, result, provider, keys, at)
+            return result
         return AuthnResult(error="JWT rejected: signature verification failed")
 
 

@@ -239,6 +239,8 @@ class RequestProxy:
             ),
             duration_ms,
         )
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         access_log.info(
             json.dumps(
                 {

@@ -38,6 +38,7 @@ def _reason(status: int) -> bytes:
 
 _READ = 64 * 1024
 _MAX_HEAD = 64 * 1024
+_COALESCE = 64 * 1024
 
 
 class _Closed(Exception):
@@ -45,9 +46,15 @@ class _Closed(Exception):
 
 
 class _Sink:
+    """Writes a response, coalescing head, body and end into as few writes as
+    fit in :data:`_COALESCE` bytes: each write becomes an HBONE DATA frame and
+    a TLS record, so a small response goes out as one."""
+
     def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
         self._conn = conn
         self._writer = writer
+        self._out: list[bytes] = []
+        self._size = 0
 
     async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
         self._write(h11.Response(status_code=status, headers=list(headers), reason=_reason(status)))
@@ -55,16 +62,24 @@ class _Sink:
     async def data(self, chunk: bytes) -> None:
         if chunk:
             self._write(h11.Data(data=chunk))
-            await self._writer.drain()
+            if self._size >= _COALESCE:
+                await self._flush()
 
     async def end(self) -> None:
         self._write(h11.EndOfMessage())
-        await self._writer.drain()
+        await self._flush()
 
     def _write(self, event: h11.Event) -> None:
         data = self._conn.send(event)
         if data:
-            self._writer.write(data)
+            self._out.append(data)
+            self._size += len(data)
+
+    async def _flush(self) -> None:
+        out, self._out, self._size = self._out, [], 0
+        if out:
+            self._writer.write(b"".join(out))
+        await self._writer.drain()
 
 
 def _host_and_target(request: h11.Request) -> tuple[str, str] | None:

@@ -47,6 +47,7 @@ from ztunnel.errors import ConfigError
 from ztunnel.identity import CertManager
 from ztunnel.limits import enable_request_migration, raise_nofile_limit
 from ztunnel.metrics import Registry
+from ztunnel.profiling import loop_profiler
 from ztunnel.worker import ProxyEngine, tune_gc
 
 __all__ = ["Ztunnel", "run_ztunnel"]
@@ -245,6 +246,11 @@ async def run_ztunnel(config: ZtunnelConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ztunnel = Ztunnel(config)
+    with loop_profiler(loop):  # VEIL_ZTUNNEL_PROFILE (performance work only)
+        return await _serve(ztunnel, loop, stop)
+
+
+async def _serve(ztunnel: Ztunnel, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> int:
     try:
         starting = loop.create_task(ztunnel.start())
         stopping = loop.create_task(stop.wait())

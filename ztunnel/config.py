@@ -147,9 +147,10 @@ class ZtunnelConfig:
     log_level: str = "INFO"
     # The agent's bpffs pin directory: the same-node kernel splice lives there.
     pin_dir: Path = Path("/sys/fs/bpf/veil")
-    # When same-node connections use that splice; the default is never slower
-    # than the Python relay for bulk (perf/README.md).
-    same_node_splice: SpliceMode = SpliceMode.OFF
+    # When same-node connections use that splice. auto: bulk stays on the
+    # Python relay (never slower than it), conversations get the splice's
+    # latency (perf/README.md); off is the fallback if promotion misbehaves.
+    same_node_splice: SpliceMode = SpliceMode.AUTO
     # Worker processes sharing the listeners (SO_REUSEPORT); None: one per
     # CPU this process may use, capped (ztunnel.workers.supervision).
     workers: int | None = None

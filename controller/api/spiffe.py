@@ -18,15 +18,15 @@ from veil.errors import VeilError
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "MAX_SPIFFE_ID_LENGTH",
-    "InvalidSpiffeId",
     "WAYPOINT_PRINCIPAL_PREFIX",
+    "InvalidSpiffeId",
     "SpiffeId",
     "channel_identity",
     "channel_principal",
     "node_identity",
+    "validate_trust_domain",
     "waypoint_channel_identity",
     "waypoint_principal",
-    "validate_trust_domain",
     "workload_identity",
 ]
 

@@ -17,7 +17,16 @@ Identity.JoinNode. :class:`TokenReviewAuthenticator` implements
    ``node-name`` claim, when the API server adds one, must agree.
 5. The node the caller claims must be that node.
 
-:func:`check_review` and :func:`node_of_pod` are the pure decisions.
+Waypoint pods join through the same RPC with a narrower grant. A token of any
+other ServiceAccount is admitted only when its bound pod (same uid, same
+ServiceAccount, not finished) carries ``veil.io/waypoint=<name>`` and its
+namespace, or a Service in it, is labelled ``veil.io/use-waypoint=<name>``.
+The principal is then ``waypoint/<ns>/<sa>/<pod>``, not a node, and the
+caller must have claimed exactly that; controller.identity lets it obtain only
+``spiffe://<td>/ns/<ns>/sa/<sa>``.
+
+:func:`check_review`, :func:`node_of_pod` and :func:`waypoint_of_pod` are the
+pure decisions.
 """
 
 from __future__ import annotations
@@ -28,20 +37,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.api.errors import ApiError
+from controller.api.spiffe import InvalidSpiffeId, waypoint_channel_identity, waypoint_principal
 
 from .client import KubeClient
 from .errors import KubernetesError
-from .kinds import PODS
+from .kinds import NAMESPACES, PODS, SERVICES
 
 __all__ = [
     "AUDIENCE",
     "NODE_NAME_CLAIM",
     "POD_NAME_CLAIM",
     "POD_UID_CLAIM",
+    "USE_WAYPOINT_LABEL",
+    "WAYPOINT_LABEL",
     "BoundPod",
     "TokenReviewAuthenticator",
     "check_review",
     "node_of_pod",
+    "service_account_of",
+    "waypoint_of_pod",
 ]
 
 log = logging.getLogger("veil.controller.k8s")
@@ -50,6 +64,13 @@ AUDIENCE = "veil"
 POD_NAME_CLAIM = "authentication.kubernetes.io/pod-name"
 POD_UID_CLAIM = "authentication.kubernetes.io/pod-uid"
 NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
+WAYPOINT_LABEL = "veil.io/waypoint"
+USE_WAYPOINT_LABEL = "veil.io/use-waypoint"
+_SA_USER_PREFIX = "system:serviceaccount:"
+_WAYPOINT_HINT = (
+    "a waypoint pod needs the label veil.io/waypoint=<name>, and its namespace or a Service "
+    "in it the label veil.io/use-waypoint=<name> (daemonset/waypoint/, docs/waypoint.md)"
+)
 _TOKEN_HINT = (
     "the node DaemonSet must present its projected ServiceAccount token (audience veil, "
     "mounted from daemonset/node.yaml); the kubelet refreshes it, so re-read the file on retry"
@@ -118,6 +139,62 @@ def check_review(
     return BoundPod(namespace, service_account, pod_name, pod_uid, _one(extra, NODE_NAME_CLAIM))
 
 
+def service_account_of(review: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the ServiceAccount a TokenReview answer names, else None."""
+    status = review.get("status")
+    user = status.get("user") if isinstance(status, Mapping) else None
+    username = user.get("username") if isinstance(user, Mapping) else None
+    if not isinstance(username, str) or not username.startswith(_SA_USER_PREFIX):
+        return None
+    namespace, sep, name = username[len(_SA_USER_PREFIX) :].partition(":")
+    return (namespace, name) if sep and namespace and name else None
+
+
+def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    return labels if isinstance(labels, Mapping) else {}
+
+
+def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
+    """The waypoint name the bound pod serves (its ``veil.io/waypoint`` label).
+
+    Raises ApiError: UNAUTHENTICATED when the pod is not the one the token
+    names, PERMISSION_DENIED when it is a genuine pod that is not a waypoint.
+    """
+    where = f"pod {bound.namespace}/{bound.pod_name}"
+    if pod is None:
+        raise ApiError("UNAUTHENTICATED", f"the token's {where} no longer exists")
+    meta = pod.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    spec = pod.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    status = pod.get("status")
+    status = status if isinstance(status, Mapping) else {}
+    if meta.get("uid") != bound.pod_uid:
+        raise ApiError(
+            "UNAUTHENTICATED",
+            f"the token was issued to an earlier {where} (uid {bound.pod_uid}, now "
+            f"{meta.get('uid')})",
+        )
+    sa = spec.get("serviceAccountName") or "default"
+    if sa != bound.service_account:
+        raise ApiError(
+            "UNAUTHENTICATED", f"{where} runs as service account {sa}, not {bound.service_account}"
+        )
+    if status.get("phase") in ("Succeeded", "Failed"):
+        raise ApiError("UNAUTHENTICATED", f"{where} has finished ({status.get('phase')})")
+    name = _labels(pod).get(WAYPOINT_LABEL)
+    if not isinstance(name, str) or not name:
+        raise ApiError(
+            "PERMISSION_DENIED",
+            f"{where} (service account {bound.namespace}/{bound.service_account}) may not join: "
+            f"it is neither the Veil node DaemonSet nor a waypoint (no {WAYPOINT_LABEL} label)",
+            hint=_WAYPOINT_HINT,
+        )
+    return name
+
+
 def node_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
     """The node the bound pod runs on, after checking the pod is the one the token names."""
     where = f"pod {bound.namespace}/{bound.pod_name}"
@@ -169,32 +246,31 @@ class TokenReviewAuthenticator:
         namespace: str = "veil-system",
         service_account: str = "veil-node",
         audiences: Sequence[str] = (AUDIENCE,),
+        admit_waypoints: bool = True,
     ) -> None:
         self._client = client
         self._namespace = namespace
         self._service_account = service_account
         self._audiences = tuple(audiences)
+        self._admit_waypoints = admit_waypoints
 
     async def authenticate(self, token: str, claimed_node: str) -> str:
         if not token or len(token) > 16384:
             raise ApiError("UNAUTHENTICATED", "empty or oversized node token", hint=_TOKEN_HINT)
         try:
             review = await self._client.create_token_review(token, self._audiences)
+            who = service_account_of(review)
+            if (
+                self._admit_waypoints
+                and who is not None
+                and who != (self._namespace, self._service_account)
+            ):
+                return await self._waypoint(review, who, claimed_node)
             bound = check_review(review, self._namespace, self._service_account, self._audiences[0])
             pod = await self._client.get_optional(PODS, bound.namespace, bound.pod_name)
         except KubernetesError as e:
-            log.error("node authentication could not reach the Kubernetes API: %s", e)
-            if e.status in (401, 403):
-                raise ApiError(
-                    "INTERNAL",
-                    f"the controller cannot verify node tokens: {e.message}",
-                    hint=e.hint,
-                ) from None
-            raise ApiError(
-                "UNAVAILABLE",
-                f"node token could not be verified now: {e.message}",
-                hint="the node retries with backoff",
-            ) from None
+            raise _api_unreachable(e) from None
+
         node = node_of_pod(pod, bound)
         if claimed_node and claimed_node != node:
             raise ApiError(
@@ -205,3 +281,63 @@ class TokenReviewAuthenticator:
             )
         log.info("node %s authenticated by pod %s/%s", node, bound.namespace, bound.pod_name)
         return node
+
+    async def _waypoint(self, review: Mapping[str, Any], who: tuple[str, str], claimed: str) -> str:
+        """The principal ``waypoint/<ns>/<sa>/<pod>`` for an admitted waypoint pod's token."""
+        bound = check_review(review, who[0], who[1], self._audiences[0])
+        pod = await self._client.get_optional(PODS, bound.namespace, bound.pod_name)
+        try:
+            name = waypoint_of_pod(pod, bound)
+        except ApiError as e:
+            # Say both why it is not a node and why it is not a waypoint.
+            raise ApiError(
+                e.code,
+                f"token belongs to system:serviceaccount:{who[0]}:{who[1]}, not the Veil node "
+                f"service account system:serviceaccount:{self._namespace}:"
+                f"{self._service_account}, and it is not an admitted waypoint: {e.message}",
+                hint=e.hint or _WAYPOINT_HINT,
+            ) from None
+        if not await self._opted_in(bound.namespace, name):
+            raise ApiError(
+                "PERMISSION_DENIED",
+                f"waypoint {name!r} (pod {bound.namespace}/{bound.pod_name}) may not join: neither "
+                f"namespace {bound.namespace} nor a Service in it is labelled "
+                f"{USE_WAYPOINT_LABEL}={name}",
+                hint=f"kubectl label namespace {bound.namespace} {USE_WAYPOINT_LABEL}={name}",
+            )
+        try:
+            # Validates the names as they will appear in the channel certificate.
+            waypoint_channel_identity("veil.invalid", *who, bound.pod_name)
+        except InvalidSpiffeId as e:
+            raise ApiError("PERMISSION_DENIED", e.message, hint=e.hint) from None
+        principal = waypoint_principal(bound.namespace, bound.service_account, bound.pod_name)
+        if claimed != principal:
+            raise ApiError(
+                "UNAUTHENTICATED",
+                f"the token belongs to waypoint pod {bound.namespace}/{bound.pod_name}, which "
+                f"joins as {principal!r}, not {claimed!r}",
+                hint="join with --node waypoint/<namespace>/<service-account>/<pod-name>",
+            )
+        log.info("waypoint %s admitted as %s", name, principal)
+        return principal
+
+    async def _opted_in(self, namespace: str, name: str) -> bool:
+        """Whether the namespace or one of its Services sends traffic to waypoint ``name``."""
+        ns = await self._client.get_optional(NAMESPACES, None, namespace)
+        if _labels(ns).get(USE_WAYPOINT_LABEL) == name:
+            return True
+        services, _ = await self._client.list(SERVICES, namespace)
+        return any(_labels(svc).get(USE_WAYPOINT_LABEL) == name for svc in services)
+
+
+def _api_unreachable(e: KubernetesError) -> ApiError:
+    log.error("node authentication could not reach the Kubernetes API: %s", e)
+    if e.status in (401, 403):
+        return ApiError(
+            "INTERNAL", f"the controller cannot verify node tokens: {e.message}", hint=e.hint
+        )
+    return ApiError(
+        "UNAVAILABLE",
+        f"node token could not be verified now: {e.message}",
+        hint="the node retries with backoff",
+    )

@@ -195,6 +195,11 @@ class Counter:
             return dict(self._values)
 
     def _key(self, labels: Mapping[str, str] | LabelValues) -> LabelValues:
+        # Fast path: a tuple equal to a series already held was validated when
+        # that series was made (only tuples of str equal one). The proxy passes
+        # the same 19 label values on every event of a connection.
+        if type(labels) is tuple and labels in self._values:
+            return labels
         if isinstance(labels, Mapping):
             if set(labels) != set(self.label_names):
                 raise ValueError(

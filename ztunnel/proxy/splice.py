@@ -277,10 +277,14 @@ class SameNodeSplice:
         Owns both sockets. Bulk connections stay on the relay to their end.
         """
         counters = conn.track_bytes()
+        if self.maps() is None:
+            # No pins (warned once): nothing to promote to.
+            return await relay_sockets(client, server, counters)
         handed = await relay_until_handover(client, server, counters, Interactivity())
         if isinstance(handed, RelayResult):
             return handed
         c, s = handed
+        log.debug("same-node connection %d promoted to the kernel splice", conn.id)
         base = (counters.from_client, counters.to_client)
         try:
             spliced = await self.relay(c, s, conn, base=base)

@@ -45,7 +45,7 @@ async def test_startup_line_names_listeners_trust_domain_ca_and_registry(
     line = controller.startup_line
     assert "trust domain cluster.local" in line
     assert "CA sha256:" in line
-    assert "6 workloads (3 enrolled) on 2 nodes" in line
+    assert "7 workloads (3 enrolled) on 2 nodes" in line  # examples/registry.yaml
     assert await controller.health() == 1  # SERVING
 
 

@@ -27,6 +27,11 @@ SERVER_ID = SpiffeId("cluster.local", "/ns/default/sa/server")
 FLOODER = Path(__file__).with_name("flooder.py")
 INTERVAL = 0.010
 P99_LIMIT = 0.050
+# With the budgets switched off only the per-turn bound protects the loop. Without
+# that bound a flood held other tunnels' p99 at 3.9-4.9 s; with it, 1-21 ms on an
+# idle machine. 200 ms separates the two cases by an order of magnitude either
+# way, so a busy CI machine does not turn this check into a timing test.
+PER_TURN_P99_LIMIT = 0.200
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -179,4 +184,6 @@ class TestWithoutBudgets:
                 lines = await stop(proc)
         assert lines[0] == "deadline", lines  # one connection, never cut off
         worst = p99(samples)
-        assert worst < P99_LIMIT, f"p99 {worst * 1000:.1f} ms over {len(samples)} round trips"
+        assert worst < PER_TURN_P99_LIMIT, (
+            f"p99 {worst * 1000:.1f} ms over {len(samples)} round trips"
+        )

@@ -10,6 +10,7 @@ Python relay carries the bytes, with one warning.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -257,3 +258,182 @@ def test_without_pins_the_python_relay_carries_bytes_and_warns_once(
         mesh.wait_ztunnel_ready(NODE_A)
     with connect_from(lab, "checkout", lab.ip("other"), ECHO) as s:
         assert echo_roundtrip(s, b"back") == b"back"
+
+
+# --- auto: relay first, promoted to the splice once interactive -------------
+#
+# These run last: the module's ztunnel is restarted in auto mode for them.
+# The talk server speaks a small framed protocol, so one connection can be a
+# conversation first and a transfer or a half-close afterwards:
+#   b"e" + size(4) + bytes  -> the same bytes back;
+#   b"k" + 0(4) + bytes... EOF -> count(8) + sha256 of what arrived, then close;
+#   b"s" + size(4)          -> ``pattern(size)``, then close.
+
+TALK = 9104
+_HEAD = struct.Struct("!cI")
+
+
+def pattern(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        data = sock.recv(min(size - got, 1 << 20))
+        if not data:
+            raise AssertionError(f"EOF after {got} of {size} bytes")
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(1 << 20):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def talker(conn: socket.socket) -> None:
+    while head := conn.recv(_HEAD.size, socket.MSG_WAITALL):
+        cmd, size = _HEAD.unpack(head)
+        if cmd == b"e":
+            conn.sendall(recv_exact(conn, size))
+        elif cmd == b"k":
+            data = recv_all(conn)
+            conn.sendall(struct.pack("!Q", len(data)) + hashlib.sha256(data).digest())
+            return
+        elif cmd == b"s":
+            conn.sendall(pattern(size))
+            return
+
+
+def converse(sock: socket.socket, turns: int, size: int = 64) -> int:
+    """``turns`` echo exchanges of ``size`` bytes; returns the bytes sent."""
+    for _ in range(turns):
+        msg = os.urandom(size)
+        sock.sendall(_HEAD.pack(b"e", size) + msg)
+        assert recv_exact(sock, size) == msg
+    return turns * (_HEAD.size + size)
+
+
+def is_spliced(lab: Lab, port: int) -> bool | None:
+    """Whether node-a's /config_dump shows the connection from ``port`` spliced."""
+    for c in lab.mesh.config_dump(NODE_A).get("connections", []):
+        if c["src"].endswith(f":{port}"):
+            return bool(c.get("spliced"))
+    return None
+
+
+def wait_spliced(lab: Lab, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if is_spliced(lab, port):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the connection from :{port} was not promoted to the splice")
+
+
+@pytest.fixture(scope="module")
+def auto(lab: Lab, apps: dict[str, TcpServer]) -> Iterator[Lab]:
+    with in_netns(lab.mesh.pod("other").lab.netns):
+        listener = listen("::", TALK)
+    server = TcpServer(listener, talker).start()
+    try:
+        with ztunnel_args(lab, "--same-node-splice", "auto"):
+            yield lab
+    finally:
+        server.stop()
+
+
+def test_auto_promotes_an_interactive_flow(auto: Lab) -> None:
+    lab = auto
+    with connect_from(lab, "checkout", lab.ip("other"), TALK) as s:
+        port = s.getsockname()[1]
+        sent = converse(s, 5)
+        wait_spliced(lab, port)
+        assert spliced_sockets(lab) >= 2
+        sent += converse(s, 20, size=1000)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+    line = wait_access_line(lab, from_port(port))
+    # Relay bytes before the promotion plus map bytes after it, exactly.
+    assert (line["bytes_received"], line["bytes_sent"]) == (sent, 5 * 64 + 20 * 1000)
+    assert line["error"] is None
+
+
+def test_auto_keeps_a_bulk_flow_on_the_relay(auto: Lab) -> None:
+    lab = auto
+    with connect_from(lab, "checkout", lab.ip("other"), TALK, timeout=30) as s:
+        port = s.getsockname()[1]
+        big = os.urandom(4 << 20)
+        s.sendall(_HEAD.pack(b"e", len(big)) + big)
+        assert recv_exact(s, len(big)) == big
+        converse(s, 10)  # a bulk connection stays bulk
+        assert is_spliced(lab, port) is False
+    with connect_from(lab, "checkout", lab.ip("other"), SINK, timeout=30) as s:
+        port = s.getsockname()[1]
+        block = b"\x5a" * (256 << 10)
+        for _ in range(32):
+            s.sendall(block)
+        assert is_spliced(lab, port) is False
+        s.shutdown(socket.SHUT_WR)
+        assert int(recv_all(s)) == 32 * len(block)
+
+
+@pytest.mark.parametrize("size", [1, 64 << 10, 8 << 20, random.Random(11).randrange(1, 3 << 20)])
+def test_auto_bytes_intact_across_promotion_both_ways(auto: Lab, size: int) -> None:
+    lab = auto
+    with connect_from(lab, "checkout", lab.ip("other"), TALK, timeout=30) as s:
+        port = s.getsockname()[1]
+        sent = converse(s, 3)
+        wait_spliced(lab, port)
+        payload = os.urandom(size)
+        s.sendall(_HEAD.pack(b"e", size) + payload)
+        assert recv_exact(s, size) == payload
+        sent += _HEAD.size + size
+        # Pipelined: a message and a transfer behind it, sent without waiting,
+        # in flight while the connection is promoted or just after.
+        msg = os.urandom(64)
+        s.sendall(_HEAD.pack(b"e", 64) + msg + _HEAD.pack(b"s", size))
+        sent += 2 * _HEAD.size + 64
+        expected = msg + pattern(size)
+        assert recv_all(s) == expected
+    line = wait_access_line(lab, from_port(port))
+    assert (line["bytes_received"], line["bytes_sent"]) == (sent, 3 * 64 + size + len(expected))
+    assert line["error"] is None
+
+
+def test_auto_half_close_after_promotion_loses_no_tail(auto: Lab) -> None:
+    lab = auto
+    start = len(lab.log(NODE_A))
+    for i in range(20):
+        size = (1 << 20) + 7919 * i
+        with connect_from(lab, "checkout", lab.ip("other"), TALK, timeout=30) as s:
+            converse(s, 3)
+            wait_spliced(lab, s.getsockname()[1])
+            data = pattern(size)
+            s.sendall(_HEAD.pack(b"k", 0) + data)
+            s.shutdown(socket.SHUT_WR)
+            answer = recv_all(s)
+            expected = struct.pack("!Q", size) + hashlib.sha256(data).digest()
+            assert answer == expected, f"round {i}: client->server tail lost"
+        with connect_from(lab, "checkout", lab.ip("other"), TALK, timeout=30) as s:
+            converse(s, 3)
+            wait_spliced(lab, s.getsockname()[1])
+            s.sendall(_HEAD.pack(b"s", size))
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s) == pattern(size), f"round {i}: server->client tail lost"
+    assert WARNING not in lab.log(NODE_A)[start:]
+
+
+def test_auto_promotes_plain_ping_pong_on_an_echo_server(auto: Lab) -> None:
+    lab = auto
+    with connect_from(lab, "checkout", lab.ip("other"), ECHO) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        port = s.getsockname()[1]
+        for _ in range(50):
+            s.sendall(b"r" * 64)
+            assert recv_exact(s, 64) == b"r" * 64
+        wait_spliced(lab, port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -73,32 +74,41 @@ def test_valid_tokens(alg: str, key: Any, kid: str | None) -> None:
     assert r.strip == ("authorization",)
 
 
-NOW = int(time.time())
-
-
+# Headers are built when each test runs: a token minted at collection time
+# would expire before a long suite reaches it.
 @pytest.mark.parametrize(
-    ("name", "headers", "fragment"),
+    ("name", "make_headers", "fragment"),
     [
-        ("expired", bearer(token(exp=NOW - 120)), "expired"),
-        ("not yet valid", bearer(token(nbf=NOW + 300)), "not yet valid"),
-        ("wrong audience", bearer(token(aud="billing")), "audience"),
-        ("no audience", bearer(token(aud=None)), "aud"),
-        ("unknown issuer", bearer(token(iss="https://evil")), "not accepted"),
-        ("forged (other key, same kid)", bearer(token(OTHER_RSA)), "signature"),
-        ("unknown kid", bearer(token(kid="nope")), "kid"),
+        ("expired", lambda: bearer(token(exp=int(time.time()) - 120)), "expired"),
+        ("not yet valid", lambda: bearer(token(nbf=int(time.time()) + 300)), "not yet valid"),
+        ("wrong audience", lambda: bearer(token(aud="billing")), "audience"),
+        ("no audience", lambda: bearer(token(aud=None)), "aud"),
+        ("unknown issuer", lambda: bearer(token(iss="https://evil")), "not accepted"),
+        ("forged (other key, same kid)", lambda: bearer(token(OTHER_RSA)), "signature"),
+        ("unknown kid", lambda: bearer(token(kid="nope")), "kid"),
         (
             "alg none",
-            bearer(jwt.encode({"iss": ISS, "sub": "x"}, None, algorithm="none")),
+            lambda: bearer(jwt.encode({"iss": ISS, "sub": "x"}, None, algorithm="none")),
             "algorithm",
         ),
-        ("HS256", bearer(jwt.encode({"iss": ISS}, "k" * 32, algorithm="HS256")), "algorithm"),
-        ("garbage", bearer("not.a.jwt"), "malformed"),
-        ("empty segments", bearer(".."), "malformed"),
-        ("two different tokens", {"authorization": f"Bearer {token()}", "x-jwt": "y"}, None),
+        (
+            "HS256",
+            lambda: bearer(jwt.encode({"iss": ISS}, "k" * 32, algorithm="HS256")),
+            "algorithm",
+        ),
+        ("garbage", lambda: bearer("not.a.jwt"), "malformed"),
+        ("empty segments", lambda: bearer(".."), "malformed"),
+        (
+            "two different tokens",
+            lambda: {"authorization": f"Bearer {token()}", "x-jwt": "y"},
+            None,
+        ),
     ],
 )
-def test_rejected_tokens(name: str, headers: dict[str, str], fragment: str | None) -> None:
-    r = AUTH.authenticate(headers, no_uri)
+def test_rejected_tokens(
+    name: str, make_headers: Callable[[], dict[str, str]], fragment: str | None
+) -> None:
+    r = AUTH.authenticate(make_headers(), no_uri)
     if fragment is None:  # x-jwt is not a configured location: only one token found
         assert r.error is None
         return
@@ -162,3 +172,43 @@ def test_bad_inline_jwks_fails_closed(bad: str) -> None:
 
 def test_www_authenticate() -> None:
     assert www_authenticate().startswith("Bearer ")
+
+
+def test_verified_tokens_are_cached_until_expiry() -> None:
+    auth = Authenticator.compile([RULE])
+    now = time.time()
+    t = token(exp=int(now) + 100)
+    first = auth.authenticate(bearer(t), no_uri, now=now)
+    assert first.error is None
+    # The same token again: the cached result, the very same object.
+    assert auth.authenticate(bearer(t), no_uri, now=now + 50) is first
+    # Past exp + leeway the cache no longer answers: the token is verified again
+    # (and PyJWT, on the real clock, still accepts it), never served stale.
+    again = auth.authenticate(bearer(t), no_uri, now=now + 100 + 31)
+    assert again is not first and again.principal == first.principal
+
+
+def test_cache_follows_the_key_set_and_never_holds_failures() -> None:
+    auth = Authenticator.compile([JwtRule(issuer=ISS, jwks_uri="http://127.0.0.1/jwks")])
+    keys = jwt.PyJWKSet.from_json(JWKS)
+    t = token()
+    first = auth.authenticate(bearer(t), lambda uri: keys)
+    assert first.error is None
+    assert auth.authenticate(bearer(t), lambda uri: keys) is first
+    # A refreshed JWKS without the signing key: the cached result is dropped.
+    rotated = jwt.PyJWKSet.from_json(json.dumps({"keys": [_jwk(OTHER_RSA, "rsa")]}))
+    assert auth.authenticate(bearer(t), lambda uri: rotated).error is not None
+    # A forged token is refused every time.
+    forged = token(OTHER_RSA)
+    for _ in range(2):
+        assert auth.authenticate(bearer(forged), lambda uri: keys).error is not None
+
+
+def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import waypoint.authn as authn
+
+    monkeypatch.setattr(authn, "CACHE_SIZE", 3)
+    auth = Authenticator.compile([RULE])
+    for i in range(5):
+        assert auth.authenticate(bearer(token(sub=f"u{i}")), no_uri).error is None
+    assert len(auth._cache) == 3

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ztunnel.config import SpliceMode, ZtunnelConfig, config_from_args
+from ztunnel.errors import ConfigError
 from ztunnel.proxy.promotion import (
     BULK_BURST,
     MAX_MESSAGE,
@@ -97,3 +99,24 @@ def test_interactivity_promotes_a_conversation_once_it_has_enough_turns() -> Non
         for from_client, nbytes in ping_pong(PROMOTE_AFTER_TURNS)
     ]
     assert decisions == [Promotion.WAIT] * PROMOTE_AFTER_TURNS + [Promotion.PROMOTE]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ({}, {}, SpliceMode.AUTO),  # bulk stays on the relay: never slower than it
+        ({}, {"VEIL_SAME_NODE_SPLICE": "off"}, SpliceMode.OFF),
+        ({"same_node_splice": "Always"}, {"VEIL_SAME_NODE_SPLICE": "off"}, SpliceMode.ALWAYS),
+    ],
+)
+def test_the_setting(args: dict[str, str], env: dict[str, str], expected: SpliceMode) -> None:
+    config = config_from_args({"node_name": "n1", **args}, env)
+    assert config.same_node_splice is expected
+
+
+def test_the_setting_names_itself_when_wrong_and_survives_the_worker_channel() -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_args({"node_name": "n1"}, {"VEIL_SAME_NODE_SPLICE": "fast"})
+    assert "VEIL_SAME_NODE_SPLICE" in str(e.value) and "auto, always, off" in str(e.value)
+    # Workers receive the config as JSON: the plain string becomes the mode again.
+    assert ZtunnelConfig("n1", same_node_splice="auto").same_node_splice is SpliceMode.AUTO  # type: ignore[arg-type]
