@@ -81,8 +81,14 @@ class PreflightReport:
         return {
             "ok": self.ok,
             "checks": [
-                {"name": c.name, "ok": c.ok, "skipped": c.skipped, "detail": c.detail,
-                 "fix": c.fix, "warning": c.warning}
+                {
+                    "name": c.name,
+                    "ok": c.ok,
+                    "skipped": c.skipped,
+                    "detail": c.detail,
+                    "fix": c.fix,
+                    "warning": c.warning,
+                }
                 for c in self.checks
             ],
         }

@@ -40,7 +40,9 @@ _ROOMS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _unavailable(command: str, module: str, error: BaseException) -> Callable[[argparse.Namespace], int]:
+def _unavailable(
+    command: str, module: str, error: BaseException
+) -> Callable[[argparse.Namespace], int]:
     """A handler that explains why ``veil COMMAND`` cannot run in this installation."""
 
     def handler(_args: argparse.Namespace) -> int:
@@ -61,15 +63,19 @@ def _unavailable(command: str, module: str, error: BaseException) -> Callable[[a
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="veil", description="Veil: a sidecarless service mesh (controller, node agent, ztunnel)."
+        prog="veil",
+        description="Veil: a sidecarless service mesh (controller, node agent, ztunnel).",
     )
     parser.add_argument(
-        "--version", action="store_true",
+        "--version",
+        action="store_true",
         help="print Veil's version, and this node's agent and ztunnel versions and the "
         "controller's where reachable",
     )
     parser.add_argument(
-        "--controller-health", metavar="HOST:PORT", default=os.environ.get("VEIL_CONTROLLER_HEALTH"),
+        "--controller-health",
+        metavar="HOST:PORT",
+        default=os.environ.get("VEIL_CONTROLLER_HEALTH"),
         help="where --version asks the controller (env VEIL_CONTROLLER_HEALTH; default: the "
         "joined controller's host, port 15014)",
     )

@@ -502,7 +502,9 @@ def _cmd_node_status(args: argparse.Namespace) -> int:
 
 def _add_timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--timeout", type=float, default=10.0,
+        "--timeout",
+        type=float,
+        default=10.0,
         help="seconds to keep trying the controller (join retries until then)",
     )
 

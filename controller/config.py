@@ -359,7 +359,9 @@ class ControllerConfig:
         kube_ca_file = Path(raw["kube_ca_file"]) if raw["kube_ca_file"] else None
         if kube_api is not None:
             if source != "kubernetes":
-                raise fail("kube_api", "only applies with --source kubernetes", "add --source kubernetes")
+                raise fail(
+                    "kube_api", "only applies with --source kubernetes", "add --source kubernetes"
+                )
             if not kube_api.startswith(("http://", "https://")):
                 raise fail("kube_api", f"{kube_api!r} is not a URL", "e.g. https://10.0.0.1:6443")
             if kube_token_file is None or not kube_token_file.is_file():

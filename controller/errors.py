@@ -21,5 +21,3 @@ class ControllerError(VeilError):
 
 class CaError(ControllerError):
     """The CA material is missing, unreadable, inconsistent or unusable."""
-
-

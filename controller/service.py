@@ -91,11 +91,16 @@ def peer_node(context: grpc.aio.ServicerContext, trust_domain: str) -> str:
     except x509.ExtensionNotFound:
         uris = []
     if len(uris) != 1:
-        raise ApiError("UNAUTHENTICATED", f"client certificate has {len(uris)} URI SANs; exactly one is required")
+        raise ApiError(
+            "UNAUTHENTICATED",
+            f"client certificate has {len(uris)} URI SANs; exactly one is required",
+        )
     try:
         sid = SpiffeId.parse(uris[0])
     except InvalidSpiffeId as e:
-        raise ApiError("UNAUTHENTICATED", f"client certificate SAN is not a SPIFFE ID: {e}") from None
+        raise ApiError(
+            "UNAUTHENTICATED", f"client certificate SAN is not a SPIFFE ID: {e}"
+        ) from None
     # A waypoint pod's channel identity (/veil/waypoint/...) is a principal too;
     # what it may obtain is decided by controller.identity.authorize_identity.
     principal = channel_principal(sid) if sid.trust_domain == trust_domain else None
@@ -111,7 +116,9 @@ class _IdentityServicer(pb_grpc.IdentityServicer):
     def __init__(self, backend: IdentityBackend) -> None:
         self._backend = backend
 
-    async def JoinNode(self, request: pb.JoinNodeRequest, context: grpc.aio.ServicerContext) -> pb.JoinNodeResponse:
+    async def JoinNode(
+        self, request: pb.JoinNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinNodeResponse:
         try:
             res = await self._backend.join_node(request.token, bytes(request.csr), request.node)
         except ApiError as e:
@@ -152,12 +159,16 @@ class _DiscoveryServicer(pb_grpc.DiscoveryServicer):
         # registry snapshot, so every idle watcher would pin one in memory.
         try:
             node = peer_node(context, self._identity.trust_domain())
-            types = frozenset(ResourceType(t) for t in request.types if t) or frozenset(ResourceType)
+            types = frozenset(ResourceType(t) for t in request.types if t) or frozenset(
+                ResourceType
+            )
         except ApiError as e:
             await _abort(context, e)
             return
         except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown resource type in WatchRequest.types")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "unknown resource type in WatchRequest.types"
+            )
             return
         if request.node and request.node != node:
             await context.abort(
@@ -178,9 +189,9 @@ class _DiscoveryServicer(pb_grpc.DiscoveryServicer):
             sub.close()
 
 
-def add_services(server: grpc.aio.Server, identity: IdentityBackend, discovery: DiscoveryBackend) -> None:
+def add_services(
+    server: grpc.aio.Server, identity: IdentityBackend, discovery: DiscoveryBackend
+) -> None:
     """Registers Identity and Discovery on ``server`` (health is added by the caller)."""
     pb_grpc.add_IdentityServicer_to_server(_IdentityServicer(identity), server)  # type: ignore[no-untyped-call]
     pb_grpc.add_DiscoveryServicer_to_server(_DiscoveryServicer(discovery, identity), server)  # type: ignore[no-untyped-call]
-
-

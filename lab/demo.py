@@ -200,9 +200,13 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
             ports = capture.tcp_ports_seen()
             records = capture.tls_records_seen()
             if HBONE_PORT not in ports:
-                raise AssertionError(f"no HBONE (:{HBONE_PORT}) traffic on the underlay; ports {sorted(ports)}")
+                raise AssertionError(
+                    f"no HBONE (:{HBONE_PORT}) traffic on the underlay; ports {sorted(ports)}"
+                )
             v6_hbone = sum(
-                1 for seg in capture.segments() if ":" in seg.src and HBONE_PORT in (seg.sport, seg.dport)
+                1
+                for seg in capture.segments()
+                if ":" in seg.src and HBONE_PORT in (seg.sport, seg.dport)
             )
             if payments6 and checkout6 and not v6_hbone:
                 raise AssertionError(f"no IPv6 HBONE (:{HBONE_PORT}) traffic on the underlay")
@@ -256,7 +260,9 @@ def run_demo(registry: Path, keep: bool, out: Callable[[str], None]) -> int:
     total = len(demo.results)
     elapsed = time.monotonic() - started
     verdict = "PASS" if passed == total else "FAIL"
-    out(f"\nveil demo: {verdict}: {passed}/{total} checks held in {elapsed:.1f}s; everything cleaned up")
+    out(
+        f"\nveil demo: {verdict}: {passed}/{total} checks held in {elapsed:.1f}s; everything cleaned up"
+    )
     return 0 if passed == total else 1
 
 
@@ -312,7 +318,8 @@ def add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="registry YAML describing the mesh")
+    p.add_argument(
+        "--registry", default=str(DEFAULT_REGISTRY), help="registry YAML describing the mesh"
+    )
     p.add_argument("--keep", action="store_true", help="keep the mesh running until Ctrl-C")
     p.set_defaults(func=_handle)
-

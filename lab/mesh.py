@@ -139,7 +139,9 @@ class LabMesh:
             node_name = str(w["node"])
             if node_name not in nodes:
                 index = len(nodes)
-                nodes[node_name] = self.topo.add_node(node_name, pod_cidr=f"10.244.{index + 1}.0/24")
+                nodes[node_name] = self.topo.add_node(
+                    node_name, pod_cidr=f"10.244.{index + 1}.0/24"
+                )
             ip = str(w["ips"][0])
             lab_pod = self.topo.add_pod(nodes[node_name], str(w["name"]), ip=ip)
             _check_ipv6(w, lab_pod)
@@ -222,8 +224,13 @@ class LabMesh:
         out = self.topo.run(
             self.topo.underlay_netns,
             veil_argv(
-                "controller", "token", "create", "--node", node,
-                "--state-dir", str(self.workdir / "controller"),
+                "controller",
+                "token",
+                "create",
+                "--node",
+                node,
+                "--state-dir",
+                str(self.workdir / "controller"),
             ),
         )
         token = out.stdout.decode().strip().splitlines()[-1].strip()
@@ -236,11 +243,16 @@ class LabMesh:
         self.topo.run(
             self.topo.node(node),
             veil_argv(
-                "node", "join",
-                "--controller", f"{self.topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
-                "--token", token,
-                "--node", node,
-                "--state-dir", str(self.node_dir(node)),
+                "node",
+                "join",
+                "--controller",
+                f"{self.topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
+                "--token",
+                token,
+                "--node",
+                node,
+                "--state-dir",
+                str(self.node_dir(node)),
             ),
         )
 
@@ -248,11 +260,16 @@ class LabMesh:
         proc = self.topo.popen(
             self.topo.node(node),
             veil_argv(
-                "--log-level", self.log_level,
-                "ztunnel", "run",
-                "--node", node,
-                "--state-dir", str(self.node_dir(node)),
-                "--pin-dir", str(self.pin_dir(node)),
+                "--log-level",
+                self.log_level,
+                "ztunnel",
+                "run",
+                "--node",
+                node,
+                "--state-dir",
+                str(self.node_dir(node)),
+                "--pin-dir",
+                str(self.pin_dir(node)),
                 *self.extra_ztunnel_args,
             ),
             log_path=self._log(f"ztunnel-{node}"),
@@ -269,13 +286,20 @@ class LabMesh:
         proc = self.topo.popen(
             self.topo.node(node),
             veil_argv(
-                "--log-level", self.log_level,
-                "agent", "run",
-                "--node", node,
-                "--state-dir", str(self.node_dir(node)),
-                "--pin-dir", str(self.pin_dir(node)),
-                "--status-socket", str(self.agent_socket(node)),
-                "--uplink", self.topo.node(node).uplink,
+                "--log-level",
+                self.log_level,
+                "agent",
+                "run",
+                "--node",
+                node,
+                "--state-dir",
+                str(self.node_dir(node)),
+                "--pin-dir",
+                str(self.pin_dir(node)),
+                "--status-socket",
+                str(self.agent_socket(node)),
+                "--uplink",
+                self.topo.node(node).uplink,
             ),
             log_path=self._log(f"agent-{node}"),
         )

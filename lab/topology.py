@@ -408,9 +408,7 @@ class Topology:
                 ifindex=eth0,
                 state=_NUD_PERMANENT,
             )
-            ipr.route(
-                "add", family=socket.AF_INET6, dst="::/0", gateway=POD_GATEWAY6, oif=eth0
-            )
+            ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=POD_GATEWAY6, oif=eth0)
 
     # -- processes ---------------------------------------------------------
 

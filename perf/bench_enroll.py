@@ -63,8 +63,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "perf" / "results" / "enroll.json"
 PIN_ROOT = Path("/sys/fs/bpf/veil-bench")
-TARGETS = {"bulk_enroll_s": ("<=", 10.0), "enroll_latency_p99_ms": ("<=", 200.0),
-           "agent_rss_mb": ("<=", 100.0)}
+TARGETS = {
+    "bulk_enroll_s": ("<=", 10.0),
+    "enroll_latency_p99_ms": ("<=", 200.0),
+    "agent_rss_mb": ("<=", 100.0),
+}
 REGISTRY_POLL = "0.05"
 
 
@@ -73,8 +76,13 @@ def _veil(*args: str) -> list[str]:
 
 
 def _workload(pod: LabPod) -> dict[str, Any]:
-    return {"name": pod.name, "namespace": "bench", "serviceAccount": pod.name,
-            "node": "node-a", "ips": [pod.ip]}
+    return {
+        "name": pod.name,
+        "namespace": "bench",
+        "serviceAccount": pod.name,
+        "node": "node-a",
+        "ips": [pod.ip],
+    }
 
 
 def _registry(pods: Sequence[LabPod]) -> dict[str, Any]:
@@ -145,31 +153,66 @@ class Bench:
         ip = self.topo.controller_ip
         state = self.work / "controller"
         self.controller = ControllerProcess(
-            self.work, host=ip, netns=self.topo.underlay_netns,
-            mtls_port=CONTROLLER_PORT, join_port=CONTROLLER_JOIN_PORT,
-            registry_path=self.registry, state_path=state,
-            registry_poll=float(REGISTRY_POLL), log_level="warning",
+            self.work,
+            host=ip,
+            netns=self.topo.underlay_netns,
+            mtls_port=CONTROLLER_PORT,
+            join_port=CONTROLLER_JOIN_PORT,
+            registry_path=self.registry,
+            state_path=state,
+            registry_poll=float(REGISTRY_POLL),
+            log_level="warning",
         ).start()
-        out = self.topo.run(self.topo.underlay_netns, _veil(
-            "controller", "token", "create", "--node", "node-a", "--state-dir", str(state)))
+        out = self.topo.run(
+            self.topo.underlay_netns,
+            _veil("controller", "token", "create", "--node", "node-a", "--state-dir", str(state)),
+        )
         token = out.stdout.decode().strip().splitlines()[-1].strip()
-        self.topo.run(self.node, _veil(
-            "node", "join", "--controller", f"{ip}:{CONTROLLER_JOIN_PORT}", "--token", token,
-            "--node", "node-a", "--state-dir", str(self.work / "node")))
+        self.topo.run(
+            self.node,
+            _veil(
+                "node",
+                "join",
+                "--controller",
+                f"{ip}:{CONTROLLER_JOIN_PORT}",
+                "--token",
+                token,
+                "--node",
+                "node-a",
+                "--state-dir",
+                str(self.work / "node"),
+            ),
+        )
 
     def start_agent(self) -> float:
         """Start ``veil agent run``; returns the seconds until it has reconciled once."""
         t0 = time.monotonic()
         log = (self.work / "agent.log").open("ab")
-        argv = _veil("agent", "run", "--node", "node-a", "--state-dir", str(self.work / "node"),
-                     "--pin-dir", str(self.pin_dir), "--status-socket", str(self.socket))
+        argv = _veil(
+            "agent",
+            "run",
+            "--node",
+            "node-a",
+            "--state-dir",
+            str(self.work / "node"),
+            "--pin-dir",
+            str(self.pin_dir),
+            "--status-socket",
+            str(self.socket),
+        )
         with log:
             self.agent = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.node.netns}", "--", *argv], cwd=ROOT,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                ["nsenter", f"--net=/run/netns/{self.node.netns}", "--", *argv],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        self._wait(lambda: bool((st := self._status()) and st.get("last_reconcile")), 120.0,
-                   "the agent's first reconcile")
+        self._wait(
+            lambda: bool((st := self._status()) and st.get("last_reconcile")),
+            120.0,
+            "the agent's first reconcile",
+        )
         return time.monotonic() - t0
 
     def kill_agent(self) -> None:
@@ -286,7 +329,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def run_bench(pods: int, samples: int, work: Path) -> dict[str, Any]:
     bench = Bench(pods, samples, work)
-    raw: dict[str, Any] = {"pods": pods, "samples": samples, "registry_poll_s": float(REGISTRY_POLL)}
+    raw: dict[str, Any] = {
+        "pods": pods,
+        "samples": samples,
+        "registry_poll_s": float(REGISTRY_POLL),
+    }
     try:
         raw["lab_build_s"] = round(bench.build(), 3)
         bench.start_controller()
@@ -316,13 +363,20 @@ def run_bench(pods: int, samples: int, work: Path) -> dict[str, Any]:
     finally:
         bench.close()
     metrics = {
-        "bulk_enroll_s": _metric("bulk_enroll_s", raw["bulk_enroll_s"],
-                                 f"s, registry change to {pods} pods redirected"),
-        "enroll_latency_p99_ms": _metric("enroll_latency_p99_ms", raw["latency_ms"]["p99"],
-                                         f"ms, registry file write to redirection active, "
-                                         f"{samples} samples with {pods} pods enrolled"),
-        "agent_rss_mb": _metric("agent_rss_mb", raw["agent_rss_mb_max"],
-                                f"MB, largest agent RSS with {pods + samples} pods"),
+        "bulk_enroll_s": _metric(
+            "bulk_enroll_s", raw["bulk_enroll_s"], f"s, registry change to {pods} pods redirected"
+        ),
+        "enroll_latency_p99_ms": _metric(
+            "enroll_latency_p99_ms",
+            raw["latency_ms"]["p99"],
+            f"ms, registry file write to redirection active, "
+            f"{samples} samples with {pods} pods enrolled",
+        ),
+        "agent_rss_mb": _metric(
+            "agent_rss_mb",
+            raw["agent_rss_mb_max"],
+            f"MB, largest agent RSS with {pods + samples} pods",
+        ),
     }
     notes = [
         *bench.notes,
@@ -332,8 +386,11 @@ def run_bench(pods: int, samples: int, work: Path) -> dict[str, Any]:
     return {
         "benchmark": "enroll",
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                 "python": platform.python_version()},
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
         "metrics": metrics,
         "raw": raw,
         "notes": notes,
@@ -345,15 +402,20 @@ def print_table(result: dict[str, Any]) -> None:
     for name, m in result["metrics"].items():
         print(f"{name:26} {m['value']:>10.3f} {m['target']:>10}  {'yes' if m['pass'] else 'NO'}")
     raw = result["raw"]
-    print(f"latency ms: p50 {raw['latency_ms']['p50']} p95 {raw['latency_ms']['p95']} "
-          f"max {raw['latency_ms']['max']}; agent cold start {raw['agent_cold_start_s']} s, "
-          f"restart {raw['agent_restart_s']} s")
+    print(
+        f"latency ms: p50 {raw['latency_ms']['p50']} p95 {raw['latency_ms']['p95']} "
+        f"max {raw['latency_ms']['max']}; agent cold start {raw['agent_cold_start_s']} s, "
+        f"restart {raw['agent_restart_s']} s"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, writes perf/results/enroll.json and returns the result."""
-    parser = argparse.ArgumentParser(prog="python -m perf.bench_enroll", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m perf.bench_enroll",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pods", type=int, default=200, help="pods enrolled in bulk")
     parser.add_argument("--samples", type=int, default=50, help="latency samples")
     parser.add_argument("--results", type=Path, default=RESULTS)

@@ -176,9 +176,11 @@ class Ztunnel:
         self._unsubscribe.append(self._controller.on_reconnect(self.certs.on_reconnect))
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.watch.run(), name="veil-watch"))
-        self._tasks.append(loop.create_task(
+        self._tasks.append(
+            loop.create_task(
                 self._controller.follow_credentials(_CREDENTIALS_POLL), name="veil-creds"
-            ))
+            )
+        )
         await self.ops.start()
         if self.health is not None:
             await self.health.start()

@@ -49,13 +49,19 @@ def add_ztunnel_parser(sub: _Sub) -> None:
         "then VEIL_* environment variables, then defaults.",
     )
     run.add_argument(
-        "--node", dest="node_name", default=None, metavar="NAME",
+        "--node",
+        dest="node_name",
+        default=None,
+        metavar="NAME",
         help="this node's name (env VEIL_NODE_NAME; default: the name stored by "
         "`veil node join` in --state-dir, as the agent does)",
     )
     # The old second spelling keeps working for one release, with a warning.
     run.add_argument(
-        "--node-name", dest="node_name", action=_DeprecatedAlias, metavar="NAME",
+        "--node-name",
+        dest="node_name",
+        action=_DeprecatedAlias,
+        metavar="NAME",
         help=argparse.SUPPRESS,
     )
     add_config_arguments(run, skip=_SKIPPED | {"node_name"})
@@ -69,12 +75,17 @@ def add_ztunnel_parser(sub: _Sub) -> None:
         "(the reason on stderr), 2 when no socket path is given.",
     )
     health.add_argument(
-        "--health-socket", default=None, metavar="PATH",
+        "--health-socket",
+        default=None,
+        metavar="PATH",
         help="the ztunnel's health socket (env VEIL_ZTUNNEL_HEALTH_SOCKET)",
     )
     health.add_argument("--ready", action="store_true", help="check readiness, not liveness")
     health.add_argument(
-        "--timeout", type=float, default=3.0, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
         help="how long to wait for the answer (default: 3)",
     )
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")

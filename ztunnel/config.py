@@ -194,7 +194,9 @@ def _validate(c: ZtunnelConfig) -> None:
     try:
         ipaddress.ip_address(c.listen_address)
     except ValueError:
-        raise _err("listen_address", f"{c.listen_address!r} is not an IP address", "e.g. 0.0.0.0") from None
+        raise _err(
+            "listen_address", f"{c.listen_address!r} is not an IP address", "e.g. 0.0.0.0"
+        ) from None
     if not is_loopback(c.admin_address[0]):
         raise _err(
             "admin_address",
@@ -219,7 +221,9 @@ def _validate(c: ZtunnelConfig) -> None:
     if c.cert_retry_max < c.cert_retry_initial:
         raise _err("cert_retry_max", "is below the initial retry delay", "raise the maximum")
     if c.cert_ttl is not None and c.cert_ttl < 1:
-        raise _err("cert_ttl", f"{c.cert_ttl}s is too short", "use at least 1s; a few hours in production")
+        raise _err(
+            "cert_ttl", f"{c.cert_ttl}s is too short", "use at least 1s; a few hours in production"
+        )
     if c.metrics_max_label_sets < 1:
         raise _err("metrics_max_label_sets", "must be at least 1", "the default is 10000")
     if c.workers is not None and not 1 <= c.workers <= _MAX_WORKERS:
@@ -236,7 +240,9 @@ def _validate(c: ZtunnelConfig) -> None:
             "use a path under 80 bytes, e.g. /var/run/veil-ztunnel/health.sock",
         )
     if c.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise _err("log_level", f"{c.log_level!r} is not a level", "use DEBUG, INFO, WARNING or ERROR")
+        raise _err(
+            "log_level", f"{c.log_level!r} is not a level", "use DEBUG, INFO, WARNING or ERROR"
+        )
 
 
 def _path(text: str) -> Path:
@@ -264,52 +270,155 @@ def _int(text: str) -> int:
 _SPECS = (
     Setting("node_name", "--node-name", "VEIL_NODE_NAME", str, "this node's name (required)"),
     Setting("state_dir", "--state-dir", "VEIL_STATE_DIR", _path, "node credentials directory"),
-    Setting("controller_address", "--controller-address", "VEIL_CONTROLLER_ADDRESS", str,
-          "controller host:port (default: the address stored at join)"),
-    Setting("listen_address", "--listen-address", "VEIL_LISTEN_ADDRESS", str,
-          "address of the 15001/15006/15008 listeners"),
-    Setting("outbound_port", "--outbound-port", "VEIL_OUTBOUND_PORT", _port, "outbound capture port"),
-    Setting("inbound_plaintext_port", "--inbound-plaintext-port", "VEIL_INBOUND_PLAINTEXT_PORT",
-          _port, "inbound plaintext port"),
+    Setting(
+        "controller_address",
+        "--controller-address",
+        "VEIL_CONTROLLER_ADDRESS",
+        str,
+        "controller host:port (default: the address stored at join)",
+    ),
+    Setting(
+        "listen_address",
+        "--listen-address",
+        "VEIL_LISTEN_ADDRESS",
+        str,
+        "address of the 15001/15006/15008 listeners",
+    ),
+    Setting(
+        "outbound_port", "--outbound-port", "VEIL_OUTBOUND_PORT", _port, "outbound capture port"
+    ),
+    Setting(
+        "inbound_plaintext_port",
+        "--inbound-plaintext-port",
+        "VEIL_INBOUND_PLAINTEXT_PORT",
+        _port,
+        "inbound plaintext port",
+    ),
     Setting("hbone_port", "--hbone-port", "VEIL_HBONE_PORT", _port, "HBONE (mTLS) port"),
-    Setting("admin_address", "--admin-address", "VEIL_ADMIN_ADDRESS", parse_host_port,
-          "admin API host:port (loopback only)"),
-    Setting("metrics_address", "--metrics-address", "VEIL_METRICS_ADDRESS", parse_host_port,
-          "Prometheus host:port"),
-    Setting("readiness_address", "--readiness-address", "VEIL_READINESS_ADDRESS", parse_host_port,
-          "readiness probe host:port"),
-    Setting("health_socket", "--health-socket", "VEIL_ZTUNNEL_HEALTH_SOCKET", _path,
-          "also answer readiness/liveness for this instance on this unix socket (mode 0600; "
-          "read by `veil ztunnel health`)"),
-    Setting("drain_grace_period", "--drain-grace-period", "VEIL_DRAIN_GRACE_PERIOD", parse_duration,
-          "how long to let connections finish at shutdown"),
-    Setting("cert_ttl", "--cert-ttl", "VEIL_CERT_TTL", _optional_duration,
-          "requested workload certificate lifetime (default: controller's)"),
-    Setting("key_dir", "--key-dir", "VEIL_KEY_DIR", _path,
-          "keep workload keys in 0600 files here (default: memory only)"),
-    Setting("pool_idle_timeout", "--pool-idle-timeout", "VEIL_POOL_IDLE_TIMEOUT", parse_duration,
-          "close idle pooled HBONE connections after this long"),
-    Setting("connect_timeout", "--connect-timeout", "VEIL_CONNECT_TIMEOUT", parse_duration,
-          "upstream connect timeout"),
-    Setting("xds_backoff_initial", "--xds-backoff-initial", "VEIL_XDS_BACKOFF_INITIAL",
-          parse_duration, "first controller reconnect delay"),
-    Setting("xds_backoff_max", "--xds-backoff-max", "VEIL_XDS_BACKOFF_MAX", parse_duration,
-          "largest controller reconnect delay"),
-    Setting("cert_retry_initial", "--cert-retry-initial", "VEIL_CERT_RETRY_INITIAL", parse_duration,
-          "first certificate retry delay"),
-    Setting("cert_retry_max", "--cert-retry-max", "VEIL_CERT_RETRY_MAX", parse_duration,
-          "largest certificate retry delay"),
-    Setting("metrics_max_label_sets", "--metrics-max-label-sets", "VEIL_METRICS_MAX_LABEL_SETS",
-          _int, "cap on distinct label sets per metric"),
+    Setting(
+        "admin_address",
+        "--admin-address",
+        "VEIL_ADMIN_ADDRESS",
+        parse_host_port,
+        "admin API host:port (loopback only)",
+    ),
+    Setting(
+        "metrics_address",
+        "--metrics-address",
+        "VEIL_METRICS_ADDRESS",
+        parse_host_port,
+        "Prometheus host:port",
+    ),
+    Setting(
+        "readiness_address",
+        "--readiness-address",
+        "VEIL_READINESS_ADDRESS",
+        parse_host_port,
+        "readiness probe host:port",
+    ),
+    Setting(
+        "health_socket",
+        "--health-socket",
+        "VEIL_ZTUNNEL_HEALTH_SOCKET",
+        _path,
+        "also answer readiness/liveness for this instance on this unix socket (mode 0600; "
+        "read by `veil ztunnel health`)",
+    ),
+    Setting(
+        "drain_grace_period",
+        "--drain-grace-period",
+        "VEIL_DRAIN_GRACE_PERIOD",
+        parse_duration,
+        "how long to let connections finish at shutdown",
+    ),
+    Setting(
+        "cert_ttl",
+        "--cert-ttl",
+        "VEIL_CERT_TTL",
+        _optional_duration,
+        "requested workload certificate lifetime (default: controller's)",
+    ),
+    Setting(
+        "key_dir",
+        "--key-dir",
+        "VEIL_KEY_DIR",
+        _path,
+        "keep workload keys in 0600 files here (default: memory only)",
+    ),
+    Setting(
+        "pool_idle_timeout",
+        "--pool-idle-timeout",
+        "VEIL_POOL_IDLE_TIMEOUT",
+        parse_duration,
+        "close idle pooled HBONE connections after this long",
+    ),
+    Setting(
+        "connect_timeout",
+        "--connect-timeout",
+        "VEIL_CONNECT_TIMEOUT",
+        parse_duration,
+        "upstream connect timeout",
+    ),
+    Setting(
+        "xds_backoff_initial",
+        "--xds-backoff-initial",
+        "VEIL_XDS_BACKOFF_INITIAL",
+        parse_duration,
+        "first controller reconnect delay",
+    ),
+    Setting(
+        "xds_backoff_max",
+        "--xds-backoff-max",
+        "VEIL_XDS_BACKOFF_MAX",
+        parse_duration,
+        "largest controller reconnect delay",
+    ),
+    Setting(
+        "cert_retry_initial",
+        "--cert-retry-initial",
+        "VEIL_CERT_RETRY_INITIAL",
+        parse_duration,
+        "first certificate retry delay",
+    ),
+    Setting(
+        "cert_retry_max",
+        "--cert-retry-max",
+        "VEIL_CERT_RETRY_MAX",
+        parse_duration,
+        "largest certificate retry delay",
+    ),
+    Setting(
+        "metrics_max_label_sets",
+        "--metrics-max-label-sets",
+        "VEIL_METRICS_MAX_LABEL_SETS",
+        _int,
+        "cap on distinct label sets per metric",
+    ),
     Setting("log_level", "--log-level", "VEIL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
-    Setting("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
-          "the agent's bpffs pin directory (same-node kernel splice)"),
-    Setting("same_node_splice", "--same-node-splice", "VEIL_SAME_NODE_SPLICE", _splice_mode,
-          "same-node kernel splice: auto (relay first, splice interactive connections), "
-          "always, or off (Python relay only)", metavar="{auto,always,off}"),
-    Setting("workers", "--workers", "VEIL_ZTUNNEL_WORKERS", _int,
-          "worker processes sharing the listeners (default: one per usable CPU, at most 8; "
-          "1 runs a single process)"),
+    Setting(
+        "pin_dir",
+        "--pin-dir",
+        "VEIL_PIN_DIR",
+        _path,
+        "the agent's bpffs pin directory (same-node kernel splice)",
+    ),
+    Setting(
+        "same_node_splice",
+        "--same-node-splice",
+        "VEIL_SAME_NODE_SPLICE",
+        _splice_mode,
+        "same-node kernel splice: auto (relay first, splice interactive connections), "
+        "always, or off (Python relay only)",
+        metavar="{auto,always,off}",
+    ),
+    Setting(
+        "workers",
+        "--workers",
+        "VEIL_ZTUNNEL_WORKERS",
+        _int,
+        "worker processes sharing the listeners (default: one per usable CPU, at most 8; "
+        "1 runs a single process)",
+    ),
 )
 _SPECS_BY_FIELD = {s.field: s for s in _SPECS}
 
@@ -319,9 +428,7 @@ def config_fields() -> dict[str, tuple[str, str]]:
     return {s.field: (s.flag, s.env) for s in _SPECS}
 
 
-def add_config_arguments(
-    parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()
-) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> None:
     """Adds one flag per config field; flags default to unset so env vars can apply."""
     add_setting_arguments(parser, _SPECS, skip=skip, defaults=dataclass_defaults(ZtunnelConfig))
 

@@ -31,7 +31,6 @@ class CertificateError(ZtunnelError):
     failed the node's own checks (wrong SAN, does not chain to the trust bundle)."""
 
 
-
 class AdminBindError(ZtunnelError):
     """An operations endpoint was asked to listen where it must not (the admin
     API on a non-loopback address)."""

@@ -92,9 +92,7 @@ MAP_LAYOUTS: Final[Mapping[str, MapLayout]] = {
     ),
     # The drop stream (read by agent.bpf.events, never through this class).
     "drop_events": MapLayout("drop_events", _BPF_MAP_TYPE_RINGBUF, 0, 0, DROP_EVENTS_BYTES),
-    "drop_limit": MapLayout(
-        "drop_limit", _BPF_MAP_TYPE_PERCPU_ARRAY, 4, _DROP_BUCKET_SIZE, 1
-    ),
+    "drop_limit": MapLayout("drop_limit", _BPF_MAP_TYPE_PERCPU_ARRAY, 4, _DROP_BUCKET_SIZE, 1),
 }
 assert tuple(MAP_LAYOUTS) == MAP_NAMES
 

@@ -40,9 +40,9 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     rows = [
         {
             "check": c.name,
-            "result": "skip" if c.skipped else (
-                ("WARN" if c.warning else "ok") if c.ok else "FAIL"
-            ),
+            "result": "skip"
+            if c.skipped
+            else (("WARN" if c.warning else "ok") if c.ok else "FAIL"),
             "detail": c.detail,
             "fix": c.fix,
         }
@@ -51,8 +51,11 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     if args.output == "json":
         render_kv(report.to_dict(), "json")
     else:
-        render(rows, [Column("CHECK", "check"), Column("RESULT", "result"),
-                      Column("DETAIL", "detail")], "table")
+        render(
+            rows,
+            [Column("CHECK", "check"), Column("RESULT", "result"), Column("DETAIL", "detail")],
+            "table",
+        )
         for row in rows:
             if row["result"] != "ok" and row["fix"]:
                 print(f"\nfix {row['check']}: {row['fix']}")
@@ -115,8 +118,10 @@ def _cmd_health(args: argparse.Namespace) -> int:
     if args.this_pod:
         pod = os.environ.get("VEIL_POD_NAME")
         if not pod:
-            print("error: --this-pod needs VEIL_POD_NAME (the downward API's metadata.name)",
-                  file=sys.stderr)
+            print(
+                "error: --this-pod needs VEIL_POD_NAME (the downward API's metadata.name)",
+                file=sys.stderr,
+            )
             return 2
     problem = agent_health(status, ready=args.ready, pod=pod)
     if problem is not None:
@@ -158,8 +163,13 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
-                   help="output format (default: table)")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="output format (default: table)",
+    )
 
 
 def add_agent_parser(sub: _Sub) -> None:
@@ -182,11 +192,17 @@ def add_agent_parser(sub: _Sub) -> None:
         "uninstall",
         help="remove every Veil filter, pin, rule and route from this node",
     )
-    un.add_argument("--pin-dir", default=None,
-                    help=f"pin directory (default {DEFAULT_PIN_DIR}; env VEIL_PIN_DIR)")
-    un.add_argument("--status-socket", default=None,
-                    help="the agent's status socket, to refuse while it runs "
-                    f"(default {DEFAULT_STATUS_SOCKET}; env VEIL_AGENT_SOCKET)")
+    un.add_argument(
+        "--pin-dir",
+        default=None,
+        help=f"pin directory (default {DEFAULT_PIN_DIR}; env VEIL_PIN_DIR)",
+    )
+    un.add_argument(
+        "--status-socket",
+        default=None,
+        help="the agent's status socket, to refuse while it runs "
+        f"(default {DEFAULT_STATUS_SOCKET}; env VEIL_AGENT_SOCKET)",
+    )
     un.add_argument("--force", action="store_true", help="remove even while the agent runs")
     _add_output(un)
     un.set_defaults(func=_cmd_uninstall)
@@ -198,26 +214,37 @@ def add_agent_parser(sub: _Sub) -> None:
         "agent has also applied the controller's state at least once. Exit 1 otherwise, "
         "with the reason on stderr.",
     )
-    health.add_argument("--status-socket", default=None,
-                        help=f"the agent's status socket (default {DEFAULT_STATUS_SOCKET}; "
-                        "env VEIL_AGENT_SOCKET)")
-    health.add_argument("--ready", action="store_true",
-                        help="check readiness instead of liveness")
-    health.add_argument("--this-pod", action="store_true",
-                        help="also require that the answering agent runs in this pod "
-                        "(env VEIL_POD_NAME), not in the other pod of a rolling update; for "
-                        "startup and readiness probes, never liveness")
-    health.add_argument("--timeout", type=float, default=3.0,
-                        help="seconds to wait for the answer (default 3)")
+    health.add_argument(
+        "--status-socket",
+        default=None,
+        help=f"the agent's status socket (default {DEFAULT_STATUS_SOCKET}; env VEIL_AGENT_SOCKET)",
+    )
+    health.add_argument("--ready", action="store_true", help="check readiness instead of liveness")
+    health.add_argument(
+        "--this-pod",
+        action="store_true",
+        help="also require that the answering agent runs in this pod "
+        "(env VEIL_POD_NAME), not in the other pod of a rolling update; for "
+        "startup and readiness probes, never liveness",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)"
+    )
     health.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
     health.set_defaults(func=_cmd_health)
 
     pre = asub.add_parser(
         "preflight", help="check this node can run the data plane; prints the fix for each problem"
     )
-    pre.add_argument("--pin-dir", default=None,
-                     help=f"pin directory (default {DEFAULT_PIN_DIR}; env VEIL_PIN_DIR)")
-    pre.add_argument("--no-mount", action="store_true",
-                     help="do not mount bpffs when it is missing; report it instead")
+    pre.add_argument(
+        "--pin-dir",
+        default=None,
+        help=f"pin directory (default {DEFAULT_PIN_DIR}; env VEIL_PIN_DIR)",
+    )
+    pre.add_argument(
+        "--no-mount",
+        action="store_true",
+        help="do not mount bpffs when it is missing; report it instead",
+    )
     _add_output(pre)
     pre.set_defaults(func=_cmd_preflight)

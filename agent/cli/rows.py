@@ -79,24 +79,28 @@ def status_lines(
             f"up {duration_text(agent.get('uptime_s'))}"
         )
         out["node"] = agent.get("node")
-        out["agent cpu/rss"] = f"{agent.get('cpu_percent', 0):.1f}% / {_mib(agent.get('rss_bytes'))}"
-        out["build"] = (
-            f"{str(dp.get('loaded_build_id', ''))[:12]}"
-            + ("" if dp.get("in_sync", True) else " (OUT OF SYNC with the agent's sources)")
+        out["agent cpu/rss"] = (
+            f"{agent.get('cpu_percent', 0):.1f}% / {_mib(agent.get('rss_bytes'))}"
+        )
+        out["build"] = f"{str(dp.get('loaded_build_id', ''))[:12]}" + (
+            "" if dp.get("in_sync", True) else " (OUT OF SYNC with the agent's sources)"
         )
         out["programs"] = " ".join(f"{p['name']}={p['prog_id']}" for p in dp.get("programs", []))
         up = dp.get("uplink") or {}
         prog = up.get("program")
         out["uplink"] = (
-            f"{up.get('ifname')} (program {prog['prog_id']})" if prog else
-            f"{up.get('ifname')} (NOT ATTACHED)"
+            f"{up.get('ifname')} (program {prog['prog_id']})"
+            if prog
+            else f"{up.get('ifname')} (NOT ATTACHED)"
         )
         pr = dp.get("policy_routing") or {}
         keys = ("rule", "route", "rule6", "route6") if "rule6" in pr else ("rule", "route")
         out["policy routing"] = (
             "fwmark rule + local route" + (" (IPv4 + IPv6)" if "rule6" in pr else "")
-            if all(pr.get(k) for k in keys) else
-            "INCOMPLETE (" + ", ".join(f"{k}={'yes' if pr.get(k) else 'no'}" for k in keys) + ")"
+            if all(pr.get(k) for k in keys)
+            else "INCOMPLETE ("
+            + ", ".join(f"{k}={'yes' if pr.get(k) else 'no'}" for k in keys)
+            + ")"
         )
         pods = agent.get("pods") or {}
         out["pods"] = (
@@ -106,7 +110,8 @@ def status_lines(
         reg = agent.get("registry") or {}
         out["registry"] = (
             f"synced, version {reg.get('version')}, {reg.get('local_workloads')} local workloads"
-            if reg.get("synced") else "NOT SYNCED (waiting for the controller)"
+            if reg.get("synced")
+            else "NOT SYNCED (waiting for the controller)"
         )
         watch = agent.get("watch") or {}
         out["controller watch"] = (
@@ -132,8 +137,8 @@ def status_lines(
             f"{'synced' if state.get('synced') else 'NOT SYNCED'}, version {state.get('version')}, "
             f"{sum(1 for w in ztunnel.get('workloads', []) if w.get('local'))} local workloads"
         )
-        out["ztunnel controller"] = "connected" if ctl.get("connected") else (
-            f"DOWN: {ctl.get('last_error') or '-'}"
+        out["ztunnel controller"] = (
+            "connected" if ctl.get("connected") else (f"DOWN: {ctl.get('last_error') or '-'}")
         )
         out["ztunnel certificates"] = len(ztunnel.get("certificates") or [])
         out["ztunnel connections"] = len(ztunnel.get("connections") or [])
@@ -183,10 +188,15 @@ def pod_rows(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 POD_COLUMNS = (
-    Column("POD", "pod"), Column("IP", "ip"), Column("VETH", "veth"),
-    Column("ENROLLED", "enrolled"), Column("DATAPLANE", "dataplane"),
-    Column("PROGRAMS", "programs"), Column("REDIRECTED(OUT/IN)", "redirected"),
-    Column("DROPPED", "dropped"), Column("STATE", "state"),
+    Column("POD", "pod"),
+    Column("IP", "ip"),
+    Column("VETH", "veth"),
+    Column("ENROLLED", "enrolled"),
+    Column("DATAPLANE", "dataplane"),
+    Column("PROGRAMS", "programs"),
+    Column("REDIRECTED(OUT/IN)", "redirected"),
+    Column("DROPPED", "dropped"),
+    Column("STATE", "state"),
 )
 
 
@@ -209,7 +219,9 @@ def _rule_text(rule: Mapping[str, Any]) -> str:
     parts = []
     for src in rule.get("from", []):
         s = src.get("source", {})
-        parts.append("from " + " ".join(f"{k}={','.join(map(str, v))}" for k, v in sorted(s.items())))
+        parts.append(
+            "from " + " ".join(f"{k}={','.join(map(str, v))}" for k, v in sorted(s.items()))
+        )
     for dst in rule.get("to", []):
         o = dst.get("operation", {})
         parts.append("to " + " ".join(f"{k}={','.join(map(str, v))}" for k, v in sorted(o.items())))
@@ -237,14 +249,17 @@ def policy_rows(policies: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "policy": p.get("key"),
             "action": p.get("action"),
             "selector": p.get("selector") if p.get("selector") is not None else "(namespace)",
-            "rules": " | ".join(_rule_text(r) for r in p.get("rules", [])) or "(none: matches nothing)",
+            "rules": " | ".join(_rule_text(r) for r in p.get("rules", []))
+            or "(none: matches nothing)",
             "l7": _l7_flag(p),
         }
         for p in policies
     ]
 
 
-def cert_rows(certs: Sequence[Mapping[str, Any]], now: datetime | None = None) -> list[dict[str, Any]]:
+def cert_rows(
+    certs: Sequence[Mapping[str, Any]], now: datetime | None = None
+) -> list[dict[str, Any]]:
     now = now or datetime.now(UTC)
     rows = []
     for c in certs:
@@ -325,5 +340,3 @@ def verify_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append("")
         lines.append("no findings: every enrolled pod is steered into the ztunnel")
     return lines
-
-

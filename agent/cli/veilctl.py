@@ -93,7 +93,9 @@ def _cmd_status(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
         errors["ztunnel"] = exc.message
         unreachable.append(exc)
     if args.output != "table":
-        render_kv({"agent": agent, "ztunnel": ztunnel_summary(zt), "errors": errors}, args.output, out)
+        render_kv(
+            {"agent": agent, "ztunnel": ztunnel_summary(zt), "errors": errors}, args.output, out
+        )
     else:
         render_kv(status_lines(agent, zt, errors), "table", out)
     for down in unreachable:
@@ -145,23 +147,51 @@ def _cmd_bpf_maps(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
     for k, v in sorted((data.get("config") or {}).items()):
         out.write(f"  {k}: {v if v not in (None, '') else '-'}\n")
     out.write("\npods (ifindex -> pod address):\n")
-    render(data.get("pods", []), (Column("IFINDEX", "ifindex"), Column("IP", "ip"),
-           Column("ENROLLED", "enrolled"), Column("FLAGS", "flags")), "table", out)
+    render(
+        data.get("pods", []),
+        (
+            Column("IFINDEX", "ifindex"),
+            Column("IP", "ip"),
+            Column("ENROLLED", "enrolled"),
+            Column("FLAGS", "flags"),
+        ),
+        "table",
+        out,
+    )
     out.write("\npod_addrs (ifindex -> every source address the pod may use):\n")
-    render(data.get("pod_addrs", []), (Column("IFINDEX", "ifindex"), Column("FAMILY", "family"),
-           Column("IP", "ip")), "table", out)
+    render(
+        data.get("pod_addrs", []),
+        (Column("IFINDEX", "ifindex"), Column("FAMILY", "family"), Column("IP", "ip")),
+        "table",
+        out,
+    )
     out.write("\nlocal_ips, local_ips6 (enrolled address -> ifindex):\n")
-    render(data.get("local_ips", []), (Column("IP", "ip"), Column("IFINDEX", "ifindex")),
-           "table", out)
+    render(
+        data.get("local_ips", []), (Column("IP", "ip"), Column("IFINDEX", "ifindex")), "table", out
+    )
     out.write("\ncounters:\n")
     counters = [
-        {"ifindex": k, "out": v.get("outbound_redirected"), "in": v.get("inbound_redirected"),
-         "established": v.get("established"), "drops": drops_text(v.get("drops") or {}) or "-"}
+        {
+            "ifindex": k,
+            "out": v.get("outbound_redirected"),
+            "in": v.get("inbound_redirected"),
+            "established": v.get("established"),
+            "drops": drops_text(v.get("drops") or {}) or "-",
+        }
         for k, v in sorted((data.get("counters") or {}).items(), key=lambda kv: int(kv[0]))
     ]
-    render(counters, (Column("IFINDEX", "ifindex"), Column("REDIRECTED_OUT", "out"),
-           Column("REDIRECTED_IN", "in"), Column("ESTABLISHED", "established"),
-           Column("DROPS", "drops")), "table", out)
+    render(
+        counters,
+        (
+            Column("IFINDEX", "ifindex"),
+            Column("REDIRECTED_OUT", "out"),
+            Column("REDIRECTED_IN", "in"),
+            Column("ESTABLISHED", "established"),
+            Column("DROPS", "drops"),
+        ),
+        "table",
+        out,
+    )
     return EXIT_OK
 
 
@@ -180,8 +210,12 @@ def _cmd_bpf_source(src: _Sources, args: argparse.Namespace, out: TextIO) -> int
                 f"{args.pin_dir}",
                 hint="start the agent, or run veilctl from the same Veil release as the agent",
             ) from None
-        data = {"build_id": unit.build_id, "cflags": list(unit.cflags),
-                "files": [str(f.path) for f in unit.files], "source": unit.render()}
+        data = {
+            "build_id": unit.build_id,
+            "cflags": list(unit.cflags),
+            "files": [str(f.path) for f in unit.files],
+            "source": unit.render(),
+        }
     if args.output != "table":
         render_kv(data, args.output, out)
     else:
@@ -200,9 +234,20 @@ def _cmd_workloads(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
             raise
         rows = workload_rows(row_filter(args).workloads(src.agent("/workloads")), local_only=False)
         print("(ztunnel unreachable: local workloads as the agent sees them)", file=sys.stderr)
-    render(rows, (Column("WORKLOAD", "workload"), Column("IDENTITY", "identity"),
-           Column("IPS", "ips"), Column("NODE", "node"), Column("ENROLLED", "enrolled"),
-           Column("READY", "ready")), args.output, out, empty="(no workloads)")
+    render(
+        rows,
+        (
+            Column("WORKLOAD", "workload"),
+            Column("IDENTITY", "identity"),
+            Column("IPS", "ips"),
+            Column("NODE", "node"),
+            Column("ENROLLED", "enrolled"),
+            Column("READY", "ready"),
+        ),
+        args.output,
+        out,
+        empty="(no workloads)",
+    )
     return EXIT_OK
 
 
@@ -211,21 +256,47 @@ def _cmd_policies(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
     rf = row_filter(args)
     policies = rf.policies(dump.get("policies", []), dump.get("workloads", []))
     peer = [
-        a for a in dump.get("peer_authentications", [])
+        a
+        for a in dump.get("peer_authentications", [])
         if rf.namespace is None or a.get("namespace") == rf.namespace
     ]
     if args.output != "table":
-        render_kv({"authorization_policies": policies, "peer_authentications": peer}, args.output,
-                  out)
+        render_kv(
+            {"authorization_policies": policies, "peer_authentications": peer}, args.output, out
+        )
         return EXIT_OK
-    render(policy_rows(policies), (Column("POLICY", "policy"), Column("ACTION", "action"),
-           Column("SELECTOR", "selector"), Column("L7", "l7"), Column("RULES", "rules")), "table", out,
-           empty="(no authorization policies)")
+    render(
+        policy_rows(policies),
+        (
+            Column("POLICY", "policy"),
+            Column("ACTION", "action"),
+            Column("SELECTOR", "selector"),
+            Column("L7", "l7"),
+            Column("RULES", "rules"),
+        ),
+        "table",
+        out,
+        empty="(no authorization policies)",
+    )
     out.write("\n")
-    render([{"key": a.get("key"), "mode": a.get("mode"),
-             "selector": a.get("selector") if a.get("selector") is not None else "(namespace)"}
-            for a in peer], (Column("PEER AUTHENTICATION", "key"), Column("MODE", "mode"),
-           Column("SELECTOR", "selector")), "table", out, empty="(no peer authentications)")
+    render(
+        [
+            {
+                "key": a.get("key"),
+                "mode": a.get("mode"),
+                "selector": a.get("selector") if a.get("selector") is not None else "(namespace)",
+            }
+            for a in peer
+        ],
+        (
+            Column("PEER AUTHENTICATION", "key"),
+            Column("MODE", "mode"),
+            Column("SELECTOR", "selector"),
+        ),
+        "table",
+        out,
+        empty="(no peer authentications)",
+    )
     return EXIT_OK
 
 
@@ -234,11 +305,22 @@ def _cmd_connections(src: _Sources, args: argparse.Namespace, out: TextIO) -> in
     if args.output != "table":
         render(conns, (), args.output, out)
     else:
-        render(connection_rows(conns), (Column("DIR", "direction"), Column("SOURCE", "src"),
-               Column("SOURCE IDENTITY", "src_identity"), Column("DESTINATION", "dst"),
-               Column("DESTINATION IDENTITY", "dst_identity"),
-               Column("BYTES(IN/OUT)", "bytes"), Column("AGE", "duration"),
-               Column("VERDICT", "verdict")), "table", out, empty="(no live connections)")
+        render(
+            connection_rows(conns),
+            (
+                Column("DIR", "direction"),
+                Column("SOURCE", "src"),
+                Column("SOURCE IDENTITY", "src_identity"),
+                Column("DESTINATION", "dst"),
+                Column("DESTINATION IDENTITY", "dst_identity"),
+                Column("BYTES(IN/OUT)", "bytes"),
+                Column("AGE", "duration"),
+                Column("VERDICT", "verdict"),
+            ),
+            "table",
+            out,
+            empty="(no live connections)",
+        )
     return EXIT_OK
 
 
@@ -272,7 +354,9 @@ def _wanted_format(argv: Sequence[str]) -> str:
         for flag in ("-o", "--output"):
             if arg == flag and i + 1 < len(argv):
                 return argv[i + 1]
-            if arg.startswith(flag + "=") or (flag == "-o" and arg.startswith("-o") and len(arg) > 2):
+            if arg.startswith(flag + "=") or (
+                flag == "-o" and arg.startswith("-o") and len(arg) > 2
+            ):
                 return arg.split("=", 1)[1] if "=" in arg else arg[2:]
     return "table"
 
@@ -284,8 +368,12 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if _Parser.structured in ("json", "yaml"):
-            render_error(_Parser.structured, f"usage: {message}", hint=f"see {self.prog} --help",
-                         exit_code=EXIT_USAGE)
+            render_error(
+                _Parser.structured,
+                f"usage: {message}",
+                hint=f"see {self.prog} --help",
+                exit_code=EXIT_USAGE,
+            )
             raise SystemExit(EXIT_USAGE)
         super().error(message)
 
@@ -302,45 +390,64 @@ def _build_parser() -> argparse.ArgumentParser:
         "2 usage, 3 component unreachable.",
     )
     parser.add_argument(
-        "--version", action="store_true",
+        "--version",
+        action="store_true",
         help="print veilctl's version and the agent's, ztunnel's and controller's where reachable",
     )
     parser.add_argument(
-        "--controller-health", metavar="HOST:PORT",
+        "--controller-health",
+        metavar="HOST:PORT",
         default=os.environ.get("VEIL_CONTROLLER_HEALTH"),
         help="the controller's health endpoint, for --version (env VEIL_CONTROLLER_HEALTH; "
         "default: the joined controller's host, port 15014)",
     )
     parser.add_argument(
-        "--state-dir", metavar="PATH", type=Path,
+        "--state-dir",
+        metavar="PATH",
+        type=Path,
         default=Path(os.environ.get("VEIL_STATE_DIR", str(DEFAULT_NODE_STATE_DIR))),
         help="this node's state directory from `veil node join` (env VEIL_STATE_DIR)",
     )
     parser.add_argument(
-        "--agent-socket", metavar="PATH",
+        "--agent-socket",
+        metavar="PATH",
         default=os.environ.get("VEIL_AGENT_SOCKET", DEFAULT_AGENT_SOCKET),
         help="the agent's status socket (env VEIL_AGENT_SOCKET)",
     )
     parser.add_argument(
-        "--ztunnel-admin", metavar="HOST:PORT",
+        "--ztunnel-admin",
+        metavar="HOST:PORT",
         default=os.environ.get("VEIL_ZTUNNEL_ADMIN", DEFAULT_ZTUNNEL_ADMIN),
         help="the ztunnel admin API (env VEIL_ZTUNNEL_ADMIN)",
     )
     output = _Parser(add_help=False)
     output.add_argument("-o", "--output", choices=FORMATS, default="table", help="output format")
     certs_output = _Parser(add_help=False)
-    certs_output.add_argument("-o", "--output", choices=(*FORMATS, "pem"), default="table",
-                              help="output format (pem: the certificates themselves)")
+    certs_output.add_argument(
+        "-o",
+        "--output",
+        choices=(*FORMATS, "pem"),
+        default="table",
+        help="output format (pem: the certificates themselves)",
+    )
     filters = _Parser(add_help=False)
-    filters.add_argument("-n", "--namespace", metavar="NAMESPACE", default=None,
-                         help="only rows of this namespace")
-    filters.add_argument("--workload", metavar="[NAMESPACE/]NAME", default=None,
-                         help="only rows of this workload")
+    filters.add_argument(
+        "-n", "--namespace", metavar="NAMESPACE", default=None, help="only rows of this namespace"
+    )
+    filters.add_argument(
+        "--workload", metavar="[NAMESPACE/]NAME", default=None, help="only rows of this workload"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, handler: _Handler, help: str, into: Any = sub, *,
-            lists: bool = False, parents: Sequence[argparse.ArgumentParser] | None = None,
-            ) -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        handler: _Handler,
+        help: str,
+        into: Any = sub,
+        *,
+        lists: bool = False,
+        parents: Sequence[argparse.ArgumentParser] | None = None,
+    ) -> argparse.ArgumentParser:
         parts = list(parents) if parents is not None else [output]
         if lists:
             parts.append(filters)
@@ -361,53 +468,114 @@ def _build_parser() -> argparse.ArgumentParser:
         ("source", _cmd_bpf_source, "the exact source compiled, with its -D flags"),
     ):
         p = add(name, handler, text, bsub)
-        p.add_argument("--pin-dir", metavar="PATH",
-                       default=os.environ.get("VEIL_PIN_DIR", str(DEFAULT_PIN_DIR)),
-                       help="read the pins here when the agent is down (env VEIL_PIN_DIR)")
-    w = add("workloads", _cmd_workloads, "local workloads (ztunnel view, else the agent's)",
-            lists=True)
+        p.add_argument(
+            "--pin-dir",
+            metavar="PATH",
+            default=os.environ.get("VEIL_PIN_DIR", str(DEFAULT_PIN_DIR)),
+            help="read the pins here when the agent is down (env VEIL_PIN_DIR)",
+        )
+    w = add(
+        "workloads", _cmd_workloads, "local workloads (ztunnel view, else the agent's)", lists=True
+    )
     w.add_argument("--all", action="store_true", help="every workload in the mesh, not only local")
     add("services", cmd_services, "services: VIPs, ports and their endpoints", lists=True)
     pol = sub.add_parser("policy", help="policy what-if: which policy decides a connection")
     psub = pol.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
-    chk = add("check", cmd_policy_check,
-              "what-if: would --from reach --to, which policy decides and why (exit 1: deny)",
-              psub)
-    chk.add_argument("--from", dest="source", required=True, metavar="WORKLOAD|IDENTITY|IP",
-                     help="the caller: [NAMESPACE/]NAME, spiffe://TD/ns/NS/sa/SA, or an IP")
-    chk.add_argument("--to", required=True, metavar="WORKLOAD:PORT",
-                     help="the destination: [NAMESPACE/]NAME:PORT or IP:PORT")
+    chk = add(
+        "check",
+        cmd_policy_check,
+        "what-if: would --from reach --to, which policy decides and why (exit 1: deny)",
+        psub,
+    )
+    chk.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="WORKLOAD|IDENTITY|IP",
+        help="the caller: [NAMESPACE/]NAME, spiffe://TD/ns/NS/sa/SA, or an IP",
+    )
+    chk.add_argument(
+        "--to",
+        required=True,
+        metavar="WORKLOAD:PORT",
+        help="the destination: [NAMESPACE/]NAME:PORT or IP:PORT",
+    )
     add("policies", _cmd_policies, "authorization policies and peer authentication", lists=True)
-    c = add("certs", cmd_certs, "workload certificates: identity, serial, expiry, rotation",
-            lists=True, parents=[certs_output])
-    c.add_argument("--chain", action="store_true",
-                   help="each certificate's full chain (subject, issuer, validity) and the roots")
+    c = add(
+        "certs",
+        cmd_certs,
+        "workload certificates: identity, serial, expiry, rotation",
+        lists=True,
+        parents=[certs_output],
+    )
+    c.add_argument(
+        "--chain",
+        action="store_true",
+        help="each certificate's full chain (subject, issuer, validity) and the roots",
+    )
     add("connections", _cmd_connections, "live connections through the ztunnel", lists=True)
     add("config", cmd_config, "the full dump: ztunnel config_dump and agent status (YAML)")
     lg = add("log", cmd_log, "show or change log levels at runtime")
-    lg.add_argument("--level", metavar="[COMPONENT=]LEVEL[,...]", default=None,
-                    help="e.g. debug, proxy=debug, access=off (default: show the levels)")
-    lg.add_argument("--component", choices=("all", "agent", "ztunnel"), default="all",
-                    help="which process to ask")
+    lg.add_argument(
+        "--level",
+        metavar="[COMPONENT=]LEVEL[,...]",
+        default=None,
+        help="e.g. debug, proxy=debug, access=off (default: show the levels)",
+    )
+    lg.add_argument(
+        "--component",
+        choices=("all", "agent", "ztunnel"),
+        default="all",
+        help="which process to ask",
+    )
     m = add("monitor", cmd_monitor, "live stream of BPF drops and policy denies", lists=True)
-    m.add_argument("--type", choices=("all", "drop", "deny"), default="all",
-                   help="drop: BPF drops (agent); deny: ztunnel policy denies")
-    m.add_argument("--pod", dest="workload", metavar="[NAMESPACE/]NAME", default=None,
-                   help="only this pod's drops and denies (same as --workload)")
-    m.add_argument("--reason", metavar="REASON", default=None,
-                   help="only drops with this reason, e.g. spoofed_source, no_listener")
-    m.add_argument("--count", type=int, default=0, metavar="N",
-                   help="stop after N events (0: until interrupted)")
-    m.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
-                   help="stop after this long without an event (default: never)")
+    m.add_argument(
+        "--type",
+        choices=("all", "drop", "deny"),
+        default="all",
+        help="drop: BPF drops (agent); deny: ztunnel policy denies",
+    )
+    m.add_argument(
+        "--pod",
+        dest="workload",
+        metavar="[NAMESPACE/]NAME",
+        default=None,
+        help="only this pod's drops and denies (same as --workload)",
+    )
+    m.add_argument(
+        "--reason",
+        metavar="REASON",
+        default=None,
+        help="only drops with this reason, e.g. spoofed_source, no_listener",
+    )
+    m.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N events (0: until interrupted)",
+    )
+    m.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long without an event (default: never)",
+    )
     add("verify", _cmd_verify, "audit: exits 1 when any enrolled pod could bypass the mesh")
     from agent.cli.waypoint_cmd import DEFAULT_WAYPOINT_ADMIN, cmd_waypoint
 
-    wpc = add("waypoint", cmd_waypoint,
-              "a waypoint's destinations, attached policies and open tunnels (its admin API)")
-    wpc.add_argument("--admin", metavar="HOST:PORT",
-                     default=os.environ.get("VEIL_WAYPOINT_ADMIN", DEFAULT_WAYPOINT_ADMIN),
-                     help="the waypoint's admin API (env VEIL_WAYPOINT_ADMIN)")
+    wpc = add(
+        "waypoint",
+        cmd_waypoint,
+        "a waypoint's destinations, attached policies and open tunnels (its admin API)",
+    )
+    wpc.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        default=os.environ.get("VEIL_WAYPOINT_ADMIN", DEFAULT_WAYPOINT_ADMIN),
+        help="the waypoint's admin API (env VEIL_WAYPOINT_ADMIN)",
+    )
     return parser
 
 
@@ -440,13 +608,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         handler: _Handler | None = getattr(args, "handler", None)
         if handler is None:
             parser.print_usage(sys.stderr)
-            render_error(fmt, "no command given", hint="see veilctl --help", exit_code=EXIT_USAGE,
-                         out=stream)
+            render_error(
+                fmt, "no command given", hint="see veilctl --help", exit_code=EXIT_USAGE, out=stream
+            )
             return EXIT_USAGE
         return handler(src, args, stream)
     except Unreachable as exc:
-        render_error(fmt, exc.message, hint=exc.hint, exit_code=EXIT_UNREACHABLE,
-                     component=exc.component, out=stream)
+        render_error(
+            fmt,
+            exc.message,
+            hint=exc.hint,
+            exit_code=EXIT_UNREACHABLE,
+            component=exc.component,
+            out=stream,
+        )
         return EXIT_UNREACHABLE
     except VeilError as exc:
         render_error(fmt, exc.message, hint=exc.hint, exit_code=EXIT_FINDINGS, out=stream)

@@ -176,8 +176,9 @@ class AgentDaemon:
         # old one then stops changing the data plane. Pins and filters are
         # shared and reconciling is idempotent, so the overlap is safe.
         if _socket_answers(cfg.status_socket):
-            log.info("another agent answers on %s: taking over from it once ready",
-                     cfg.status_socket)
+            log.info(
+                "another agent answers on %s: taking over from it once ready", cfg.status_socket
+            )
         creds = self._credentials()
         self._node = creds.node
         options = DataplaneOptions(drop_udp=cfg.drop_udp, allow_icmp_echo=cfg.allow_icmp_echo)
@@ -365,9 +366,7 @@ class AgentDaemon:
         for w in local:
             if w.key in keys:
                 concerned.update(workload_ipv4s(w))
-        chosen = [
-            w for w in local if w.key in keys or concerned.intersection(workload_ipv4s(w))
-        ]
+        chosen = [w for w in local if w.key in keys or concerned.intersection(workload_ipv4s(w))]
         desired = self._desired(chosen)
         plane = self._plane
         # A new pod (the common change) has no entry on its veth: one map lookup
@@ -380,11 +379,7 @@ class AgentDaemon:
             and ((entry := plane.maps.pod(d.ifindex)) is None or entry.ip != d.ip)
         }
         concerned.update(d.ip for d in desired.pods)
-        actual = [
-            state
-            for ip in sorted(concerned - fresh)
-            if (state := plane.pod(ip)) is not None
-        ]
+        actual = [state for ip in sorted(concerned - fresh) if (state := plane.pod(ip)) is not None]
         return desired, actual
 
     def _reconcile_once(
@@ -454,8 +449,9 @@ class AgentDaemon:
             self._pending = waiting
         else:
             self._pending = {
-                k: v for k, v in self._pending.items() if k not in {d.key for d in desired.pods}
-                and k not in scope[0]
+                k: v
+                for k, v in self._pending.items()
+                if k not in {d.key for d in desired.pods} and k not in scope[0]
             } | waiting
         self._last = report
         self._reconciles += 1

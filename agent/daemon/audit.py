@@ -77,7 +77,12 @@ class Finding:
     fix: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"check": self.check, "subject": self.subject, "problem": self.problem, "fix": self.fix}
+        return {
+            "check": self.check,
+            "subject": self.subject,
+            "problem": self.problem,
+            "fix": self.fix,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +181,7 @@ def check_listeners(listeners: Iterable[Listener]) -> CheckResult:
             )
             fix = "bind the ztunnel listeners to 0.0.0.0 (the default --listen-address)"
             findings.append(Finding("listeners", f":{port}", problem, fix))
-        elif not any(
-            ln.mark is None or ln.mark & MARK_MASK == MARK_ZTUNNEL for ln in wild
-        ):
+        elif not any(ln.mark is None or ln.mark & MARK_MASK == MARK_ZTUNNEL for ln in wild):
             marks = ", ".join(sorted({f"{ln.mark:#x}" for ln in wild if ln.mark is not None}))
             problem = (
                 f"the socket on :{port} ({what}) lacks the ztunnel mark {MARK_ZTUNNEL:#x} "
@@ -322,8 +325,7 @@ def _check_uplink(inp: AuditInput) -> CheckResult:
                 Finding(
                     "uplink",
                     name,
-                    f"the uplink runs program {node.uplink_program.prog_id}, not the pinned "
-                    f"{want}",
+                    f"the uplink runs program {node.uplink_program.prog_id}, not the pinned {want}",
                     "restart the agent (it re-attaches the pinned program)",
                 ),
             ),
@@ -417,7 +419,9 @@ def _pod_findings(
     out += _ipv6_findings(d, current, local_ips, fix_agent)
     if not d.enrolled:
         if current.enrolled:
-            out.append(Finding("pods", subject, "enrolled but the registry opted it out", fix_agent))
+            out.append(
+                Finding("pods", subject, "enrolled but the registry opted it out", fix_agent)
+            )
         if current.ingress is None:
             out.append(
                 Finding(

@@ -97,7 +97,9 @@ def _validate(c: AgentConfig) -> None:
             "or leave it unset to use the interface of the route to the controller",
         )
     if not c.status_socket.is_absolute():
-        raise _err("status_socket", f"{c.status_socket} is not absolute", "e.g. /run/veil/agent.sock")
+        raise _err(
+            "status_socket", f"{c.status_socket} is not absolute", "e.g. /run/veil/agent.sock"
+        )
     if len(str(c.status_socket).encode()) > _MAX_SOCKET_PATH:
         raise _err(
             "status_socket",
@@ -161,32 +163,87 @@ def _ipv4(text: str) -> IPv4Address:
 
 
 _SPECS: Final = (
-    Setting("node", "--node", "VEIL_NODE_NAME", str,
-          "this node's name (default: the name stored by `veil node join`)"),
-    Setting("state_dir", "--state-dir", "VEIL_STATE_DIR", _path,
-          f"node credentials directory shared with the ztunnel (default {DEFAULT_STATE_DIR})"),
-    Setting("pin_dir", "--pin-dir", "VEIL_PIN_DIR", _path,
-          f"bpffs directory for Veil's maps and programs (default {DEFAULT_PIN_DIR})"),
-    Setting("uplink", "--uplink", "VEIL_UPLINK", str,
-          "the node's uplink interface (default: the route to the controller)"),
-    Setting("status_socket", "--status-socket", "VEIL_AGENT_SOCKET", _path,
-          f"unix socket of the status API read by veilctl (default {DEFAULT_STATUS_SOCKET})"),
-    Setting("probe_source", "--probe-source", "VEIL_PROBE_SOURCE", _ipv4,
-          "node IPv4 address kubelet probes come from (let through the egress guard)"),
-    Setting("drop_udp", "--drop-udp", "VEIL_DROP_UDP", parse_bool,
-          "drop enrolled pods' non-DNS UDP (the mesh cannot police it)", is_switch=True),
-    Setting("allow_icmp_echo", "--allow-icmp-echo", "VEIL_ALLOW_ICMP_ECHO", parse_bool,
-          "let ping (ICMP/ICMPv6 echo) reach and leave enrolled pods; by default it is "
-          "dropped and counted, ICMP errors and neighbour discovery always pass",
-          is_switch=True),
-    Setting("resync_interval", "--resync-interval", "VEIL_RESYNC_INTERVAL", parse_duration,
-          "full reconcile against the kernel this often (default 30s)"),
-    Setting("veth_retry", "--veth-retry", "VEIL_VETH_RETRY", parse_duration,
-          "first retry delay for pods whose veth is not there yet (default 200ms)"),
-    Setting("metrics_address", "--metrics-address", "VEIL_AGENT_METRICS_ADDRESS",
-          parse_metrics_address,
-          "HOST:PORT of the Prometheus /metrics endpoint, or off "
-          f"(default {DEFAULT_METRICS_ADDRESS[0]}:{DEFAULT_METRICS_ADDRESS[1]})"),
+    Setting(
+        "node",
+        "--node",
+        "VEIL_NODE_NAME",
+        str,
+        "this node's name (default: the name stored by `veil node join`)",
+    ),
+    Setting(
+        "state_dir",
+        "--state-dir",
+        "VEIL_STATE_DIR",
+        _path,
+        f"node credentials directory shared with the ztunnel (default {DEFAULT_STATE_DIR})",
+    ),
+    Setting(
+        "pin_dir",
+        "--pin-dir",
+        "VEIL_PIN_DIR",
+        _path,
+        f"bpffs directory for Veil's maps and programs (default {DEFAULT_PIN_DIR})",
+    ),
+    Setting(
+        "uplink",
+        "--uplink",
+        "VEIL_UPLINK",
+        str,
+        "the node's uplink interface (default: the route to the controller)",
+    ),
+    Setting(
+        "status_socket",
+        "--status-socket",
+        "VEIL_AGENT_SOCKET",
+        _path,
+        f"unix socket of the status API read by veilctl (default {DEFAULT_STATUS_SOCKET})",
+    ),
+    Setting(
+        "probe_source",
+        "--probe-source",
+        "VEIL_PROBE_SOURCE",
+        _ipv4,
+        "node IPv4 address kubelet probes come from (let through the egress guard)",
+    ),
+    Setting(
+        "drop_udp",
+        "--drop-udp",
+        "VEIL_DROP_UDP",
+        parse_bool,
+        "drop enrolled pods' non-DNS UDP (the mesh cannot police it)",
+        is_switch=True,
+    ),
+    Setting(
+        "allow_icmp_echo",
+        "--allow-icmp-echo",
+        "VEIL_ALLOW_ICMP_ECHO",
+        parse_bool,
+        "let ping (ICMP/ICMPv6 echo) reach and leave enrolled pods; by default it is "
+        "dropped and counted, ICMP errors and neighbour discovery always pass",
+        is_switch=True,
+    ),
+    Setting(
+        "resync_interval",
+        "--resync-interval",
+        "VEIL_RESYNC_INTERVAL",
+        parse_duration,
+        "full reconcile against the kernel this often (default 30s)",
+    ),
+    Setting(
+        "veth_retry",
+        "--veth-retry",
+        "VEIL_VETH_RETRY",
+        parse_duration,
+        "first retry delay for pods whose veth is not there yet (default 200ms)",
+    ),
+    Setting(
+        "metrics_address",
+        "--metrics-address",
+        "VEIL_AGENT_METRICS_ADDRESS",
+        parse_metrics_address,
+        "HOST:PORT of the Prometheus /metrics endpoint, or off "
+        f"(default {DEFAULT_METRICS_ADDRESS[0]}:{DEFAULT_METRICS_ADDRESS[1]})",
+    ),
 )
 _SPECS_BY_FIELD: Final = {s.field: s for s in _SPECS}
 

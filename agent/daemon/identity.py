@@ -34,8 +34,9 @@ log = logging.getLogger("veil.agent.identity")
 _CHECK_INTERVAL = 30.0
 
 
-def renewal_due(not_before: datetime, not_after: datetime, now: datetime,
-                fraction: float = 0.5) -> datetime | None:
+def renewal_due(
+    not_before: datetime, not_after: datetime, now: datetime, fraction: float = 0.5
+) -> datetime | None:
     """When the certificate should be renewed, or None if that time has not come yet."""
     due = not_before + (not_after - not_before) * fraction
     return due if now >= due else None

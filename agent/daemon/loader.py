@@ -76,9 +76,7 @@ def load_in_child(
     if not pins_current(pin_dir, options):
         argv.append("--probe")  # a compile is coming: check the kernel can take it first
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise AgentStartupError(
             f"loading the BPF programs took longer than {timeout:.0f}s",
@@ -138,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = DataplaneOptions(drop_udp=args.drop_udp, allow_icmp_echo=args.allow_icmp_echo)
     if args.ebpf_dir is not None:
         options = replace(options, ebpf_dir=args.ebpf_dir)
-    report = run_preflight(
-        args.pin_dir, load_probe=args.probe, ebpf_dir=options.ebpf_dir
-    )
+    report = run_preflight(args.pin_dir, load_probe=args.probe, ebpf_dir=options.ebpf_dir)
     out: dict[str, Any] = {"preflight": report.to_dict()["checks"]}
     if not report.ok:
         out.update(ok=False, problems=list(report.problems))

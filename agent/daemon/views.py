@@ -50,8 +50,12 @@ def _programs(p: PodDataplaneState | None) -> dict[str, int | None]:
 
 def _counters(p: PodDataplaneState | None) -> dict[str, Any]:
     if p is None:
-        return {"redirected": {"outbound": 0, "inbound": 0}, "established": 0, "dropped": 0,
-                "drops": {}}
+        return {
+            "redirected": {"outbound": 0, "inbound": 0},
+            "established": 0,
+            "dropped": 0,
+            "drops": {},
+        }
     c = p.counters
     return {
         "redirected": {"outbound": c.outbound_redirected, "inbound": c.inbound_redirected},

@@ -167,6 +167,7 @@ class StatusServer:
         if self._claim is not None:
             # Only our own socket: after a takeover the path is the new agent's.
             if not self._claim.release():
-                log.info("status socket %s belongs to a newer agent; left in place",
-                         self.socket_path)
+                log.info(
+                    "status socket %s belongs to a newer agent; left in place", self.socket_path
+                )
             self._claim = None

@@ -57,7 +57,9 @@ async def join_node(
     async with grpc.aio.secure_channel(address, creds, options=_CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.IdentityStub(channel)
         try:
-            resp = await stub.JoinNode(pb.JoinNodeRequest(token=token, csr=csr_pem, node=node), timeout=timeout)
+            resp = await stub.JoinNode(
+                pb.JoinNodeRequest(token=token, csr=csr_pem, node=node), timeout=timeout
+            )
         except grpc.aio.AioRpcError as e:
             raise map_rpc_error(e, "join refused") from None
     return JoinResult(
@@ -81,7 +83,9 @@ class ControllerClient:
         trust_bundle_pem: bytes,
     ) -> None:
         creds = grpc.ssl_channel_credentials(
-            root_certificates=trust_bundle_pem, private_key=key_pem, certificate_chain=cert_chain_pem
+            root_certificates=trust_bundle_pem,
+            private_key=key_pem,
+            certificate_chain=cert_chain_pem,
         )
         self.address = address
         self._channel = grpc.aio.secure_channel(address, creds, options=_CHANNEL_OPTIONS)

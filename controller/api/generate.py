@@ -33,7 +33,9 @@ def generate(out_dir: pathlib.Path) -> None:
     # protoc emits a top-level import; make it package-relative so the module
     # works from controller.api.
     text = grpc_mod.read_text()
-    text = re.sub(r"^import veil_pb2 as veil__pb2$", "from . import veil_pb2 as veil__pb2", text, flags=re.M)
+    text = re.sub(
+        r"^import veil_pb2 as veil__pb2$", "from . import veil_pb2 as veil__pb2", text, flags=re.M
+    )
     grpc_mod.write_text(text)
 
 

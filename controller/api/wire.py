@@ -186,7 +186,10 @@ def resource_to_pb(r: Resource) -> pb.Resource:
                 name=r.name,
                 namespace=r.namespace,
                 vips=r.vips,
-                ports=[pb.ServicePort(name=p.name, port=p.port, target_port=p.target_port) for p in r.ports],
+                ports=[
+                    pb.ServicePort(name=p.name, port=p.port, target_port=p.target_port)
+                    for p in r.ports
+                ],
                 selector=dict(r.selector),
                 endpoints=r.endpoints,
                 use_waypoint=r.use_waypoint,
@@ -252,7 +255,9 @@ def resource_from_pb(m: pb.Resource) -> Resource:
             name=s.name,
             namespace=s.namespace,
             vips=tuple(s.vips),
-            ports=tuple(ServicePort(port=p.port, target_port=p.target_port, name=p.name) for p in s.ports),
+            ports=tuple(
+                ServicePort(port=p.port, target_port=p.target_port, name=p.name) for p in s.ports
+            ),
             selector=Labels(dict(s.selector)),
             endpoints=tuple(s.endpoints),
             use_waypoint=s.use_waypoint,

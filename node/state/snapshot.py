@@ -79,7 +79,9 @@ class Snapshot:
     namespaces: Mapping[str, Namespace] = field(default_factory=lambda: MappingProxyType({}))
     workloads: Mapping[str, Workload] = field(default_factory=lambda: MappingProxyType({}))
     services: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
-    policies: Mapping[str, AuthorizationPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    policies: Mapping[str, AuthorizationPolicy] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     peer_authentications: Mapping[str, PeerAuthentication] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -113,9 +115,7 @@ class Snapshot:
     local_policies: Mapping[str, tuple[AuthorizationPolicy, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    local_policy_sets: Mapping[str, PolicySet] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    local_policy_sets: Mapping[str, PolicySet] = field(default_factory=lambda: MappingProxyType({}))
     # Waypoint replicas (label veil.io/waypoint) by (namespace, waypoint name),
     # ready ones with an address only, sorted by key: the source ztunnel's
     # route() picks one per connection.
@@ -182,7 +182,9 @@ class Snapshot:
             held = self.local_policy_sets.get(workload.key)
             if held is not None:
                 return held
-        return _policy_set(_applicable(self.policies_by_namespace, workload), self.compiled_policies)
+        return _policy_set(
+            _applicable(self.policies_by_namespace, workload), self.compiled_policies
+        )
 
     def peer_authentications_in(self, namespace: str) -> tuple[PeerAuthentication, ...]:
         return self.peer_auth_by_namespace.get(namespace, ())
@@ -276,7 +278,11 @@ def build_snapshot(
             if held is not None and held.key != w.key:
                 winner = _prefer(held, w)
                 log.warning(
-                    "workloads %s and %s both claim IP %s; using %s", held.key, w.key, nip, winner.key
+                    "workloads %s and %s both claim IP %s; using %s",
+                    held.key,
+                    w.key,
+                    nip,
+                    winner.key,
                 )
                 by_ip[nip] = winner
             else:
@@ -291,9 +297,7 @@ def build_snapshot(
             for sp in s.ports:
                 by_vip_port.setdefault((nvip, sp.port), (s, sp))
 
-    local = tuple(
-        sorted((w for w in workloads.values() if w.node == node), key=lambda w: w.key)
-    )
+    local = tuple(sorted((w for w in workloads.values() if w.node == node), key=lambda w: w.key))
     identities = frozenset(w.identity for w in local if w.enrolled)
 
     pol_by_ns: dict[str, list[AuthorizationPolicy]] = {}

@@ -120,11 +120,17 @@ def verify_issued(
     )
 
 
-def chain_still_trusted(cert: WorkloadCertificate, trust_bundle: TrustBundle, now: datetime) -> bool:
+def chain_still_trusted(
+    cert: WorkloadCertificate, trust_bundle: TrustBundle, now: datetime
+) -> bool:
     """Does a held certificate still pass every check against a (rotated) trust bundle?"""
     try:
         check_issued_chain(
-            cert.chain_pem, cert.identity, load_key(cert.key_pem, "held key"), trust_bundle.roots, now
+            cert.chain_pem,
+            cert.identity,
+            load_key(cert.key_pem, "held key"),
+            trust_bundle.roots,
+            now,
         )
     except NodeCredentialsError:
         return False

@@ -414,4 +414,3 @@ class CertManager:
         for p in paths or ():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-

@@ -40,6 +40,7 @@ log = logging.getLogger("veil.ztunnel.proxy")
 # Runs the data phase of one connection with its live counters; returns how it ended.
 RelayFn = Callable[[LiveConnection], Awaitable[RelayResult]]
 
+
 @dataclass(eq=False)
 class ProxyContext:
     """Shared by the three listeners of one ztunnel.

@@ -50,7 +50,12 @@ def running_controller(tmp_path: Path) -> Iterator[dict[str, Any]]:
         state_path=tmp_path / "controller",
     ).start()
     try:
-        yield {"state": ctrl.state_dir, "mtls": ctrl.mtls, "join": ctrl.join_addr, "proc": ctrl.proc}
+        yield {
+            "state": ctrl.state_dir,
+            "mtls": ctrl.mtls,
+            "join": ctrl.join_addr,
+            "proc": ctrl.proc,
+        }
     finally:
         ctrl.stop()
 

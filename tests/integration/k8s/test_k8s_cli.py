@@ -27,7 +27,10 @@ from .test_k8s_controller import configmap_roots, seed_cluster
 def veil(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli.veil", *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -39,9 +42,12 @@ def controller(apiserver: ThreadedApiServer, tmp_path: Path) -> Iterator[tuple[s
         tmp_path,
         state_path=tmp_path / "controller",
         extra=(
-            "--source", "kubernetes",
-            "--kube-api", apiserver.url,
-            "--kube-token-file", str(token_file),
+            "--source",
+            "kubernetes",
+            "--kube-api",
+            apiserver.url,
+            "--kube-token-file",
+            str(token_file),
         ),
     ).start()
     try:
@@ -68,17 +74,34 @@ def test_controller_cli_reads_the_cluster_and_a_node_joins_with_its_sa_token(
     joined = None
     while time.monotonic() < deadline:  # the controller binds after its first full list
         joined = veil(
-            "node", "join", "--controller", join, "--controller-mtls", mtls,
-            "--token-file", str(token_file), "--ca-file", str(ca_file),
-            "--node", "node-a", "--state-dir", str(state),
+            "node",
+            "join",
+            "--controller",
+            join,
+            "--controller-mtls",
+            mtls,
+            "--token-file",
+            str(token_file),
+            "--ca-file",
+            str(ca_file),
+            "--node",
+            "node-a",
+            "--state-dir",
+            str(state),
         )
         if joined.returncode == 0:
             break
         time.sleep(0.3)
     assert joined is not None and joined.returncode == 0, joined.stderr
 
-    own = veil("node", "certificate", "--state-dir", str(state),
-               "--identity", "spiffe://cluster.local/ns/shop/sa/checkout")
+    own = veil(
+        "node",
+        "certificate",
+        "--state-dir",
+        str(state),
+        "--identity",
+        "spiffe://cluster.local/ns/shop/sa/checkout",
+    )
     assert own.returncode == 0, own.stderr
     leaf = x509.load_pem_x509_certificate(own.stdout.encode())
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -87,8 +110,14 @@ def test_controller_cli_reads_the_cluster_and_a_node_joins_with_its_sa_token(
     ]
 
     # payments runs on node-b: node-a's credential cannot mint it.
-    other = veil("node", "certificate", "--state-dir", str(state),
-                 "--identity", "spiffe://cluster.local/ns/shop/sa/payments")
+    other = veil(
+        "node",
+        "certificate",
+        "--state-dir",
+        str(state),
+        "--identity",
+        "spiffe://cluster.local/ns/shop/sa/payments",
+    )
     assert other.returncode == 1
     assert "PERMISSION_DENIED" in other.stderr
 
@@ -96,8 +125,18 @@ def test_controller_cli_reads_the_cluster_and_a_node_joins_with_its_sa_token(
     bad = tmp_path / "bad-token"
     bad.write_text("not-a-real-token")
     refused = veil(
-        "node", "join", "--controller", join, "--token-file", str(bad), "--ca-file", str(ca_file),
-        "--node", "node-a", "--state-dir", str(tmp_path / "bad"),
+        "node",
+        "join",
+        "--controller",
+        join,
+        "--token-file",
+        str(bad),
+        "--ca-file",
+        str(ca_file),
+        "--node",
+        "node-a",
+        "--state-dir",
+        str(tmp_path / "bad"),
     )
     assert refused.returncode == 1
     assert "UNAUTHENTICATED" in refused.stderr

@@ -150,15 +150,25 @@ async def test_state_certificates_rotation_outage_and_operations(
     assert first is not None and san(first.chain_pem) == [str(CHECKOUT)]
     lifetime = (first.not_after - first.received_at).total_seconds()  # type: ignore[operator]
     assert 4 < lifetime <= 6.5
-    await until(lambda: (c := core.certs.get(CHECKOUT)) is not None and c.serial != first.serial,
-                "rotation", timeout=10)
+    await until(
+        lambda: (c := core.certs.get(CHECKOUT)) is not None and c.serial != first.serial,
+        "rotation",
+        timeout=10,
+    )
     rotated = core.certs.get(CHECKOUT)
     assert rotated is not None and rotated.key_pem != first.key_pem
 
     # --- a new workload on this node: the watch delivers it, the cert is prefetched.
     doc = example_doc()
-    doc["workloads"].append({"name": "cart", "namespace": "shop", "serviceAccount": "cart",
-                             "node": NODE, "ips": ["10.244.1.20"]})
+    doc["workloads"].append(
+        {
+            "name": "cart",
+            "namespace": "shop",
+            "serviceAccount": "cart",
+            "node": NODE,
+            "ips": ["10.244.1.20"],
+        }
+    )
     controller.write_registry(doc)
     await until(lambda: core.certs.get(CART) is not None, "certificate for the new workload")
     assert core.store.current.local_workload_by_ip("10.244.1.20") is not None
@@ -174,7 +184,9 @@ async def test_state_certificates_rotation_outage_and_operations(
     core.connections.append({"src": "10.244.1.10:41000", "dst": "10.244.2.10:8080"})
     status, text = await core.get("metrics", "/metrics")
     assert status == 200
-    opened = [ln for ln in text.splitlines() if ln.startswith("istio_tcp_connections_opened_total{")]
+    opened = [
+        ln for ln in text.splitlines() if ln.startswith("istio_tcp_connections_opened_total{")
+    ]
     assert any('reporter="source"' in ln and 'source_workload="checkout"' in ln for ln in opened)
     sent = [ln for ln in text.splitlines() if ln.startswith("istio_tcp_sent_bytes_total{")]
     assert any('reporter="source"' in ln and ln.endswith("} 22.0") for ln in sent)
@@ -201,15 +213,18 @@ async def test_state_certificates_rotation_outage_and_operations(
     assert isinstance(route(core.store.current, "10.244.1.10", "10.96.0.20", 8080), Hbone)
     assert core.store.current.version == version_before
     # A rotation attempt fails; the held certificate stays in use until it expires.
-    await until(lambda: any(s.last_error for s in core.certs.statuses()), "a failed renewal",
-                timeout=8)
+    await until(
+        lambda: any(s.last_error for s in core.certs.statuses()), "a failed renewal", timeout=8
+    )
     status, text = await core.get("metrics", "/metrics")
     assert "veil_ztunnel_controller_connected 0.0\n" in text
     controller.start()
     await until(lambda: core.watch.status().connected, "reconnect", timeout=20)
-    await until(lambda: all(s.state == "valid" and s.last_error is None
-                            for s in core.certs.statuses()), "renewals after the outage",
-                timeout=20)
+    await until(
+        lambda: all(s.state == "valid" and s.last_error is None for s in core.certs.statuses()),
+        "renewals after the outage",
+        timeout=20,
+    )
     assert core.watch.status().reconnects >= 1
     assert core.store.current.local_identities() == {CHECKOUT, OTHER, CART}
     status, _ = await core.get("readiness", "/healthz/ready")
@@ -219,8 +234,12 @@ async def test_state_certificates_rotation_outage_and_operations(
 async def test_admin_refuses_a_non_loopback_bind() -> None:
     store = StateStore(NODE)
     with pytest.raises(AdminBindError, match="not a loopback address") as exc:
-        OpsServer(store=store, registry=Registry(), readiness=Readiness(store, None),
-                  admin_address=("0.0.0.0", 0))
+        OpsServer(
+            store=store,
+            registry=Registry(),
+            readiness=Readiness(store, None),
+            admin_address=("0.0.0.0", 0),
+        )
     assert exc.value.hint and "127.0.0.1" in exc.value.hint
 
 
@@ -231,9 +250,14 @@ async def test_busy_port_is_reported_and_nothing_stays_bound() -> None:
     first = socket.create_server(("127.0.0.1", 0))
     try:
         taken = first.getsockname()[1]
-        second = OpsServer(store=store, registry=Registry(), readiness=Readiness(store, None),
-                           admin_address=("127.0.0.1", 0), metrics_address=("127.0.0.1", taken),
-                           readiness_address=None)
+        second = OpsServer(
+            store=store,
+            registry=Registry(),
+            readiness=Readiness(store, None),
+            admin_address=("127.0.0.1", 0),
+            metrics_address=("127.0.0.1", taken),
+            readiness_address=None,
+        )
         with pytest.raises(AdminBindError, match="cannot listen for metrics"):
             await second.start()
         assert second.addresses == {}

@@ -66,21 +66,51 @@ def registry_doc() -> dict[str, Any]:
             {"name": "legacy"},
         ],
         "workloads": [
-            {"name": "client", "namespace": "shop", "serviceAccount": "client",
-             "node": "node-a", "ips": ["10.244.1.10"]},
-            {"name": "other", "namespace": "shop", "serviceAccount": "other",
-             "node": "node-a", "ips": ["10.244.1.11"]},
-            {"name": "plain", "namespace": "legacy", "serviceAccount": "default",
-             "node": "node-a", "ips": ["10.244.1.12"]},
-            {"name": "server", "namespace": "legacy", "serviceAccount": "default",
-             "node": "node-b", "ips": ["10.244.2.10"]},
+            {
+                "name": "client",
+                "namespace": "shop",
+                "serviceAccount": "client",
+                "node": "node-a",
+                "ips": ["10.244.1.10"],
+            },
+            {
+                "name": "other",
+                "namespace": "shop",
+                "serviceAccount": "other",
+                "node": "node-a",
+                "ips": ["10.244.1.11"],
+            },
+            {
+                "name": "plain",
+                "namespace": "legacy",
+                "serviceAccount": "default",
+                "node": "node-a",
+                "ips": ["10.244.1.12"],
+            },
+            {
+                "name": "server",
+                "namespace": "legacy",
+                "serviceAccount": "default",
+                "node": "node-b",
+                "ips": ["10.244.2.10"],
+            },
         ],
         "authorizationPolicies": [
-            {"name": "client-only", "namespace": "shop", "spec": {
-                "action": "ALLOW",
-                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/client"]}}],
-                           "to": [{"operation": {"ports": ["8080"]}}]}],
-            }},
+            {
+                "name": "client-only",
+                "namespace": "shop",
+                "spec": {
+                    "action": "ALLOW",
+                    "rules": [
+                        {
+                            "from": [
+                                {"source": {"principals": ["cluster.local/ns/shop/sa/client"]}}
+                            ],
+                            "to": [{"operation": {"ports": ["8080"]}}],
+                        }
+                    ],
+                },
+            },
         ],
     }
 
@@ -142,7 +172,7 @@ class CaptureStandIn:
 
 
 def probe(pod: LabPod, ip: str, port: int = APP_PORT, timeout: float = 1.0) -> str:
-    """"direct" (the server answered), "captured" (the stand-in echoed) or "failed"."""
+    """ "direct" (the server answered), "captured" (the stand-in echoed) or "failed"."""
     request = b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n"
     try:
         with in_netns(pod.netns):
@@ -203,13 +233,28 @@ class AgentNode:
         self._starts += 1
         self.agent_log = self.work / f"agent-{self._starts}.log"
         argv = veil(
-            "agent", "run", "--node", "node-a", "--state-dir", str(self.state_dir),
-            "--pin-dir", str(self.pin_dir), "--status-socket", str(self.socket),
-            "--resync-interval", "1h", "--veth-retry", "100ms", *extra,
+            "agent",
+            "run",
+            "--node",
+            "node-a",
+            "--state-dir",
+            str(self.state_dir),
+            "--pin-dir",
+            str(self.pin_dir),
+            "--status-socket",
+            str(self.socket),
+            "--resync-interval",
+            "1h",
+            "--veth-retry",
+            "100ms",
+            *extra,
         )
         with self.agent_log.open("wb") as log:
             self.agent = subprocess.Popen(
-                self.in_node(argv), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                self.in_node(argv),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self.agent
@@ -253,14 +298,29 @@ class AgentNode:
         return code
 
     def veilctl(self, *args: str, admin: str = "127.0.0.1:1") -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "agent.cli.veilctl", "--agent-socket", str(self.socket),
-                "--ztunnel-admin", admin, *args]
-        return subprocess.run(self.in_node(argv), cwd=REPO, capture_output=True, text=True,
-                              timeout=30, check=False)
+        argv = [
+            sys.executable,
+            "-m",
+            "agent.cli.veilctl",
+            "--agent-socket",
+            str(self.socket),
+            "--ztunnel-admin",
+            admin,
+            *args,
+        ]
+        return subprocess.run(
+            self.in_node(argv), cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+        )
 
     def veil(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.in_node(veil(*args)), cwd=REPO, capture_output=True,
-                              text=True, timeout=60, check=False)
+        return subprocess.run(
+            self.in_node(veil(*args)),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
 
 def _start_controller(topo: Topology, work: Path, registry: Path, state: Path) -> ControllerProcess:
@@ -273,12 +333,26 @@ def _start_controller(topo: Topology, work: Path, registry: Path, state: Path) -
 
 
 def _join(topo: Topology, node: LabNode, state_ctl: Path, state_dir: Path) -> None:
-    out = topo.run(topo.underlay_netns, veil("controller", "token", "create", "--node", node.name,
-                                               "--state-dir", str(state_ctl)))
+    out = topo.run(
+        topo.underlay_netns,
+        veil("controller", "token", "create", "--node", node.name, "--state-dir", str(state_ctl)),
+    )
     token = out.stdout.decode().strip().splitlines()[-1].strip()
-    topo.run(node, veil("node", "join", "--controller",
-                        f"{topo.controller_ip}:{CONTROLLER_JOIN_PORT}", "--token", token,
-                        "--node", node.name, "--state-dir", str(state_dir)))
+    topo.run(
+        node,
+        veil(
+            "node",
+            "join",
+            "--controller",
+            f"{topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
+            "--token",
+            token,
+            "--node",
+            node.name,
+            "--state-dir",
+            str(state_dir),
+        ),
+    )
 
 
 def remove_stale_pins() -> None:
@@ -325,9 +399,15 @@ def agent_node() -> Iterator[AgentNode]:
         _join(topo, node, ctl_state, state_dir)
         standin = CaptureStandIn(node.netns).start()
         env = AgentNode(
-            topo=topo, work=work, registry=registry, controller_state=ctl_state, node=node,
-            state_dir=state_dir, pin_dir=PIN_ROOT / f"{topo.prefix}-node-a",
-            socket=work / "run" / "agent.sock", standin=standin,
+            topo=topo,
+            work=work,
+            registry=registry,
+            controller_state=ctl_state,
+            node=node,
+            state_dir=state_dir,
+            pin_dir=PIN_ROOT / f"{topo.prefix}-node-a",
+            socket=work / "run" / "agent.sock",
+            standin=standin,
         )
         env.start_agent()
         env.wait_ready()

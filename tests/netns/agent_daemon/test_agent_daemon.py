@@ -43,9 +43,11 @@ def veil_filters(env: AgentNode) -> dict[str, set[str]]:
 def wait_pod(env: AgentNode, key: str, dataplane: str, timeout: float = 10.0) -> None:
     env.wait_for(
         f"{key} {dataplane} and attached",
-        lambda: (row := env.pods().get(key)) is not None
-        and row["dataplane"] == dataplane
-        and row["attached"],
+        lambda: (
+            (row := env.pods().get(key)) is not None
+            and row["dataplane"] == dataplane
+            and row["attached"]
+        ),
         timeout,
     )
 
@@ -70,7 +72,9 @@ def test_enrolls_local_pods_and_reports_them(agent_node: AgentNode) -> None:
     assert status["uplink"] == "eth0"  # found through the route to the controller
     assert status["watch"]["connected"] is True
     assert {p["name"] for p in status["dataplane"]["programs"]} == {
-        "pod_ingress", "pod_egress", "uplink_ingress"
+        "pod_ingress",
+        "pod_egress",
+        "uplink_ingress",
     }
     assert status["dataplane"]["uplink"]["program"] is not None
     assert 0 < status["rss_bytes"] < 100 * 1024 * 1024
@@ -93,7 +97,9 @@ def test_enrolls_local_pods_and_reports_them(agent_node: AgentNode) -> None:
 
     status_cli = env.veilctl("status")  # the ztunnel admin address points nowhere
     assert status_cli.returncode == 3
-    lines = {k: v.strip() for k, _, v in (ln.partition("  ") for ln in status_cli.stdout.splitlines())}
+    lines = {
+        k: v.strip() for k, _, v in (ln.partition("  ") for ln in status_cli.stdout.splitlines())
+    }
     assert lines["ztunnel"].startswith("UNREACHABLE") and lines["node"] == "node-a"
 
     maps = json_out(env.veilctl("bpf", "maps", "-o", "json"))
@@ -133,8 +139,15 @@ def test_pod_registered_before_its_veth_is_enrolled_when_it_appears(
 ) -> None:
     env = agent_node
     doc = registry_doc()
-    doc["workloads"].append({"name": "late", "namespace": "shop", "serviceAccount": "late",
-                             "node": "node-a", "ips": ["10.244.1.13"]})
+    doc["workloads"].append(
+        {
+            "name": "late",
+            "namespace": "shop",
+            "serviceAccount": "late",
+            "node": "node-a",
+            "ips": ["10.244.1.13"],
+        }
+    )
     env.write_registry(doc)
     env.wait_for(
         "shop/late reported pending",
@@ -224,18 +237,30 @@ def test_preflight_and_startup_failures_are_explained(agent_node: AgentNode) -> 
     ok = env.veil("agent", "preflight", "--pin-dir", str(env.pin_dir))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert [line.split()[:2] for line in ok.stdout.splitlines()[1:6]] == [
-        ["privileges", "ok"], ["bcc", "ok"], ["kernel", "headers"], ["bpffs", "ok"],
+        ["privileges", "ok"],
+        ["bcc", "ok"],
+        ["kernel", "headers"],
+        ["bpffs", "ok"],
         ["bpf_sk_assign", "ok"],
     ]
 
     other = str(env.work / "other.sock")
-    no_join = env.veil("agent", "run", "--state-dir", str(env.work / "nowhere"),
-                       "--status-socket", other)
+    no_join = env.veil(
+        "agent", "run", "--state-dir", str(env.work / "nowhere"), "--status-socket", other
+    )
     assert no_join.returncode == 1
     assert "no node credentials" in no_join.stderr and "veil node join" in no_join.stderr
 
-    not_bpffs = env.veil("agent", "run", "--state-dir", str(env.state_dir),
-                         "--pin-dir", "/tmp/veil-not-bpffs", "--status-socket", other)
+    not_bpffs = env.veil(
+        "agent",
+        "run",
+        "--state-dir",
+        str(env.state_dir),
+        "--pin-dir",
+        "/tmp/veil-not-bpffs",
+        "--status-socket",
+        other,
+    )
     assert not_bpffs.returncode == 1
     assert "node preflight failed" in not_bpffs.stderr
     assert "not on a bpf filesystem" in not_bpffs.stderr and "hint:" in not_bpffs.stderr
@@ -253,20 +278,37 @@ def test_veilctl_reads_a_real_ztunnel(agent_node: AgentNode) -> None:
     env = agent_node
     zt = env.topo.popen(
         env.node,
-        veil("ztunnel", "run", "--node", "node-a", "--state-dir", str(env.state_dir),
-             "--outbound-port", "25001", "--inbound-plaintext-port", "25006",
-             "--hbone-port", "25008", "--metrics-address", "127.0.0.1:25020",
-             "--readiness-address", "127.0.0.1:25021"),
+        veil(
+            "ztunnel",
+            "run",
+            "--node",
+            "node-a",
+            "--state-dir",
+            str(env.state_dir),
+            "--outbound-port",
+            "25001",
+            "--inbound-plaintext-port",
+            "25006",
+            "--hbone-port",
+            "25008",
+            "--metrics-address",
+            "127.0.0.1:25020",
+            "--readiness-address",
+            "127.0.0.1:25021",
+        ),
         log_path=env.work / "ztunnel.log",
     )
     admin = "127.0.0.1:15000"
     try:
+
         def certs_valid() -> bool:
             done = env.veilctl("certs", "-o", "json", admin=admin)
             return done.returncode == 0 and sorted(
                 c["identity"] for c in json.loads(done.stdout) if c["state"] == "valid"
-            ) == ["spiffe://cluster.local/ns/shop/sa/client",
-                  "spiffe://cluster.local/ns/shop/sa/other"]
+            ) == [
+                "spiffe://cluster.local/ns/shop/sa/client",
+                "spiffe://cluster.local/ns/shop/sa/other",
+            ]
 
         env.wait_for("the ztunnel's certificates", certs_valid, timeout=30.0, step=0.3)
         workloads = env.veilctl("workloads", admin=admin)
@@ -291,8 +333,9 @@ def test_veilctl_reads_a_real_ztunnel(agent_node: AgentNode) -> None:
 def test_sigterm_keeps_programs_and_uninstall_removes_everything(agent_node: AgentNode) -> None:
     env = agent_node
     client = env.pod("client")
-    refused = env.veil("agent", "uninstall", "--pin-dir", str(env.pin_dir),
-                       "--status-socket", str(env.socket))
+    refused = env.veil(
+        "agent", "uninstall", "--pin-dir", str(env.pin_dir), "--status-socket", str(env.socket)
+    )
     assert refused.returncode == 1 and "still running" in refused.stderr
 
     assert env.kill_agent(signal.SIGTERM) == 0
@@ -302,8 +345,9 @@ def test_sigterm_keeps_programs_and_uninstall_removes_everything(agent_node: Age
     down = env.veilctl("pods")
     assert down.returncode == 3 and "agent unreachable" in down.stderr
 
-    done = env.veil("agent", "uninstall", "--pin-dir", str(env.pin_dir),
-                    "--status-socket", str(env.socket))
+    done = env.veil(
+        "agent", "uninstall", "--pin-dir", str(env.pin_dir), "--status-socket", str(env.socket)
+    )
     assert done.returncode == 0, done.stderr
     removed = done.stdout
     assert f"veil_pod_egress on {client.host_veth} egress" in removed

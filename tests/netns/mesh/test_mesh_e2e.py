@@ -56,11 +56,15 @@ def no_listener_drops(mesh: LabMesh, node: str, pod_ip: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabMesh, dict[str, CountingEcho]]]:
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LabMesh, dict[str, CountingEcho]]]:
     work = tmp_path_factory.mktemp("mesh-e2e")
     with LabMesh(DEFAULT_REGISTRY, workdir=work) as m:
         m.start()
-        servers = {name: CountingEcho(m.pod(name).lab.netns) for name in ("payments", "legacy-server")}
+        servers = {
+            name: CountingEcho(m.pod(name).lab.netns) for name in ("payments", "legacy-server")
+        }
         try:
             yield m, servers
         finally:
@@ -68,7 +72,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabMesh, di
                 s.server.stop()
 
 
-def test_ztunnel_down_fails_closed_and_recovers(mesh: tuple[LabMesh, dict[str, CountingEcho]]) -> None:
+def test_ztunnel_down_fails_closed_and_recovers(
+    mesh: tuple[LabMesh, dict[str, CountingEcho]],
+) -> None:
     m, servers = mesh
     payments, legacy = m.pod("payments"), m.pod("legacy-server")
     assert roundtrip(m, "checkout", payments.ip) == b"ping"
@@ -100,7 +106,9 @@ def test_ztunnel_down_fails_closed_and_recovers(mesh: tuple[LabMesh, dict[str, C
     assert servers["payments"].accepted > before
 
 
-def test_veilctl_verify_is_clean_on_a_running_mesh(mesh: tuple[LabMesh, dict[str, CountingEcho]]) -> None:
+def test_veilctl_verify_is_clean_on_a_running_mesh(
+    mesh: tuple[LabMesh, dict[str, CountingEcho]],
+) -> None:
     m, _ = mesh
     for node in m.topo.nodes:
         code, text = m.veilctl(node, "verify")

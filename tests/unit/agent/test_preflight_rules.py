@@ -110,6 +110,6 @@ def test_capability_advice_matches_the_manifest() -> None:
     added = set(agent["securityContext"]["capabilities"]["add"])
     assert "SYS_ADMIN" not in added
     src = Path(preflight.__file__).read_text()
-    advice = src[src.index("def _check_privileges"):]
+    advice = src[src.index("def _check_privileges") :]
     for cap in added:
         assert cap in advice, cap

@@ -19,10 +19,16 @@ def test_doubles_up_to_the_cap_without_jitter() -> None:
     assert b.next() == 0.5
 
 
-@given(st.floats(0.01, 5), st.floats(5, 120), st.floats(0, 1), st.integers(0, 2**32),
-       st.integers(1, 80))
-def test_delays_stay_within_bounds(initial: float, cap: float, jitter: float, seed: int,
-                                   n: int) -> None:
+@given(
+    st.floats(0.01, 5),
+    st.floats(5, 120),
+    st.floats(0, 1),
+    st.integers(0, 2**32),
+    st.integers(1, 80),
+)
+def test_delays_stay_within_bounds(
+    initial: float, cap: float, jitter: float, seed: int, n: int
+) -> None:
     b = Backoff(initial, cap, jitter=jitter, rng=random.Random(seed))
     for i in range(n):
         ceiling = min(cap, initial * 2**i)
@@ -35,8 +41,14 @@ def test_jitter_spreads_delays() -> None:
     assert len(delays) > 10
 
 
-@pytest.mark.parametrize("kw", [{"initial": 0, "maximum": 1}, {"initial": 2, "maximum": 1},
-                                {"initial": 1, "maximum": 2, "jitter": 2}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"initial": 0, "maximum": 1},
+        {"initial": 2, "maximum": 1},
+        {"initial": 1, "maximum": 2, "jitter": 2},
+    ],
+)
 def test_rejects_bad_parameters(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Backoff(**kw)  # type: ignore[arg-type]

@@ -28,11 +28,14 @@ class HubSource:
         self.down = False
         self.requests: list[tuple[str, int]] = []
 
-    async def watch(self, node: str = "", types: Iterable[ResourceType] = (), epoch: str = "",
-                    version: int = 0) -> AsyncIterator[WatchUpdate]:
+    async def watch(
+        self, node: str = "", types: Iterable[ResourceType] = (), epoch: str = "", version: int = 0
+    ) -> AsyncIterator[WatchUpdate]:
         self.requests.append((epoch, version))
         if self.down:
-            raise ApiError("UNAVAILABLE", "watch failed: controller unreachable (connection refused)")
+            raise ApiError(
+                "UNAVAILABLE", "watch failed: controller unreachable (connection refused)"
+            )
         sub = self.hub.subscribe(node, frozenset(types), epoch, version)
         try:
             while True:
@@ -69,8 +72,9 @@ async def test_snapshot_deltas_outage_resume_and_new_epoch() -> None:
         delays.append(seconds)
         await asyncio.sleep(0.001)
 
-    client = WatchClient(source, store, backoff=Backoff(0.5, 4.0, rng=random.Random(1)),
-                         sleep=fast_sleep)
+    client = WatchClient(
+        source, store, backoff=Backoff(0.5, 4.0, rng=random.Random(1)), sleep=fast_sleep
+    )
     task = asyncio.create_task(client.run())
     try:
         await until(lambda: store.current.synced, "first snapshot")
@@ -144,8 +148,13 @@ async def test_mismatched_delta_restarts_with_a_snapshot() -> None:
     seen: list[tuple[str, int]] = []
 
     class Foreign:
-        async def watch(self, node: str = "", types: Iterable[ResourceType] = (), epoch: str = "",
-                        version: int = 0) -> AsyncIterator[WatchUpdate]:
+        async def watch(
+            self,
+            node: str = "",
+            types: Iterable[ResourceType] = (),
+            epoch: str = "",
+            version: int = 0,
+        ) -> AsyncIterator[WatchUpdate]:
             seen.append((epoch, version))
             if len(seen) == 1:
                 yield WatchUpdate("other", 6, False, (wl("x", "10.0.9.9"),))

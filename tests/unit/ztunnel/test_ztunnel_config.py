@@ -44,8 +44,13 @@ def test_defaults() -> None:
 
 
 def test_flags_beat_env_beat_defaults() -> None:
-    env = {"VEIL_NODE_NAME": "from-env", "VEIL_DRAIN_GRACE_PERIOD": "5s",
-           "VEIL_CERT_TTL": "2h", "VEIL_STATE_DIR": "/tmp/x", "VEIL_ADMIN_ADDRESS": "[::1]:16000"}
+    env = {
+        "VEIL_NODE_NAME": "from-env",
+        "VEIL_DRAIN_GRACE_PERIOD": "5s",
+        "VEIL_CERT_TTL": "2h",
+        "VEIL_STATE_DIR": "/tmp/x",
+        "VEIL_ADMIN_ADDRESS": "[::1]:16000",
+    }
     c = parse(["--drain-grace-period", "500ms"], env)
     assert c.node_name == "from-env"
     assert c.drain_grace_period == 0.5
@@ -55,8 +60,9 @@ def test_flags_beat_env_beat_defaults() -> None:
 
 
 def test_typed_values_are_accepted() -> None:
-    c = config_from_args({"node_name": "n1", "hbone_port": 0, "outbound_port": 0,
-                          "inbound_plaintext_port": 0}, {})
+    c = config_from_args(
+        {"node_name": "n1", "hbone_port": 0, "outbound_port": 0, "inbound_plaintext_port": 0}, {}
+    )
     assert c.hbone_port == 0
 
 
@@ -78,7 +84,9 @@ def test_typed_values_are_accepted() -> None:
         (["--node-name", "n", "--cert-ttl", "100ms"], {}, "cert_ttl"),
     ],
 )
-def test_invalid_values_say_what_and_where(argv: list[str], env: dict[str, str], match: str) -> None:
+def test_invalid_values_say_what_and_where(
+    argv: list[str], env: dict[str, str], match: str
+) -> None:
     with pytest.raises(ConfigError, match=match) as exc:
         parse(argv, env)
     assert exc.value.hint
@@ -90,8 +98,18 @@ def test_config_is_frozen() -> None:
         c.node_name = "m"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("25s", 25), ("500ms", 0.5), ("5m", 300),
-                                               ("2h", 7200), ("1d", 86400), ("7", 7), ("1.5s", 1.5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("25s", 25),
+        ("500ms", 0.5),
+        ("5m", 300),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("7", 7),
+        ("1.5s", 1.5),
+    ],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -102,9 +120,15 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("text", "hp"), [("127.0.0.1:15000", ("127.0.0.1", 15000)),
-                                          ("[::1]:1", ("::1", 1)), (":15020", ("0.0.0.0", 15020)),
-                                          ("localhost:0", ("localhost", 0))])
+@pytest.mark.parametrize(
+    ("text", "hp"),
+    [
+        ("127.0.0.1:15000", ("127.0.0.1", 15000)),
+        ("[::1]:1", ("::1", 1)),
+        (":15020", ("0.0.0.0", 15020)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
 def test_parse_host_port(text: str, hp: tuple[str, int]) -> None:
     assert parse_host_port(text) == hp
 

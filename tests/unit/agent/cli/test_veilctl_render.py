@@ -44,7 +44,10 @@ AGENT_STATUS: dict[str, Any] = {
     "registry": {"synced": True, "version": 7, "local_workloads": 3},
     "watch": {"connected": False, "last_error": "UNAVAILABLE: controller down"},
     "last_reconcile": {
-        "at": 1000.0, "duration_ms": 4.2, "actions": ["enroll shop/a"], "errors": [],
+        "at": 1000.0,
+        "duration_ms": 4.2,
+        "actions": ["enroll shop/a"],
+        "errors": [],
         "pending": [],
     },
     "errors": [],
@@ -52,15 +55,27 @@ AGENT_STATUS: dict[str, Any] = {
 
 PODS: list[dict[str, Any]] = [
     {
-        "workload": "shop/a", "ip": "10.244.1.10", "veth": "vh5", "enrolled": True,
-        "dataplane": "enrolled", "programs": {"ingress": 11, "egress": 12},
-        "redirected": {"outbound": 3, "inbound": 1}, "dropped": 2,
-        "drops": {"spoofed_source": 2}, "state": "ok",
+        "workload": "shop/a",
+        "ip": "10.244.1.10",
+        "veth": "vh5",
+        "enrolled": True,
+        "dataplane": "enrolled",
+        "programs": {"ingress": 11, "egress": 12},
+        "redirected": {"outbound": 3, "inbound": 1},
+        "dropped": 2,
+        "drops": {"spoofed_source": 2},
+        "state": "ok",
     },
     {
-        "workload": None, "ip": "10.244.1.99", "veth": None, "enrolled": False,
-        "dataplane": "tracked", "programs": {"ingress": None, "egress": None},
-        "redirected": {"outbound": 0, "inbound": 0}, "dropped": 0, "drops": {},
+        "workload": None,
+        "ip": "10.244.1.99",
+        "veth": None,
+        "enrolled": False,
+        "dataplane": "tracked",
+        "programs": {"ingress": None, "egress": None},
+        "redirected": {"outbound": 0, "inbound": 0},
+        "dropped": 0,
+        "drops": {},
         "state": "orphan: no local workload has this address",
     },
 ]
@@ -74,9 +89,15 @@ def ztunnel_dump() -> dict[str, Any]:
             Workload("a", "shop", "sa-a", "node-a", ("10.244.1.10",), enrolled=True),
             Workload("b", "shop", "sa-b", "node-b", ("10.244.2.10",), enrolled=True),
             AuthorizationPolicy(
-                "allow-a", "shop", PolicyAction.ALLOW,
-                (Rule((Source(principals=("cluster.local/ns/shop/sa/sa-a",)),),
-                      (Operation(ports=(8080,)),)),),
+                "allow-a",
+                "shop",
+                PolicyAction.ALLOW,
+                (
+                    Rule(
+                        (Source(principals=("cluster.local/ns/shop/sa/sa-a",)),),
+                        (Operation(ports=(8080,)),),
+                    ),
+                ),
             ),
         ],
         epoch="e1",
@@ -84,19 +105,38 @@ def ztunnel_dump() -> dict[str, Any]:
         trust_bundle=None,
     )
     certs = [
-        {"identity": "spiffe://cluster.local/ns/shop/sa/sa-a", "state": "valid", "serial": "0a1b",
-         "not_after": "2030-01-02T00:00:00+00:00", "rotation_due": "2029-01-01T00:00:00+00:00",
-         "last_error": None},
-        {"identity": "spiffe://cluster.local/ns/shop/sa/old", "state": "valid", "serial": "0c",
-         "not_after": "2020-01-02T00:00:00+00:00", "rotation_due": "2020-01-01T12:00:00+00:00",
-         "last_error": None},
+        {
+            "identity": "spiffe://cluster.local/ns/shop/sa/sa-a",
+            "state": "valid",
+            "serial": "0a1b",
+            "not_after": "2030-01-02T00:00:00+00:00",
+            "rotation_due": "2029-01-01T00:00:00+00:00",
+            "last_error": None,
+        },
+        {
+            "identity": "spiffe://cluster.local/ns/shop/sa/old",
+            "state": "valid",
+            "serial": "0c",
+            "not_after": "2020-01-02T00:00:00+00:00",
+            "rotation_due": "2020-01-01T12:00:00+00:00",
+            "last_error": None,
+        },
     ]
     conns = [
-        {"id": 1, "direction": "outbound", "src": "10.244.1.10:40000",
-         "dst": "10.244.2.10:8080", "src_workload": "shop/a", "dst_workload": "shop/b",
-         "src_identity": "spiffe://cluster.local/ns/shop/sa/sa-a",
-         "dst_identity": "spiffe://cluster.local/ns/shop/sa/sa-b",
-         "bytes_received": 10, "bytes_sent": 20, "duration_s": 65.0, "verdict": "allow"},
+        {
+            "id": 1,
+            "direction": "outbound",
+            "src": "10.244.1.10:40000",
+            "dst": "10.244.2.10:8080",
+            "src_workload": "shop/a",
+            "dst_workload": "shop/b",
+            "src_identity": "spiffe://cluster.local/ns/shop/sa/sa-a",
+            "dst_identity": "spiffe://cluster.local/ns/shop/sa/sa-b",
+            "bytes_received": 10,
+            "bytes_sent": 20,
+            "duration_s": 65.0,
+            "verdict": "allow",
+        },
     ]
     return config_dump(snap, certificates=certs, connections=conns)
 
@@ -123,11 +163,25 @@ def test_pod_table() -> None:
     render(veilctl.pod_rows(PODS), veilctl.POD_COLUMNS, "table", out)
     lines = out.getvalue().splitlines()
     assert lines[0].split() == [
-        "POD", "IP", "VETH", "ENROLLED", "DATAPLANE", "PROGRAMS", "REDIRECTED(OUT/IN)",
-        "DROPPED", "STATE",
+        "POD",
+        "IP",
+        "VETH",
+        "ENROLLED",
+        "DATAPLANE",
+        "PROGRAMS",
+        "REDIRECTED(OUT/IN)",
+        "DROPPED",
+        "STATE",
     ]
     assert lines[1].split()[:8] == [
-        "shop/a", "10.244.1.10", "vh5", "yes", "enrolled", "in=11,eg=12", "3/1", "2",
+        "shop/a",
+        "10.244.1.10",
+        "vh5",
+        "yes",
+        "enrolled",
+        "in=11,eg=12",
+        "3/1",
+        "2",
     ]
     assert "(spoofed_source=2)" in lines[1]
     assert lines[2].split()[:6] == ["-", "10.244.1.99", "-", "no", "tracked", "in=-,eg=-"]
@@ -165,8 +219,14 @@ def test_connection_rows() -> None:
 def test_verify_lines() -> None:
     report = {
         "checks": [{"name": "pods", "ok": False, "detail": "1 enrolled"}],
-        "findings": [{"check": "pods", "subject": "shop/a (10.244.1.10)",
-                      "problem": "egress guard program missing on vh5", "fix": "restart"}],
+        "findings": [
+            {
+                "check": "pods",
+                "subject": "shop/a (10.244.1.10)",
+                "problem": "egress guard program missing on vh5",
+                "fix": "restart",
+            }
+        ],
     }
     lines = veilctl.verify_lines(report)
     assert lines[0].startswith("FAIL  pods")

@@ -73,7 +73,12 @@ def test_healthy_node_has_no_findings() -> None:
     report = audit(HEALTHY)
     assert report.ok
     assert [c.name for c in report.checks] == [
-        "registry", "build", "policy-routing", "uplink", "listeners", "pods"
+        "registry",
+        "build",
+        "policy-routing",
+        "uplink",
+        "listeners",
+        "pods",
     ]
     assert report.to_dict()["ok"] is True
 
@@ -81,7 +86,11 @@ def test_healthy_node_has_no_findings() -> None:
 @pytest.mark.parametrize(
     ("change", "check", "needle"),
     [
-        ({"pods": (replace(PODS[0], egress=None), PODS[1])}, "pods", "egress guard program missing"),
+        (
+            {"pods": (replace(PODS[0], egress=None), PODS[1])},
+            "pods",
+            "egress guard program missing",
+        ),
         ({"pods": (replace(PODS[0], ingress=None), PODS[1])}, "pods", "can bypass"),
         (
             {"pods": (replace(PODS[0], egress=replace(EG, prog_id=99)), PODS[1])},
@@ -94,14 +103,22 @@ def test_healthy_node_has_no_findings() -> None:
         ({"pods": (replace(PODS[0], pod_ip=B), PODS[1])}, "pods", "anti-spoof entry"),
         ({"pods": (PODS[0], replace(PODS[1], ingress=None))}, "pods", "dropped instead of steered"),
         (
-            {"pods": (*PODS, Pod(IPv4Address("10.244.1.99"), 7, "vh7", True, IN, EG,
-                                 PodCounters()))},
+            {
+                "pods": (
+                    *PODS,
+                    Pod(IPv4Address("10.244.1.99"), 7, "vh7", True, IN, EG, PodCounters()),
+                )
+            },
             "pods",
             "no local workload has",
         ),
         (
-            {"desired": (replace(DESIRED[0], ifindex=None, host_ifname=None,
-                                 veth_error="no route"), DESIRED[1])},
+            {
+                "desired": (
+                    replace(DESIRED[0], ifindex=None, host_ifname=None, veth_error="no route"),
+                    DESIRED[1],
+                )
+            },
             "pods",
             "no host veth",
         ),
@@ -118,27 +135,50 @@ def test_healthy_node_has_no_findings() -> None:
         ),
         ({"synced": False}, "registry", "has not received the registry"),
         ({"node": replace(NODE, uplink_program=None)}, "uplink", "not attached"),
-        ({"node": replace(NODE, uplink_program=replace(UP, prog_id=5))}, "uplink", "not the pinned"),
+        (
+            {"node": replace(NODE, uplink_program=replace(UP, prog_id=5))},
+            "uplink",
+            "not the pinned",
+        ),
         ({"node": replace(NODE, uplink_ifname=None)}, "uplink", "no longer exists"),
-        ({"node": replace(NODE, policy_routing=PolicyRouting(False, True))}, "policy-routing",
-         "fwmark rule"),
-        ({"node": replace(NODE, policy_routing=PolicyRouting(True, False))}, "policy-routing",
-         "local route"),
-        ({"node": replace(NODE, policy_routing=PolicyRouting(True, True, False, True))},
-         "policy-routing", "IPv6 fwmark rule"),
-        ({"node": replace(NODE, policy_routing=PolicyRouting(True, True, True, False))},
-         "policy-routing", "IPv6 local route"),
-        ({"pods": (replace(PODS[0], ipv6=()), PODS[1])}, "pods",
-         f"no anti-spoof entry for its IPv6 address {A6}"),
-        ({"pods": (replace(PODS[0], ipv6=(A6, IPv6Address("fd00::66"))), PODS[1])}, "pods",
-         "allows IPv6 fd00::66"),
+        (
+            {"node": replace(NODE, policy_routing=PolicyRouting(False, True))},
+            "policy-routing",
+            "fwmark rule",
+        ),
+        (
+            {"node": replace(NODE, policy_routing=PolicyRouting(True, False))},
+            "policy-routing",
+            "local route",
+        ),
+        (
+            {"node": replace(NODE, policy_routing=PolicyRouting(True, True, False, True))},
+            "policy-routing",
+            "IPv6 fwmark rule",
+        ),
+        (
+            {"node": replace(NODE, policy_routing=PolicyRouting(True, True, True, False))},
+            "policy-routing",
+            "IPv6 local route",
+        ),
+        (
+            {"pods": (replace(PODS[0], ipv6=()), PODS[1])},
+            "pods",
+            f"no anti-spoof entry for its IPv6 address {A6}",
+        ),
+        (
+            {"pods": (replace(PODS[0], ipv6=(A6, IPv6Address("fd00::66"))), PODS[1])},
+            "pods",
+            "allows IPv6 fd00::66",
+        ),
         ({"local_ips": {A: 5}}, "pods", f"local address entry for {A6} missing"),
         ({"node": replace(NODE, source_build_id="cd" * 32)}, "build", "the agent built"),
         ({"cflags": ("-DVEIL_FAIL_OPEN=1",)}, "build", "lets traffic bypass"),
     ],
 )
-def test_each_problem_is_a_finding_with_a_fix(change: dict[str, object], check: str,
-                                              needle: str) -> None:
+def test_each_problem_is_a_finding_with_a_fix(
+    change: dict[str, object], check: str, needle: str
+) -> None:
     report = audit(replace(HEALTHY, **change))  # type: ignore[arg-type]
     assert not report.ok
     hits = [f for f in report.findings if f.check == check and needle in f.problem]
@@ -177,8 +217,11 @@ def test_parse_proc_net_tcp() -> None:
 def test_pod_rows_join_registry_and_kernel() -> None:
     orphan = Pod(IPv4Address("10.244.1.99"), 7, None, True, None, None, PodCounters())
     pending = DesiredPod("shop/c", IPv4Address("10.244.1.12"), True, None, None, "no route")
-    rows = pod_rows((*DESIRED, pending), (PODS[0], replace(PODS[1], egress=EG), orphan),
-                    {"pod_ingress": 11, "pod_egress": 12})
+    rows = pod_rows(
+        (*DESIRED, pending),
+        (PODS[0], replace(PODS[1], egress=EG), orphan),
+        {"pod_ingress": 11, "pod_egress": 12},
+    )
     by = {r["ip"]: r for r in rows}
     a = by[str(A)]
     assert a["workload"] == "shop/a" and a["state"] == "ok" and a["protected"] is True

@@ -96,6 +96,8 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize(("text", "value"), [("1", True), ("TRUE", True), ("no", False), ("", False)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("1", True), ("TRUE", True), ("no", False), ("", False)]
+)
 def test_booleans(text: str, value: bool) -> None:
     assert parse_bool(text) is value

@@ -16,8 +16,12 @@ DAY = timedelta(hours=24)
 
 @pytest.mark.parametrize(
     ("elapsed", "due"),
-    [(timedelta(0), False), (timedelta(hours=11, minutes=59), False), (timedelta(hours=12), True),
-     (DAY + timedelta(hours=1), True)],
+    [
+        (timedelta(0), False),
+        (timedelta(hours=11, minutes=59), False),
+        (timedelta(hours=12), True),
+        (DAY + timedelta(hours=1), True),
+    ],
 )
 def test_renewal_at_half_life(elapsed: timedelta, due: bool) -> None:
     result = renewal_due(T0, T0 + DAY, T0 + elapsed)

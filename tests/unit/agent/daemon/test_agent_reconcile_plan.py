@@ -152,8 +152,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("desired", "actual", "expected"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("desired", "actual", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_plan(
     desired: list[DesiredPod], actual: list[PodDataplaneState], expected: list[tuple[str, str]]
 ) -> None:
@@ -264,7 +265,12 @@ def test_plan_from_scratch_touches_every_pod_once(desired: list[DesiredPod]) -> 
 def test_plan_is_empty_when_the_kernel_matches(desired: list[DesiredPod]) -> None:
     actual = [
         PodDataplaneState(
-            d.ip, d.ifindex or 0, d.host_ifname, d.enrolled, IN, EG if d.enrolled else None,
+            d.ip,
+            d.ifindex or 0,
+            d.host_ifname,
+            d.enrolled,
+            IN,
+            EG if d.enrolled else None,
             PodCounters(),
         )
         for d in desired

@@ -67,7 +67,9 @@ def test_only_the_api_edge_imports_generated_code() -> None:
                 continue
             if _imports_pb(path):
                 offenders.append(str(path.relative_to(ROOT)))
-    assert offenders == [], f"only controller/api/{{wire,client}}.py and controller/service.py may import _pb2: {offenders}"
+    assert offenders == [], (
+        f"only controller/api/{{wire,client}}.py and controller/service.py may import _pb2: {offenders}"
+    )
 
 
 # Kubernetes-shaped names: a Workload refuses names no identity can be made of.
@@ -107,7 +109,9 @@ resources = st.one_of(
         name=names,
         namespace=names,
         vips=st.lists(ips, max_size=2).map(tuple),
-        ports=st.lists(st.builds(ServicePort, port=ports, target_port=ports, name=names), max_size=2).map(tuple),
+        ports=st.lists(
+            st.builds(ServicePort, port=ports, target_port=ports, name=names), max_size=2
+        ).map(tuple),
         selector=label_maps,
         endpoints=st.lists(names, max_size=3).map(tuple),
     ),
@@ -133,7 +137,12 @@ resources = st.one_of(
 @given(
     upserts=st.lists(resources, max_size=5).map(tuple),
     removals=st.lists(st.tuples(st.sampled_from(ResourceType), names), max_size=3).map(tuple),
-    bundle=st.none() | st.builds(TrustBundle, trust_domain=names, roots=st.lists(st.binary(max_size=8), max_size=2).map(tuple)),
+    bundle=st.none()
+    | st.builds(
+        TrustBundle,
+        trust_domain=names,
+        roots=st.lists(st.binary(max_size=8), max_size=2).map(tuple),
+    ),
     version=st.integers(0, 2**63),
     snapshot=st.booleans(),
 )

@@ -29,8 +29,9 @@ def _src_match(source: Source, ip: str, identity: SpiffeId | None, port: int = 8
 
 
 @given(ipv4, st.integers(min_value=0, max_value=32), ipv4)
-def test_ipv4_cidr_matches_like_ipaddress(net_addr: ipaddress.IPv4Address, prefix: int,
-                                          ip: ipaddress.IPv4Address) -> None:
+def test_ipv4_cidr_matches_like_ipaddress(
+    net_addr: ipaddress.IPv4Address, prefix: int, ip: ipaddress.IPv4Address
+) -> None:
     block = f"{net_addr}/{prefix}"
     expected = ip in ipaddress.ip_network(block, strict=False)
     assert _src_match(Source(ip_blocks=(block,)), str(ip), None) is expected
@@ -38,8 +39,9 @@ def test_ipv4_cidr_matches_like_ipaddress(net_addr: ipaddress.IPv4Address, prefi
 
 
 @given(ipv6, st.integers(min_value=0, max_value=128), ipv6)
-def test_ipv6_cidr_matches_like_ipaddress(net_addr: ipaddress.IPv6Address, prefix: int,
-                                          ip: ipaddress.IPv6Address) -> None:
+def test_ipv6_cidr_matches_like_ipaddress(
+    net_addr: ipaddress.IPv6Address, prefix: int, ip: ipaddress.IPv6Address
+) -> None:
     assume(ip.ipv4_mapped is None)
     block = f"{net_addr}/{prefix}"
     expected = ip in ipaddress.ip_network(block, strict=False)
@@ -47,8 +49,9 @@ def test_ipv6_cidr_matches_like_ipaddress(net_addr: ipaddress.IPv6Address, prefi
 
 
 @given(ipv4, ipv4)
-def test_single_address_block_is_a_host_route(a: ipaddress.IPv4Address,
-                                               b: ipaddress.IPv4Address) -> None:
+def test_single_address_block_is_a_host_route(
+    a: ipaddress.IPv4Address, b: ipaddress.IPv4Address
+) -> None:
     assert _src_match(Source(ip_blocks=(str(a),)), str(b), None) is (a == b)
 
 
@@ -92,8 +95,11 @@ def test_principal_and_not_principal_are_complements(ident: SpiffeId, listed: Sp
 
 @given(names)
 def test_plaintext_matches_no_positive_identity_field(ns: str) -> None:
-    for source in (Source(principals=("*",)), Source(namespaces=(ns,)),
-                   Source(principals=(f"cluster.local/ns/{ns}/sa/x",))):
+    for source in (
+        Source(principals=("*",)),
+        Source(namespaces=(ns,)),
+        Source(principals=(f"cluster.local/ns/{ns}/sa/x",)),
+    ):
         assert not _src_match(source, "10.0.0.1", None)
     # ...and every negative identity field (Istio semantics).
     for source in (Source(not_principals=("*",)), Source(not_namespaces=(ns,))):
@@ -102,26 +108,33 @@ def test_plaintext_matches_no_positive_identity_field(ns: str) -> None:
 
 @given(ports, st.lists(ports, max_size=5), st.lists(ports, max_size=5))
 def test_ports_and_not_ports(port: int, allowed: list[int], excluded: list[int]) -> None:
-    p = AuthorizationPolicy("p", "ns", PolicyAction.ALLOW,
-                            (Rule(operations=(Operation(tuple(allowed), tuple(excluded)),)),))
+    p = AuthorizationPolicy(
+        "p",
+        "ns",
+        PolicyAction.ALLOW,
+        (Rule(operations=(Operation(tuple(allowed), tuple(excluded)),)),),
+    )
     expected = (not allowed or port in allowed) and port not in excluded
     assert compile_policy(p).matches(ConnectionFacts.of("10.0.0.1", port, None)) is expected
 
 
 sources = st.builds(
     Source,
-    principals=st.lists(st.sampled_from(["*", "cluster.local/ns/a/sa/b", "cluster.local/ns/c/*"]),
-                        max_size=2).map(tuple),
+    principals=st.lists(
+        st.sampled_from(["*", "cluster.local/ns/a/sa/b", "cluster.local/ns/c/*"]), max_size=2
+    ).map(tuple),
     namespaces=st.lists(st.sampled_from(["a", "c", "prod"]), max_size=2).map(tuple),
     not_namespaces=st.lists(st.sampled_from(["a", "c"]), max_size=1).map(tuple),
-    ip_blocks=st.lists(st.sampled_from(["10.0.0.0/8", "192.168.0.0/16", "10.1.2.3"]),
-                       max_size=2).map(tuple),
+    ip_blocks=st.lists(
+        st.sampled_from(["10.0.0.0/8", "192.168.0.0/16", "10.1.2.3"]), max_size=2
+    ).map(tuple),
 )
 rules = st.builds(
     Rule,
     sources=st.lists(sources, max_size=2).map(tuple),
-    operations=st.lists(st.builds(Operation, ports=st.lists(ports, max_size=2).map(tuple)),
-                        max_size=1).map(tuple),
+    operations=st.lists(
+        st.builds(Operation, ports=st.lists(ports, max_size=2).map(tuple)), max_size=1
+    ).map(tuple),
 )
 policies = st.builds(
     lambda i, action, rs: AuthorizationPolicy(f"p{i}", "prod", action, tuple(rs)),
@@ -136,8 +149,12 @@ conns = st.builds(
     dst_port=st.sampled_from([80, 443, 8080]),
     src_identity=st.one_of(
         st.none(),
-        st.sampled_from([SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b"),
-                         SpiffeId.parse("spiffe://cluster.local/ns/c/sa/d")]),
+        st.sampled_from(
+            [
+                SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b"),
+                SpiffeId.parse("spiffe://cluster.local/ns/c/sa/d"),
+            ]
+        ),
     ),
 )
 

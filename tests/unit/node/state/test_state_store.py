@@ -30,8 +30,16 @@ from node.state import StateChange, StateStore, build_snapshot
 NODE = "node-a"
 
 
-def wl(name: str, ip: str, node: str = NODE, *, enrolled: bool = True, ready: bool = True,
-       sa: str | None = None, labels: dict[str, str] | None = None) -> Workload:
+def wl(
+    name: str,
+    ip: str,
+    node: str = NODE,
+    *,
+    enrolled: bool = True,
+    ready: bool = True,
+    sa: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> Workload:
     return Workload(name, "default", sa or name, node, (ip,), Labels(labels or {}), enrolled, ready)
 
 
@@ -43,14 +51,19 @@ POL = AuthorizationPolicy("p", "default", PolicyAction.DENY)
 BUNDLE = TrustBundle("cluster.local", (b"root-1",))
 
 
-def snapshot(version: int, *resources: object, epoch: str = "e1",
-             bundle: TrustBundle | None = BUNDLE) -> WatchUpdate:
+def snapshot(
+    version: int, *resources: object, epoch: str = "e1", bundle: TrustBundle | None = BUNDLE
+) -> WatchUpdate:
     return WatchUpdate(epoch, version, True, tuple(resources), (), bundle)  # type: ignore[arg-type]
 
 
-def delta(version: int, upserts: tuple[object, ...] = (),
-          removals: tuple[tuple[ResourceType, str], ...] = (), epoch: str = "e1",
-          bundle: TrustBundle | None = None) -> WatchUpdate:
+def delta(
+    version: int,
+    upserts: tuple[object, ...] = (),
+    removals: tuple[tuple[ResourceType, str], ...] = (),
+    epoch: str = "e1",
+    bundle: TrustBundle | None = None,
+) -> WatchUpdate:
     return WatchUpdate(epoch, version, False, upserts, removals, bundle)  # type: ignore[arg-type]
 
 
@@ -78,9 +91,11 @@ def test_snapshot_then_deltas_build_indexes() -> None:
 
     ch = store.apply(delta(6, (B, POL), ((ResourceType.WORKLOAD, "default/r"),)))
     assert ch is not None
-    assert ch.changed == {(ResourceType.WORKLOAD, "default/b"),
-                          (ResourceType.AUTHORIZATION_POLICY, "default/p"),
-                          (ResourceType.WORKLOAD, "default/r")}
+    assert ch.changed == {
+        (ResourceType.WORKLOAD, "default/b"),
+        (ResourceType.AUTHORIZATION_POLICY, "default/p"),
+        (ResourceType.WORKLOAD, "default/r"),
+    }
     assert ch.added_local_identities == {B.identity}
     assert ch.affects_authorization
     assert not ch.trust_bundle_changed
@@ -198,8 +213,11 @@ def test_ip_conflict_prefers_ready_then_smallest_key() -> None:
 
 
 def test_local_identities_skip_opted_out() -> None:
-    ws = [wl("a", "10.0.1.1"), wl("optout", "10.0.1.2", enrolled=False),
-          wl("remote", "10.0.2.1", node="node-b")]
+    ws = [
+        wl("a", "10.0.1.1"),
+        wl("optout", "10.0.1.2", enrolled=False),
+        wl("remote", "10.0.2.1", node="node-b"),
+    ]
     s = build_snapshot(NODE, ws, epoch="e", version=1, trust_bundle=None)
     assert s.local_identities() == {SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")}
     assert s.local_workload_by_ip("10.0.1.2") is None
@@ -221,9 +239,18 @@ def test_decode_turns_a_workload_without_identity_into_a_removal(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     msg = pb.WatchResponse(epoch="e", version=2, snapshot=False)
-    msg.upserts.add().workload.CopyFrom(pb.Workload(
-        name="bad", namespace="default", service_account="Bad_SA", node=NODE, ips=["10.0.1.3"],
-        enrolled=True, ready=True, trust_domain="cluster.local"))
+    msg.upserts.add().workload.CopyFrom(
+        pb.Workload(
+            name="bad",
+            namespace="default",
+            service_account="Bad_SA",
+            node=NODE,
+            ips=["10.0.1.3"],
+            enrolled=True,
+            ready=True,
+            trust_domain="cluster.local",
+        )
+    )
     msg.upserts.append(resource_to_pb(B))
     with caplog.at_level("ERROR", logger="veil.api.wire"):
         update = watch_update_from_pb(msg)
@@ -240,12 +267,14 @@ def test_decode_turns_a_workload_without_identity_into_a_removal(
 def test_policies_are_compiled_and_ordered_when_the_snapshot_is_built() -> None:
     allow_b = AuthorizationPolicy("b-allow", "default", PolicyAction.ALLOW)
     deny_z = AuthorizationPolicy("z-deny", "default", PolicyAction.DENY)
-    deny_a = AuthorizationPolicy("a-deny", "default", PolicyAction.DENY,
-                                 selector=Labels({"app": "other"}))
+    deny_a = AuthorizationPolicy(
+        "a-deny", "default", PolicyAction.DENY, selector=Labels({"app": "other"})
+    )
     mesh = AuthorizationPolicy("mesh", ROOT_NAMESPACE, PolicyAction.DENY)
     a = wl("a", "10.0.1.1")
-    s = build_snapshot(NODE, [a, R, allow_b, deny_z, deny_a, mesh], epoch="e", version=1,
-                       trust_bundle=None)
+    s = build_snapshot(
+        NODE, [a, R, allow_b, deny_z, deny_a, mesh], epoch="e", version=1, trust_bundle=None
+    )
     pset = s.policy_set_for(a)
     assert [p.key for p in pset.deny] == ["default/z-deny", f"{ROOT_NAMESPACE}/mesh"]
     assert [p.key for p in pset.allow] == ["default/b-allow"]
@@ -268,21 +297,32 @@ def test_unchanged_policies_keep_their_compiled_form_across_updates() -> None:
 
 
 def test_trust_domain_follows_the_bundle() -> None:
-    s = build_snapshot(NODE, [], epoch="e", version=1,
-                       trust_bundle=TrustBundle("example.org", (b"r",)))
+    s = build_snapshot(
+        NODE, [], epoch="e", version=1, trust_bundle=TrustBundle("example.org", (b"r",))
+    )
     assert s.trust_domain == "example.org"
 
 
 _POOL = [wl(f"w{i}", f"10.0.{i % 3}.{i}", node=NODE if i % 2 else "node-b") for i in range(8)]
-_POOL += [Workload(f"w{i}", "default", f"w{i}", NODE, (f"10.0.9.{i}",), Labels({"v": "2"}), True)
-          for i in range(4)]
+_POOL += [
+    Workload(f"w{i}", "default", f"w{i}", NODE, (f"10.0.9.{i}",), Labels({"v": "2"}), True)
+    for i in range(4)
+]
 _KEYS = sorted({w.key for w in _POOL})
 
 
-@given(st.lists(st.tuples(st.lists(st.sampled_from(_POOL), max_size=4),
-                          st.lists(st.sampled_from(_KEYS), max_size=3)), max_size=12))
-def test_deltas_reach_the_same_state_as_a_snapshot(steps: list[tuple[list[Workload], list[str]]],
-                                                   ) -> None:
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(_POOL), max_size=4),
+            st.lists(st.sampled_from(_KEYS), max_size=3),
+        ),
+        max_size=12,
+    )
+)
+def test_deltas_reach_the_same_state_as_a_snapshot(
+    steps: list[tuple[list[Workload], list[str]]],
+) -> None:
     """Model check: any sequence of deltas equals one snapshot of the final resource set."""
     store = StateStore(NODE)
     store.apply(snapshot(1))
@@ -294,8 +334,9 @@ def test_deltas_reach_the_same_state_as_a_snapshot(steps: list[tuple[list[Worklo
             model[u.key] = u
         for _, k in removals:
             model.pop(k, None)
-    fresh = build_snapshot(NODE, model.values(), epoch="e1", version=len(steps) + 1,
-                           trust_bundle=BUNDLE)
+    fresh = build_snapshot(
+        NODE, model.values(), epoch="e1", version=len(steps) + 1, trust_bundle=BUNDLE
+    )
     got = store.current
     assert dict(got.workloads) == dict(fresh.workloads)
     assert dict(got.by_ip) == dict(fresh.by_ip)

@@ -34,28 +34,41 @@ NODE = "node-a"
 A = Workload("a-1", "shop", "alpha", NODE, ("10.0.1.1",), Labels({"app": "a"}), enrolled=True)
 R = Workload("r-1", "shop", "remote", "node-b", ("10.0.2.1",), enrolled=True)
 POLICY = AuthorizationPolicy(
-    "from-web", "shop", PolicyAction.ALLOW,
-    (Rule((Source(principals=("cluster.local/ns/web/sa/web",), ip_blocks=("10.0.0.0/8",)),),
-          (Operation(ports=(8080,)),)),),
+    "from-web",
+    "shop",
+    PolicyAction.ALLOW,
+    (
+        Rule(
+            (Source(principals=("cluster.local/ns/web/sa/web",), ip_blocks=("10.0.0.0/8",)),),
+            (Operation(ports=(8080,)),),
+        ),
+    ),
     Labels({"app": "a"}),
 )
 PA = PeerAuthentication("strict", "shop", PeerAuthMode.STRICT)
-SVC = Service("s", "shop", ("10.96.0.1",), (ServicePort(80, 8080, "http"),), endpoints=("shop/r-1",))
+SVC = Service(
+    "s", "shop", ("10.96.0.1",), (ServicePort(80, 8080, "http"),), endpoints=("shop/r-1",)
+)
 
 
 class Signer:
     def __init__(self, backend: IdentityService) -> None:
         self.backend = backend
 
-    async def create_certificate(self, csr_pem: bytes, identity: str, ttl_seconds: int = 0,
-                                 timeout: float = 10.0) -> tuple[bytes, ...]:
+    async def create_certificate(
+        self, csr_pem: bytes, identity: str, ttl_seconds: int = 0, timeout: float = 10.0
+    ) -> tuple[bytes, ...]:
         return await self.backend.create_certificate(NODE, csr_pem, identity, ttl_seconds)
 
 
 def make_certs(tmp: Path) -> tuple[CertManager, TrustBundle]:
     ca = CertificateAuthority.load_or_create(tmp / "ca")
-    svc = IdentityService(ca, JoinTokenStore(tmp / "ca"), lambda: RegistryState(workloads=(A,)),
-                          default_ttl=timedelta(hours=1))
+    svc = IdentityService(
+        ca,
+        JoinTokenStore(tmp / "ca"),
+        lambda: RegistryState(workloads=(A,)),
+        default_ttl=timedelta(hours=1),
+    )
     return CertManager(Signer(svc), ca.trust_bundle), ca.trust_bundle()
 
 
@@ -94,31 +107,55 @@ async def test_config_dump_lists_state_certificates_and_connections(tmp_path: Pa
     certs, bundle = make_certs(tmp_path)
     store = StateStore(NODE)
     try:
-        store.apply(WatchUpdate("e", 7, True, (Namespace("shop"), A, R, SVC, POLICY, PA), (),
-                                bundle))
+        store.apply(
+            WatchUpdate("e", 7, True, (Namespace("shop"), A, R, SVC, POLICY, PA), (), bundle)
+        )
         await certs.fetch(A.identity, timeout=10)
-        doc = config_dump(store.current, certificates=certs.dump(),
-                          controller={"connected": True},
-                          connections=[{"src": "10.0.1.1:5000", "dst": "10.0.2.1:8080"}])
+        doc = config_dump(
+            store.current,
+            certificates=certs.dump(),
+            controller={"connected": True},
+            connections=[{"src": "10.0.1.1:5000", "dst": "10.0.2.1:8080"}],
+        )
         text = json.dumps(doc)
         assert "PRIVATE KEY" not in text and "key_pem" not in text
         assert doc["node"] == NODE
-        assert doc["state"] == {"synced": True, "epoch": "e", "version": 7,
-                                "trust_domain": "cluster.local"}
+        assert doc["state"] == {
+            "synced": True,
+            "epoch": "e",
+            "version": 7,
+            "trust_domain": "cluster.local",
+        }
         wl = {w["key"]: w for w in doc["workloads"]}
         assert wl["shop/a-1"]["local"] and not wl["shop/r-1"]["local"]
         assert wl["shop/a-1"]["identity"] == "spiffe://cluster.local/ns/shop/sa/alpha"
         assert wl["shop/a-1"]["peer_authentication"] == "STRICT"
         assert wl["shop/a-1"]["policies"] == ["shop/from-web"]
         assert wl["shop/r-1"]["policies"] == []
-        assert doc["policies"] == [{
-            "key": "shop/from-web", "name": "from-web", "namespace": "shop", "action": "ALLOW",
-            "selector": {"app": "a"},
-            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/web/sa/web"],
-                                            "ipBlocks": ["10.0.0.0/8"]}}],
-                       "to": [{"operation": {"ports": [8080]}}]}],
-            "target_refs": [], "l7_terms": [],
-        }]
+        assert doc["policies"] == [
+            {
+                "key": "shop/from-web",
+                "name": "from-web",
+                "namespace": "shop",
+                "action": "ALLOW",
+                "selector": {"app": "a"},
+                "rules": [
+                    {
+                        "from": [
+                            {
+                                "source": {
+                                    "principals": ["cluster.local/ns/web/sa/web"],
+                                    "ipBlocks": ["10.0.0.0/8"],
+                                }
+                            }
+                        ],
+                        "to": [{"operation": {"ports": [8080]}}],
+                    }
+                ],
+                "target_refs": [],
+                "l7_terms": [],
+            }
+        ]
         assert doc["peer_authentications"][0]["mode"] == "STRICT"
         assert doc["services"][0]["ports"] == [{"name": "http", "port": 80, "target_port": 8080}]
         assert doc["namespaces"] == [{"name": "shop", "labels": {}, "enrolled": False}]

@@ -83,8 +83,9 @@ class NodeSigner:
         self.node = node
         self.calls = 0
 
-    async def create_certificate(self, csr_pem: bytes, identity: str, ttl_seconds: int = 0,
-                                 timeout: float = 10.0) -> tuple[bytes, ...]:
+    async def create_certificate(
+        self, csr_pem: bytes, identity: str, ttl_seconds: int = 0, timeout: float = 10.0
+    ) -> tuple[bytes, ...]:
         self.calls += 1
         await asyncio.sleep(0)  # a real RPC yields; concurrent callers interleave here
         return await self.backend.create_certificate(self.node, csr_pem, identity, ttl_seconds)
@@ -104,8 +105,11 @@ class Env:
         self.ca = CertificateAuthority.load_or_create(tmp / "ca", clock=self.clock.now)
         self.registry = RegistryState(workloads=(wl("a", "alpha"), wl("b", "beta")))
         self.identity = IdentityService(
-            self.ca, JoinTokenStore(tmp / "ca"), lambda: self.registry,
-            default_ttl=timedelta(hours=1), max_ttl=timedelta(hours=24),
+            self.ca,
+            JoinTokenStore(tmp / "ca"),
+            lambda: self.registry,
+            default_ttl=timedelta(hours=1),
+            max_ttl=timedelta(hours=24),
         )
         self.signer = NodeSigner(self.identity, NODE)
 
@@ -175,8 +179,9 @@ async def test_rotation_at_half_life_with_a_new_key(env: Env, manager: CertManag
     assert 45 <= env.signer.calls <= 51
 
 
-async def test_failure_keeps_the_old_certificate_until_it_expires(env: Env,
-                                                                 manager: CertManager) -> None:
+async def test_failure_keeps_the_old_certificate_until_it_expires(
+    env: Env, manager: CertManager
+) -> None:
     first = await manager.fetch(ident("alpha"), timeout=5)
     # The workload leaves the registry: the controller now refuses (PERMISSION_DENIED).
     env.registry = RegistryState(workloads=(wl("b", "beta"),))
@@ -205,8 +210,7 @@ async def test_failure_keeps_the_old_certificate_until_it_expires(env: Env,
     assert manager.statuses()[0].failures == 0 and manager.statuses()[0].last_error is None
 
 
-async def test_fetch_fails_fast_when_the_controller_refuses(env: Env,
-                                                            manager: CertManager) -> None:
+async def test_fetch_fails_fast_when_the_controller_refuses(env: Env, manager: CertManager) -> None:
     with pytest.raises(CertificateError, match="may not obtain"):
         await manager.fetch(ident("gamma"), timeout=5)
 
@@ -223,8 +227,11 @@ async def test_fetch_without_a_trust_bundle_fails(env: Env) -> None:
 async def test_prefetch_follows_the_state_store(env: Env, manager: CertManager) -> None:
     store = StateStore(NODE)
     store.subscribe(manager.on_state_change)
-    store.apply(WatchUpdate("e", 1, True, (wl("a", "alpha"), wl("b", "beta"),
-                                           wl("r", "remote", node="node-b"))))
+    store.apply(
+        WatchUpdate(
+            "e", 1, True, (wl("a", "alpha"), wl("b", "beta"), wl("r", "remote", node="node-b"))
+        )
+    )
     await settle()
     assert manager.tracked() == {ident("alpha"), ident("beta")}
     assert manager.has_all(store.current.local_identities())
@@ -260,8 +267,10 @@ def test_verify_issued_rejects_wrong_san_and_wrong_key(env: Env) -> None:
     assert not chain_still_trusted(ok, TrustBundle("cluster.local", ()), T0)
 
 
-async def test_trust_bundle_change_that_drops_the_root_forces_renewal(env: Env, tmp_path: Path,
-                                                                      ) -> None:
+async def test_trust_bundle_change_that_drops_the_root_forces_renewal(
+    env: Env,
+    tmp_path: Path,
+) -> None:
     bundle = {"b": env.ca.trust_bundle()}
     m = CertManager(env.signer, lambda: bundle["b"], clock=env.clock)
     store = StateStore(NODE)
@@ -319,8 +328,9 @@ async def test_closed_manager_refuses(env: Env) -> None:
 
 
 def test_rotation_due_ignores_backdated_not_before() -> None:
-    c = WorkloadCertificate(ident("a"), b"", (), T0 - timedelta(minutes=1), T0 + timedelta(seconds=4),
-                            1, received_at=T0)
+    c = WorkloadCertificate(
+        ident("a"), b"", (), T0 - timedelta(minutes=1), T0 + timedelta(seconds=4), 1, received_at=T0
+    )
     assert c.rotation_due == T0 + timedelta(seconds=2)
     d = WorkloadCertificate(ident("a"), b"", (), T0, T0 + timedelta(hours=2), 1)
     assert d.rotation_due == T0 + timedelta(hours=1)
@@ -332,8 +342,9 @@ class FlakySigner(NodeSigner):
 
     down = False
 
-    async def create_certificate(self, csr_pem: bytes, identity: str, ttl_seconds: int = 0,
-                                 timeout: float = 10.0) -> tuple[bytes, ...]:
+    async def create_certificate(
+        self, csr_pem: bytes, identity: str, ttl_seconds: int = 0, timeout: float = 10.0
+    ) -> tuple[bytes, ...]:
         if self.down:
             self.calls += 1
             from controller.api.errors import ApiError
@@ -344,8 +355,13 @@ class FlakySigner(NodeSigner):
 
 async def test_reconnect_requests_every_expired_certificate_at_once(env: Env) -> None:
     signer = FlakySigner(env.identity, NODE)
-    m = CertManager(signer, env.ca.trust_bundle, clock=env.clock,  # type: ignore[arg-type]
-                    retry_initial=1.0, retry_max=60.0)
+    m = CertManager(
+        signer,
+        env.ca.trust_bundle,
+        clock=env.clock,  # type: ignore[arg-type]
+        retry_initial=1.0,
+        retry_max=60.0,
+    )
     try:
         await m.fetch(ident("alpha"), timeout=5)
         await m.fetch(ident("beta"), timeout=5)

@@ -119,8 +119,15 @@ def test_any_label_values_render_valid_exposition(values: list[str]) -> None:
     assert_valid_exposition(reg.render())
 
 
-SRC = Workload("checkout-7f9", "shop", "checkout", "node-a", ("10.0.1.5",),
-               Labels({"app": "checkout"}), enrolled=True)
+SRC = Workload(
+    "checkout-7f9",
+    "shop",
+    "checkout",
+    "node-a",
+    ("10.0.1.5",),
+    Labels({"app": "checkout"}),
+    enrolled=True,
+)
 DST = Workload("payments-0", "prod", "payments", "node-b", ("10.0.2.5",), Labels(), enrolled=True)
 SRC_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/checkout")
 DST_ID = SpiffeId.parse("spiffe://cluster.local/ns/prod/sa/payments")
@@ -138,10 +145,20 @@ def test_traffic_metrics_and_access_log(caplog: pytest.LogCaptureFixture) -> Non
     labels = ConnectionLabels.of(Reporter.SOURCE, SRC, SRC_ID, DST, DST_ID)
     tm.connection_opened(labels)
     report = ConnectionReport(
-        reporter=Reporter.SOURCE, src_addr=("10.0.1.5", 40000), dst_addr=("10.0.2.5", 8080),
-        src_workload=SRC, dst_workload=DST, src_principal=SRC_ID, dst_principal=DST_ID,
-        received_bytes=100, sent_bytes=2500, duration=1.25, verdict="allow",
-        reason="allowed by ALLOW policy prod/p", policy="prod/p", direction="outbound",
+        reporter=Reporter.SOURCE,
+        src_addr=("10.0.1.5", 40000),
+        dst_addr=("10.0.2.5", 8080),
+        src_workload=SRC,
+        dst_workload=DST,
+        src_principal=SRC_ID,
+        dst_principal=DST_ID,
+        received_bytes=100,
+        sent_bytes=2500,
+        duration=1.25,
+        verdict="allow",
+        reason="allowed by ALLOW policy prod/p",
+        policy="prod/p",
+        direction="outbound",
         route="hbone",
     )
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
@@ -184,9 +201,15 @@ def test_traffic_metrics_and_access_log(caplog: pytest.LogCaptureFixture) -> Non
 def test_denied_plaintext_connection_labels_unknown(caplog: pytest.LogCaptureFixture) -> None:
     tm = TrafficMetrics()
     report = ConnectionReport(
-        reporter=Reporter.DESTINATION, src_addr=("fd00::9", 1234), dst_addr=("10.0.2.5", 80),
-        dst_workload=DST, dst_principal=DST_ID, verdict="deny", reason="STRICT",
-        error="refused", response_flags="DENY",
+        reporter=Reporter.DESTINATION,
+        src_addr=("fd00::9", 1234),
+        dst_addr=("10.0.2.5", 80),
+        dst_workload=DST,
+        dst_principal=DST_ID,
+        verdict="deny",
+        reason="STRICT",
+        error="refused",
+        response_flags="DENY",
     )
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
         tm.connection_closed(report)

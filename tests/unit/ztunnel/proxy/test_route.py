@@ -35,16 +35,35 @@ from ztunnel.proxy.route import (
 NODE = "node-a"
 
 
-def wl(name: str, ns: str, node: str, *ips: str, sa: str = "default", enrolled: bool = True,
-       ready: bool = True) -> Workload:
-    return Workload(name=name, namespace=ns, service_account=sa, node=node, ips=ips,
-                    enrolled=enrolled, ready=ready, labels=Labels({"app": name}))
+def wl(
+    name: str,
+    ns: str,
+    node: str,
+    *ips: str,
+    sa: str = "default",
+    enrolled: bool = True,
+    ready: bool = True,
+) -> Workload:
+    return Workload(
+        name=name,
+        namespace=ns,
+        service_account=sa,
+        node=node,
+        ips=ips,
+        enrolled=enrolled,
+        ready=ready,
+        labels=Labels({"app": name}),
+    )
 
 
 def svc(name: str, vip: str, ports: list[tuple[int, int]], endpoints: list[str]) -> Service:
-    return Service(name=name, namespace="default", vips=(vip,),
-                   ports=tuple(ServicePort(p, t) for p, t in ports),
-                   endpoints=tuple(f"default/{e}" if "/" not in e else e for e in endpoints))
+    return Service(
+        name=name,
+        namespace="default",
+        vips=(vip,),
+        ports=tuple(ServicePort(p, t) for p, t in ports),
+        endpoints=tuple(f"default/{e}" if "/" not in e else e for e in endpoints),
+    )
 
 
 WORKLOADS = [
@@ -72,9 +91,13 @@ SERVICES = [
 
 @pytest.fixture(scope="module")
 def snap() -> Snapshot:
-    namespaces = [Namespace("default", Labels({DATAPLANE_MODE_LABEL: AMBIENT})), Namespace("legacy")]
-    return build_snapshot(NODE, [*namespaces, *WORKLOADS, *SERVICES], epoch="e1", version=1,
-                          trust_bundle=None)
+    namespaces = [
+        Namespace("default", Labels({DATAPLANE_MODE_LABEL: AMBIENT})),
+        Namespace("legacy"),
+    ]
+    return build_snapshot(
+        NODE, [*namespaces, *WORKLOADS, *SERVICES], epoch="e1", version=1, trust_bundle=None
+    )
 
 
 def ident(ns: str, sa: str) -> SpiffeId:
@@ -97,55 +120,243 @@ class Case:
 
 
 CASES = [
-    Case("unknown-source", "10.9.9.9", "10.0.2.10", 80, Refuse,
-         reason="source not a local enrolled workload"),
-    Case("remote-workload-as-source", "10.0.2.10", "10.0.2.11", 80, Refuse,
-         reason="source not a local enrolled workload"),
-    Case("opted-out-local-source", "10.0.1.12", "10.0.2.10", 80, Refuse,
-         reason="source not a local enrolled workload"),
-    Case("garbage-source", "not-an-ip", "10.0.2.10", 80, Refuse,
-         reason="source not a local enrolled workload"),
-    Case("direct-remote-enrolled", "10.0.1.10", "10.0.2.10", 8080, Hbone, "10.0.2.10", 8080,
-         "default/remote-srv", ident("default", "server")),
-    Case("direct-local-enrolled", "10.0.1.10", "10.0.1.11", 8080, SameNode, "10.0.1.11", 8080,
-         "default/local-srv"),
-    Case("direct-local-opted-out", "10.0.1.10", "10.0.1.12", 9000, Passthrough, "10.0.1.12", 9000,
-         "default/optout-local", reason="not enrolled"),
-    Case("direct-remote-not-enrolled", "10.0.1.10", "10.0.2.20", 5432, Passthrough, "10.0.2.20",
-         5432, "legacy/legacy-remote", reason="not enrolled"),
-    Case("unknown-destination", "10.0.1.10", "93.184.216.34", 443, Passthrough, "93.184.216.34",
-         443, reason="not a known workload"),
-    Case("service-remote-endpoints", "10.0.1.10", "10.96.0.10", 80, Hbone, "10.0.2.10", 8080,
-         "default/remote-srv", ident("default", "server"), "default/svc-remote"),
-    Case("service-local-endpoint", "10.0.1.10", "10.96.0.11", 80, SameNode, "10.0.1.11", 8080,
-         "default/local-srv", service="default/svc-local"),
-    Case("service-no-endpoints", "10.0.1.10", "10.96.0.12", 80, Refuse,
-         reason="no healthy endpoints"),
-    Case("service-endpoints-not-ready", "10.0.1.10", "10.96.0.13", 80, Refuse,
-         reason="no healthy endpoints"),
-    Case("service-endpoint-unknown-workload", "10.0.1.10", "10.96.0.17", 80, Refuse,
-         reason="no healthy endpoints"),
-    Case("service-not-enrolled-endpoint", "10.0.1.10", "10.96.0.14", 5432, Passthrough,
-         "10.0.2.20", 5432, "legacy/legacy-remote", service="default/svc-legacy"),
-    Case("service-vip-unknown-port", "10.0.1.10", "10.96.0.10", 81, Refuse,
-         reason="no service port 81"),
-    Case("service-second-port", "10.0.1.10", "10.96.0.16", 443, Hbone, "10.0.2.10", 8443,
-         "default/remote-srv", ident("default", "server"), "default/svc-multi"),
-    Case("service-ipv6-vip-picks-ipv6-endpoint-ip", "fd00::10", "fd00:96::15", 443, Hbone,
-         "fd00::40", 8443, "default/dual", ident("default", "dual"), "default/svc-dual"),
-    Case("ipv4-mapped-source", "::ffff:10.0.1.10", "10.0.2.10", 80, Hbone, "10.0.2.10", 80,
-         "default/remote-srv", ident("default", "server")),
-    Case("ipv4-mapped-destination", "10.0.1.10", "::ffff:10.0.2.11", 80, Hbone, "10.0.2.11", 80,
-         "default/remote-srv2", ident("default", "server")),
-    Case("direct-not-ready-pod-still-routed", "10.0.1.10", "10.0.2.30", 8080, Hbone, "10.0.2.30",
-         8080, "default/notready", ident("default", "server")),
+    Case(
+        "unknown-source",
+        "10.9.9.9",
+        "10.0.2.10",
+        80,
+        Refuse,
+        reason="source not a local enrolled workload",
+    ),
+    Case(
+        "remote-workload-as-source",
+        "10.0.2.10",
+        "10.0.2.11",
+        80,
+        Refuse,
+        reason="source not a local enrolled workload",
+    ),
+    Case(
+        "opted-out-local-source",
+        "10.0.1.12",
+        "10.0.2.10",
+        80,
+        Refuse,
+        reason="source not a local enrolled workload",
+    ),
+    Case(
+        "garbage-source",
+        "not-an-ip",
+        "10.0.2.10",
+        80,
+        Refuse,
+        reason="source not a local enrolled workload",
+    ),
+    Case(
+        "direct-remote-enrolled",
+        "10.0.1.10",
+        "10.0.2.10",
+        8080,
+        Hbone,
+        "10.0.2.10",
+        8080,
+        "default/remote-srv",
+        ident("default", "server"),
+    ),
+    Case(
+        "direct-local-enrolled",
+        "10.0.1.10",
+        "10.0.1.11",
+        8080,
+        SameNode,
+        "10.0.1.11",
+        8080,
+        "default/local-srv",
+    ),
+    Case(
+        "direct-local-opted-out",
+        "10.0.1.10",
+        "10.0.1.12",
+        9000,
+        Passthrough,
+        "10.0.1.12",
+        9000,
+        "default/optout-local",
+        reason="not enrolled",
+    ),
+    Case(
+        "direct-remote-not-enrolled",
+        "10.0.1.10",
+        "10.0.2.20",
+        5432,
+        Passthrough,
+        "10.0.2.20",
+        5432,
+        "legacy/legacy-remote",
+        reason="not enrolled",
+    ),
+    Case(
+        "unknown-destination",
+        "10.0.1.10",
+        "93.184.216.34",
+        443,
+        Passthrough,
+        "93.184.216.34",
+        443,
+        reason="not a known workload",
+    ),
+    Case(
+        "service-remote-endpoints",
+        "10.0.1.10",
+        "10.96.0.10",
+        80,
+        Hbone,
+        "10.0.2.10",
+        8080,
+        "default/remote-srv",
+        ident("default", "server"),
+        "default/svc-remote",
+    ),
+    Case(
+        "service-local-endpoint",
+        "10.0.1.10",
+        "10.96.0.11",
+        80,
+        SameNode,
+        "10.0.1.11",
+        8080,
+        "default/local-srv",
+        service="default/svc-local",
+    ),
+    Case(
+        "service-no-endpoints", "10.0.1.10", "10.96.0.12", 80, Refuse, reason="no healthy endpoints"
+    ),
+    Case(
+        "service-endpoints-not-ready",
+        "10.0.1.10",
+        "10.96.0.13",
+        80,
+        Refuse,
+        reason="no healthy endpoints",
+    ),
+    Case(
+        "service-endpoint-unknown-workload",
+        "10.0.1.10",
+        "10.96.0.17",
+        80,
+        Refuse,
+        reason="no healthy endpoints",
+    ),
+    Case(
+        "service-not-enrolled-endpoint",
+        "10.0.1.10",
+        "10.96.0.14",
+        5432,
+        Passthrough,
+        "10.0.2.20",
+        5432,
+        "legacy/legacy-remote",
+        service="default/svc-legacy",
+    ),
+    Case(
+        "service-vip-unknown-port",
+        "10.0.1.10",
+        "10.96.0.10",
+        81,
+        Refuse,
+        reason="no service port 81",
+    ),
+    Case(
+        "service-second-port",
+        "10.0.1.10",
+        "10.96.0.16",
+        443,
+        Hbone,
+        "10.0.2.10",
+        8443,
+        "default/remote-srv",
+        ident("default", "server"),
+        "default/svc-multi",
+    ),
+    Case(
+        "service-ipv6-vip-picks-ipv6-endpoint-ip",
+        "fd00::10",
+        "fd00:96::15",
+        443,
+        Hbone,
+        "fd00::40",
+        8443,
+        "default/dual",
+        ident("default", "dual"),
+        "default/svc-dual",
+    ),
+    Case(
+        "ipv4-mapped-source",
+        "::ffff:10.0.1.10",
+        "10.0.2.10",
+        80,
+        Hbone,
+        "10.0.2.10",
+        80,
+        "default/remote-srv",
+        ident("default", "server"),
+    ),
+    Case(
+        "ipv4-mapped-destination",
+        "10.0.1.10",
+        "::ffff:10.0.2.11",
+        80,
+        Hbone,
+        "10.0.2.11",
+        80,
+        "default/remote-srv2",
+        ident("default", "server"),
+    ),
+    Case(
+        "direct-not-ready-pod-still-routed",
+        "10.0.1.10",
+        "10.0.2.30",
+        8080,
+        Hbone,
+        "10.0.2.30",
+        8080,
+        "default/notready",
+        ident("default", "server"),
+    ),
     Case("self", "10.0.1.10", "10.0.1.10", 8080, SameNode, "10.0.1.10", 8080, "default/client"),
-    Case("ipv6-source-to-ipv4-dest", "fd00::10", "10.0.2.11", 80, Hbone, "10.0.2.11", 80,
-         "default/remote-srv2", ident("default", "server")),
-    Case("direct-dual-stack-by-v6", "10.0.1.10", "fd00::40", 22, Hbone, "fd00::40", 22,
-         "default/dual", ident("default", "dual")),
-    Case("uncompressed-ipv6-destination", "10.0.1.10", "fd00:0:0:0:0:0:0:40", 22, Hbone,
-         "fd00::40", 22, "default/dual", ident("default", "dual")),
+    Case(
+        "ipv6-source-to-ipv4-dest",
+        "fd00::10",
+        "10.0.2.11",
+        80,
+        Hbone,
+        "10.0.2.11",
+        80,
+        "default/remote-srv2",
+        ident("default", "server"),
+    ),
+    Case(
+        "direct-dual-stack-by-v6",
+        "10.0.1.10",
+        "fd00::40",
+        22,
+        Hbone,
+        "fd00::40",
+        22,
+        "default/dual",
+        ident("default", "dual"),
+    ),
+    Case(
+        "uncompressed-ipv6-destination",
+        "10.0.1.10",
+        "fd00:0:0:0:0:0:0:40",
+        22,
+        Hbone,
+        "fd00::40",
+        22,
+        "default/dual",
+        ident("default", "dual"),
+    ),
 ]
 
 
@@ -177,7 +388,10 @@ def test_round_robin_cycles_over_ready_endpoints(snap: Snapshot) -> None:
     rr = RoundRobin()
     picks = [route(snap, "10.0.1.10", "10.96.0.10", 80, choose=rr) for _ in range(4)]
     assert [p.dst_ip for p in picks if isinstance(p, Hbone)] == [
-        "10.0.2.10", "10.0.2.11", "10.0.2.10", "10.0.2.11"
+        "10.0.2.10",
+        "10.0.2.11",
+        "10.0.2.10",
+        "10.0.2.11",
     ]
 
 
@@ -196,10 +410,18 @@ def test_random_chooser_is_repeatable_with_a_seed(snap: Snapshot) -> None:
 
 
 def test_chooser_only_sees_healthy_endpoints() -> None:
-    ws = [wl("client", "default", NODE, "10.0.1.10"), wl("up", "default", "node-b", "10.0.2.1"),
-          wl("down", "default", "node-b", "10.0.2.2", ready=False)]
-    s = build_snapshot(NODE, [*ws, svc("s", "10.96.1.1", [(80, 80)], ["up", "down"])], epoch="e",
-                       version=1, trust_bundle=None)
+    ws = [
+        wl("client", "default", NODE, "10.0.1.10"),
+        wl("up", "default", "node-b", "10.0.2.1"),
+        wl("down", "default", "node-b", "10.0.2.2", ready=False),
+    ]
+    s = build_snapshot(
+        NODE,
+        [*ws, svc("s", "10.96.1.1", [(80, 80)], ["up", "down"])],
+        epoch="e",
+        version=1,
+        trust_bundle=None,
+    )
     seen: list[list[str]] = []
 
     def choose(service: Service, endpoints: Sequence[Workload]) -> Workload:
@@ -223,8 +445,9 @@ addresses = st.one_of(
 
 
 @given(addresses, addresses, st.integers(min_value=0, max_value=65535))
-def test_route_never_raises_and_fails_closed_on_unknown_sources(src: str, dst: str,
-                                                                port: int) -> None:
+def test_route_never_raises_and_fails_closed_on_unknown_sources(
+    src: str, dst: str, port: int
+) -> None:
     snap = _SNAP
     r = route(snap, src, dst, port)
     assert isinstance(r, Hbone | SameNode | Passthrough | Refuse)
