@@ -21,6 +21,7 @@ from typing import Any
 
 from controller.api.model import (
     AuthorizationPolicy,
+    Condition,
     Labels,
     Namespace,
     Operation,
@@ -30,6 +31,7 @@ from controller.api.model import (
     Resource,
     Rule,
     Source,
+    TargetRef,
     Workload,
 )
 from controller.api.spiffe import InvalidSpiffeId, SpiffeId
@@ -64,18 +66,29 @@ def _labels(value: Mapping[str, str] | None) -> Labels | None:
     return None if value is None else Labels(value)
 
 
+def _strs(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    return tuple(str(v) for v in doc.get(key) or ())
+
+
 def _rule(doc: Mapping[str, Any]) -> Rule:
+    """One rule, with every field the dump writes (ztunnel.admin.dump._rule_json).
+
+    Dropping the L7 fields here would turn an L7 ALLOW into an L4 one and
+    answer "allow" where the ztunnel fails closed, so nothing is left out.
+    """
     sources = []
     for f in doc.get("from") or []:
         s = f.get("source") or {}
         sources.append(
             Source(
-                principals=tuple(s.get("principals") or ()),
-                not_principals=tuple(s.get("notPrincipals") or ()),
-                namespaces=tuple(s.get("namespaces") or ()),
-                not_namespaces=tuple(s.get("notNamespaces") or ()),
-                ip_blocks=tuple(s.get("ipBlocks") or ()),
-                not_ip_blocks=tuple(s.get("notIpBlocks") or ()),
+                principals=_strs(s, "principals"),
+                not_principals=_strs(s, "notPrincipals"),
+                namespaces=_strs(s, "namespaces"),
+                not_namespaces=_strs(s, "notNamespaces"),
+                ip_blocks=_strs(s, "ipBlocks"),
+                not_ip_blocks=_strs(s, "notIpBlocks"),
+                request_principals=_strs(s, "requestPrincipals"),
+                not_request_principals=_strs(s, "notRequestPrincipals"),
             )
         )
     operations = []
@@ -85,9 +98,19 @@ def _rule(doc: Mapping[str, Any]) -> Rule:
             Operation(
                 ports=tuple(int(p) for p in o.get("ports") or ()),
                 not_ports=tuple(int(p) for p in o.get("notPorts") or ()),
+                hosts=_strs(o, "hosts"),
+                not_hosts=_strs(o, "notHosts"),
+                methods=_strs(o, "methods"),
+                not_methods=_strs(o, "notMethods"),
+                paths=_strs(o, "paths"),
+                not_paths=_strs(o, "notPaths"),
             )
         )
-    return Rule(sources=tuple(sources), operations=tuple(operations))
+    conditions = tuple(
+        Condition(key=str(c["key"]), values=_strs(c, "values"), not_values=_strs(c, "notValues"))
+        for c in doc.get("when") or []
+    )
+    return Rule(sources=tuple(sources), operations=tuple(operations), conditions=conditions)
 
 
 def snapshot_from_dump(dump: Mapping[str, Any]) -> Snapshot:
@@ -119,6 +142,10 @@ def snapshot_from_dump(dump: Mapping[str, Any]) -> Snapshot:
                 action=PolicyAction(p["action"]),
                 rules=tuple(_rule(r) for r in p.get("rules") or []),
                 selector=_labels(p.get("selector")),
+                target_refs=tuple(
+                    TargetRef(kind=str(r["kind"]), name=str(r["name"]))
+                    for r in p.get("target_refs") or ()
+                ),
             )
         )
     for a in dump.get("peer_authentications") or []:

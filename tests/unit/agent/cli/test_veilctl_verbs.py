@@ -32,6 +32,7 @@ from agent.cli.whatif import (
 from agent.status.monitor import drop_deltas
 from controller.api.model import (
     AuthorizationPolicy,
+    Condition,
     Labels,
     Namespace,
     Operation,
@@ -42,6 +43,7 @@ from controller.api.model import (
     Service,
     ServicePort,
     Source,
+    TargetRef,
     Workload,
 )
 from node.loglevels import LogLevelError, apply_levels, logger_name, parse_level_spec
@@ -363,3 +365,48 @@ def test_apply_levels_sets_loggers() -> None:
         assert logging.getLogger(name).level == logging.ERROR
     finally:
         logging.getLogger(name).setLevel(before)
+
+
+def test_whatif_keeps_l7_terms_and_waypoint_attachments() -> None:
+    """The what-if answers what the ztunnel does: an ALLOW with L7 terms matches
+    nothing at L4, and a policy attached to a waypoint does not apply at all."""
+    web = "cluster.local/ns/shop/sa/web"
+    l7_allow = AuthorizationPolicy(
+        "allow-get",
+        "prod",
+        PolicyAction.ALLOW,
+        (
+            Rule(
+                (Source(principals=(web,)),),
+                (Operation(ports=(8080,), methods=("GET",), paths=("/pay",)),),
+                (Condition("request.headers[x-user]", ("alice",)),),
+            ),
+        ),
+        selector=Labels({"app": "pay"}),
+    )
+    attached = AuthorizationPolicy(
+        "waypoint-allow",
+        "prod",
+        PolicyAction.ALLOW,
+        (Rule((Source(principals=(web,)),)),),
+        target_refs=(TargetRef("Service", "pay"),),
+    )
+    snap = build_snapshot(
+        "node-a",
+        [
+            Namespace("shop"),
+            Namespace("prod"),
+            Workload("web", "shop", "web", "node-a", ("10.0.0.1",)),
+            Workload("pay", "prod", "pay", "node-a", ("10.0.0.2",), Labels({"app": "pay"})),
+            l7_allow,
+            attached,
+        ],
+        epoch="e",
+        version=1,
+        trust_bundle=None,
+    )
+    rebuilt = snapshot_from_dump(config_dump(snap))
+    assert rebuilt.policies == snap.policies  # nothing the dump carries is lost
+    dest, port = resolve_destination(rebuilt, "prod/pay:8080")
+    result = check(rebuilt, resolve_source(rebuilt, "shop/web"), dest, port)
+    assert not result["allowed"], result
