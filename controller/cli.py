@@ -331,12 +331,12 @@ def add_controller_parser(sub: _Sub) -> None:
     run = csub.add_parser("run", help="run the controller (registry, CA, gRPC API)")
     try:
         # Imported here so the identity commands work without the server's dependencies.
-        server: Any = importlib.import_module("controller.server")
+        runner: Any = importlib.import_module("controller.run")
     except ImportError:
         run.set_defaults(func=_run_unavailable)
     else:
-        server.add_run_arguments(run)
-        run.set_defaults(func=server.run_controller)
+        runner.add_run_arguments(run)
+        run.set_defaults(func=runner.run_controller)
 
     status = csub.add_parser(
         "status",

@@ -16,8 +16,9 @@
  *     the uplink does not carry marks. The netns tests verify this;
  *   - IPv6 neighbour discovery and MLD that cannot have been forwarded
  *     (veil_link_control): the node resolving and probing the pod;
- *   - TCP from the configured node probe source (kubelet probes, IPv4), read
- *     from the config map so it can change without a reload;
+ *   - TCP from the configured node probe sources (kubelet probes): the IPv4
+ *     one is read from the config map so it can change without a reload; the
+ *     IPv6 one is a build flag (VEIL_PROBE_SOURCE6_W0..3, veil_config.h);
  *   - ICMP errors (PMTU discovery and unreachable reports keep working);
  *     echo only with VEIL_ALLOW_ICMP_ECHO;
  *   - UDP (DNS replies); with VEIL_DROP_UDP only replies from port 53;
@@ -59,6 +60,18 @@ static __always_inline bool from_probe_source(const struct veil_packet *pkt)
 	__u32 key = 0;
 	struct veil_config *cfg;
 
+	if (pkt->family == VEIL_AF_INET6) {
+#ifdef VEIL_PROBE_SOURCE6
+		const __be32 *s = pkt->tuple.ipv6.saddr;
+
+		return s[0] == bpf_htonl(VEIL_PROBE_SOURCE6_W0) &&
+		       s[1] == bpf_htonl(VEIL_PROBE_SOURCE6_W1) &&
+		       s[2] == bpf_htonl(VEIL_PROBE_SOURCE6_W2) &&
+		       s[3] == bpf_htonl(VEIL_PROBE_SOURCE6_W3);
+#else
+		return false;
+#endif
+	}
 	if (pkt->family != VEIL_AF_INET)
 		return false;
 	cfg = veil_config.lookup(&key);

@@ -2,7 +2,8 @@
 
 A source ztunnel sends traffic for a Namespace or Service labelled
 ``veil.io/use-waypoint=<name>`` over HBONE to the waypoint of that name. The
-waypoint terminates HBONE (:mod:`.inbound`), parses HTTP/1.1 or HTTP/2
+waypoint terminates HBONE (the ztunnel's
+:class:`~ztunnel.hbone.HboneServer`, accepting any destination authority), parses HTTP/1.1 or HTTP/2
 (:mod:`.http1`, :mod:`.http2`), authenticates JWTs (:mod:`.authn`,
 :mod:`.jwks`), authorizes each request with L7 AuthorizationPolicy
 (:mod:`node.policy.l7`, decided purely in :mod:`.decide`), balances every

@@ -21,13 +21,12 @@ import socket
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import workload_identity
-from node import NodeCredentials, load_node_credentials
+from node import NodeCredentials
 from node.backoff import Backoff
-from node.channel import ControllerChannel
+from node.bootstrap import connect_node, watch_controller
 from node.state import StateChange, StateStore
 from node.state.snapshot import normalize_ip
-from node.watch import WatchClient
-from ztunnel.hbone import HboneClientPool, HboneConfig, InboundStream, relay
+from ztunnel.hbone import HboneClientPool, HboneConfig, HboneServer, InboundStream, relay
 from ztunnel.identity import CertManager
 from ztunnel.metrics import Registry
 from ztunnel.tls import TlsContextCache, WorkloadCredential
@@ -39,7 +38,6 @@ from .errors import WaypointError
 from .forward import RequestProxy, TunnelContext
 from .http1 import serve_http1
 from .http2 import PREFACE, serve_http2
-from .inbound import WaypointHboneServer
 from .jwks import JwksCache
 from .metrics import RequestMetrics
 from .upstream import Upstream
@@ -55,35 +53,37 @@ class Waypoint:
         self, config: WaypointConfig, *, credentials: NodeCredentials | None = None
     ) -> None:
         self.config = config
-        creds = credentials if credentials is not None else load_node_credentials(config.state_dir)
-        if creds.node != config.node_name:
-            raise WaypointError(
-                f"the credentials in {config.state_dir} belong to node {creds.node!r}, "
-                f"not {config.node_name!r}",
-                hint="pass the node name the waypoint joined as (`veil node join`)",
-            )
-        self._controller = ControllerChannel(
-            config.state_dir, creds, address=config.controller_address or None
+        self._controller = connect_node(
+            config.state_dir,
+            config.node_name,
+            address=config.controller_address,
+            credentials=credentials,
+            hint="pass the node name the waypoint joined as (`veil node join`)",
         )
+        creds = self._controller.creds
         self.store = StateStore(config.node_name, creds.trust_domain)
         self.identity = workload_identity(creds.trust_domain, config.namespace, config.sa)
         self.certs = CertManager(
             self._controller, self.trust_bundle, request_timeout=config.connect_timeout
         )
-        self.watch = WatchClient(
-            self._controller,
-            self.store,
-            backoff=Backoff(0.5, 30.0),
-            sleep=self._controller.sleep,
-        )
+        self.watch = watch_controller(self._controller, self.store, Backoff(0.5, 30.0))
         self.view = WaypointView(config.namespace, config.name)
         hbone = HboneConfig(
             handshake_timeout=config.connect_timeout, shutdown_grace=config.drain_grace_period
         )
         contexts = TlsContextCache()
         self.pool = HboneClientPool(self.trust_bundle, config=hbone, contexts=contexts)
-        self.server = WaypointHboneServer(
-            self._select_cert, self.trust_bundle, self._on_stream, config=hbone, contexts=contexts
+        # A waypoint is dialled at its own address and the CONNECT authority
+        # names the destination (a Service VIP or a workload), so the ztunnel's
+        # authority-is-destination rule is off; _on_stream refuses every
+        # destination this waypoint does not serve.
+        self.server = HboneServer(
+            self._select_cert,
+            self.trust_bundle,
+            self._on_stream,
+            config=hbone,
+            contexts=contexts,
+            require_authority_is_destination=False,
         )
         self.upstream = Upstream(self.pool, self._credential, hbone_port=config.peer_hbone_port)
         self.metrics = RequestMetrics(Registry(), max_label_sets=config.metrics_max_label_sets)

@@ -33,12 +33,11 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from controller.api.model import TrustBundle
-from node import NodeCredentials, load_node_credentials
+from node import NodeCredentials
 from node.backoff import Backoff
-from node.channel import ControllerChannel
+from node.bootstrap import connect_node, watch_controller
 from node.dataplane import MARK_ZTUNNEL
 from node.state import StateStore
-from node.watch import WatchClient
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
 from ztunnel.admin.denies import DenyFeed
 from ztunnel.admin.health_socket import HealthSocket
@@ -77,16 +76,13 @@ class Ztunnel:
         peer_hbone_port: int | None = None,
     ) -> None:
         self.config = config
-        creds = credentials if credentials is not None else load_node_credentials(config.state_dir)
-        if creds.node != config.node_name:
-            raise ConfigError(
-                f"the credentials in {config.state_dir} belong to node {creds.node!r}, "
-                f"not {config.node_name!r}",
-                hint="pass the node name used at `veil node join`, or that node's state directory",
-            )
-        self._controller = ControllerChannel(
-            config.state_dir, creds, address=config.controller_address or None
+        self._controller = connect_node(
+            config.state_dir,
+            config.node_name,
+            address=config.controller_address,
+            credentials=credentials,
         )
+        creds = self._controller.creds
         self.store = StateStore(config.node_name, creds.trust_domain)
         self.certs = CertManager(
             self._controller,
@@ -97,13 +93,10 @@ class Ztunnel:
             request_timeout=config.connect_timeout,
             key_dir=config.key_dir,
         )
-        self.watch = WatchClient(
+        self.watch = watch_controller(
             self._controller,
             self.store,
-            backoff=Backoff(config.xds_backoff_initial, config.xds_backoff_max),
-            # Retries the moment the controller is reachable again, not when
-            # the backoff timer the outage set fires.
-            sleep=self._controller.sleep,
+            Backoff(config.xds_backoff_initial, config.xds_backoff_max),
         )
         self.metrics_registry = Registry()
         self.engine = ProxyEngine(

@@ -29,6 +29,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any, Final
 
@@ -136,6 +137,10 @@ class DataplaneOptions:
     # Pin the same-node splice (agent.bpf.splice) for the ztunnel; not part of
     # the tc build id: it is a separate, optional set of pins.
     same_node_splice: bool = True
+    # The node's IPv6 kubelet probe source, let through the egress guard. A
+    # build flag, not a config-map field: the pinned config map's layout holds
+    # one IPv4 address, and a new value layout would mean uninstalling first.
+    probe_source6: IPv6Address | None = None
 
 
 def build_cflags(options: DataplaneOptions, pin_dir: Path) -> tuple[str, ...]:
@@ -160,7 +165,19 @@ def build_cflags(options: DataplaneOptions, pin_dir: Path) -> tuple[str, ...]:
         flags.append("-DVEIL_DROP_UDP=1")
     if options.allow_icmp_echo:
         flags.append("-DVEIL_ALLOW_ICMP_ECHO=1")
+    if options.probe_source6 is not None:
+        flags += _probe_source6_flags(IPv6Address(options.probe_source6))
     return tuple(flags)
+
+
+def _probe_source6_flags(addr: IPv6Address) -> list[str]:
+    # Four host-order 32-bit words, most significant first; the program
+    # compares each with bpf_htonl(word) against the packet's saddr words.
+    raw = addr.packed
+    words = [int.from_bytes(raw[i : i + 4], "big") for i in range(0, 16, 4)]
+    return ["-DVEIL_PROBE_SOURCE6=1"] + [
+        f"-DVEIL_PROBE_SOURCE6_W{i}={w:#010x}U" for i, w in enumerate(words)
+    ]
 
 
 @dataclass(frozen=True)

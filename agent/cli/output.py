@@ -16,7 +16,26 @@ from typing import Any, TextIO
 
 import yaml
 
-__all__ = ["FORMATS", "Column", "dump_data", "render", "render_error", "render_kv", "rfc3339"]
+__all__ = [
+    "EXIT_FINDINGS",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "FORMATS",
+    "Column",
+    "dump_data",
+    "render",
+    "render_error",
+    "render_kv",
+    "rfc3339",
+]
+
+# veilctl's exit codes: 0 all good, 1 findings or an error, 2 usage, 3 a
+# component could not be reached.
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
 
 # Every format a veilctl command accepts with -o; "pem" only where certificates are shown.
 FORMATS = ("table", "json", "yaml")

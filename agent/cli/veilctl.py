@@ -7,8 +7,8 @@ codes: 0 all good, 1 findings or an error, 2 usage, 3 a component could not
 be reached (the message says which and what to do).
 
 The pure views live in :mod:`.rows`, :mod:`.filters` and :mod:`.whatif`; the
-newer verbs in :mod:`.commands`. This module holds the core tables, the
-parser and the error conventions.
+core tables in :mod:`.tables`, the newer verbs in :mod:`.commands`. This
+module holds the parser and the error conventions.
 """
 
 from __future__ import annotations
@@ -27,17 +27,22 @@ from agent.cli.commands import (
     cmd_monitor,
     cmd_policy_check,
     cmd_services,
-    pin_dir_problem,
-    row_filter,
     versions,
 )
 from agent.cli.controller_version import DEFAULT_NODE_STATE_DIR
-from agent.cli.output import FORMATS, Column, render, render_error, render_kv
+from agent.cli.output import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    FORMATS,
+    render_error,
+    render_kv,
+)
 from agent.cli.rows import (
     POD_COLUMNS,
     cert_rows,
     connection_rows,
-    drops_text,
     pod_rows,
     policy_rows,
     status_lines,
@@ -46,6 +51,16 @@ from agent.cli.rows import (
     ztunnel_summary,
 )
 from agent.cli.sources import Sources, Unreachable
+from agent.cli.tables import (
+    cmd_bpf_maps,
+    cmd_bpf_source,
+    cmd_connections,
+    cmd_pods,
+    cmd_policies,
+    cmd_status,
+    cmd_verify,
+    cmd_workloads,
+)
 from veil.errors import VeilError
 
 __all__ = [
@@ -66,281 +81,8 @@ __all__ = [
     "ztunnel_summary",
 ]
 
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
 DEFAULT_AGENT_SOCKET = "/run/veil/agent.sock"
 DEFAULT_ZTUNNEL_ADMIN = "127.0.0.1:15000"
-_Sources = Sources
-
-
-# -- commands ------------------------------------------------------------------------
-
-
-def _cmd_status(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    agent = zt = None
-    errors: dict[str, str] = {}
-    unreachable: list[Unreachable] = []
-    try:
-        agent = src.agent("/status")
-    except Unreachable as exc:
-        errors["agent"], agent = exc.message, None
-        unreachable.append(exc)
-    try:
-        zt = src.ztunnel()
-    except Unreachable as exc:
-        errors["ztunnel"] = exc.message
-        unreachable.append(exc)
-    if args.output != "table":
-        render_kv(
-            {"agent": agent, "ztunnel": ztunnel_summary(zt), "errors": errors}, args.output, out
-        )
-    else:
-        render_kv(status_lines(agent, zt, errors), "table", out)
-    for down in unreachable:
-        print(f"\n{down.component} unreachable: {down.hint}", file=sys.stderr)
-    return EXIT_UNREACHABLE if unreachable else EXIT_OK
-
-
-def _cmd_pods(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    pods = row_filter(args).pods(src.agent("/pods"))
-    if args.output != "table":
-        render(pods, (), args.output, out)
-    else:
-        render(pod_rows(pods), POD_COLUMNS, "table", out, empty="(no local pods)")
-    return EXIT_OK
-
-
-def _inspect_pins(args: argparse.Namespace) -> Any:
-    from agent.bpf import DataplaneView
-
-    return DataplaneView.inspect(args.pin_dir)
-
-
-def _cmd_bpf_maps(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        data = src.agent("/bpf/maps")
-    except Unreachable as down:
-        # The maps are pinned: readable straight from bpffs with the agent down.
-        problem = pin_dir_problem(Path(args.pin_dir))
-        if problem is not None:
-            raise VeilError(
-                f"the agent is unreachable ({down.message}) and there are no pins to read: "
-                f"{problem}",
-                hint=down.hint,
-            ) from None
-        try:
-            with _inspect_pins(args) as view:
-                data = {"pin_dir": str(view.pin_dir), **view.maps_dump().to_dict()}
-        except VeilError as e:
-            raise VeilError(
-                f"the agent is unreachable ({down.message}) and the pins in {args.pin_dir} "
-                f"cannot be read: {e.message}",
-                hint=e.hint or down.hint,
-            ) from None
-        print(f"(agent unreachable: read the pins in {args.pin_dir} directly)", file=sys.stderr)
-    if args.output != "table":
-        render_kv(data, args.output, out)
-        return EXIT_OK
-    out.write(f"pin dir: {data.get('pin_dir')}\n\nconfig:\n")
-    for k, v in sorted((data.get("config") or {}).items()):
-        out.write(f"  {k}: {v if v not in (None, '') else '-'}\n")
-    out.write("\npods (ifindex -> pod address):\n")
-    render(
-        data.get("pods", []),
-        (
-            Column("IFINDEX", "ifindex"),
-            Column("IP", "ip"),
-            Column("ENROLLED", "enrolled"),
-            Column("FLAGS", "flags"),
-        ),
-        "table",
-        out,
-    )
-    out.write("\npod_addrs (ifindex -> every source address the pod may use):\n")
-    render(
-        data.get("pod_addrs", []),
-        (Column("IFINDEX", "ifindex"), Column("FAMILY", "family"), Column("IP", "ip")),
-        "table",
-        out,
-    )
-    out.write("\nlocal_ips, local_ips6 (enrolled address -> ifindex):\n")
-    render(
-        data.get("local_ips", []), (Column("IP", "ip"), Column("IFINDEX", "ifindex")), "table", out
-    )
-    out.write("\ncounters:\n")
-    counters = [
-        {
-            "ifindex": k,
-            "out": v.get("outbound_redirected"),
-            "in": v.get("inbound_redirected"),
-            "established": v.get("established"),
-            "drops": drops_text(v.get("drops") or {}) or "-",
-        }
-        for k, v in sorted((data.get("counters") or {}).items(), key=lambda kv: int(kv[0]))
-    ]
-    render(
-        counters,
-        (
-            Column("IFINDEX", "ifindex"),
-            Column("REDIRECTED_OUT", "out"),
-            Column("REDIRECTED_IN", "in"),
-            Column("ESTABLISHED", "established"),
-            Column("DROPS", "drops"),
-        ),
-        "table",
-        out,
-    )
-    return EXIT_OK
-
-
-def _cmd_bpf_source(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        data = src.agent("/bpf/source")
-    except Unreachable as down:
-        try:
-            with _inspect_pins(args) as view:
-                unit = view.source()
-        except VeilError:
-            raise down from None
-        if unit is None:
-            raise VeilError(
-                f"the agent is unreachable and the sources here do not match the build pinned in "
-                f"{args.pin_dir}",
-                hint="start the agent, or run veilctl from the same Veil release as the agent",
-            ) from None
-        data = {
-            "build_id": unit.build_id,
-            "cflags": list(unit.cflags),
-            "files": [str(f.path) for f in unit.files],
-            "source": unit.render(),
-        }
-    if args.output != "table":
-        render_kv(data, args.output, out)
-    else:
-        out.write(str(data.get("source", "")))
-        out.write("\n")
-    return EXIT_OK
-
-
-def _cmd_workloads(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        rows = workload_rows(
-            row_filter(args).workloads(src.ztunnel().get("workloads", [])), local_only=not args.all
-        )
-    except Unreachable:
-        if args.all:
-            raise
-        rows = workload_rows(row_filter(args).workloads(src.agent("/workloads")), local_only=False)
-        print("(ztunnel unreachable: local workloads as the agent sees them)", file=sys.stderr)
-    render(
-        rows,
-        (
-            Column("WORKLOAD", "workload"),
-            Column("IDENTITY", "identity"),
-            Column("IPS", "ips"),
-            Column("NODE", "node"),
-            Column("ENROLLED", "enrolled"),
-            Column("READY", "ready"),
-        ),
-        args.output,
-        out,
-        empty="(no workloads)",
-    )
-    return EXIT_OK
-
-
-def _cmd_policies(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    dump = src.ztunnel()
-    rf = row_filter(args)
-    policies = rf.policies(dump.get("policies", []), dump.get("workloads", []))
-    peer = [
-        a
-        for a in dump.get("peer_authentications", [])
-        if rf.namespace is None or a.get("namespace") == rf.namespace
-    ]
-    if args.output != "table":
-        render_kv(
-            {"authorization_policies": policies, "peer_authentications": peer}, args.output, out
-        )
-        return EXIT_OK
-    render(
-        policy_rows(policies),
-        (
-            Column("POLICY", "policy"),
-            Column("ACTION", "action"),
-            Column("SELECTOR", "selector"),
-            Column("L7", "l7"),
-            Column("RULES", "rules"),
-        ),
-        "table",
-        out,
-        empty="(no authorization policies)",
-    )
-    out.write("\n")
-    render(
-        [
-            {
-                "key": a.get("key"),
-                "mode": a.get("mode"),
-                "selector": a.get("selector") if a.get("selector") is not None else "(namespace)",
-            }
-            for a in peer
-        ],
-        (
-            Column("PEER AUTHENTICATION", "key"),
-            Column("MODE", "mode"),
-            Column("SELECTOR", "selector"),
-        ),
-        "table",
-        out,
-        empty="(no peer authentications)",
-    )
-    return EXIT_OK
-
-
-def _cmd_connections(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    conns = row_filter(args).connections(src.ztunnel().get("connections", []))
-    if args.output != "table":
-        render(conns, (), args.output, out)
-    else:
-        render(
-            connection_rows(conns),
-            (
-                Column("DIR", "direction"),
-                Column("SOURCE", "src"),
-                Column("SOURCE IDENTITY", "src_identity"),
-                Column("DESTINATION", "dst"),
-                Column("DESTINATION IDENTITY", "dst_identity"),
-                Column("BYTES(IN/OUT)", "bytes"),
-                Column("AGE", "duration"),
-                Column("VERDICT", "verdict"),
-            ),
-            "table",
-            out,
-            empty="(no live connections)",
-        )
-    return EXIT_OK
-
-
-def _cmd_verify(src: _Sources, args: argparse.Namespace, out: TextIO) -> int:
-    from agent.daemon.audit import check_listeners
-    from agent.daemon.netinfo import tcp_listeners
-
-    report: dict[str, Any] = dict(src.agent("/verify"))
-    if not any(c.get("name") == "listeners" for c in report.get("checks", [])):
-        # The agent did not look at the listeners: veilctl runs in the node's
-        # namespace too, so it can.
-        local = check_listeners(tcp_listeners())
-        report["checks"] = [*report.get("checks", []), local.to_dict()]
-        report["findings"] = [*report.get("findings", []), *(f.to_dict() for f in local.findings)]
-        report["ok"] = not report["findings"]
-    if args.output != "table":
-        render_kv(report, args.output, out)
-    else:
-        out.write("\n".join(verify_lines(report)) + "\n")
-    return EXIT_OK if not report.get("findings") else EXIT_FINDINGS
 
 
 # -- parser ---------------------------------------------------------------------------
@@ -457,15 +199,15 @@ def _build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("status", _cmd_status, "agent and ztunnel health, programs attached, versions")
-    add("pods", _cmd_pods, "local pods: address, veth, enrollment, programs, counters", lists=True)
+    add("status", cmd_status, "agent and ztunnel health, programs attached, versions")
+    add("pods", cmd_pods, "local pods: address, veth, enrollment, programs, counters", lists=True)
     bpf = sub.add_parser("bpf", help="BPF state: pinned maps and the compiled source")
     bsub = bpf.add_subparsers(dest="bpf_command", metavar="COMMAND", required=True)
     from agent.bpf.pins import DEFAULT_PIN_DIR
 
     for name, handler, text in (
-        ("maps", _cmd_bpf_maps, "dump the pinned maps"),
-        ("source", _cmd_bpf_source, "the exact source compiled, with its -D flags"),
+        ("maps", cmd_bpf_maps, "dump the pinned maps"),
+        ("source", cmd_bpf_source, "the exact source compiled, with its -D flags"),
     ):
         p = add(name, handler, text, bsub)
         p.add_argument(
@@ -475,7 +217,7 @@ def _build_parser() -> argparse.ArgumentParser:
             help="read the pins here when the agent is down (env VEIL_PIN_DIR)",
         )
     w = add(
-        "workloads", _cmd_workloads, "local workloads (ztunnel view, else the agent's)", lists=True
+        "workloads", cmd_workloads, "local workloads (ztunnel view, else the agent's)", lists=True
     )
     w.add_argument("--all", action="store_true", help="every workload in the mesh, not only local")
     add("services", cmd_services, "services: VIPs, ports and their endpoints", lists=True)
@@ -500,7 +242,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="WORKLOAD:PORT",
         help="the destination: [NAMESPACE/]NAME:PORT or IP:PORT",
     )
-    add("policies", _cmd_policies, "authorization policies and peer authentication", lists=True)
+    add("policies", cmd_policies, "authorization policies and peer authentication", lists=True)
     c = add(
         "certs",
         cmd_certs,
@@ -513,7 +255,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each certificate's full chain (subject, issuer, validity) and the roots",
     )
-    add("connections", _cmd_connections, "live connections through the ztunnel", lists=True)
+    add("connections", cmd_connections, "live connections through the ztunnel", lists=True)
     add("config", cmd_config, "the full dump: ztunnel config_dump and agent status (YAML)")
     lg = add("log", cmd_log, "show or change log levels at runtime")
     lg.add_argument(
@@ -562,7 +304,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after this long without an event (default: never)",
     )
-    add("verify", _cmd_verify, "audit: exits 1 when any enrolled pod could bypass the mesh")
+    add("verify", cmd_verify, "audit: exits 1 when any enrolled pod could bypass the mesh")
     from agent.cli.waypoint_cmd import DEFAULT_WAYPOINT_ADMIN, cmd_waypoint
 
     wpc = add(

@@ -181,7 +181,7 @@ class AgentDaemon:
             )
         creds = self._credentials()
         self._node = creds.node
-        options = DataplaneOptions(drop_udp=cfg.drop_udp, allow_icmp_echo=cfg.allow_icmp_echo)
+        options = cfg.dataplane_options()
         log.info("node %s: preflight and BPF programs (pins in %s)", self._node, cfg.pin_dir)
         self._load = await asyncio.to_thread(self._loader, cfg.pin_dir, options)
         plane = await asyncio.to_thread(Dataplane.open, cfg.pin_dir, options)

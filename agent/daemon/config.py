@@ -13,11 +13,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any, Final
 
 from agent.bpf.pins import DEFAULT_PIN_DIR, validate_pin_dir
+from agent.bpf.programs import DataplaneOptions
 from agent.errors import BpfError
 from veil.settings import Setting, add_setting_arguments, dataclass_defaults, resolve_settings
 
@@ -31,6 +32,7 @@ __all__ = [
     "add_config_arguments",
     "config_fields",
     "config_from_args",
+    "parse_probe_sources",
 ]
 
 DEFAULT_STATE_DIR: Final = Path("/var/lib/veil/node")
@@ -54,8 +56,9 @@ class AgentConfig:
     # None: the interface of the route to the controller (else the default route).
     uplink: str | None = None
     status_socket: Path = DEFAULT_STATUS_SOCKET
-    # The kubelet's source address for probes; allowed through the egress guard.
-    probe_source: IPv4Address | None = None
+    # The kubelet's source addresses for probes (at most one IPv4 and one
+    # IPv6); allowed through the egress guard.
+    probe_sources: tuple[IPv4Address | IPv6Address, ...] = ()
     drop_udp: bool = False
     # ICMP/ICMPv6 echo to and from enrolled pods; dropped by default because an
     # echo payload is a data channel no policy sees. Errors and ND always pass.
@@ -69,6 +72,24 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def probe_source(self) -> IPv4Address | None:
+        """The IPv4 probe source (config map: changes without a reload)."""
+        return next((a for a in self.probe_sources if isinstance(a, IPv4Address)), None)
+
+    @property
+    def probe_source6(self) -> IPv6Address | None:
+        """The IPv6 probe source (a build flag of the egress guard)."""
+        return next((a for a in self.probe_sources if isinstance(a, IPv6Address)), None)
+
+    def dataplane_options(self) -> DataplaneOptions:
+        """The compile-time data-plane choices this configuration makes."""
+        return DataplaneOptions(
+            drop_udp=self.drop_udp,
+            allow_icmp_echo=self.allow_icmp_echo,
+            probe_source6=self.probe_source6,
+        )
 
 
 def _err(field_name: str, message: str, hint: str) -> AgentConfigError:
@@ -108,14 +129,21 @@ def _validate(c: AgentConfig) -> None:
         )
     if not c.state_dir.is_absolute():
         raise _err("state_dir", f"{c.state_dir} is not absolute", "e.g. /var/lib/veil/node")
-    if c.probe_source is not None and (
-        c.probe_source.is_unspecified or c.probe_source.is_multicast
-    ):
-        raise _err(
-            "probe_source",
-            f"{c.probe_source} cannot be a probe source",
-            "give the node address the kubelet probes pods from, or leave it unset",
-        )
+    for addr in c.probe_sources:
+        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+            raise _err(
+                "probe_sources",
+                f"{addr} cannot be a probe source",
+                "give the node address the kubelet probes pods from, or leave it unset",
+            )
+    for family in (4, 6):
+        same = [str(a) for a in c.probe_sources if a.version == family]
+        if len(same) > 1:
+            raise _err(
+                "probe_sources",
+                f"several IPv{family} probe sources ({', '.join(same)})",
+                "give at most one IPv4 and one IPv6 address: the ones the kubelet probes from",
+            )
     if not 0 < c.resync_interval <= 86400:
         raise _err(
             "resync_interval", f"{c.resync_interval}s is out of range", "use 1s to 24h, e.g. 30s"
@@ -155,11 +183,22 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-def _ipv4(text: str) -> IPv4Address:
-    try:
-        return IPv4Address(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IPv4 address") from None
+def parse_probe_sources(text: str) -> tuple[IPv4Address | IPv6Address, ...]:
+    """``"10.0.0.5"``, ``"fd00::5"`` or ``"10.0.0.5,fd00::5"``: the probe sources."""
+    out: list[IPv4Address | IPv6Address] = []
+    for part in text.split(","):
+        item = part.strip()
+        if not item:
+            continue
+        try:
+            addr = ip_address(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IPv4 or IPv6 address") from None
+        if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if addr not in out:
+            out.append(addr)
+    return tuple(out)
 
 
 _SPECS: Final = (
@@ -199,11 +238,12 @@ _SPECS: Final = (
         f"unix socket of the status API read by veilctl (default {DEFAULT_STATUS_SOCKET})",
     ),
     Setting(
-        "probe_source",
+        "probe_sources",
         "--probe-source",
         "VEIL_PROBE_SOURCE",
-        _ipv4,
-        "node IPv4 address kubelet probes come from (let through the egress guard)",
+        parse_probe_sources,
+        "node address(es) kubelet probes come from, let through the egress guard: "
+        "one IPv4 and/or one IPv6, comma-separated or the flag repeated",
     ),
     Setting(
         "drop_udp",
@@ -255,7 +295,18 @@ def config_fields() -> dict[str, tuple[str, str]]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; flags default to unset so the environment can apply."""
-    add_setting_arguments(parser, _SPECS, defaults=dataclass_defaults(AgentConfig))
+    add_setting_arguments(
+        parser, _SPECS, skip={"probe_sources"}, defaults=dataclass_defaults(AgentConfig)
+    )
+    spec = _SPECS_BY_FIELD["probe_sources"]
+    parser.add_argument(
+        spec.flag,
+        dest=spec.field,
+        action="append",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{spec.help} (env {spec.env})",
+    )
 
 
 def config_from_args(
@@ -264,4 +315,9 @@ def config_from_args(
 ) -> AgentConfig:
     """Flags beat ``VEIL_*`` variables beat defaults; AgentConfigError names the culprit."""
     env = os.environ if environ is None else environ
-    return AgentConfig(**resolve_settings(_SPECS, args, env, AgentConfigError))
+    given: Mapping[str, Any] | None = vars(args) if isinstance(args, argparse.Namespace) else args
+    repeated = (given or {}).get("probe_sources")
+    if isinstance(repeated, list):
+        # The flag repeated (argparse "append"): one comma list, parsed as such.
+        given = {**(given or {}), "probe_sources": ",".join(map(str, repeated))}
+    return AgentConfig(**resolve_settings(_SPECS, given, env, AgentConfigError))

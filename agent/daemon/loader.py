@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ def load_in_child(
         argv.append("--drop-udp")
     if options.allow_icmp_echo:
         argv.append("--allow-icmp-echo")
+    if options.probe_source6 is not None:
+        argv += ["--probe-source6", str(options.probe_source6)]
     argv += ["--ebpf-dir", str(options.ebpf_dir)]
     if not pins_current(pin_dir, options):
         argv.append("--probe")  # a compile is coming: check the kernel can take it first
@@ -131,9 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ebpf-dir", type=Path, default=None)
     parser.add_argument("--drop-udp", action="store_true")
     parser.add_argument("--allow-icmp-echo", action="store_true")
+    parser.add_argument("--probe-source6", type=IPv6Address, default=None)
     parser.add_argument("--probe", action="store_true", help="load the bpf_sk_assign probe")
     args = parser.parse_args(argv)
-    options = DataplaneOptions(drop_udp=args.drop_udp, allow_icmp_echo=args.allow_icmp_echo)
+    options = DataplaneOptions(
+        drop_udp=args.drop_udp,
+        allow_icmp_echo=args.allow_icmp_echo,
+        probe_source6=args.probe_source6,
+    )
     if args.ebpf_dir is not None:
         options = replace(options, ebpf_dir=args.ebpf_dir)
     report = run_preflight(args.pin_dir, load_probe=args.probe, ebpf_dir=options.ebpf_dir)

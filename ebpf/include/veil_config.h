@@ -13,6 +13,9 @@
  *                  (VEIL_DROP_ICMP), because an echo payload is a data
  *                  channel no policy sees. ICMP errors and neighbour
  *                  discovery pass either way.
+ *   VEIL_PROBE_SOURCE6  the node's IPv6 kubelet probe source, given as four
+ *                  host-order words VEIL_PROBE_SOURCE6_W0..W3 (most
+ *                  significant first); TCP from it passes the egress guard.
  */
 #ifndef VEIL_CONFIG_H
 #define VEIL_CONFIG_H
@@ -31,6 +34,13 @@
 #endif
 #if !defined(VEIL_MAX_PODS) || !defined(VEIL_MAX_POD_ADDRS)
 #error "VEIL_MAX_PODS and VEIL_MAX_POD_ADDRS must be passed as -D flags"
+#endif
+
+#ifdef VEIL_PROBE_SOURCE6
+#if !(defined(VEIL_PROBE_SOURCE6_W0) && defined(VEIL_PROBE_SOURCE6_W1) && \
+      defined(VEIL_PROBE_SOURCE6_W2) && defined(VEIL_PROBE_SOURCE6_W3))
+#error "VEIL_PROBE_SOURCE6 needs VEIL_PROBE_SOURCE6_W0..W3 (agent/bpf/programs.py builds them)"
+#endif
 #endif
 
 #endif /* VEIL_CONFIG_H */

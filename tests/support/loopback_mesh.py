@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.api.spiffe import SpiffeId, workload_identity
-from tests.support.controller import ControllerProcess
+from tests.support.controller import ControllerProcess, veil_argv
 from tests.support.registry_docs import allow_from, mesh_doc, peer_auth, workload
 from ztunnel.app import Ztunnel
 from ztunnel.config import ZtunnelConfig
@@ -38,6 +38,8 @@ __all__ = [
     "node_config",
     "open_tunnel",
     "start_app",
+    "ztunnel_ports",
+    "ztunnel_run_argv",
 ]
 
 CHECKOUT_IP = "127.0.10.1"
@@ -187,3 +189,42 @@ async def open_tunnel(
     task = asyncio.create_task(relay(stream, theirs))
     reader, writer = await asyncio.open_connection(sock=mine)
     return Tunnel(reader, writer, task, stream)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def ztunnel_ports(listen: str) -> dict[str, int]:
+    """Free ports for a ``veil ztunnel run`` process: its listeners on ``listen``,
+    admin, metrics and readiness on 127.0.0.1."""
+    return {
+        "hbone": _free_port(listen),
+        "plain": _free_port(listen),
+        "out": _free_port(listen),
+        "admin": _free_port("127.0.0.1"),
+        "metrics": _free_port("127.0.0.1"),
+        "ready": _free_port("127.0.0.1"),
+    }
+
+
+def ztunnel_run_argv(
+    node: str, state: Path, listen: str, ports: dict[str, int], grace: float, *extra: str
+) -> list[str]:
+    """``veil ztunnel run`` for ``node`` on the ports of :func:`ztunnel_ports`."""
+    return veil_argv(
+        "ztunnel", "run",
+        "--node", node,
+        "--state-dir", str(state),
+        "--listen-address", listen,
+        "--hbone-port", str(ports["hbone"]),
+        "--inbound-plaintext-port", str(ports["plain"]),
+        "--outbound-port", str(ports["out"]),
+        "--admin-address", f"127.0.0.1:{ports['admin']}",
+        "--metrics-address", f"127.0.0.1:{ports['metrics']}",
+        "--readiness-address", f"127.0.0.1:{ports['ready']}",
+        "--drain-grace-period", f"{grace}s",
+        *extra,
+    )  # fmt: skip

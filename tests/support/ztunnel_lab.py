@@ -11,18 +11,32 @@ mesh creates is removed when the module ends, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lab.apps import TcpServer, serve
 from lab.mesh import LabMesh
 from lab.netns import in_netns
 
-__all__ = ["APP_PORT", "NODE_A", "NODE_B", "REGISTRY", "STEERING", "Lab", "connect_from"]
+__all__ = [
+    "APP_PORT",
+    "NODE_A",
+    "NODE_B",
+    "REGISTRY",
+    "STEERING",
+    "Lab",
+    "connect_from",
+    "expect_refused",
+    "running_lab",
+]
 
 NODE_A, NODE_B = "node-a", "node-b"
 STEERING = os.environ.get("VEIL_ZTUNNEL_TEST_STEERING", "ebpf")
@@ -138,7 +152,65 @@ class Lab:
         raise AssertionError(f"{text!r} not in {node}'s ztunnel log:\n{self.log(node)[-3000:]}")
 
 
+@contextlib.contextmanager
+def running_lab(
+    work: Path,
+    apps: Sequence[tuple[str, str, int]],
+    *,
+    steering: str = "ebpf",
+    extra_ztunnel_args: Sequence[str] = (),
+    ztunnel_workers: int | None = None,
+    ready: Callable[[LabMesh], None] | None = None,
+) -> Iterator[Lab]:
+    """A mesh on :data:`REGISTRY` under ``work``, serving ``apps`` (pod, app, port).
+
+    ``ready(mesh)`` runs after the mesh started and before the apps serve.
+    Apps and mesh are stopped on the way out, also on failure.
+    """
+    registry = work / "registry.yaml"
+    registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
+    (work / "mesh").mkdir()
+    mesh = LabMesh(
+        registry,
+        workdir=work / "mesh",
+        steering=steering,
+        extra_ztunnel_args=extra_ztunnel_args,
+        ztunnel_workers=ztunnel_workers,
+    )
+    the_lab = Lab(mesh)
+    try:
+        mesh.start()
+        if ready is not None:
+            ready(mesh)
+        for pod, app, port in apps:
+            the_lab.serve(pod, app, port)
+        yield the_lab
+    finally:
+        for server in the_lab.apps:
+            server.stop()
+        mesh.close()
+
+
 def connect_from(lab: Lab, pod: str, dst_ip: str, port: int, timeout: float = 10) -> socket.socket:
     """A TCP connection made inside ``pod`` (the pod's own stack, so it is steered)."""
     with in_netns(lab.mesh.pod(pod).lab.netns):
         return socket.create_connection((dst_ip, port), timeout=timeout)
+
+
+def expect_refused(lab: Lab, pod: str, dst_ip: str, port: int) -> None:
+    """A connection from ``pod`` is reset (or closed) before a single byte arrives.
+
+    The ztunnel accepts first (the steering completes the handshake) and then
+    resets, so the reset may already be there when connect() returns.
+    """
+    try:
+        sock = connect_from(lab, pod, dst_ip, port)
+    except ConnectionResetError:
+        return
+    sock.settimeout(5)
+    with sock:
+        try:
+            data = sock.recv(1024)
+        except ConnectionResetError:
+            return
+        assert data == b"", f"received {data!r} from a connection that should be refused"

@@ -199,8 +199,15 @@ def decide_request(
     peer_identity: SpiffeId,
     l3_dst: str,
     peer_addr: tuple[str, int],
+    require_authority_is_destination: bool = True,
 ) -> ConnectRequest | Rejection:
-    """Check a (structurally valid) request against the HBONE rules."""
+    """Check a (structurally valid) request against the HBONE rules.
+
+    ``require_authority_is_destination`` (the ztunnel's rule, and the default)
+    refuses an authority IP other than ``l3_dst``, the address the client
+    dialled. A waypoint turns it off: it is dialled at its own address and the
+    authority names the destination it is asked to reach.
+    """
     fields: dict[str, str] = {}
     for name, value in headers:
         if name in fields and name in ("forwarded", "traceparent", "baggage"):
@@ -217,7 +224,7 @@ def decide_request(
         dst = normalize_ip(l3_dst)
     except BadAuthority:
         return Rejection(STATUS_BAD_REQUEST, f"connection destination {l3_dst!r} is not an IP")
-    if host != dst:
+    if require_authority_is_destination and host != dst:
         return Rejection(
             STATUS_BAD_REQUEST,
             f"authority IP {host} differs from the connection's destination {dst}",

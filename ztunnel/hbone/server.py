@@ -24,8 +24,8 @@ who (verified SPIFFE ID) wants which pod port. The handler decides::
 
 A handler that returns without answering gets a 503 sent for it (fail closed),
 one that raises as well. Requests the HBONE rules refuse (authority IP not the
-connection's destination, not CONNECT, bad ``forwarded``) are answered 400
-without calling the handler. Cancelling the handler task resets the stream.
+connection's destination unless the server was built without that rule, not
+CONNECT, bad ``forwarded``) are answered 400 without calling the handler. Cancelling the handler task resets the stream.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class _ServerEndpoint(H2Endpoint):
             peer_identity=self.peer_identity,
             l3_dst=self.l3_dst,
             peer_addr=self.peer_addr,
+            require_authority_is_destination=self._server.require_authority_is_destination,
         )
         if isinstance(decision, ConnectRequest) and event.end_stream:
             decision = Rejection(STATUS_BAD_REQUEST, "CONNECT with END_STREAM carries no tunnel")
@@ -148,6 +149,13 @@ class HboneServer:
     ``select_cert(dst_ip)`` returns the certificate of the local workload that
     owns ``dst_ip`` (None: not ours, the connection is dropped); ``bundle()``
     returns the current trust bundle; ``handler`` decides each CONNECT.
+
+    ``require_authority_is_destination`` (default True) is the ztunnel's
+    security rule: a CONNECT's authority IP must be the address the client
+    dialled, so a peer cannot reach one pod through another pod's certificate.
+    A waypoint, dialled at its own address on behalf of many destinations,
+    passes False: any well-formed ``ip:port`` authority reaches ``handler``,
+    which must then refuse the destinations it does not serve.
     """
 
     def __init__(
@@ -158,8 +166,10 @@ class HboneServer:
         *,
         config: HboneConfig | None = None,
         contexts: TlsContextCache | None = None,
+        require_authority_is_destination: bool = True,
     ) -> None:
         self.config = config or HboneConfig()
+        self.require_authority_is_destination = require_authority_is_destination
         self._select_cert = select_cert
         self._bundle = bundle
         self._handler = handler

@@ -39,11 +39,10 @@ from typing import Any
 
 from controller.api.model import TrustBundle, WatchUpdate
 from controller.api.spiffe import SpiffeId
-from node import NodeCredentials, load_node_credentials
+from node import NodeCredentials
 from node.backoff import Backoff
-from node.channel import ControllerChannel
+from node.bootstrap import connect_node, watch_controller
 from node.dataplane import MARK_ZTUNNEL
-from node.watch import WatchClient
 
 from ..admin import OpsServer, Readiness, register_state_gauges
 from ..admin.denies import DenyFeed
@@ -99,16 +98,13 @@ class Supervisor:
         restart: RestartPolicy | None = None,
     ) -> None:
         self.config = config
-        creds = credentials if credentials is not None else load_node_credentials(config.state_dir)
-        if creds.node != config.node_name:
-            raise ConfigError(
-                f"the credentials in {config.state_dir} belong to node {creds.node!r}, "
-                f"not {config.node_name!r}",
-                hint="pass the node name used at `veil node join`, or that node's state directory",
-            )
-        self._controller = ControllerChannel(
-            config.state_dir, creds, address=config.controller_address or None
+        self._controller = connect_node(
+            config.state_dir,
+            config.node_name,
+            address=config.controller_address,
+            credentials=credentials,
         )
+        creds = self._controller.creds
         self.store = ForwardingStore(config.node_name, creds.trust_domain, self._forward)
         self.certs = CertManager(
             self._controller,
@@ -119,11 +115,10 @@ class Supervisor:
             request_timeout=config.connect_timeout,
             key_dir=config.key_dir,
         )
-        self.watch = WatchClient(
+        self.watch = watch_controller(
             self._controller,
             self.store,
-            backoff=Backoff(config.xds_backoff_initial, config.xds_backoff_max),
-            sleep=self._controller.sleep,
+            Backoff(config.xds_backoff_initial, config.xds_backoff_max),
         )
         self._options = (transparent, mark, peer_hbone_port)
         self._restart = restart if restart is not None else RestartPolicy()

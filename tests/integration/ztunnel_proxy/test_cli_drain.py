@@ -14,16 +14,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.controller import REPO, clean_env, veil_argv
-from tests.support.loopback_mesh import CHECKOUT_IP, PAYMENTS_IP, App, Mesh, open_tunnel
+from tests.support.controller import REPO, clean_env
+from tests.support.loopback_mesh import (
+    CHECKOUT_IP,
+    PAYMENTS_IP,
+    App,
+    Mesh,
+    open_tunnel,
+    ztunnel_ports,
+    ztunnel_run_argv,
+)
 
 GRACE = 3.0
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class ZtunnelProcess:
@@ -47,14 +49,7 @@ class ZtunnelProcess:
 
 @pytest.fixture
 def ports() -> dict[str, int]:
-    return {
-        "hbone": free_port(PAYMENTS_IP),
-        "plain": free_port(PAYMENTS_IP),
-        "out": free_port(PAYMENTS_IP),
-        "admin": free_port("127.0.0.1"),
-        "metrics": free_port("127.0.0.1"),
-        "ready": free_port("127.0.0.1"),
-    }
+    return ztunnel_ports(PAYMENTS_IP)
 
 
 @pytest.fixture
@@ -62,19 +57,7 @@ def node_b_process(
     mesh: Mesh, tmp_path: Path, ports: dict[str, int]
 ) -> Iterator[tuple[Path, list[str]]]:
     state = tmp_path / "node-b-state"
-    argv = veil_argv(
-        "ztunnel", "run",
-        "--node", "node-b",
-        "--state-dir", str(state),
-        "--listen-address", PAYMENTS_IP,
-        "--hbone-port", str(ports["hbone"]),
-        "--inbound-plaintext-port", str(ports["plain"]),
-        "--outbound-port", str(ports["out"]),
-        "--admin-address", f"127.0.0.1:{ports['admin']}",
-        "--metrics-address", f"127.0.0.1:{ports['metrics']}",
-        "--readiness-address", f"127.0.0.1:{ports['ready']}",
-        "--drain-grace-period", f"{GRACE}s",
-    )  # fmt: skip
+    argv = ztunnel_run_argv("node-b", state, PAYMENTS_IP, ports, GRACE)
     yield state, argv
 
 

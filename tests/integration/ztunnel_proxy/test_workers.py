@@ -34,6 +34,8 @@ from tests.support.loopback_mesh import (
     PAYMENTS_IP,
     App,
     Mesh,
+    ztunnel_ports,
+    ztunnel_run_argv,
 )
 from ztunnel.app import Ztunnel
 from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneConfig, relay
@@ -41,12 +43,6 @@ from ztunnel.proxy.sockets import Address, connect_upstream
 
 GRACE = 3.0
 TUNNELS = 12
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -61,30 +57,10 @@ class Node:
 
 @pytest.fixture
 async def node_b(mesh: Mesh, tmp_path: Path) -> AsyncIterator[Node]:
-    ports = {
-        "hbone": free_port(PAYMENTS_IP),
-        "plain": free_port(PAYMENTS_IP),
-        "out": free_port(PAYMENTS_IP),
-        "admin": free_port("127.0.0.1"),
-        "metrics": free_port("127.0.0.1"),
-        "ready": free_port("127.0.0.1"),
-    }
+    ports = ztunnel_ports(PAYMENTS_IP)
     state = tmp_path / "node-b-state"
     await mesh.controller.join("node-b", state)
-    argv = veil_argv(
-        "ztunnel", "run",
-        "--workers", "2",
-        "--node", "node-b",
-        "--state-dir", str(state),
-        "--listen-address", PAYMENTS_IP,
-        "--hbone-port", str(ports["hbone"]),
-        "--inbound-plaintext-port", str(ports["plain"]),
-        "--outbound-port", str(ports["out"]),
-        "--admin-address", f"127.0.0.1:{ports['admin']}",
-        "--metrics-address", f"127.0.0.1:{ports['metrics']}",
-        "--readiness-address", f"127.0.0.1:{ports['ready']}",
-        "--drain-grace-period", f"{GRACE}s",
-    )  # fmt: skip
+    argv = ztunnel_run_argv("node-b", state, PAYMENTS_IP, ports, GRACE, "--workers", "2")
     log = tmp_path / "ztunnel-b.log"
     with log.open("w") as err:
         proc = await asyncio.create_subprocess_exec(

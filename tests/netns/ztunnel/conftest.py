@@ -6,35 +6,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
-from lab.mesh import LabMesh
-from tests.support.ztunnel_lab import REGISTRY, STEERING, Lab
+from tests.support.ztunnel_lab import APP_PORT, STEERING, Lab, running_lab
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    work = tmp_path_factory.mktemp("ztunnel-lab")
-    registry = work / "registry.yaml"
-    registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
-    (work / "mesh").mkdir()
-    mesh = LabMesh(
-        registry,
-        workdir=work / "mesh",
+    with running_lab(
+        tmp_path_factory.mktemp("ztunnel-lab"),
+        [
+            ("payments", "echo", APP_PORT),
+            ("payments", "whoami", 8081),
+            ("inventory", "whoami", APP_PORT),
+            ("other", "whoami", APP_PORT),
+        ],
         steering=STEERING,
         # 10 s certificates: every test here also runs across rotations
         # (at half-life, so every 5 s on both nodes).
         extra_ztunnel_args=("--drain-grace-period", "2s", "--cert-ttl", "10s"),
-    )
-    the_lab = Lab(mesh)
-    try:
-        mesh.start()
-        the_lab.serve("payments", "echo")
-        the_lab.serve("payments", "whoami", 8081)
-        the_lab.serve("inventory", "whoami")
-        the_lab.serve("other", "whoami")
+    ) as the_lab:
         yield the_lab
-    finally:
-        for server in the_lab.apps:
-            server.stop()
-        mesh.close()

@@ -19,27 +19,12 @@ from lab.apps import echo_roundtrip, serve, whoami
 from lab.capture import UnderlayCapture
 from lab.netns import in_netns
 from node.dataplane import HBONE_PORT
-from tests.support.ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from
+from tests.support.ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from, expect_refused
 
 WHOAMI = 8081  # payments runs echo on 8080 and whoami on 8081
 VIP6 = "fd00:96::20"
 NODE_SERVICE_PORT = 9099
 MARKER = b"VEIL-IPV6-PLAINTEXT-MARKER-7c2e51"
-
-
-def expect_refused(lab: Lab, pod: str, dst_ip: str, port: int) -> None:
-    """A connection from ``pod`` is reset (or closed) before a single byte arrives."""
-    try:
-        sock = connect_from(lab, pod, dst_ip, port)
-    except ConnectionResetError:
-        return
-    sock.settimeout(5)
-    with sock:
-        try:
-            data = sock.recv(1024)
-        except ConnectionResetError:
-            return
-        assert data == b"", f"received {data!r} from a connection that should be refused"
 
 
 def v6_segments_on(cap: UnderlayCapture, port: int) -> int:

@@ -25,31 +25,12 @@ from lab.capture import UnderlayCapture
 from lab.netns import in_netns
 from node import load_node_credentials
 from node.dataplane import HBONE_PORT
-from tests.support.ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from
+from tests.support.ztunnel_lab import APP_PORT, NODE_A, NODE_B, Lab, connect_from, expect_refused
 from ztunnel.hbone import HboneClientPool, HboneConnectError
 from ztunnel.identity import WorkloadCertificate, build_csr, generate_key, key_pem
 
 WHOAMI = 8081  # payments runs echo on 8080 and whoami on 8081
 MARKER = b"VEIL-ZTUNNEL-PLAINTEXT-MARKER-41f3"
-
-
-def expect_refused(lab: Lab, pod: str, dst_ip: str, port: int) -> None:
-    """A connection from ``pod`` is reset (or closed) before a single byte arrives.
-
-    The ztunnel accepts first (the steering completes the handshake) and then
-    resets, so the reset may already be there when connect() returns.
-    """
-    try:
-        sock = connect_from(lab, pod, dst_ip, port)
-    except ConnectionResetError:
-        return
-    sock.settimeout(5)
-    with sock:
-        try:
-            data = sock.recv(1024)
-        except ConnectionResetError:
-            return
-        assert data == b"", f"received {data!r} from a connection that should be refused"
 
 
 def test_cross_node_hbone_is_intact_encrypted_and_shows_real_client(lab: Lab) -> None:

@@ -29,14 +29,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
 from controller.api.ports import CONTROLLER_PORT
 from lab.apps import echo_roundtrip, whoami
-from lab.mesh import LabMesh, veil_argv
+from lab.mesh import veil_argv
 from lab.netns import in_netns
 from node.dataplane import READINESS_PORT
-from tests.support.ztunnel_lab import APP_PORT, NODE_A, NODE_B, REGISTRY, Lab, connect_from
+from tests.support.ztunnel_lab import (
+    APP_PORT,
+    NODE_A,
+    NODE_B,
+    Lab,
+    connect_from,
+    running_lab,
+)
 
 WHOAMI = 8081
 CERT_TTL = 10
@@ -49,25 +55,12 @@ TIMER_HEADROOM = 15.0
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    work = tmp_path_factory.mktemp("ztunnel-recovery")
-    registry = work / "registry.yaml"
-    registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
-    (work / "mesh").mkdir()
-    mesh = LabMesh(
-        registry,
-        workdir=work / "mesh",
+    with running_lab(
+        tmp_path_factory.mktemp("ztunnel-recovery"),
+        [("payments", "echo", APP_PORT), ("payments", "whoami", WHOAMI)],
         extra_ztunnel_args=("--drain-grace-period", "20s", "--cert-ttl", f"{CERT_TTL}s"),
-    )
-    the_lab = Lab(mesh)
-    try:
-        mesh.start()
-        the_lab.serve("payments", "echo")
-        the_lab.serve("payments", "whoami", WHOAMI)
+    ) as the_lab:
         yield the_lab
-    finally:
-        for server in the_lab.apps:
-            server.stop()
-        mesh.close()
 
 
 def _reaches_payments(lab: Lab, timeout: float = 2.0) -> bool:

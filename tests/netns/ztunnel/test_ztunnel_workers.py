@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from lab.mesh import LabMesh
 from node.dataplane import METRICS_PORT
@@ -26,10 +25,10 @@ from tests.support.ztunnel_lab import (
     APP_PORT,
     NODE_A,
     NODE_B,
-    REGISTRY,
     STEERING,
     Lab,
     connect_from,
+    running_lab,
 )
 
 CONNECTIONS = 16
@@ -37,29 +36,20 @@ CONNECTIONS = 16
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    work = tmp_path_factory.mktemp("ztunnel-workers-lab")
-    registry = work / "registry.yaml"
-    registry.write_text(yaml.safe_dump(REGISTRY, sort_keys=False))
-    (work / "mesh").mkdir()
-    mesh = LabMesh(
-        registry,
-        workdir=work / "mesh",
-        steering=STEERING,
-        extra_ztunnel_args=("--drain-grace-period", "2s"),
-        ztunnel_workers=2,
-    )
-    the_lab = Lab(mesh)
-    try:
-        mesh.start()
+    def both_workers_serve(mesh: LabMesh) -> None:
         # Ready means one worker serves; these tests want both.
         for node in (NODE_A, NODE_B):
             wait_serving(mesh, node, 2)
-        the_lab.serve("payments", "echo")
+
+    with running_lab(
+        tmp_path_factory.mktemp("ztunnel-workers-lab"),
+        [("payments", "echo", APP_PORT)],
+        steering=STEERING,
+        extra_ztunnel_args=("--drain-grace-period", "2s"),
+        ztunnel_workers=2,
+        ready=both_workers_serve,
+    ) as the_lab:
         yield the_lab
-    finally:
-        for server in the_lab.apps:
-            server.stop()
-        mesh.close()
 
 
 def wait_serving(mesh: LabMesh, node: str, count: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from ipaddress import IPv6Address
 from pathlib import Path
 
 from agent.bpf.programs import (
@@ -117,3 +118,16 @@ def test_headers_never_call_map_methods() -> None:
     for header in (DEFAULT_EBPF_DIR / "include").glob("*.h"):
         code = re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S)
         assert not re.search(r"\.\s*(lookup|update|delete|lookup_or_try_init)\s*\(", code), header
+
+
+def test_ipv6_probe_source_is_four_words_and_changes_the_build() -> None:
+    plain = build_cflags(DataplaneOptions(), PIN)
+    assert "VEIL_PROBE_SOURCE6" not in _defines(plain)
+    opts = DataplaneOptions(probe_source6=IPv6Address("fd00:1:2:3::a"))
+    defines = _defines(build_cflags(opts, PIN))
+    assert defines["VEIL_PROBE_SOURCE6"] == "1"
+    words = [defines[f"VEIL_PROBE_SOURCE6_W{i}"] for i in range(4)]
+    assert words == ["0xfd000001U", "0x00020003U", "0x00000000U", "0x0000000aU"]
+    assert compile_unit(DataplaneOptions(), PIN).build_id != compile_unit(opts, PIN).build_id
+    text = (DEFAULT_EBPF_DIR / "include" / "veil_config.h").read_text()
+    assert set(re.findall(r"defined\((VEIL_PROBE_SOURCE6_\w+)\)", text)) <= set(defines)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+import argparse
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from agent.daemon.config import (
     DEFAULT_STATUS_SOCKET,
     AgentConfig,
+    add_config_arguments,
     config_fields,
     config_from_args,
     parse_bool,
@@ -59,9 +61,12 @@ def test_environment_then_flags() -> None:
         ({}, {"VEIL_PIN_DIR": "/sys/fs/bpf/veil.d"}, "--pin-dir / VEIL_PIN_DIR"),
         ({"pin_dir": "relative"}, {}, "pin_dir"),
         ({"uplink": "a-very-long-interface"}, {}, "--uplink / VEIL_UPLINK"),
-        ({"probe_source": "10.0.0"}, {}, "--probe-source"),
-        ({}, {"VEIL_PROBE_SOURCE": "fd00::1"}, "VEIL_PROBE_SOURCE"),
-        ({"probe_source": "0.0.0.0"}, {}, "cannot be a probe source"),
+        ({"probe_sources": "10.0.0"}, {}, "--probe-source"),
+        ({}, {"VEIL_PROBE_SOURCE": "fd00::1,nope"}, "VEIL_PROBE_SOURCE"),
+        ({"probe_sources": "0.0.0.0"}, {}, "cannot be a probe source"),
+        ({"probe_sources": "::"}, {}, "cannot be a probe source"),
+        ({"probe_sources": "fd00::1,fd00::2"}, {}, "several IPv6 probe sources"),
+        ({"probe_sources": "10.0.0.1,10.0.0.2"}, {}, "several IPv4 probe sources"),
         ({}, {"VEIL_DROP_UDP": "maybe"}, "VEIL_DROP_UDP"),
         ({"resync_interval": "soon"}, {}, "--resync-interval"),
         ({"resync_interval": "0"}, {}, "out of range"),
@@ -101,3 +106,23 @@ def test_durations(text: str, seconds: float) -> None:
 )
 def test_booleans(text: str, value: bool) -> None:
     assert parse_bool(text) is value
+
+
+def test_probe_source_takes_ipv4_and_ipv6_as_a_list_or_repeated() -> None:
+    c = config_from_args({}, {"VEIL_PROBE_SOURCE": " fd00::5 , 10.0.0.5 "})
+    assert c.probe_source == IPv4Address("10.0.0.5")
+    assert c.probe_source6 == IPv6Address("fd00::5")
+    only6 = config_from_args({"probe_sources": "fd00::5"}, {})
+    assert only6.probe_source is None and only6.probe_source6 == IPv6Address("fd00::5")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--probe-source", "10.0.0.5", "--probe-source", "fd00::5"])
+    c = config_from_args(args, {"VEIL_PROBE_SOURCE": "10.9.9.9"})  # the flag wins
+    assert c.probe_sources == (IPv4Address("10.0.0.5"), IPv6Address("fd00::5"))
+    # An IPv4-mapped IPv6 address is the IPv4 address.
+    assert config_from_args({"probe_sources": "::ffff:10.0.0.5"}, {}).probe_source == (
+        IPv4Address("10.0.0.5")
+    )
+    opts = config_from_args({"probe_sources": "10.0.0.5,fd00::5", "drop_udp": "1"}, {})
+    assert opts.dataplane_options().probe_source6 == IPv6Address("fd00::5")
+    assert opts.dataplane_options().drop_udp is True

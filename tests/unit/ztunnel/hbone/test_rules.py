@@ -259,6 +259,30 @@ def test_decide_request_accepts_the_client_headers() -> None:
     )
 
 
+def test_a_waypoint_accepts_any_destination_authority_but_not_a_bad_one() -> None:
+    other = [(":method", "CONNECT"), (":authority", "10.96.0.5:80")]
+    assert isinstance(_decide(other), Rejection)  # the ztunnel's rule is the default
+    decision = decide_request(
+        other,
+        stream_id=1,
+        peer_identity=PEER,
+        l3_dst="10.0.0.1",
+        peer_addr=("10.9.0.1", 5555),
+        require_authority_is_destination=False,
+    )
+    assert isinstance(decision, ConnectRequest)
+    assert (decision.host, decision.port, decision.l3_dst) == ("10.96.0.5", 80, "10.0.0.1")
+    bad = decide_request(
+        [(":method", "CONNECT"), (":authority", "svc.example:80")],
+        stream_id=1,
+        peer_identity=PEER,
+        l3_dst="10.0.0.1",
+        peer_addr=("10.9.0.1", 5555),
+        require_authority_is_destination=False,
+    )
+    assert isinstance(bad, Rejection) and bad.status == 400
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
