@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def _chart(result: dict[str, Any], path: Path) -> None:
 
     metrics = result["metrics"]
     names = [n for n, m in metrics.items() if m["ratio"] is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [4, 1]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [4, 1]})
     ratios = [metrics[n]["ratio"] for n in names]
     targets = [float(metrics[n]["target"].split()[1]) for n in names]
     colors = ["tab:green" if metrics[n]["pass"] else "tab:red" for n in names]
@@ -133,7 +134,8 @@ def _chart(result: dict[str, Any], path: Path) -> None:
     for n in names:
         better = "higher" if metrics[n]["target"].startswith(">=") else "lower"
         arrow = "\u2191" if better == "higher" else "\u2193"
-        labels.append(f"{n.replace('_', ' ')}\n{arrow} {better} is better")
+        name = textwrap.fill(n.replace("_", " "), 14)
+        labels.append(f"{name}\n{arrow} {better}\nis better")
     ax1.set_xticks(x, labels, fontsize=7)
     ax1.set_ylabel("mesh / baseline (error bars: spread over rounds)")
     steering = result.get("steering", "ebpf")
@@ -143,7 +145,7 @@ def _chart(result: dict[str, Any], path: Path) -> None:
     ax2.bar([0], [rss["value"]], color="tab:green" if rss["pass"] else "tab:red")
     ax2.axhline(float(rss["target"].split()[1]), color="black", label="target")
     ax2.set_xticks([0], ["ztunnel RSS (MB)\n\u2193 lower is better"], fontsize=8)
-    ax2.set_title(rss["unit"], fontsize=8)
+    ax2.set_title(textwrap.fill(rss["unit"], 30), fontsize=7)
     ax2.legend(loc="lower right")
     host = result.get("host", {})
     fig.text(
