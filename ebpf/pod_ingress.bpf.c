@@ -56,8 +56,10 @@ static __always_inline int ingress_source_reason(__u32 ifindex, const struct vei
 {
 	struct veil_pod_addr_key key = {};
 
+	/* An IPv6-only pod is enrolled with ip 0.0.0.0: none of its IPv4 is its own,
+	 * not even a packet whose source is 0.0.0.0. */
 	if (pkt->family == VEIL_AF_INET)
-		return pkt->tuple.ipv4.saddr == pod->ip ? 0 : VEIL_DROP_SPOOFED_SOURCE;
+		return pod->ip != 0 && pkt->tuple.ipv4.saddr == pod->ip ? 0 : VEIL_DROP_SPOOFED_SOURCE;
 	key.ifindex = ifindex;
 	key.family = VEIL_AF_INET6;
 	__builtin_memcpy(key.addr, pkt->tuple.ipv6.saddr, sizeof(key.addr));

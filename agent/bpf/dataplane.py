@@ -35,7 +35,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -208,38 +208,41 @@ class Dataplane(DataplaneView):
 
     def enroll(
         self,
-        pod_ip: IPv4Address | str,
+        pod_ip: IPv4Address | IPv6Address | str,
         host_ifname: str | None = None,
         *,
         ipv6: Iterable[IPv6Address | str] = (),
     ) -> PodDataplaneState:
         """Steer the pod into the ztunnel and guard it. Idempotent.
 
-        ``ipv6`` are the pod's IPv6 addresses: its IPv6 is steered and
-        anti-spoofed like its IPv4; without any, its IPv6 is dropped (except
-        neighbour discovery). Maps are written before the filters are
-        attached, so the first packet a program sees already finds the pod.
+        ``pod_ip`` is the pod's IPv4 address, or for a pod with IPv6
+        addresses only its first IPv6 address (its pods entry then holds
+        0.0.0.0, so any IPv4 from it is dropped as spoofed). ``ipv6`` are the
+        pod's IPv6 addresses: its IPv6 is steered and anti-spoofed like its
+        IPv4; without any, its IPv6 is dropped (except neighbour discovery).
+        Maps are written before the filters are attached, so the first packet
+        a program sees already finds the pod.
         """
-        ip = IPv4Address(pod_ip)
-        v6 = _ipv6_set(ipv6)
+        ip, v4, v6 = _pod_addresses(pod_ip, ipv6)
         with self._lock:
             self._check_open()
             iface = self._resolve(ip, host_ifname)
             self._drop_stale(ip, iface.ifindex)
             self.maps.create_counters(iface.ifindex)
             flags = PodFlag.ENROLLED | (PodFlag.IPV6 if v6 else PodFlag.NONE)
-            entry = PodEntry(iface.ifindex, ip, flags)
+            entry = PodEntry(iface.ifindex, v4, flags)
             # Addresses before the flag: a packet never sees IPV6 without its entries.
-            self._sync_addrs(iface.ifindex, ip, v6, enrolled=True)
+            self._sync_addrs(iface.ifindex, v4, v6, enrolled=True)
             self.maps.put_pod(entry)
-            self.maps.put_local_ip(LocalPodEntry(ip, iface.ifindex))
+            if int(v4):
+                self.maps.put_local_ip(LocalPodEntry(v4, iface.ifindex))
             self._attach(iface.ifindex, _POD_INGRESS)
             self._attach(iface.ifindex, _POD_EGRESS)
             return self._pod_state(entry)
 
     def mark_local_pod(
         self,
-        pod_ip: IPv4Address | str,
+        pod_ip: IPv4Address | IPv6Address | str,
         host_ifname: str | None = None,
         *,
         ipv6: Iterable[IPv6Address | str] = (),
@@ -250,35 +253,35 @@ class Dataplane(DataplaneView):
         listener; the rest of its traffic is untouched. An enrolled pod moved
         here loses its egress guard after its entries stop saying enrolled.
         """
-        ip = IPv4Address(pod_ip)
-        v6 = _ipv6_set(ipv6)
+        ip, v4, v6 = _pod_addresses(pod_ip, ipv6)
         with self._lock:
             self._check_open()
             iface = self._resolve(ip, host_ifname)
             self._drop_stale(ip, iface.ifindex)
             self.maps.create_counters(iface.ifindex)
-            self.maps.delete_local_ip(ip)
-            entry = PodEntry(iface.ifindex, ip, PodFlag.IPV6 if v6 else PodFlag.NONE)
+            if int(v4):
+                self.maps.delete_local_ip(v4)
+            entry = PodEntry(iface.ifindex, v4, PodFlag.IPV6 if v6 else PodFlag.NONE)
             self.maps.put_pod(entry)
-            self._sync_addrs(iface.ifindex, ip, v6, enrolled=False)
+            self._sync_addrs(iface.ifindex, v4, v6, enrolled=False)
             self._attach(iface.ifindex, _POD_INGRESS)
             self._detach(iface.ifindex, Hook.EGRESS)
             return self._pod_state(entry)
 
-    def unenroll(self, pod_ip: IPv4Address | str) -> bool:
+    def unenroll(self, pod_ip: IPv4Address | IPv6Address | str) -> bool:
         """Remove every trace of the pod: filters, map entries, counters. False if unknown.
 
-        For a pod that keeps running outside the mesh call :meth:`mark_local_pod`
+        ``pod_ip`` is its IPv4 address or any of its IPv6 addresses. For a pod
+        that keeps running outside the mesh call :meth:`mark_local_pod`
         instead, so its traffic to enrolled pods is still steered.
         """
-        ip = IPv4Address(pod_ip)
+        ip = ip_address(pod_ip) if isinstance(pod_ip, str) else pod_ip
         with self._lock:
             self._check_open()
             found = False
-            for entry in self.maps.pods():
-                if entry.ip == ip:
-                    self._remove_pod_entry(entry.ifindex)
-                    found = True
+            for ifindex in self._holders(ip):
+                self._remove_pod_entry(ifindex)
+                found = True
             found = self.maps.delete_local_ip(ip) or found
             return found
 
@@ -296,7 +299,16 @@ class Dataplane(DataplaneView):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _resolve(self, ip: IPv4Address, host_ifname: str | None) -> veth.HostInterface:
+    def _holders(self, ip: IPv4Address | IPv6Address) -> list[int]:
+        """The veths whose pod entry names ``ip`` (IPv4) or whose pod owns it (IPv6)."""
+        if isinstance(ip, IPv6Address):
+            held = {a.ifindex for a in self.maps.pod_addrs() if a.ip == ip}
+            return [e.ifindex for e in self.maps.pods() if e.ifindex in held]
+        return [e.ifindex for e in self.maps.pods() if e.ip == ip]
+
+    def _resolve(
+        self, ip: IPv4Address | IPv6Address, host_ifname: str | None
+    ) -> veth.HostInterface:
         if host_ifname is not None:
             return veth.host_interface(self._ipr, host_ifname)
         return veth.host_interface_for_ip(self._ipr, ip)
@@ -313,23 +325,28 @@ class Dataplane(DataplaneView):
     def _detach(self, ifindex: int, hook: Hook) -> None:
         tc.detach_bpf(self._ipr, ifindex, hook)
 
-    def _drop_stale(self, ip: IPv4Address, ifindex: int) -> None:
-        """Forget what a recreated pod or a reused ifindex left behind."""
+    def _drop_stale(self, ip: IPv4Address | IPv6Address, ifindex: int) -> None:
+        """Forget what a recreated pod or a reused ifindex left behind.
+
+        ``ip`` is the address the pod is known by (see :meth:`enroll`).
+        """
         current = self.maps.pod(ifindex)
-        if current is not None and current.ip != ip:
-            local = self.maps.local_ip(current.ip)
-            if local is not None and local.ifindex == ifindex:
-                self.maps.delete_local_ip(current.ip)
+        if current is not None and ifindex not in self._holders(ip):
+            if int(current.ip):
+                self._forget_local_ip(current.ip, ifindex)
             self.maps.delete_counters(ifindex)  # they belonged to the previous pod
-        for entry in self.maps.pods():
-            if entry.ip == ip and entry.ifindex != ifindex:
-                self._remove_pod_entry(entry.ifindex)
+        for other in self._holders(ip):
+            if other != ifindex:
+                self._remove_pod_entry(other)
 
     def _sync_addrs(
         self, ifindex: int, ip: IPv4Address, v6: frozenset[IPv6Address], *, enrolled: bool
     ) -> None:
-        """Make pod_addrs (and local_ips6) hold exactly this pod's addresses."""
-        want: set[IPv4Address | IPv6Address] = {ip, *v6}
+        """Make pod_addrs (and local_ips6) hold exactly this pod's addresses.
+
+        ``ip`` 0.0.0.0 is a pod with IPv6 addresses only: no IPv4 entry.
+        """
+        want: set[IPv4Address | IPv6Address] = {ip, *v6} if int(ip) else set(v6)
         for old in self.maps.pod_addrs(ifindex):
             if old.ip not in want:
                 self.maps.delete_pod_addr(ifindex, old.ip)
@@ -344,7 +361,8 @@ class Dataplane(DataplaneView):
                 self.maps.put_local_ip(LocalPodEntry(addr, ifindex))
             else:
                 self._forget_local_ip(addr, ifindex)
-        self.maps.put_pod_addr(PodAddrEntry(ifindex, ip))
+        if int(ip):
+            self.maps.put_pod_addr(PodAddrEntry(ifindex, ip))
 
     def _forget_local_ip(self, ip: IPv4Address | IPv6Address, ifindex: int) -> None:
         local = self.maps.local_ip(ip)
@@ -397,6 +415,25 @@ def _ensure_splice(layout: PinLayout, options: DataplaneOptions) -> None:
         )
         return
     log.info("same-node splice pinned: program id %d, reused=%s", status.program_id, status.reused)
+
+
+def _pod_addresses(
+    pod_ip: IPv4Address | IPv6Address | str, ipv6: Iterable[IPv6Address | str]
+) -> tuple[IPv4Address | IPv6Address, IPv4Address, frozenset[IPv6Address]]:
+    """(address the pod is known by, its IPv4 address or 0.0.0.0, its IPv6 addresses)."""
+    try:
+        ip = ip_address(pod_ip) if isinstance(pod_ip, str) else pod_ip
+    except ValueError:
+        raise BpfError(
+            f"{pod_ip!r} is not an IP address",
+            hint="pass the pod's IPv4 address, or its IPv6 address for an IPv6-only pod",
+        ) from None
+    v6 = _ipv6_set(ipv6)
+    if isinstance(ip, IPv6Address):
+        return ip, IPv4Address(0), v6 | {ip}
+    if not int(ip):
+        raise BpfError("0.0.0.0 is not a pod address", hint="pass the pod's IPv4 or IPv6 address")
+    return ip, ip, v6
 
 
 def _ipv6_set(addrs: Iterable[IPv6Address | str]) -> frozenset[IPv6Address]:

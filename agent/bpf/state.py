@@ -30,7 +30,9 @@ class AttachedProgram:
 class PodDataplaneState:
     """What the kernel knows about one local pod."""
 
-    pod_ip: IPv4Address
+    # The address the pod is known by: its IPv4 address, or for a pod with
+    # IPv6 addresses only (its pods entry holds 0.0.0.0) its first IPv6 one.
+    pod_ip: IPv4Address | IPv6Address
     ifindex: int
     host_ifname: str | None  # None: the veth is gone, the entry is stale
     enrolled: bool

@@ -16,7 +16,7 @@ import itertools
 import os
 import threading
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -110,10 +110,16 @@ class DataplaneView:
             v6 = self._ipv6_by_ifindex()
             return [self._pod_state(entry, v6) for entry in self.maps.pods()]
 
-    def pod(self, pod_ip: IPv4Address | str) -> PodDataplaneState | None:
-        ip = IPv4Address(pod_ip)
+    def pod(self, pod_ip: IPv4Address | IPv6Address | str) -> PodDataplaneState | None:
+        """The pod known by ``pod_ip`` (its IPv4 address, or any IPv6 address it owns)."""
+        ip = ip_address(pod_ip) if isinstance(pod_ip, str) else pod_ip
         with self._lock:
             self._check_open()
+            if isinstance(ip, IPv6Address):
+                for addr in self.maps.pod_addrs():
+                    if addr.ip == ip and (entry := self.maps.pod(addr.ifindex)) is not None:
+                        return self._pod_state(entry)
+                return None
             for entry in self.maps.pods():
                 if entry.ip == ip:
                     return self._pod_state(entry)
@@ -191,15 +197,18 @@ class DataplaneView:
         if ipv6 is None:
             ipv6 = self._ipv6_by_ifindex()
         attached = self._attached(entry.ifindex)
+        v6 = ipv6.get(entry.ifindex, ())
+        # 0.0.0.0 in the pods entry: a pod with IPv6 addresses only.
+        known: IPv4Address | IPv6Address = entry.ip if int(entry.ip) or not v6 else min(v6)
         return PodDataplaneState(
-            pod_ip=entry.ip,
+            pod_ip=known,
             ifindex=entry.ifindex,
             host_ifname=veth.interface_name(self._ipr, entry.ifindex),
             enrolled=entry.enrolled,
             ingress=attached.get(Hook.INGRESS),
             egress=attached.get(Hook.EGRESS),
             counters=self.maps.counters(entry.ifindex) or PodCounters(),
-            ipv6=ipv6.get(entry.ifindex, ()),
+            ipv6=v6,
         )
 
 

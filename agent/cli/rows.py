@@ -173,7 +173,7 @@ def pod_rows(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "pod": p.get("workload") or "-",
-                "ip": p.get("ip"),
+                "ip": _pod_addresses(p),
                 "veth": p.get("veth"),
                 "enrolled": p.get("enrolled"),
                 "dataplane": p.get("dataplane"),
@@ -185,6 +185,14 @@ def pod_rows(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _pod_addresses(p: Mapping[str, Any]) -> str:
+    """The pod's address and its IPv6 ones, comma separated (an IPv6-only pod lists each once)."""
+    ip = p.get("ip")
+    addrs = [str(ip)] if ip else []
+    addrs += [str(a) for a in p.get("ipv6") or () if str(a) not in addrs]
+    return ",".join(addrs) or "-"
 
 
 POD_COLUMNS = (

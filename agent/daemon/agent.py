@@ -38,7 +38,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,11 @@ from .reconcile import (
     MarkLocal,
     Refresh,
     Unenroll,
+    address_order,
     describe,
     desired_pods,
     plan,
-    workload_ipv4s,
+    workload_addresses,
 )
 from .views import ReconcileReport, pod_rows, workload_rows
 
@@ -138,7 +139,7 @@ class AgentDaemon:
         self._programs: dict[str, int] = {}
         # What registry updates touched since the last pass; _full asks for all.
         self._dirty_keys: set[str] = set()
-        self._dirty_ips: set[IPv4Address] = set()
+        self._dirty_ips: set[IPv4Address | IPv6Address] = set()
         self._full = True
         self._pending: dict[str, str] = {}  # workload key -> why it waits for its veth
         self._drop_totals = DropTotals()
@@ -279,7 +280,7 @@ class AgentDaemon:
             for snap in (change.old, change.new):
                 w = snap.workloads.get(key)
                 if w is not None:
-                    self._dirty_ips.update(workload_ipv4s(w))
+                    self._dirty_ips.update(workload_addresses(w))
         self._dirty_keys |= keys
         if not change.old.synced:
             self._full = True
@@ -301,7 +302,7 @@ class AgentDaemon:
                 await self._stop.wait()
                 return
             self._wake.clear()
-            scope: tuple[set[str], set[IPv4Address]] | None = None
+            scope: tuple[set[str], set[IPv4Address | IPv6Address]] | None = None
             if not self._full:
                 scope = (self._dirty_keys, self._dirty_ips)
             self._full, self._dirty_keys, self._dirty_ips = False, set(), set()
@@ -352,7 +353,7 @@ class AgentDaemon:
         )
 
     def _scoped(
-        self, keys: set[str], ips: set[IPv4Address]
+        self, keys: set[str], ips: set[IPv4Address | IPv6Address]
     ) -> tuple[DesiredState, list[PodDataplaneState]]:
         """Desired and actual state of the changed workloads and every address they touch.
 
@@ -365,8 +366,10 @@ class AgentDaemon:
         concerned = set(ips)
         for w in local:
             if w.key in keys:
-                concerned.update(workload_ipv4s(w))
-        chosen = [w for w in local if w.key in keys or concerned.intersection(workload_ipv4s(w))]
+                concerned.update(workload_addresses(w))
+        chosen = [
+            w for w in local if w.key in keys or concerned.intersection(workload_addresses(w))
+        ]
         desired = self._desired(chosen)
         plane = self._plane
         # A new pod (the common change) has no entry on its veth: one map lookup
@@ -376,15 +379,23 @@ class AgentDaemon:
             d.ip
             for d in desired.pods
             if d.ifindex is not None
-            and ((entry := plane.maps.pod(d.ifindex)) is None or entry.ip != d.ip)
+            and (
+                (entry := plane.maps.pod(d.ifindex)) is None
+                # An IPv6-only pod's entry holds 0.0.0.0: look it up by address below.
+                or (isinstance(d.ip, IPv4Address) and entry.ip != d.ip)
+            )
         }
         concerned.update(d.ip for d in desired.pods)
-        actual = [state for ip in sorted(concerned - fresh) if (state := plane.pod(ip)) is not None]
+        actual = [
+            state
+            for ip in sorted(concerned - fresh, key=address_order)
+            if (state := plane.pod(ip)) is not None
+        ]
         return desired, actual
 
     def _reconcile_once(
-        self, scope: tuple[set[str], set[IPv4Address]] | None
-    ) -> tuple[set[str], set[IPv4Address]]:
+        self, scope: tuple[set[str], set[IPv4Address | IPv6Address]] | None
+    ) -> tuple[set[str], set[IPv4Address | IPv6Address]]:
         """One pass in a worker thread: plan against the kernel, apply, report.
 
         ``scope`` limits the pass to changed workloads and addresses (None: all).
@@ -404,7 +415,7 @@ class AgentDaemon:
         errors: list[str] = []
         pending: list[str] = []
         retry_keys: set[str] = set()
-        retry_ips: set[IPv4Address] = set()
+        retry_ips: set[IPv4Address | IPv6Address] = set()
         waiting: dict[str, str] = {}
         for action in actions:
             line = describe(action)

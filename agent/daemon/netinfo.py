@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from pyroute2 import DiagSocket, IPRoute
@@ -42,8 +42,8 @@ class NodeNetwork:
         with self._lock:
             self._ipr.close()
 
-    def veth_for(self, ip: IPv4Address) -> VethLookup:
-        """The host-side interface routing straight to ``ip`` (the CNI's /32 route)."""
+    def veth_for(self, ip: IPv4Address | IPv6Address) -> VethLookup:
+        """The host-side interface routing straight to ``ip`` (the CNI's /32 or /128 route)."""
         with self._lock:
             try:
                 found = veth.host_interface_for_ip(self._ipr, ip)

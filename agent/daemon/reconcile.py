@@ -2,7 +2,8 @@
 
 :func:`desired_pods` turns the watched snapshot into one :class:`DesiredPod`
 per local IPv4 pod address (carrying the workload's IPv6 addresses, which
-share its veth), with its host veth as found by a route lookup
+share its veth), or, for a workload with IPv6 addresses only, one keyed by
+its first IPv6 address, with its host veth as found by a route lookup
 (the lookup is passed in, so this module does no IO). :func:`plan` compares
 those with what the data plane holds (:class:`~agent.bpf.PodDataplaneState`)
 and returns the actions that close the gap, in a safe order:
@@ -41,10 +42,12 @@ __all__ = [
     "Refresh",
     "Unenroll",
     "VethLookup",
+    "address_order",
     "describe",
     "desired_pods",
     "plan",
     "pod_problem",
+    "workload_addresses",
     "workload_ipv4s",
     "workload_ipv6s",
 ]
@@ -72,7 +75,9 @@ class DesiredPod:
     """One local pod address as the registry wants it."""
 
     key: str  # "<namespace>/<name>"
-    ip: IPv4Address
+    # The address the pod is known by: its IPv4 address, or for an IPv6-only
+    # workload its first IPv6 address (also listed in ``ipv6``).
+    ip: IPv4Address | IPv6Address
     enrolled: bool
     ifindex: int | None = None  # host-side veth; None while it cannot be found
     host_ifname: str | None = None
@@ -129,7 +134,7 @@ class Refresh:
 class Unenroll:
     """Remove every trace of an address (Dataplane.unenroll)."""
 
-    ip: IPv4Address
+    ip: IPv4Address | IPv6Address
     ifindex: int
     reason: str
 
@@ -176,10 +181,15 @@ def workload_ipv4s(w: Workload) -> list[IPv4Address]:
     return [ip for text in w.ips if (ip := _ipv4(text)) is not None]
 
 
+def workload_addresses(w: Workload) -> list[IPv4Address | IPv6Address]:
+    """Every address of a workload the data plane may key it by: IPv4, then IPv6."""
+    return [*workload_ipv4s(w), *workload_ipv6s(w)]
+
+
 def desired_pods(
     workloads: Iterable[Workload],
     node: str,
-    lookup: Callable[[IPv4Address], VethLookup],
+    lookup: Callable[[IPv4Address | IPv6Address], VethLookup],
     *,
     owner_of: Callable[[str], Workload | None] | None = None,
 ) -> DesiredState:
@@ -188,17 +198,17 @@ def desired_pods(
     ``owner_of(ip)`` names the workload that wins an address several claim
     (pod churn reuses IPs; the ztunnel's snapshot decides, and the agent must
     agree with it). IPv6 addresses ride along with the workload's first IPv4
-    address (they share its veth); a workload with IPv6 only is reported
-    as ignored, because the data plane keys pods by their IPv4 address.
+    address (they share its veth); a workload with IPv6 only is one pod
+    known by its first IPv6 address, its veth found by a route lookup of it.
     """
-    pods: dict[IPv4Address, DesiredPod] = {}
+    pods: dict[IPv4Address | IPv6Address, DesiredPod] = {}
     ignored: list[str] = []
     for w in sorted(workloads, key=lambda w: w.key):
         if w.node != node:
             continue
         v6 = workload_ipv6s(w)
         if v6 and not workload_ipv4s(w):
-            ignored.append(f"{w.key}: IPv6 only (the data plane needs the pod's IPv4 address)")
+            _add_ipv6_only(w, v6, pods, ignored, lookup, owner_of)
         for text in w.ips:
             ip = _ipv4(text)
             if ip is None:
@@ -226,6 +236,43 @@ def desired_pods(
                 ipv6=v6 if first else (),
             )
     return DesiredState(tuple(sorted(pods.values(), key=lambda p: p.key)), tuple(ignored))
+
+
+def _add_ipv6_only(
+    w: Workload,
+    v6: tuple[IPv6Address, ...],
+    pods: dict[IPv4Address | IPv6Address, DesiredPod],
+    ignored: list[str],
+    lookup: Callable[[IPv4Address | IPv6Address], VethLookup],
+    owner_of: Callable[[str], Workload | None] | None,
+) -> None:
+    """Add the one pod of a workload with IPv6 addresses only, known by its first one."""
+    mine: list[IPv6Address] = []
+    for ip in v6:
+        owner = owner_of(str(ip)) if owner_of is not None else None
+        if owner is not None and owner.key != w.key:
+            ignored.append(f"{w.key} {ip}: address also claimed by {owner.key}, which wins")
+        elif ip in pods:
+            ignored.append(f"{w.key} {ip}: address also claimed by {pods[ip].key}, which wins")
+        else:
+            mine.append(ip)
+    if not mine:
+        return
+    found = lookup(mine[0])
+    pods[mine[0]] = DesiredPod(
+        key=w.key,
+        ip=mine[0],
+        enrolled=w.enrolled,
+        ifindex=found.ifindex,
+        host_ifname=found.ifname,
+        veth_error=found.error,
+        ipv6=tuple(mine),
+    )
+
+
+def address_order(ip: IPv4Address | IPv6Address) -> tuple[int, bytes]:
+    """Sort key over both families (IPv4 first): the two types do not compare."""
+    return (ip.version, ip.packed)
 
 
 def _mode(enrolled: bool) -> str:
@@ -270,16 +317,16 @@ def plan(
     the filters must run; when given, a filter running another program is
     re-attached. Pure and deterministic: same inputs, same list.
     """
-    wanted: dict[IPv4Address, DesiredPod] = {}
+    wanted: dict[IPv4Address | IPv6Address, DesiredPod] = {}
     for d in sorted(desired, key=lambda d: d.key):
         wanted.setdefault(d.ip, d)
     claimed = {d.ifindex for d in wanted.values() if d.ifindex is not None}
-    by_ip: dict[IPv4Address, list[PodDataplaneState]] = {}
+    by_ip: dict[IPv4Address | IPv6Address, list[PodDataplaneState]] = {}
     for a in sorted(actual, key=lambda a: a.ifindex):
         by_ip.setdefault(a.pod_ip, []).append(a)
 
     removals: list[Action] = []
-    for ip, entries in sorted(by_ip.items()):
+    for ip, entries in sorted(by_ip.items(), key=lambda kv: address_order(kv[0])):
         owner = wanted.get(ip)
         for a in entries:
             if owner is None:

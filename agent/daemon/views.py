@@ -12,7 +12,7 @@ from typing import Any
 from agent.bpf import PodDataplaneState
 from controller.api.model import Workload
 
-from .reconcile import DesiredPod, pod_problem
+from .reconcile import DesiredPod, address_order, pod_problem
 
 __all__ = ["ReconcileReport", "pod_rows", "workload_rows"]
 
@@ -80,7 +80,7 @@ def pod_rows(
     by_ifindex = {p.ifindex: p for p in actual}
     rows: list[dict[str, Any]] = []
     seen: set[int] = set()
-    for d in sorted(desired, key=lambda d: (d.key, d.ip)):
+    for d in sorted(desired, key=lambda d: (d.key, address_order(d.ip))):
         current = by_ifindex.get(d.ifindex) if d.ifindex is not None else None
         if current is not None and current.pod_ip != d.ip:
             current = None  # the entry on that veth belongs to another address
@@ -99,6 +99,7 @@ def pod_rows(
                 "namespace": d.namespace,
                 "name": d.name,
                 "ip": str(d.ip),
+                "ipv6": [str(ip) for ip in d.ipv6],
                 "veth": d.host_ifname,
                 "ifindex": d.ifindex,
                 "enrolled": d.enrolled,
@@ -120,6 +121,7 @@ def pod_rows(
                 "namespace": None,
                 "name": None,
                 "ip": str(p.pod_ip),
+                "ipv6": [str(ip) for ip in p.ipv6],
                 "veth": p.host_ifname,
                 "ifindex": p.ifindex,
                 "enrolled": False,

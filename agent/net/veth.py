@@ -9,8 +9,9 @@ address is not a local pod.
 from __future__ import annotations
 
 import errno
+import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError as PyrNetlinkError
@@ -55,10 +56,14 @@ def interface_name(ipr: Any, ifindex: int) -> str | None:
     return None
 
 
-def host_interface_for_ip(ipr: Any, pod_ip: IPv4Address) -> HostInterface:
-    """The host-side interface routing directly (no gateway) to ``pod_ip``."""
+def host_interface_for_ip(ipr: Any, pod_ip: IPv4Address | IPv6Address) -> HostInterface:
+    """The host-side interface routing directly (no gateway) to ``pod_ip`` (either family)."""
     try:
-        routes = ipr.route("get", dst=str(pod_ip))
+        routes = ipr.route(
+            "get",
+            dst=str(pod_ip),
+            family=socket.AF_INET6 if pod_ip.version == 6 else socket.AF_INET,
+        )
     except PyrNetlinkError as exc:
         raise VethNotFoundError(
             f"no route to pod {pod_ip}: {exc.args[1] if len(exc.args) > 1 else exc}",

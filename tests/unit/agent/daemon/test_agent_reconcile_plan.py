@@ -187,9 +187,9 @@ def wl(name: str, ips: tuple[str, ...], node: str = "node-a", enrolled: bool = T
 
 
 def test_desired_pods_takes_local_ipv4_and_looks_up_veths() -> None:
-    veths = {A: VethLookup.found(5, "vh5")}
+    veths: dict[IPv4Address | IPv6Address, VethLookup] = {A: VethLookup.found(5, "vh5")}
 
-    def lookup(ip: IPv4Address) -> VethLookup:
+    def lookup(ip: IPv4Address | IPv6Address) -> VethLookup:
         return veths.get(ip, VethLookup.missing(f"no route to pod {ip}"))
 
     state = desired_pods(
@@ -208,7 +208,7 @@ def test_desired_pods_takes_local_ipv4_and_looks_up_veths() -> None:
     assert state.ignored == ()
 
 
-def test_desired_pods_reports_ipv6_only_and_unusable_addresses() -> None:
+def test_desired_pods_enrolls_ipv6_only_and_reports_unusable_addresses() -> None:
     state = desired_pods(
         [
             wl("v6only", ("fd00::2",)),
@@ -217,8 +217,11 @@ def test_desired_pods_reports_ipv6_only_and_unusable_addresses() -> None:
         "node-a",
         lambda ip: VethLookup.found(5, "vh5"),
     )
-    assert [(p.key, p.ipv6) for p in state.pods] == [("shop/ll", (IPv6Address("fd00::3"),))]
-    assert any("IPv6 only" in line and "v6only" in line for line in state.ignored)
+    assert [(p.key, p.ip, p.ipv6) for p in state.pods] == [
+        ("shop/ll", A, (IPv6Address("fd00::3"),)),
+        ("shop/v6only", IPv6Address("fd00::2"), (IPv6Address("fd00::2"),)),
+    ]
+    assert not any("v6only" in line for line in state.ignored)
     assert any("fe80::1" in line for line in state.ignored)
 
 
