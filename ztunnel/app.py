@@ -30,11 +30,9 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from datetime import timedelta
 
 from controller.api.model import TrustBundle
 from node import NodeCredentials
-from node.backoff import Backoff
 from node.bootstrap import connect_node, watch_controller
 from node.dataplane import MARK_ZTUNNEL
 from node.state import StateStore
@@ -85,19 +83,9 @@ class Ztunnel:
         creds = self._controller.creds
         self.store = StateStore(config.node_name, creds.trust_domain)
         self.certs = CertManager(
-            self._controller,
-            self.trust_bundle,
-            ttl=timedelta(seconds=config.cert_ttl) if config.cert_ttl else None,
-            retry_initial=config.cert_retry_initial,
-            retry_max=config.cert_retry_max,
-            request_timeout=config.connect_timeout,
-            key_dir=config.key_dir,
+            self._controller, self.trust_bundle, **config.cert_manager_options()
         )
-        self.watch = watch_controller(
-            self._controller,
-            self.store,
-            Backoff(config.xds_backoff_initial, config.xds_backoff_max),
-        )
+        self.watch = watch_controller(self._controller, self.store, config.watch_backoff())
         self.metrics_registry = Registry()
         self.engine = ProxyEngine(
             config,

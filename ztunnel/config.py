@@ -16,9 +16,11 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from node.backoff import Backoff
 from node.dataplane import (
     ADMIN_PORT,
     HBONE_PORT,
@@ -164,6 +166,21 @@ class ZtunnelConfig:
                 raise _err("same_node_splice", str(e), "use auto, always or off") from None
             object.__setattr__(self, "same_node_splice", mode)
         _validate(self)
+
+    def cert_manager_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`ztunnel.identity.CertManager` (one place for
+        the single-process ztunnel and the workers' supervisor)."""
+        return {
+            "ttl": timedelta(seconds=self.cert_ttl) if self.cert_ttl else None,
+            "retry_initial": self.cert_retry_initial,
+            "retry_max": self.cert_retry_max,
+            "request_timeout": self.connect_timeout,
+            "key_dir": self.key_dir,
+        }
+
+    def watch_backoff(self) -> Backoff:
+        """The controller watch's reconnect backoff."""
+        return Backoff(self.xds_backoff_initial, self.xds_backoff_max)
 
 
 def _err(field_name: str, message: str, hint: str) -> ConfigError:

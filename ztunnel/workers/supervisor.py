@@ -33,14 +33,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from controller.api.model import TrustBundle, WatchUpdate
 from controller.api.spiffe import SpiffeId
 from node import NodeCredentials
-from node.backoff import Backoff
 from node.bootstrap import connect_node, watch_controller
 from node.dataplane import MARK_ZTUNNEL
 
@@ -107,19 +105,9 @@ class Supervisor:
         creds = self._controller.creds
         self.store = ForwardingStore(config.node_name, creds.trust_domain, self._forward)
         self.certs = CertManager(
-            self._controller,
-            self.trust_bundle,
-            ttl=timedelta(seconds=config.cert_ttl) if config.cert_ttl else None,
-            retry_initial=config.cert_retry_initial,
-            retry_max=config.cert_retry_max,
-            request_timeout=config.connect_timeout,
-            key_dir=config.key_dir,
+            self._controller, self.trust_bundle, **config.cert_manager_options()
         )
-        self.watch = watch_controller(
-            self._controller,
-            self.store,
-            Backoff(config.xds_backoff_initial, config.xds_backoff_max),
-        )
+        self.watch = watch_controller(self._controller, self.store, config.watch_backoff())
         self._options = (transparent, mark, peer_hbone_port)
         self._restart = restart if restart is not None else RestartPolicy()
         self.registry = Registry()
