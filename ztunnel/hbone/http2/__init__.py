@@ -4,10 +4,8 @@ Nothing here touches a socket or the event loop; the IO layer
 (:mod:`ztunnel.hbone.endpoint` and the client and server built on it) drives
 it. The pieces, one concern each:
 
-* :mod:`~ztunnel.hbone.http2.connection`: :class:`H2Connection`, the one
-  public connection class and its send API, layered on
-  :mod:`~ztunnel.hbone.http2.receive` (the meaning of every received frame)
-  and :mod:`~ztunnel.hbone.http2.core` (shared state, budgets, windows);
+* :mod:`~ztunnel.hbone.http2.connection`: :class:`H2Connection`, one
+  connection's state, the send API and the meaning of every received frame;
 * :mod:`~ztunnel.hbone.http2.decoder`: :class:`FrameDecoder`, bytes to frames;
 * :mod:`~ztunnel.hbone.http2.blocks`: HEADERS/CONTINUATION assembly and HPACK
   decoding; :mod:`~ztunnel.hbone.http2.hpack_encoder` encodes without a table;
