@@ -22,6 +22,11 @@ from pathlib import Path
 # before any room imports grpc, unless the user asked for it explicitly.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 os.environ.setdefault("GRPC_TRACE", "")
+# Veil never forks a process that keeps using gRPC: children (ztunnel workers,
+# helpers) exec a fresh interpreter. gRPC's fork handlers only add risk then: a
+# child forked while the controller channel's threads are busy can abort in them
+# before it reaches exec. Off, unless the user asked for them explicitly.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from veil.errors import VeilError
 from veil.settings import finish_help

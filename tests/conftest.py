@@ -6,6 +6,12 @@ import os
 from collections.abc import Generator
 from pathlib import Path
 
+# The suite forks subprocesses (veil, veilctl, iperf3...) while gRPC channels of
+# in-process controllers and clients may be busy; children always exec, so gRPC's
+# fork handlers, which can abort such a child before its exec, stay off (as in the
+# `veil` command itself, cli/veil.py). Set before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
