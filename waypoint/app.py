@@ -40,6 +40,7 @@ from .http1 import serve_http1
 from .http2 import PREFACE, serve_http2
 from .jwks import JwksCache
 from .metrics import RequestMetrics
+from .pipe import stream_pipe
 from .upstream import Upstream
 from .view import WaypointView, build_view
 
@@ -155,10 +156,9 @@ class Waypoint:
             forwarded_for=forwarded,
         )
         self.tunnels += 1
-        a, b = socket.socketpair()
-        relaying = asyncio.get_running_loop().create_task(relay(stream, a))
+        end, reader, writer = stream_pipe(req.authority)
+        relaying = asyncio.get_running_loop().create_task(relay(stream, end))
         try:
-            reader, writer = await asyncio.open_connection(sock=b)
             first = b""
             while len(first) < len(PREFACE) and PREFACE.startswith(first):
                 chunk = await reader.read(64 * 1024)

@@ -135,6 +135,27 @@ class RequestProxy:
         view = self._view()
         dest = view.resolve(ctx.dst_ip, ctx.dst_port)
         record = _Record(method, target, host, protocol, ctx, dest)
+        try:
+            await self._serve(record, dest, headers, body, sink)
+        except BaseException as e:
+            # The client or the upstream went away mid-response: still one
+            # access-log line and one observation, saying so.
+            record.reason = f"{record.reason}; aborted: {str(e) or type(e).__name__}".lstrip("; ")
+            raise
+        finally:
+            self.served += 1
+            self._finish(record, view, (time.monotonic() - started) * 1000.0)
+
+    async def _serve(
+        self,
+        record: _Record,
+        dest: Destination | None,
+        headers: Headers,
+        body: bytes,
+        sink: ResponseSink,
+    ) -> None:
+        ctx = record.ctx
+        method, target, host = record.method, record.target, record.host
         if dest is None:
             await self._answer(
                 sink,
@@ -155,8 +176,6 @@ class RequestProxy:
                 await self._answer(sink, record, decision)
             else:
                 await self._forward(sink, record, dest, decision, headers, body)
-        self.served += 1
-        self._finish(record, view, (time.monotonic() - started) * 1000.0)
 
     async def _answer(self, sink: ResponseSink, record: _Record, r: Respond) -> None:
         record.status, record.reason = r.status, r.reason

@@ -1,12 +1,14 @@
-"""HTTP/1.1 inside a tunnel: h11 parses, :class:`~waypoint.forward.RequestProxy` decides.
+"""HTTP/1.1 inside a tunnel: :mod:`.h1` frames, :class:`~waypoint.forward.RequestProxy` decides.
 
 Keep-alive is served; pipelined requests are answered one after the other, in
-order (h11 holds the next request's bytes until the current response is
-done). Chunked and length-delimited bodies are read whole, up to the
-proxy's ``max_body`` (else 413). Malformed requests get a 400 and the
-connection closes; a CONNECT inside the tunnel gets 405; nothing a client
-sends raises out of :func:`serve_http1`. Idle keep-alive connections close
-after ``idle_timeout``.
+order (bytes after a request wait in the parser until its response is out).
+Chunked and length-delimited bodies are read whole, up to the proxy's
+``max_body`` (else 413, as soon as a ``Content-Length`` says so); a client
+that sent ``Expect: 100-continue`` gets its ``100 Continue`` once the head
+was accepted. Malformed requests get a 400 (431 for a huge head, 405 for a
+CONNECT, 505 for another HTTP version) and the connection closes; nothing a
+client sends raises out of :func:`serve_http1`. Idle keep-alive connections
+close after ``idle_timeout``.
 """
 
 from __future__ import annotations
@@ -14,80 +16,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from http import HTTPStatus
+from collections import deque
 
-import h11
-
-from .forward import RequestProxy, TunnelContext
+from .forward import Headers, RequestProxy, TunnelContext
+from .h1 import LAST_CHUNK, H1Error, H1Request, RequestParser, chunk, response_head
+from .upstream import UpstreamError
 
 __all__ = ["serve_http1"]
 
 log = logging.getLogger("veil.waypoint.http1")
 
-
-def _reason(status: int) -> bytes:
-    """The standard reason phrase. HTTP/1.1 allows an empty one, but some
-    clients (llhttp-based ones such as h2load) only record the status when a
-    reason phrase is present."""
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
 _READ = 64 * 1024
-_MAX_HEAD = 64 * 1024
 _COALESCE = 64 * 1024
-
-
-class _Closed(Exception):
-    pass
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Sink:
-    """Writes a response, coalescing head, body and end into as few writes as
-    fit in :data:`_COALESCE` bytes: each write becomes an HBONE DATA frame and
-    a TLS record, so a small response goes out as one."""
+    """Writes one response, coalescing head, body and end into as few writes as
+    fit in :data:`_COALESCE` bytes: each write becomes an HBONE DATA frame and a
+    TLS record, so a small response goes out as one."""
 
-    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
-        self._conn = conn
+    __slots__ = ("_chunked", "_out", "_req", "_size", "_writer", "close", "started")
+
+    def __init__(self, writer: asyncio.StreamWriter, req: H1Request) -> None:
         self._writer = writer
+        self._req = req
         self._out: list[bytes] = []
         self._size = 0
+        self._chunked = False
+        self.close = not req.keep_alive
+        self.started = False
 
-    async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        self._write(h11.Response(status_code=status, headers=list(headers), reason=_reason(status)))
+    async def start(self, status: int, headers: Headers) -> None:
+        head, self._chunked, close = response_head(
+            status,
+            headers,
+            method=self._req.method,
+            version=self._req.version,
+            keep_alive=self._req.keep_alive,
+        )
+        self.started = True
+        self.close = close
+        self._out.append(head)
+        self._size += len(head)
 
-    async def data(self, chunk: bytes) -> None:
-        if chunk:
-            self._write(h11.Data(data=chunk))
-            if self._size >= _COALESCE:
-                await self._flush()
+    async def data(self, data: bytes) -> None:
+        if not data or self._req.method == "HEAD":
+            return
+        piece = chunk(data) if self._chunked else data
+        self._out.append(piece)
+        self._size += len(piece)
+        if self._size >= _COALESCE:
+            await self._flush()
 
     async def end(self) -> None:
-        self._write(h11.EndOfMessage())
+        if self._chunked:
+            self._out.append(LAST_CHUNK)
         await self._flush()
-
-    def _write(self, event: h11.Event) -> None:
-        data = self._conn.send(event)
-        if data:
-            self._out.append(data)
-            self._size += len(data)
 
     async def _flush(self) -> None:
         out, self._out, self._size = self._out, [], 0
         if out:
-            self._writer.write(b"".join(out))
+            self._writer.write(b"".join(out) if len(out) > 1 else out[0])
         await self._writer.drain()
 
 
-def _host_and_target(request: h11.Request) -> tuple[str, str] | None:
-    target = request.target.decode("latin-1")
-    host = ""
-    for name, value in request.headers:
-        if name == b"host":
-            host = value.decode("latin-1")
+def _host_and_target(req: H1Request) -> tuple[str, str] | None:
+    target = req.target
+    host = next((v.decode("latin-1") for n, v in req.headers if n == b"host"), "")
     if target.startswith(("http://", "https://")):
         rest = target.split("://", 1)[1]
         authority, slash, path = rest.partition("/")
@@ -95,6 +91,21 @@ def _host_and_target(request: h11.Request) -> tuple[str, str] | None:
     if not target.startswith("/"):
         return None
     return host, target
+
+
+async def _simple(writer: asyncio.StreamWriter, status: int, text: str) -> None:
+    """A plain-text answer that closes the connection (errors only)."""
+    body = text.encode()
+    head, _, _ = response_head(
+        status,
+        [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
+        method="GET",
+        version="1.1",
+        keep_alive=False,
+    )
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write(head + body)
+        await writer.drain()
 
 
 async def serve_http1(
@@ -107,83 +118,56 @@ async def serve_http1(
     idle_timeout: float = 300.0,
 ) -> None:
     """Serves requests until the client or the protocol closes the connection."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-    conn.receive_data(first)
-    sink = _Sink(conn, writer)
-
-    async def next_event() -> h11.Event:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    async with asyncio.timeout(idle_timeout):
-                        data = await reader.read(_READ)
-                except (TimeoutError, OSError):
-                    raise _Closed from None
-                conn.receive_data(data)
-                continue
-            if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                raise _Closed
-            assert isinstance(event, h11.Event)
-            return event
-
-    async def simple(status: int, text: str) -> None:
-        body = text.encode()
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        headers = [
-            (b"content-type", b"text/plain"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        with contextlib.suppress(h11.LocalProtocolError, OSError):
-            writer.write(
-                conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
-                or b""
-            )
-            writer.write(conn.send(h11.Data(data=body)) or b"")
-            writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await writer.drain()
-
+    parser = RequestParser(max_body=proxy.max_body)
+    pending: deque[H1Request] = deque()
+    data = first
+    continued = False
     try:
         while True:
-            event = await next_event()
-            if not isinstance(event, h11.Request):
-                break
-            method = event.method.decode("latin-1")
-            if method == "CONNECT":
-                await simple(405, "CONNECT is not served inside a waypoint tunnel\n")
-                break
-            parsed = _host_and_target(event)
-            if parsed is None:
-                await simple(400, "bad request target\n")
-                break
-            host, target = parsed
-            body = bytearray()
-            too_big = False
-            while True:
-                part = await next_event()
-                if isinstance(part, h11.Data):
-                    if len(body) + len(part.data) > proxy.max_body:
-                        too_big = True
+            if not pending:
+                if data:
+                    pending.extend(parser.feed(data))
+                    data = b""
+                if not pending:
+                    if parser.expects_continue and not continued:
+                        continued = True
+                        writer.write(_CONTINUE)
+                    if parser.closed:
                         break
-                    body += part.data
-                elif isinstance(part, h11.EndOfMessage):
-                    break
-            if too_big:
-                await simple(413, "request body too large\n")
+                    try:
+                        async with asyncio.timeout(idle_timeout):
+                            data = await reader.read(_READ)
+                    except (TimeoutError, OSError):
+                        break
+                    if not data:
+                        break
+                    continue
+            req = pending.popleft()
+            continued = False
+            parsed = _host_and_target(req)
+            if parsed is None:
+                await _simple(writer, 400, "bad request target\n")
                 break
-            await proxy.serve(ctx, method, target, host, event.headers, bytes(body), "http", sink)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            sink = _Sink(writer, req)
+            try:
+                await proxy.serve(
+                    ctx, req.method, parsed[1], parsed[0], req.headers, req.body, "http", sink
+                )
+            except UpstreamError:
+                break  # it broke off mid-body: closing tells the client
+            except ValueError as e:
+                # A header value that would split the response (CR/LF/NUL).
+                log.warning("waypoint: cannot relay a response to %s: %s", ctx.peer.principal, e)
+                if not sink.started:
+                    await _simple(writer, 502, "invalid upstream response\n")
                 break
-            conn.start_next_cycle()
-    except h11.RemoteProtocolError as e:
-        log.info("malformed HTTP/1.1 from %s: %s", ctx.peer.principal, e)
-        await simple(e.error_status_hint or 400, f"bad request: {e}\n")
-    except (_Closed, ConnectionError):
+            if sink.close:
+                break
+    except H1Error as e:
+        log.info("malformed HTTP/1.1 from %s: %s", ctx.peer.principal, e.detail)
+        await _simple(writer, e.status, f"bad request: {e.detail}\n")
+    except ConnectionError:
         pass
-    except h11.LocalProtocolError as e:
-        log.info("HTTP/1.1 connection from %s ended: %s", ctx.peer.principal, e)
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, RuntimeError):
             writer.close()

@@ -20,6 +20,7 @@ import h2.events
 import h2.exceptions
 
 from .forward import RequestProxy, TunnelContext
+from .upstream import UpstreamError
 
 __all__ = ["PREFACE", "serve_http2"]
 
@@ -107,7 +108,12 @@ class _Session:
                 await self.proxy.serve(
                     self.ctx, method, target, host, regular, bytes(st.body), "http/2", sink
                 )
-        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError, ConnectionError):
+        except (
+            h2.exceptions.ProtocolError,
+            h2.exceptions.StreamClosedError,
+            ConnectionError,
+            UpstreamError,
+        ):
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.conn.reset_stream(sid)
                 self.flush()

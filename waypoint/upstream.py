@@ -8,29 +8,27 @@ identity from the server. HBONE connections are pooled by
 connection); on top of that, each tunnel carries keep-alive HTTP/1.1 and is
 kept idle per endpoint for the next request (bounded count and idle time).
 
-A tunnel's bytes reach the HTTP code through a local socket pair: the HBONE
-library relays a stream to a socket, and the HTTP side reads the other end.
+A tunnel's bytes reach the HTTP code through an in-memory pipe
+(:mod:`waypoint.pipe`): the HBONE library relays a stream to one end, and the
+HTTP side reads and writes asyncio streams on the other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
-
-import h11
 
 from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneError, relay
 from ztunnel.tls import WorkloadCredential
 
+from .h1 import H1Response, ResponseParser, request_bytes
+from .pipe import stream_pipe
 from .view import Endpoint
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamResponse", "tunnel_socket"]
+__all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
 
 log = logging.getLogger("veil.waypoint.upstream")
 _READ = 64 * 1024
@@ -45,22 +43,14 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
-async def tunnel_socket(
-    stream_relay: Callable[[socket.socket], asyncio.Task[object]],
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A socket pair: one end handed to ``stream_relay``, streams on the other."""
-    a, b = socket.socketpair()
-    stream_relay(a)
-    return await asyncio.open_connection(sock=b)
-
-
 @dataclass(eq=False)
 class _Conn:
     endpoint: Endpoint
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     relay: asyncio.Task[object]
-    http: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    http: ResponseParser = field(default_factory=ResponseParser)
+    events: list[H1Response | bytes | None] = field(default_factory=list)
     idle_since: float = 0.0
 
     def close(self) -> None:
@@ -71,8 +61,8 @@ class _Conn:
     @property
     def reusable(self) -> bool:
         return (
-            self.http.our_state is h11.IDLE
-            and self.http.their_state is h11.IDLE
+            self.http.reusable
+            and not self.events
             and not self.reader.at_eof()
             and not self.writer.is_closing()
         )
@@ -81,23 +71,29 @@ class _Conn:
 class UpstreamResponse:
     """Status and headers of an upstream answer; the body streams from :meth:`chunks`."""
 
-    def __init__(self, upstream: Upstream, conn: _Conn, head: h11.Response) -> None:
+    def __init__(self, upstream: Upstream, conn: _Conn, head: H1Response) -> None:
         self._up = upstream
         self._conn = conn
-        self.status = head.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.status = head.status
+        self.headers: list[tuple[bytes, bytes]] = head.headers
         self.bytes = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body; raises :class:`UpstreamError` when the upstream breaks off."""
         conn = self._conn
         try:
             while True:
-                event = await self._up._next(conn)
-                if isinstance(event, h11.Data):
-                    self.bytes += len(event.data)
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
+                try:
+                    event = await self._up._next(conn)
+                except (OSError, ValueError, TimeoutError) as e:
+                    raise UpstreamError(502, f"the upstream response broke off: {e}") from e
+                if isinstance(event, bytes):
+                    self.bytes += len(event)
+                    yield event
+                elif event is None:
                     break
+                else:
+                    raise UpstreamError(502, "the upstream sent a second response head")
         except BaseException:
             conn.close()
             raise
@@ -142,20 +138,14 @@ class Upstream:
         """Sends one request; returns once the response head arrived."""
         conn = self._take_idle(endpoint) or await self._open(endpoint, forwarded_for)
         try:
-            data = conn.http.send(h11.Request(method=method, target=target, headers=list(headers)))
-            if body:
-                data += conn.http.send(h11.Data(data=body)) or b""
-            data += conn.http.send(h11.EndOfMessage()) or b""
-            conn.writer.write(data or b"")
+            conn.http.start(method)
+            conn.writer.write(request_bytes(method, target, headers, body))
             await conn.writer.drain()
-            while True:
-                event = await self._next(conn)
-                if isinstance(event, h11.InformationalResponse):
-                    continue
-                if isinstance(event, h11.Response):
-                    return UpstreamResponse(self, conn, event)
-                raise UpstreamError(502, f"unexpected upstream event {type(event).__name__}")
-        except (OSError, h11.ProtocolError, asyncio.IncompleteReadError) as e:
+            event = await self._next(conn)
+            if isinstance(event, H1Response):
+                return UpstreamResponse(self, conn, event)
+            raise UpstreamError(502, "the upstream answered without a response head")
+        except (OSError, ValueError, asyncio.IncompleteReadError) as e:
             conn.close()
             self._live.discard(conn)
             raise UpstreamError(502, f"upstream {endpoint.ip}:{endpoint.port} failed: {e}") from e
@@ -164,17 +154,13 @@ class Upstream:
             self._live.discard(conn)
             raise
 
-    async def _next(self, conn: _Conn) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            event = conn.http.next_event()
-            if event is h11.NEED_DATA:
-                async with asyncio.timeout(self._response_timeout):
-                    data = await conn.reader.read(_READ)
-                conn.http.receive_data(data)
-                continue
-            if isinstance(event, h11.ConnectionClosed):
-                raise UpstreamError(502, "the upstream closed the connection mid-exchange")
-            return cast("h11.Event | type[h11.PAUSED]", event)
+    async def _next(self, conn: _Conn) -> H1Response | bytes | None:
+        """The next response event; raises ValueError for a malformed or cut response."""
+        while not conn.events:
+            async with asyncio.timeout(self._response_timeout):
+                data = await conn.reader.read(_READ)
+            conn.events = conn.http.feed(data) if data else conn.http.feed_eof()
+        return conn.events.pop(0)
 
     def _take_idle(self, endpoint: Endpoint) -> _Conn | None:
         held = self._idle.get(endpoint.key)
@@ -204,23 +190,14 @@ class Upstream:
             raise UpstreamError(503, f"{endpoint.workload} refused the tunnel: {e}") from e
         except HboneError as e:
             raise UpstreamError(503, f"cannot reach {endpoint.workload}: {e}") from e
-        tasks: list[asyncio.Task[object]] = []
-
-        def start(sock: socket.socket) -> asyncio.Task[object]:
-            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(relay(stream, sock))
-            tasks.append(task)
-            return task
-
-        reader, writer = await tunnel_socket(start)
-        conn = _Conn(endpoint, reader, writer, tasks[0])
+        end, reader, writer = stream_pipe(f"{endpoint.ip}:{endpoint.port}")
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(relay(stream, end))
+        conn = _Conn(endpoint, reader, writer, task)
         self._live.add(conn)
         self.opened += 1
         return conn
 
     def _release(self, conn: _Conn) -> None:
-        if conn.http.our_state is h11.DONE and conn.http.their_state is h11.DONE:
-            with contextlib.suppress(h11.ProtocolError):
-                conn.http.start_next_cycle()
         held = self._idle.setdefault(conn.endpoint.key, [])
         if conn.reusable and len(held) < self._max_idle:
             conn.idle_since = time.monotonic()

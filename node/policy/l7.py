@@ -164,6 +164,8 @@ class _IpCond:
     not_blocks: tuple[IpNetwork, ...]
 
     def matches(self, r: RequestFacts) -> bool:
+        if not self.blocks and not self.not_blocks:
+            return True  # most rules name no ipBlocks: parse nothing
         try:
             ip = ipaddress.ip_address((r.source_ip or "").split("%", 1)[0])
         except ValueError:
@@ -190,11 +192,23 @@ class _From:
     ip: _IpCond
 
     def matches(self, r: RequestFacts) -> bool:
+        # Each field is read only when the rule names it (most name one or two).
         return (
-            _field(self.principals, self.not_principals, _one(r.source_principal))
-            and _field(self.namespaces, self.not_namespaces, _one(r.source_namespace))
-            and _field(
-                self.request_principals, self.not_request_principals, _one(r.request_principal)
+            (
+                not (self.principals or self.not_principals)
+                or _field(self.principals, self.not_principals, _one(r.source_principal))
+            )
+            and (
+                not (self.namespaces or self.not_namespaces)
+                or _field(self.namespaces, self.not_namespaces, _one(r.source_namespace))
+            )
+            and (
+                not (self.request_principals or self.not_request_principals)
+                or _field(
+                    self.request_principals,
+                    self.not_request_principals,
+                    _one(r.request_principal),
+                )
             )
             and self.ip.matches(r)
         )
@@ -222,10 +236,22 @@ class _To:
 
     def matches(self, r: RequestFacts) -> bool:
         return (
-            _field(self.methods, self.not_methods, _one(r.method))
-            and _field(self.paths, self.not_paths, _one(r.path))
-            and _field(self.ports, self.not_ports, (str(r.port),))
-            and _field(self.hosts, self.not_hosts, _host_values(r.host))
+            (
+                not (self.methods or self.not_methods)
+                or _field(self.methods, self.not_methods, _one(r.method))
+            )
+            and (
+                not (self.paths or self.not_paths)
+                or _field(self.paths, self.not_paths, _one(r.path))
+            )
+            and (
+                not (self.ports or self.not_ports)
+                or _field(self.ports, self.not_ports, (str(r.port),))
+            )
+            and (
+                not (self.hosts or self.not_hosts)
+                or _field(self.hosts, self.not_hosts, _host_values(r.host))
+            )
         )
 
 

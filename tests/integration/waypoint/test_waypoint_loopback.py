@@ -438,3 +438,11 @@ async def test_veilctl_shows_the_waypoints_policies_and_tunnels(env: Env) -> Non
     doc = json.loads(raw)
     assert [a["key"] for a in doc["request_authentications"]] == ["shop/payments-jwt"]
     assert doc["request_authentications"][0]["jwt_rules"][0]["jwks"] == "inline"
+
+
+async def test_keep_alive_reuses_one_upstream_tunnel(env: Env) -> None:
+    client = H1Client(*await open_tunnel(env))
+    for _ in range(20):
+        status, _, _ = await client.request("GET", "/pay")
+        assert status == 200
+    assert env.waypoint.upstream.opened == 1
