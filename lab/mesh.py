@@ -93,6 +93,25 @@ def _check_ipv6(workload: dict[str, Any], pod: LabPod) -> None:
             )
 
 
+def _http_get(netns: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:port/path from inside ``netns``; HTTP errors are answers too."""
+    with in_netns(netns):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+                return int(r.status), bytes(r.read())
+        except urllib.error.HTTPError as e:
+            return int(e.code), bytes(e.read())
+
+
+def _check_running(proc: LabProcess, what: str) -> None:
+    """A process that exited while we wait for it is a failure, with its log's tail."""
+    if proc.poll() is not None:
+        raise LabError(
+            f"{what} exited with {proc.returncode}",
+            hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
+        )
+
+
 class LabMesh:
     """Builds and runs a mesh from a registry file. Use as a context manager."""
 
@@ -196,26 +215,35 @@ class LabMesh:
                 self.wait_agent_ready(node)
         return self
 
+    def _run(self, where: str | LabNode | LabPod, room: str, *flags: str) -> LabProcess:
+        """Starts ``veil <room> run FLAGS`` in ``where``: the one argv builder for
+        every long-running Veil process of the lab.
+
+        It logs to logs/<room>-<node or pod>.log, or logs/<room>.log when
+        ``where`` is a namespace name (the underlay's single controller).
+        """
+        name = room if isinstance(where, str) else f"{room}-{where.name}"
+        argv = veil_argv("--log-level", self.log_level, room, "run", *flags)
+        return self.topo.popen(where, argv, log_path=self._log(name))
+
+    def _node_flags(self, node: str) -> tuple[str, ...]:
+        """The flags the ztunnel and the agent of ``node`` share."""
+        return (
+            "--node", node,
+            "--state-dir", str(self.node_dir(node)),
+            "--pin-dir", str(self.pin_dir(node)),
+        )  # fmt: skip
+
     def start_controller(self) -> LabProcess:
         ip = self.topo.controller_ip
-        self.controller = self.topo.popen(
+        self.controller = self._run(
             self.topo.underlay_netns,
-            veil_argv(
-                "--log-level",
-                self.log_level,
-                "controller",
-                "run",
-                "--registry",
-                str(self.registry_path),
-                "--state-dir",
-                str(self.workdir / "controller"),
-                "--listen",
-                f"{ip}:{CONTROLLER_PORT}",
-                "--join-listen",
-                f"{ip}:{CONTROLLER_JOIN_PORT}",
-            ),
-            log_path=self._log("controller"),
-        )
+            "controller",
+            "--registry", str(self.registry_path),
+            "--state-dir", str(self.workdir / "controller"),
+            "--listen", f"{ip}:{CONTROLLER_PORT}",
+            "--join-listen", f"{ip}:{CONTROLLER_JOIN_PORT}",
+        )  # fmt: skip
         self._wait_port(self.controller, CONTROLLER_PORT, "controller", 20.0)
         self._wait_port(self.controller, CONTROLLER_JOIN_PORT, "controller", 5.0)
         return self.controller
@@ -224,56 +252,36 @@ class LabMesh:
         out = self.topo.run(
             self.topo.underlay_netns,
             veil_argv(
-                "controller",
-                "token",
-                "create",
-                "--node",
-                node,
-                "--state-dir",
-                str(self.workdir / "controller"),
+                "controller", "token", "create",
+                "--node", node,
+                "--state-dir", str(self.workdir / "controller"),
             ),
-        )
+        )  # fmt: skip
         token = out.stdout.decode().strip().splitlines()[-1].strip()
         if not token:
             raise LabError(f"`veil controller token create --node {node}` printed no token")
         return token
 
-    def join(self, node: str) -> None:
+    def _join(self, where: LabNode | LabPod, node: str, state_dir: Path) -> None:
+        """``veil node join`` with a fresh token for ``node``, run in ``where``."""
         token = self.token(node)
         self.topo.run(
-            self.topo.node(node),
+            where,
             veil_argv(
-                "node",
-                "join",
-                "--controller",
-                f"{self.topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
-                "--token",
-                token,
-                "--node",
-                node,
-                "--state-dir",
-                str(self.node_dir(node)),
+                "node", "join",
+                "--controller", f"{self.topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
+                "--token", token,
+                "--node", node,
+                "--state-dir", str(state_dir),
             ),
-        )
+        )  # fmt: skip
+
+    def join(self, node: str) -> None:
+        self._join(self.topo.node(node), node, self.node_dir(node))
 
     def start_ztunnel(self, node: str) -> LabProcess:
-        proc = self.topo.popen(
-            self.topo.node(node),
-            veil_argv(
-                "--log-level",
-                self.log_level,
-                "ztunnel",
-                "run",
-                "--node",
-                node,
-                "--state-dir",
-                str(self.node_dir(node)),
-                "--pin-dir",
-                str(self.pin_dir(node)),
-                *self.extra_ztunnel_args,
-            ),
-            log_path=self._log(f"ztunnel-{node}"),
-        )
+        lab_node = self.topo.node(node)
+        proc = self._run(lab_node, "ztunnel", *self._node_flags(node), *self.extra_ztunnel_args)
         self.ztunnels[node] = proc
         return proc
 
@@ -283,26 +291,14 @@ class LabMesh:
             proc.close(grace=5.0)
 
     def start_agent(self, node: str) -> LabProcess:
-        proc = self.topo.popen(
-            self.topo.node(node),
-            veil_argv(
-                "--log-level",
-                self.log_level,
-                "agent",
-                "run",
-                "--node",
-                node,
-                "--state-dir",
-                str(self.node_dir(node)),
-                "--pin-dir",
-                str(self.pin_dir(node)),
-                "--status-socket",
-                str(self.agent_socket(node)),
-                "--uplink",
-                self.topo.node(node).uplink,
-            ),
-            log_path=self._log(f"agent-{node}"),
-        )
+        lab_node = self.topo.node(node)
+        proc = self._run(
+            lab_node,
+            "agent",
+            *self._node_flags(node),
+            "--status-socket", str(self.agent_socket(node)),
+            "--uplink", lab_node.uplink,
+        )  # fmt: skip
         self.agents[node] = proc
         return proc
 
@@ -338,62 +334,26 @@ class LabMesh:
         """
         pod = self.pod(pod_name)
         state = self.workdir / "waypoints" / pod_name
-        self.topo.run(
+        self._join(pod.lab, pod.node, state)
+        proc = self._run(
             pod.lab,
-            veil_argv(
-                "node", "join",
-                "--controller", f"{self.topo.controller_ip}:{CONTROLLER_JOIN_PORT}",
-                "--token", self.token(pod.node),
-                "--node", pod.node,
-                "--state-dir", str(state),
-            ),
-        )  # fmt: skip
-        proc = self.topo.popen(
-            pod.lab,
-            veil_argv(
-                "--log-level", self.log_level,
-                "waypoint", "run",
-                "--node", pod.node,
-                "--namespace", pod.namespace,
-                "--name", pod.labels["veil.io/waypoint"],
-                "--service-account", pod.service_account,
-                "--state-dir", str(state),
-                "--listen-address", "::",  # dual stack, like the pod
-            ),
-            log_path=self._log(f"waypoint-{pod_name}"),
+            "waypoint",
+            "--node", pod.node,
+            "--namespace", pod.namespace,
+            "--name", pod.labels["veil.io/waypoint"],
+            "--service-account", pod.service_account,
+            "--state-dir", str(state),
+            "--listen-address", "::",  # dual stack, like the pod
         )  # fmt: skip
         self.waypoints[pod_name] = proc
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise LabError(
-                    f"waypoint {pod_name} exited with {proc.returncode}",
-                    hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
-                )
-            try:
-                status, body = self.pod_http_get(pod_name, ADMIN_PORT, "/healthz/ready")
-                if status == 200:
-                    return proc
-                last = f"HTTP {status} {body[:200]!r}"
-            except OSError as e:
-                last = str(e)
-            time.sleep(0.1)
-        raise LabError(
-            f"waypoint {pod_name} not ready after {timeout:.0f}s ({last})",
-            hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
-        )
+        self._wait_ready(proc, f"waypoint {pod_name}", pod.lab.netns, ADMIN_PORT, timeout)
+        return proc
 
     def pod_http_get(
         self, pod_name: str, port: int, path: str, timeout: float = 2.0
     ) -> tuple[int, bytes]:
         """GET http://127.0.0.1:port/path from inside a pod's namespace."""
-        with in_netns(self.pod(pod_name).lab.netns):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
-                    return int(r.status), bytes(r.read())
-            except urllib.error.HTTPError as e:
-                return int(e.code), bytes(e.read())
+        return _http_get(self.pod(pod_name).lab.netns, port, path, timeout)
 
     # -- readiness ---------------------------------------------------------
 
@@ -408,25 +368,21 @@ class LabMesh:
 
     def http_get(self, node: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         """GET http://127.0.0.1:port/path from inside a node's namespace."""
-        with in_netns(self.topo.node(node).netns):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
-                    return int(r.status), bytes(r.read())
-            except urllib.error.HTTPError as e:
-                return int(e.code), bytes(e.read())
+        return _http_get(self.topo.node(node).netns, port, path, timeout)
 
     def wait_ztunnel_ready(self, node: str, timeout: float = 30.0) -> None:
-        proc = self.ztunnels[node]
+        netns = self.topo.node(node).netns
+        self._wait_ready(self.ztunnels[node], f"ztunnel on {node}", netns, READINESS_PORT, timeout)
+
+    @staticmethod
+    def _wait_ready(proc: LabProcess, what: str, netns: str, port: int, timeout: float) -> None:
+        """Polls /healthz/ready on ``port`` inside ``netns`` until it answers 200."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise LabError(
-                    f"ztunnel on {node} exited with {proc.returncode}",
-                    hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
-                )
+            _check_running(proc, what)
             try:
-                status, body = self.http_get(node, READINESS_PORT, "/healthz/ready")
+                status, body = _http_get(netns, port, "/healthz/ready")
                 if status == 200:
                     return
                 last = f"HTTP {status} {body[:200]!r}"
@@ -434,7 +390,7 @@ class LabMesh:
                 last = str(e)
             time.sleep(0.1)
         raise LabError(
-            f"ztunnel on {node} not ready after {timeout:.0f}s ({last})",
+            f"{what} not ready after {timeout:.0f}s ({last})",
             hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
         )
 
@@ -445,11 +401,7 @@ class LabMesh:
         deadline = time.monotonic() + timeout
         last: Any = "no answer"
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise LabError(
-                    f"agent on {node} exited with {proc.returncode}",
-                    hint=f"see {proc.log_path}:\n{proc.log_text()[-3000:]}",
-                )
+            _check_running(proc, f"agent on {node}")
             with contextlib.suppress(LabError, ValueError):
                 pods = self.veilctl_json(node, "pods")
                 have = {p.get("ip") for p in pods if p.get("enrolled") and p.get("attached", True)}

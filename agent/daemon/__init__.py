@@ -6,7 +6,8 @@
 * :mod:`agent.daemon.agent`: the process (``AgentDaemon``, ``run_agent``), imported
   on demand because it pulls in gRPC and aiohttp;
 * :mod:`agent.daemon.loader`, :mod:`agent.daemon.identity`, :mod:`agent.daemon.netinfo`,
-  :mod:`agent.daemon.uninstall`, :mod:`agent.daemon.views`: its parts.
+  :mod:`agent.daemon.startup`, :mod:`agent.daemon.uninstall`,
+  :mod:`agent.daemon.views`: its parts.
 """
 
 from agent.daemon.audit import AuditInput, AuditReport, Finding, Listener, audit

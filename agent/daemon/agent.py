@@ -1,6 +1,7 @@
 """The node agent process: load the data plane, watch the registry, keep pods enrolled.
 
-Startup, in order (each failure is an AgentError naming the fix, never a traceback):
+Startup, in order (each failure is an AgentError naming the fix, never a traceback;
+steps 1 to 4 are :mod:`agent.daemon.startup`):
 
 1. node credentials from ``veil node join`` (the state dir shared with the ztunnel);
 2. preflight and program loading in a child process (agent.daemon.loader), so
@@ -35,7 +36,6 @@ import importlib.metadata
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address
@@ -51,7 +51,6 @@ from agent.net.sockreset import reset_pod_tcp
 from agent.status import StatusServer
 from agent.status.monitor import DropMonitor
 from controller.api.model import ResourceType, Workload
-from node import NodeCredentials, load_node_credentials
 from node.backoff import Backoff
 from node.loglevels import LogLevelError, apply_levels, current_levels, parse_level_spec
 from node.state import StateChange, StateStore
@@ -59,7 +58,6 @@ from node.watch import WatchClient
 
 from .audit import AuditInput, audit
 from .config import AgentConfig
-from .errors import AgentStartupError
 from .identity import NodeIdentity
 from .loader import LoadResult, load_in_child
 from .metrics import AgentMetrics, DataplaneSample, DropTotals, MetricsServer, read_sample
@@ -77,6 +75,7 @@ from .reconcile import (
     plan,
     workload_addresses,
 )
+from .startup import another_agent_answers, node_credentials, open_dataplane
 from .views import ReconcileReport, pod_rows, workload_rows
 
 __all__ = ["AgentDaemon", "agent_version", "run_agent"]
@@ -94,18 +93,6 @@ def agent_version() -> str:
         return importlib.metadata.version("veil-mesh")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _socket_answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 class AgentDaemon:
@@ -158,17 +145,6 @@ class AgentDaemon:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def _credentials(self) -> NodeCredentials:
-        creds = load_node_credentials(self.config.state_dir)
-        if self.config.node and self.config.node != creds.node:
-            raise AgentStartupError(
-                f"the credentials in {self.config.state_dir} belong to node {creds.node!r}, "
-                f"not {self.config.node!r}",
-                hint="pass the matching --state-dir, or join this node again with "
-                "`veil node join --node <name>`",
-            )
-        return creds
-
     async def run(self) -> int:
         cfg = self.config
         # Another agent answering on the status socket is the old pod of a
@@ -176,41 +152,21 @@ class AgentDaemon:
         # socket over once its data plane is open (StatusServer.start); the
         # old one then stops changing the data plane. Pins and filters are
         # shared and reconciling is idempotent, so the overlap is safe.
-        if _socket_answers(cfg.status_socket):
+        if another_agent_answers(cfg.status_socket):
             log.info(
                 "another agent answers on %s: taking over from it once ready", cfg.status_socket
             )
-        creds = self._credentials()
+        creds = node_credentials(cfg)
         self._node = creds.node
-        options = cfg.dataplane_options()
-        log.info("node %s: preflight and BPF programs (pins in %s)", self._node, cfg.pin_dir)
-        self._load = await asyncio.to_thread(self._loader, cfg.pin_dir, options)
-        plane = await asyncio.to_thread(Dataplane.open, cfg.pin_dir, options)
-        self._plane = plane
+        ready = await open_dataplane(cfg, creds, self._loader)
+        plane = self._plane = ready.plane
+        self._load, self._net, self._uplink = ready.load, ready.net, ready.uplink
+        self._programs = ready.programs
         status: StatusServer | None = None
         metrics: MetricsServer | None = None
         identity: NodeIdentity | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
-            if plane.build_id != self._load.build_id:
-                log.warning("pins changed between loading and opening; the agent compiled itself")
-            # pyroute2's synchronous API runs its own event loop: never on this one.
-            net = await asyncio.to_thread(NodeNetwork)
-            self._net = net
-            if cfg.uplink is not None:
-                self._uplink = cfg.uplink
-            else:
-                self._uplink = await asyncio.to_thread(net.detect_uplink, creds.controller_address)
-            await asyncio.to_thread(plane.setup_node, self._uplink, probe_source=cfg.probe_source)
-            node_state = await asyncio.to_thread(plane.node)
-            self._programs = {p.name: p.prog_id for p in node_state.programs}
-            log.info(
-                "data plane ready: build %s (%s), uplink %s, programs %s",
-                plane.build_id[:12],
-                "pins reused" if self._load.reused else f"loaded in {self._load.seconds:.1f}s",
-                self._uplink,
-                self._programs,
-            )
             self._drops = DropMonitor.for_pins(plane.layout, self._pods)
             self._drops.start()
             status = self._status_server = StatusServer(cfg.status_socket)
@@ -261,9 +217,7 @@ class AgentDaemon:
                 await metrics.stop()
             if self._drops is not None:
                 await self._drops.close()
-            if self._net is not None:
-                await asyncio.to_thread(self._net.close)
-            await asyncio.to_thread(plane.close)
+            await ready.close()
 
     # -- reconcile -----------------------------------------------------------------
 

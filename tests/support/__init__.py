@@ -9,6 +9,7 @@ meshes the tests drive. Each module owns one concern:
 - :mod:`tests.support.loopback_mesh`: ztunnels and apps on loopback.
 - :mod:`tests.support.ztunnel_lab`: the ztunnel netns mesh and its pods.
 - :mod:`tests.support.ci`: what a skip means when ``CI`` is set.
+- :mod:`tests.support.polling`: waiting, within a bound, for a condition to hold.
 """
 
 # Deliberately empty: the suite-wide conftest imports ``tests.support.ci`` and

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from agent.bpf import DropReason
 from lab.apps import serve
 from node.dataplane import MARK_ZTUNNEL, OUTBOUND_PORT
-
-
-def _wait_for(predicate: Any, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
+from tests.support.polling import wait_for
 
 
 def test_spoofed_source_is_dropped_and_counted(
@@ -40,7 +31,7 @@ def test_spoofed_source_is_dropped_and_counted(
     def spoofs() -> int:
         return int(plane.pod(liar.ip).counters.drop_count(DropReason.SPOOFED_SOURCE))
 
-    assert _wait_for(lambda: spoofs() == 2)
+    assert wait_for(lambda: spoofs() == 2)
     zt.assert_idle()
     assert plane.pod(victim.ip).counters.dropped == 0
 

@@ -18,6 +18,7 @@ from typing import Any
 from agent.bpf import Dataplane, DataplaneOptions, DropReason
 from agent.bpf.dataplane import uninstall_node
 from lab import in_netns
+from tests.support.polling import wait_for
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 
@@ -31,15 +32,6 @@ def _ping(netns: str, ip: str) -> bool:
         check=False,
     )
     return done.returncode == 0
-
-
-def _wait_for(predicate: Any, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 @contextlib.contextmanager
@@ -95,7 +87,7 @@ def test_echo_to_and_from_an_enrolled_pod_is_dropped_and_counted(bpf_lab: Any) -
     before = echo_drops()
     assert not _ping(remote.netns, pod.ip)
     assert not _ping(remote.netns, pod.ip6)
-    assert _wait_for(lambda: echo_drops() >= before + 2)
+    assert wait_for(lambda: echo_drops() >= before + 2)
     # And from the node itself (no ztunnel mark).
     assert not _ping(node.netns, pod.ip6)
 

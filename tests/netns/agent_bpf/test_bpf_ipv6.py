@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-import time
 from typing import Any
 
 import pytest
@@ -19,19 +18,11 @@ from pyroute2 import IPRoute
 from agent.bpf import DropReason
 from lab import in_netns
 from node.dataplane import HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_ZTUNNEL, OUTBOUND_PORT
+from tests.support.polling import wait_for
 
 # An address in node-b's IPv6 pod prefix where no pod exists: only capture can answer it.
 NOWHERE6 = "fd00:244:2::fa"
 V6 = socket.AF_INET6
-
-
-def _wait_for(predicate: Any, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def _link_local(netns: str, ifname: str) -> str:
@@ -140,7 +131,7 @@ def test_ipv6_source_of_another_pod_is_dropped_as_spoofed(
     def spoofs() -> int:
         return int(plane.pod(liar.ip).counters.drop_count(DropReason.SPOOFED_SOURCE))
 
-    assert _wait_for(lambda: spoofs() == 1)
+    assert wait_for(lambda: spoofs() == 1)
     zt.assert_idle()
     assert plane.pod(victim.ip).counters.dropped == 0
 
@@ -193,7 +184,7 @@ def test_ipv6_before_the_pod_address_is_known_is_dropped_but_neighbour_discovery
     def unknown() -> int:
         return int(plane.pod(pod.ip).counters.drop_count(DropReason.IPV6_UNKNOWN))
 
-    assert _wait_for(lambda: unknown() >= 2)
+    assert wait_for(lambda: unknown() >= 2)
 
     # To the pod: the node still resolves its neighbour (NS out, NA back), but
     # the datagram itself is dropped by the guard.
@@ -207,8 +198,8 @@ def test_ipv6_before_the_pod_address_is_known_is_dropped_but_neighbour_discovery
             sender = socket.socket(V6, socket.SOCK_DGRAM)
         with sender:
             sender.sendto(b"to the pod", (pod.ip6, 5353))
-        assert _wait_for(lambda: _neigh_mac(node.netns, pod.host_veth, pod.ip6) == pod.mac)
-        assert _wait_for(lambda: unknown() > before)
+        assert wait_for(lambda: _neigh_mac(node.netns, pod.host_veth, pod.ip6) == pod.mac)
+        assert wait_for(lambda: unknown() > before)
         try:
             data = receiver.recv(100)
         except TimeoutError:

@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 from typing import Any
 
 from agent.bpf import DropReason
 from node.dataplane import OUTBOUND_PORT
+from tests.support.polling import wait_for
 
 # An address in node-b's IPv6 pod prefix where no pod exists: only capture can answer it.
 NOWHERE6 = "fd00:244:2::fa"
 V6 = socket.AF_INET6
-
-
-def _wait_for(predicate: Any, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_ipv6_only_pod_is_found_by_route_and_its_tcp_captured(
@@ -84,13 +75,13 @@ def test_ipv6_only_pod_cannot_spoof_another_address_or_use_ipv4(
     def spoofs() -> int:
         return int(plane.pod(liar.ip6).counters.drop_count(DropReason.SPOOFED_SOURCE))
 
-    assert _wait_for(lambda: spoofs() == 1)
+    assert wait_for(lambda: spoofs() == 1)
     zt.assert_idle()
     assert plane.pod(victim.ip6).counters.dropped == 0
 
     # Its IPv4 address is not one the mesh knows it by: dropped, never passed.
     assert net.connect_fails(liar.netns, victim.ip, 8080, timeout=0.5)
-    assert _wait_for(lambda: spoofs() >= 2)
+    assert wait_for(lambda: spoofs() >= 2)
 
     # Nor is 0.0.0.0, which its pods entry holds in place of an IPv4 address.
     # (A raw IP socket would fill a zero source in, so this goes out as a frame.)
@@ -99,7 +90,7 @@ def test_ipv6_only_pod_cannot_spoof_another_address_or_use_ipv4(
     )
     udp = packets("udp", "0.0.0.0", victim.ip, 68, 67, b"veil")
     net.send_frame(liar.netns, "eth0", eth + udp)
-    assert _wait_for(lambda: spoofs() >= 3)
+    assert wait_for(lambda: spoofs() >= 3)
 
     # The same SYN from the pod's own IPv6 address is captured.
     with net.connect(liar.netns, NOWHERE6, 80):

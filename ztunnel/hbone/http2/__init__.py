@@ -5,12 +5,17 @@ Nothing here touches a socket or the event loop; the IO layer
 it. The pieces, one concern each:
 
 * :mod:`~ztunnel.hbone.http2.connection`: :class:`H2Connection`, one
-  connection's state, the send API and the meaning of every received frame;
+  connection: the send API, the queries, how it ends; it holds the next three;
+* :mod:`~ztunnel.hbone.http2.receive`: :class:`FrameReceiver`, the meaning of
+  every received frame and the abuse budgets;
+* :mod:`~ztunnel.hbone.http2.flow`: :class:`FlowControl`, the windows both
+  ways and WINDOW_UPDATE batching;
+* :mod:`~ztunnel.hbone.http2.streams`: the stream state table and
+  :class:`StreamTable`, the live streams and the ids used;
 * :mod:`~ztunnel.hbone.http2.decoder`: :class:`FrameDecoder`, bytes to frames;
 * :mod:`~ztunnel.hbone.http2.blocks`: HEADERS/CONTINUATION assembly and HPACK
   decoding; :mod:`~ztunnel.hbone.http2.hpack_encoder` encodes without a table;
 * :mod:`~ztunnel.hbone.http2.frames`: wire constants and frame encoders;
-* :mod:`~ztunnel.hbone.http2.streams`: the stream state table;
 * :mod:`~ztunnel.hbone.http2.headers`: request/response header validation;
 * :mod:`~ztunnel.hbone.http2.settings`: :class:`H2Settings` and the abuse budgets;
 * :mod:`~ztunnel.hbone.http2.events`: what the connection reports.

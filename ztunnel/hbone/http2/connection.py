@@ -5,8 +5,17 @@ calls (send a request, a response, data, a reset...) and produces bytes
 (:meth:`~H2Connection.data_to_send`) and :mod:`events
 <ztunnel.hbone.http2.events>`. It never touches a socket, and reads time only
 through the clock it is given, so every exchange can be scripted in a unit
-test. :class:`~ztunnel.hbone.http2.decoder.FrameDecoder` splits the bytes into
-frames; everything a frame means is decided here.
+test. It is composed of parts it holds as attributes, one concern each:
+
+* :class:`~ztunnel.hbone.http2.streams.StreamTable`: the live streams and the
+  stream ids used so far;
+* :class:`~ztunnel.hbone.http2.flow.FlowControl`: the windows both ways and
+  WINDOW_UPDATE batching;
+* :class:`~ztunnel.hbone.http2.receive.FrameReceiver`: what each frame from
+  the peer means (it owns the :class:`~ztunnel.hbone.http2.decoder.FrameDecoder`
+  that splits the bytes into frames).
+
+This module keeps the send API, the queries and how the connection ends.
 
 What it enforces, and why:
 
@@ -42,51 +51,23 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import frames as fr
-from .blocks import HeaderBlock, HeaderBlocks
-from .decoder import BUFFER, SKIP, STREAM, Body, FrameDecoder
-from .events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    PingAcked,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from .frames import (
-    FLAG_ACK,
-    FLAG_END_STREAM,
-    FLAG_PADDED,
-    ErrorCode,
-    FrameType,
-    SettingCode,
-)
-from .headers import MalformedHeaders, validate_request, validate_response
+from .blocks import HeaderBlocks
+from .events import ConnectionTerminated, Event
+from .flow import FlowControl
+from .frames import ErrorCode, SettingCode
 from .hpack_encoder import HeaderEncoder
-from .settings import Budget, H2Settings
-from .streams import H2Stream, Input, State, StreamStateError
-from .violations import ConnError, StreamError
+from .receive import FrameReceiver
+from .settings import H2Settings
+from .streams import H2Stream, Input, State, StreamStateError, StreamTable
+from .violations import ConnError
 
 __all__ = ["H2Connection", "Role"]
 
 _TLS_RECORD = 16_384
-_MAX_SETTINGS_PER_FRAME = 64
-_MAX_GOAWAY_DEBUG = 16_384
-_LARGE_DATA = 1024  # DATA on a closed stream at least this big is not a cheap frame
-_FIXED_LENGTH = {FrameType.PING: 8, FrameType.WINDOW_UPDATE: 4, FrameType.RST_STREAM: 4}
-_KNOWN = frozenset(int(t) for t in FrameType)
-
-
-def _per_second(limit: int) -> Budget:
-    return Budget(limit, limit)
 
 
 class Role(enum.Enum):
@@ -107,48 +88,33 @@ class H2Connection:
         self.role = role
         self.settings = cfg
         self._clock = clock
-        self._out: list[bytes | memoryview] = []
-        self._streams: dict[int, H2Stream] = {}
-        self._recently_reset: OrderedDict[int, None] = OrderedDict()
-        self._highest_remote = 0
-        self._next_local = 1 if role is Role.CLIENT else 2
         self.error: RemoteProtocolError | None = None
         self.closed = False  # no frame is processed or produced any more
         self.goaway_sent = False
         self.goaway_received = False
-        self._goaway_last: int | None = None  # last-stream-id of our first GOAWAY
-        # Peer settings: RFC 9113 defaults until its SETTINGS arrive.
+        # Peer settings: RFC 9113 defaults until its SETTINGS arrive (the
+        # receiver updates them).
         self.peer_max_concurrent_streams = fr.MAX_WINDOW
         self.peer_initial_window = fr.DEFAULT_WINDOW
         self.peer_max_frame_size = fr.DEFAULT_MAX_FRAME_SIZE
-        self._conn_send_window = fr.DEFAULT_WINDOW
-        # Our receive side: the window the peer may still fill, and what is due back.
-        self._conn_recv_window = fr.DEFAULT_WINDOW
-        self._conn_unacked = 0
-        self._settings_unacked = 0
+        # One output list, shared by the parts below and never replaced, so
+        # frames keep the order they were produced in.
+        self._out: list[bytes | memoryview] = []
+        self._table = StreamTable(role is Role.CLIENT, cfg.reset_memory)
+        self._streams = self._table.live
+        self._flow = FlowControl(cfg, self._out)
         self._encoder = HeaderEncoder()
         self._blocks = HeaderBlocks(cfg)
-        self._frames = FrameDecoder(self, expect_preface=role is Role.SERVER)
-        self._first_frame = True
-        self._events: list[Event] = []  # of the receive_some() call under way
-        self._windows_signalled: set[int] = set()  # WindowUpdated already in _events
-        self._data_sid = 0  # the DATA frame being streamed out
-        self._data_end = False
-        self._data_deliver = False
-        self._early_resets = Budget(
-            cfg.max_early_resets / cfg.early_reset_period, cfg.max_early_resets
+        self._rx = FrameReceiver(
+            self, self._table, self._flow, self._blocks, self._encoder, self._out, clock
         )
-        self._control_budget = _per_second(cfg.max_control_frames_per_second)
-        self._empty_budget = _per_second(cfg.max_empty_frames_per_second)
-        self._window_budget = _per_second(cfg.max_window_updates_per_second)
-        self._tiny_budget = _per_second(cfg.max_tiny_data_per_second)
-        self._closed_budget = _per_second(cfg.max_closed_stream_frames_per_second)
 
     # ================================================================ queries
 
     def data_to_send(self) -> list[bytes | memoryview]:
         """Everything queued since the last call, in order; write it in one go."""
-        out, self._out = self._out, []
+        out = self._out.copy()
+        self._out.clear()
         return out
 
     @property
@@ -158,17 +124,17 @@ class H2Connection:
     @property
     def last_processed_stream(self) -> int:
         """The highest peer-initiated stream id seen (the GOAWAY last-stream-id)."""
-        return self._highest_remote
+        return self._table.highest_remote
 
     @property
     def preface_received(self) -> bool:
         """The peer's preface (its magic, on the server side, and SETTINGS) arrived."""
-        return not self._first_frame
+        return self._rx.preface_received
 
     @property
     def settings_acknowledged(self) -> bool:
         """Every SETTINGS frame we sent has been acknowledged."""
-        return self._settings_unacked == 0
+        return self._rx.settings_unacked == 0
 
     def stream_state(self, stream_id: int) -> State:
         stream = self._streams.get(stream_id)
@@ -179,7 +145,7 @@ class H2Connection:
         stream = self._streams.get(stream_id)
         if stream is None:
             return 0
-        return max(0, min(stream.send_window, self._conn_send_window))
+        return self._flow.sendable(stream)
 
     @property
     def can_open_stream(self) -> bool:
@@ -189,7 +155,7 @@ class H2Connection:
             and not self.goaway_sent
             and not self.goaway_received
             and len(self._streams) < self.peer_max_concurrent_streams
-            and self._next_local <= fr.MAX_WINDOW
+            and self._table.next_local <= fr.MAX_WINDOW
         )
 
     # ================================================================ sending
@@ -207,11 +173,8 @@ class H2Connection:
             self._out.append(fr.PREFACE)
             ours.insert(0, (SettingCode.ENABLE_PUSH, 0))
         self._out.append(fr.settings_frame(ours))
-        self._settings_unacked += 1
-        grow = cfg.connection_window - fr.DEFAULT_WINDOW
-        if grow > 0:
-            self._out.append(fr.window_update_frame(0, grow))
-            self._conn_recv_window += grow
+        self._rx.settings_unacked += 1
+        self._flow.open_connection_window()
 
     def _stream(self, stream_id: int) -> H2Stream:
         if self.closed:
@@ -234,8 +197,8 @@ class H2Connection:
                 "no new stream can be opened on this connection (going away, or at the "
                 f"peer's limit of {self.peer_max_concurrent_streams} streams)"
             )
-        sid = self._next_local
-        self._next_local += 2
+        sid = self._table.next_local
+        self._table.next_local += 2
         stream = H2Stream(
             sid, self.peer_initial_window, self.settings.initial_stream_window, self._clock()
         )
@@ -279,9 +242,10 @@ class H2Connection:
             raise LocalProtocolError(f"stream {stream_id} is {stream.state.value}")
         view = memoryview(data).cast("B")
         total = len(view)
-        n = max(0, min(total, stream.send_window, self._conn_send_window))
+        flow = self._flow
+        n = max(0, min(total, stream.send_window, flow.send_window))
         stream.send_window -= n
-        self._conn_send_window -= n
+        flow.send_window -= n
         finish = end_stream and n == total
         out = self._out
         frame = self.peer_max_frame_size
@@ -314,7 +278,7 @@ class H2Connection:
         if stream is None:
             return
         stream.state = State.CLOSED
-        self._remember_reset(stream_id)
+        self._table.remember_reset(stream_id)
         self._out.append(fr.rst_stream_frame(stream_id, code))
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
@@ -327,8 +291,8 @@ class H2Connection:
             return
         stream = self._streams.get(stream_id)
         if stream is not None and stream.can_receive:
-            self._credit_stream(stream, size)
-        self._credit_connection(size)
+            self._flow.credit_stream(stream, size)
+        self._flow.credit_connection(size)
 
     def send_ping(self, opaque: bytes) -> None:
         if self.closed:
@@ -369,150 +333,29 @@ class H2Connection:
         view = memoryview(data).cast("B")
         if self.closed:
             return events, len(view)
-        self._events = events
         try:
-            used = self._frames.feed(view, max_frames)
+            used = self._rx.receive(view, max_frames, events)
         except ConnError as exc:
-            self._fail(exc)
+            self._fail(exc, events)
             used = len(view)
-        finally:
-            self._events = []
-            self._windows_signalled.clear()
         return events, len(view) if self.closed else used
 
-    # --- decoder callbacks (FrameSink)
-
-    def on_frame_header(self, length: int, ftype: int, flags: int, sid: int) -> int:
-        """Checks that need only the frame header; tells the decoder what to do next."""
-        cfg = self.settings
-        if length > cfg.max_frame_size:
-            raise ConnError(
-                ErrorCode.FRAME_SIZE_ERROR,
-                f"a {length}-byte frame exceeds our SETTINGS_MAX_FRAME_SIZE {cfg.max_frame_size}",
-            )
-        if self._first_frame:
-            if ftype != FrameType.SETTINGS or flags & FLAG_ACK:
-                raise ConnError(ErrorCode.PROTOCOL_ERROR, "the peer's first frame must be SETTINGS")
-            self._first_frame = False
-        if self._blocks.pending:
-            self._blocks.check_next(length, ftype, sid)
-            return BUFFER
-        if ftype == FrameType.DATA:
-            if flags & FLAG_PADDED:
-                return BUFFER
-            end = bool(flags & FLAG_END_STREAM)
-            self._data_sid, self._data_end = sid, end
-            self._data_deliver = self._accept_data(length, end, sid)
-            if length == 0:
-                self._data_done()
-                return SKIP
-            return STREAM
-        if ftype == FrameType.HEADERS:
-            self._blocks.check_headers_length(length)
-            return BUFFER
-        if ftype == FrameType.CONTINUATION:
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without a preceding HEADERS")
-        if ftype == FrameType.PUSH_PROMISE:
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE is refused: push is disabled")
-        if ftype == FrameType.PRIORITY:
-            if sid == 0 or length != 5:
-                raise ConnError(ErrorCode.PROTOCOL_ERROR, "PRIORITY must be 5 bytes on a stream")
-            self._spend(self._empty_budget, "frames without content")
-            return BUFFER
-        if ftype not in _KNOWN:
-            # RFC 9113 section 4.1: unknown frame types are ignored.
-            self._spend(self._empty_budget, "frames without content")
-            return SKIP
-        expected = _FIXED_LENGTH.get(FrameType(ftype))
-        if expected is not None and length != expected:
-            raise ConnError(
-                ErrorCode.FRAME_SIZE_ERROR, f"{FrameType(ftype).name} must be {expected} bytes"
-            )
-        if ftype == FrameType.WINDOW_UPDATE:
-            self._spend(self._window_budget, "WINDOW_UPDATE frames")
-        elif ftype == FrameType.SETTINGS:
-            if sid:
-                raise ConnError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
-            if (flags & FLAG_ACK and length) or length % 6:
-                raise ConnError(ErrorCode.FRAME_SIZE_ERROR, "malformed SETTINGS length")
-            if length > 6 * _MAX_SETTINGS_PER_FRAME:
-                raise ConnError(ErrorCode.ENHANCE_YOUR_CALM, "SETTINGS frame with too many entries")
-        elif ftype == FrameType.GOAWAY and not 8 <= length <= 8 + _MAX_GOAWAY_DEBUG:
-            raise ConnError(ErrorCode.FRAME_SIZE_ERROR, "malformed GOAWAY length")
-        return BUFFER
-
-    def on_frame(self, ftype: int, flags: int, sid: int, body: Body) -> None:
-        try:
-            _HANDLERS[ftype](self, flags, sid, body)
-        except StreamError as exc:
-            self._stream_error(exc)
-
-    def on_data_chunk(self, chunk: memoryview, last: bool) -> None:
-        if self._data_deliver:
-            stream = self._streams.get(self._data_sid)
-            if stream is not None and stream.can_receive:
-                self._events.append(DataReceived(self._data_sid, chunk))
-            else:  # reset by us while the frame was arriving
-                self._credit_connection(len(chunk))
-        if last:
-            self._data_done()
-
-    # --- budgets and errors
-
-    def _spend(self, budget: Budget, what: str) -> None:
-        if budget.spend(self._clock()):
-            raise ConnError(ErrorCode.ENHANCE_YOUR_CALM, f"too many {what}")
-
-    def _is_local_id(self, stream_id: int) -> bool:
-        return (stream_id % 2 == 1) == (self.role is Role.CLIENT)
-
-    def _is_idle(self, stream_id: int) -> bool:
-        """True for ids never used yet (frames on them are connection errors)."""
-        if self._is_local_id(stream_id):
-            return stream_id >= self._next_local
-        return stream_id > self._highest_remote
-
-    def _remember_reset(self, stream_id: int) -> None:
-        self._recently_reset[stream_id] = None
-        if len(self._recently_reset) > self.settings.reset_memory:
-            self._recently_reset.popitem(last=False)
+    # ============================================================== ending
 
     def _send_goaway(self, code: int, message: str) -> int:
-        # A later GOAWAY never raises the last-stream-id of an earlier one.
-        if self._goaway_last is None:
-            self._goaway_last = self._highest_remote
-        self._out.append(fr.goaway_frame(self._goaway_last, code, message.encode()[:256]))
+        last = self._table.goaway_last_stream()
+        self._out.append(fr.goaway_frame(last, code, message.encode()[:256]))
         self.goaway_sent = True
-        return self._goaway_last
+        return last
 
-    def _fail(self, exc: ConnError) -> None:
+    def _fail(self, exc: ConnError, events: list[Event]) -> None:
         """A connection error: GOAWAY, every stream gone, nothing more processed."""
         last = self._send_goaway(exc.code, exc.message)
         self.closed = True
         self.error = RemoteProtocolError(exc.message, exc.code)
         self._streams.clear()
         self._blocks.drop()
-        self._events.append(ConnectionTerminated(exc.code, last, False, True, exc.message))
-
-    def _stream_error(self, exc: StreamError) -> None:
-        stream = self._streams.pop(exc.stream_id, None)
-        self._remember_reset(exc.stream_id)
-        self._out.append(fr.rst_stream_frame(exc.stream_id, exc.code))
-        if stream is not None:
-            stream.state = State.CLOSED
-            self._events.append(StreamReset(exc.stream_id, exc.code, False))
-
-    def _remote_transition(self, stream: H2Stream, inp: Input) -> None:
-        try:
-            stream.apply(inp)
-        except StreamStateError:
-            raise StreamError(
-                stream.stream_id,
-                ErrorCode.STREAM_CLOSED,
-                f"{inp.value} on a {stream.state.value} stream",
-            ) from None
-        if stream.state is State.CLOSED:
-            del self._streams[stream.stream_id]
+        events.append(ConnectionTerminated(exc.code, last, False, True, exc.message))
 
     def _local_transition(self, stream: H2Stream, inp: Input) -> None:
         try:
@@ -521,336 +364,3 @@ class H2Connection:
             raise LocalProtocolError(f"stream {stream.stream_id}: {exc.message}") from None
         if stream.state is State.CLOSED:
             del self._streams[stream.stream_id]
-
-    # --- flow control
-
-    def _credit_connection(self, size: int) -> None:
-        cfg = self.settings
-        due = cfg.connection_window - self._conn_recv_window - self._conn_unacked
-        if size > due:
-            raise LocalProtocolError(f"acknowledging {size} bytes; the connection owes {due}")
-        self._conn_unacked += size
-        if self._conn_unacked >= cfg.connection_window // 2:
-            self._out.append(fr.window_update_frame(0, self._conn_unacked))
-            self._conn_recv_window += self._conn_unacked
-            self._conn_unacked = 0
-
-    def _credit_stream(self, stream: H2Stream, size: int) -> None:
-        cfg = self.settings
-        due = cfg.initial_stream_window - stream.recv_window - stream.unacked
-        if size > due:
-            raise LocalProtocolError(
-                f"acknowledging {size} bytes; stream {stream.stream_id} owes {due}"
-            )
-        stream.unacked += size
-        if stream.unacked >= cfg.initial_stream_window // 2:
-            self._out.append(fr.window_update_frame(stream.stream_id, stream.unacked))
-            stream.recv_window += stream.unacked
-            stream.unacked = 0
-
-    # --- DATA
-
-    def _accept_data(self, length: int, end: bool, sid: int) -> bool:
-        """Flow control, budgets and stream checks of a DATA frame. True: deliver it."""
-        if sid == 0:
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
-        if length > self._conn_recv_window:
-            raise ConnError(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        self._conn_recv_window -= length
-        if not end:
-            if length == 0:
-                self._spend(self._empty_budget, "frames without content")
-            elif length < self.settings.tiny_data_size:
-                self._spend(self._tiny_budget, "tiny DATA frames")
-        stream = self._streams.get(sid)
-        try:
-            if stream is None:
-                if self._is_idle(sid):
-                    raise ConnError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-                if length < _LARGE_DATA:
-                    self._spend(self._closed_budget, "frames on closed streams")
-                if sid not in self._recently_reset:
-                    raise StreamError(sid, ErrorCode.STREAM_CLOSED, "DATA on a closed stream")
-            elif not stream.can_receive:
-                raise StreamError(sid, ErrorCode.STREAM_CLOSED, "DATA after END_STREAM")
-            elif self.role is Role.CLIENT and not stream.response_received:
-                raise StreamError(sid, ErrorCode.PROTOCOL_ERROR, "DATA before the response")
-            elif length > stream.recv_window:
-                raise StreamError(
-                    sid, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the stream window"
-                )
-            else:
-                stream.recv_window -= length
-                return True
-        except StreamError as exc:
-            self._stream_error(exc)
-        # Not delivered: the connection window is returned at once.
-        self._credit_connection(length)
-        return False
-
-    def _data_done(self) -> None:
-        stream = self._streams.get(self._data_sid)
-        if self._data_end and self._data_deliver and stream is not None:
-            try:
-                self._remote_transition(stream, Input.RECV_END_STREAM)
-            except StreamError as exc:
-                self._stream_error(exc)
-                return
-            self._events.append(StreamEnded(self._data_sid))
-
-    def _on_padded_data(self, flags: int, sid: int, body: Body) -> None:
-        length = len(body)
-        if length == 0 or body[0] >= length:
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, "DATA padding is not shorter than the frame")
-        end = bool(flags & FLAG_END_STREAM)
-        deliver = self._accept_data(length, end, sid)
-        payload = memoryview(body)[1 : length - body[0]]
-        if not deliver:
-            return
-        stream = self._streams[sid]
-        # Padding never reaches the driver, so its window share is returned now.
-        pad = length - len(payload)
-        self._credit_stream(stream, pad)
-        self._credit_connection(pad)
-        if payload:
-            self._events.append(DataReceived(sid, payload))
-        self._data_sid, self._data_end, self._data_deliver = sid, end, True
-        self._data_done()
-
-    # --- HEADERS
-
-    def _on_headers(self, flags: int, sid: int, body: Body) -> None:
-        block = self._blocks.headers(flags, sid, body)
-        if block is not None:
-            self._on_block(block)
-
-    def _on_continuation(self, flags: int, sid: int, body: Body) -> None:
-        block = self._blocks.continuation(flags, body)
-        if block is not None:
-            self._on_block(block)
-
-    def _on_block(self, block: HeaderBlock) -> None:
-        sid = block.stream_id
-        if block.self_dependent:
-            if not self._is_local_id(sid) and sid > self._highest_remote:
-                self._highest_remote = sid  # the id is used up, like any refused stream
-            raise StreamError(sid, ErrorCode.PROTOCOL_ERROR, "a stream cannot depend on itself")
-        if self.role is Role.SERVER:
-            self._on_request_headers(sid, block.fields, block.end_stream)
-        else:
-            self._on_response_headers(sid, block.fields, block.end_stream)
-
-    def _trailers(self, stream: H2Stream, end_stream: bool) -> None:
-        if not end_stream:
-            raise StreamError(stream.stream_id, ErrorCode.PROTOCOL_ERROR, "HEADERS inside a stream")
-        self._remote_transition(stream, Input.RECV_HEADERS_END)
-        self._events.append(StreamEnded(stream.stream_id))
-
-    def _closed_stream_headers(self, sid: int) -> None:
-        if self._is_idle(sid):
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, f"HEADERS on idle stream {sid}")
-        if sid not in self._recently_reset:
-            raise ConnError(ErrorCode.STREAM_CLOSED, f"HEADERS on closed stream {sid}")
-        self._spend(self._closed_budget, "frames on closed streams")
-
-    def _on_request_headers(self, sid: int, raw: list[tuple[bytes, bytes]], end: bool) -> None:
-        if self._is_local_id(sid):
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, f"clients must use odd stream ids, not {sid}")
-        stream = self._streams.get(sid)
-        if stream is not None:
-            self._trailers(stream, end)
-            return
-        if sid <= self._highest_remote:
-            self._closed_stream_headers(sid)
-            return
-        self._highest_remote = sid
-        if self.goaway_sent:
-            raise StreamError(sid, ErrorCode.REFUSED_STREAM, "the server is going away")
-        if len(self._streams) >= self.settings.max_concurrent_streams:
-            # A refused stream did no work for its sender either: count it with
-            # early resets, or a HEADERS flood would buy one RST_STREAM each.
-            self._spend(self._early_resets, "streams beyond the limit")
-            raise StreamError(sid, ErrorCode.REFUSED_STREAM, "too many concurrent streams")
-        try:
-            headers = validate_request(raw)
-        except MalformedHeaders as exc:
-            raise StreamError(sid, ErrorCode.PROTOCOL_ERROR, exc.message) from None
-        stream = H2Stream(
-            sid, self.peer_initial_window, self.settings.initial_stream_window, self._clock()
-        )
-        self._streams[sid] = stream
-        stream.apply(Input.RECV_HEADERS_END if end else Input.RECV_HEADERS)
-        self._events.append(RequestReceived(sid, headers, end))
-        if end:
-            self._events.append(StreamEnded(sid))
-
-    def _on_response_headers(self, sid: int, raw: list[tuple[bytes, bytes]], end: bool) -> None:
-        if not self._is_local_id(sid):
-            raise ConnError(
-                ErrorCode.PROTOCOL_ERROR, f"server-initiated stream {sid}; push is disabled"
-            )
-        stream = self._streams.get(sid)
-        if stream is None:
-            self._closed_stream_headers(sid)
-            return
-        if not stream.can_receive:
-            raise StreamError(sid, ErrorCode.STREAM_CLOSED, "HEADERS after END_STREAM")
-        if stream.response_received:
-            self._trailers(stream, end)
-            return
-        try:
-            status, headers = validate_response(raw)
-        except MalformedHeaders as exc:
-            raise StreamError(sid, ErrorCode.PROTOCOL_ERROR, exc.message) from None
-        if status < 200:
-            if end or status == 101 or status < 100:
-                raise StreamError(
-                    sid, ErrorCode.PROTOCOL_ERROR, f"invalid informational status {status}"
-                )
-            return  # 1xx: the final response is still to come
-        stream.response_received = True
-        stream.tunnel_open = status < 300
-        self._remote_transition(stream, Input.RECV_HEADERS_END if end else Input.RECV_HEADERS)
-        self._events.append(ResponseReceived(sid, status, headers, end))
-        if end:
-            self._events.append(StreamEnded(sid))
-
-    # --- control frames
-
-    def _on_priority(self, flags: int, sid: int, body: Body) -> None:
-        # Priorities are ignored (RFC 9113 deprecates the scheme), but the one
-        # rule left about them is still checked: section 5.3.1.
-        if fr.parse_u32(body) & fr.MAX_WINDOW == sid:
-            raise StreamError(sid, ErrorCode.PROTOCOL_ERROR, "a stream cannot depend on itself")
-
-    def _on_rst_stream(self, flags: int, sid: int, body: Body) -> None:
-        if sid == 0 or self._is_idle(sid):
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
-        stream = self._streams.pop(sid, None)
-        if stream is None:
-            self._spend(self._closed_budget, "frames on closed streams")
-            return
-        stream.state = State.CLOSED
-        self._remember_reset(sid)
-        self._events.append(StreamReset(sid, fr.parse_u32(body), True))
-        if not stream.local_initiated:
-            now = self._clock()
-            early = (
-                not stream.response_sent or now - stream.opened_at < self.settings.early_reset_age
-            )
-            if early and self._early_resets.spend(now):
-                raise ConnError(
-                    ErrorCode.ENHANCE_YOUR_CALM, "too many streams reset right after opening"
-                )
-
-    def _on_settings(self, flags: int, sid: int, body: Body) -> None:
-        if flags & FLAG_ACK:
-            if not self._settings_unacked:
-                raise ConnError(ErrorCode.PROTOCOL_ERROR, "SETTINGS ACK without pending SETTINGS")
-            self._settings_unacked -= 1
-            return
-        self._spend(self._control_budget, "SETTINGS and PING frames")
-        for code, value in fr.parse_settings(body):
-            if code == SettingCode.HEADER_TABLE_SIZE:
-                self._encoder.peer_table_size_changed()
-            elif code == SettingCode.ENABLE_PUSH:
-                if value > 1 or (value and self.role is Role.CLIENT):
-                    raise ConnError(
-                        ErrorCode.PROTOCOL_ERROR, f"invalid SETTINGS_ENABLE_PUSH {value}"
-                    )
-            elif code == SettingCode.MAX_CONCURRENT_STREAMS:
-                self.peer_max_concurrent_streams = value
-            elif code == SettingCode.INITIAL_WINDOW_SIZE:
-                self._apply_initial_window(value)
-            elif code == SettingCode.MAX_FRAME_SIZE:
-                if not fr.DEFAULT_MAX_FRAME_SIZE <= value <= fr.MAX_FRAME_SIZE_LIMIT:
-                    raise ConnError(
-                        ErrorCode.PROTOCOL_ERROR, f"invalid SETTINGS_MAX_FRAME_SIZE {value}"
-                    )
-                self.peer_max_frame_size = value
-        self._out.append(fr.settings_ack_frame())
-        self._events.append(
-            RemoteSettingsChanged(
-                self.peer_max_concurrent_streams, self.peer_initial_window, self.peer_max_frame_size
-            )
-        )
-
-    def _apply_initial_window(self, value: int) -> None:
-        if value > fr.MAX_WINDOW:
-            raise ConnError(
-                ErrorCode.FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value} too large"
-            )
-        delta = value - self.peer_initial_window
-        self.peer_initial_window = value
-        for stream in self._streams.values():
-            stream.send_window += delta
-            if stream.send_window > fr.MAX_WINDOW:
-                raise ConnError(ErrorCode.FLOW_CONTROL_ERROR, "a stream window grew past 2^31-1")
-
-    def _on_ping(self, flags: int, sid: int, body: Body) -> None:
-        if sid:
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
-        self._spend(self._control_budget, "SETTINGS and PING frames")
-        if flags & FLAG_ACK:
-            self._events.append(PingAcked(bytes(body)))
-        else:
-            self._out.append(fr.ping_frame(bytes(body), ack=True))
-
-    def _on_goaway(self, flags: int, sid: int, body: Body) -> None:
-        if sid:
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
-        last, code, debug = fr.parse_goaway(body)
-        self.goaway_received = True
-        for stream_id in [s for s, st in self._streams.items() if st.local_initiated and s > last]:
-            del self._streams[stream_id]
-            self._events.append(StreamReset(stream_id, ErrorCode.REFUSED_STREAM, True))
-        fatal = code != ErrorCode.NO_ERROR
-        if fatal:
-            self.closed = True
-            self._streams.clear()
-        message = debug[:256].decode("utf-8", "replace")
-        self._events.append(ConnectionTerminated(code, last, True, fatal, message))
-
-    def _on_window_update(self, flags: int, sid: int, body: Body) -> None:
-        inc = fr.parse_u32(body) & fr.MAX_WINDOW
-        if sid == 0:
-            if inc == 0:
-                raise ConnError(ErrorCode.PROTOCOL_ERROR, "connection WINDOW_UPDATE of 0")
-            self._conn_send_window += inc
-            if self._conn_send_window > fr.MAX_WINDOW:
-                raise ConnError(ErrorCode.FLOW_CONTROL_ERROR, "connection window grew past 2^31-1")
-            self._window_updated(0)
-            return
-        if self._is_idle(sid):
-            raise ConnError(ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
-        stream = self._streams.get(sid)
-        if stream is None:
-            self._spend(self._closed_budget, "frames on closed streams")
-            return
-        if inc == 0:
-            raise StreamError(sid, ErrorCode.PROTOCOL_ERROR, "stream WINDOW_UPDATE of 0")
-        stream.send_window += inc
-        if stream.send_window > fr.MAX_WINDOW:
-            raise StreamError(sid, ErrorCode.FLOW_CONTROL_ERROR, "stream window grew past 2^31-1")
-        self._window_updated(sid)
-
-    def _window_updated(self, sid: int) -> None:
-        # One event per stream and batch is enough to wake its sender; a peer
-        # sending thousands of WINDOW_UPDATEs must not cost the driver as many.
-        if sid not in self._windows_signalled:
-            self._windows_signalled.add(sid)
-            self._events.append(WindowUpdated(sid))
-
-
-_Handler = Callable[[H2Connection, int, int, Body], None]
-_HANDLERS: dict[int, _Handler] = {
-    FrameType.DATA: H2Connection._on_padded_data,
-    FrameType.HEADERS: H2Connection._on_headers,
-    FrameType.CONTINUATION: H2Connection._on_continuation,
-    FrameType.PRIORITY: H2Connection._on_priority,
-    FrameType.RST_STREAM: H2Connection._on_rst_stream,
-    FrameType.SETTINGS: H2Connection._on_settings,
-    FrameType.PING: H2Connection._on_ping,
-    FrameType.GOAWAY: H2Connection._on_goaway,
-    FrameType.WINDOW_UPDATE: H2Connection._on_window_update,
-}

@@ -3,7 +3,7 @@
 :class:`FrameDecoder` owns the framing state only: the client preface, frame
 headers, frame bodies split across reads, bodies to skip, and DATA payloads
 streamed out as they arrive. What a frame *means* is the sink's business
-(:class:`~ztunnel.hbone.http2.connection.H2Connection`): for every frame header
+(:class:`~ztunnel.hbone.http2.receive.FrameReceiver`): for every frame header
 the sink answers whether to buffer the body, skip it, or stream it as DATA.
 
 It works on the caller's buffer: complete frames are handed over as slices of

@@ -1,15 +1,18 @@
-"""The HTTP/2 stream state machine (RFC 9113 section 5.1) as a transition table.
+"""HTTP/2 streams: the state machine (RFC 9113 section 5.1) and the stream table.
 
 Only the states a CONNECT tunnel can reach exist (no server push, so no
 "reserved" states). :func:`transition` looks ``(state, input)`` up in
 :data:`TRANSITIONS`; a pair that is not in the table raises
 :class:`StreamStateError`, which the connection turns into a stream error (peer
 input) or a :class:`~ztunnel.hbone.errors.LocalProtocolError` (our input).
+:class:`StreamTable` holds one connection's live streams and which stream ids
+have been used, so the send and the receive side agree on both.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import HboneError
@@ -20,6 +23,7 @@ __all__ = [
     "Input",
     "State",
     "StreamStateError",
+    "StreamTable",
     "transition",
 ]
 
@@ -123,3 +127,56 @@ class H2Stream:
     @property
     def can_receive(self) -> bool:
         return self.state in (State.OPEN, State.HALF_CLOSED_LOCAL)
+
+
+class StreamTable:
+    """One connection's live streams, and the ids used on it so far.
+
+    ``live`` is the only mapping of open streams; it is never replaced, only
+    emptied, so a reference to it stays valid for the connection's life.
+    ``recently_reset`` remembers the last ``reset_memory`` streams reset either
+    way: frames the peer had in flight on them are expected, not errors.
+    """
+
+    __slots__ = (
+        "_goaway_last",
+        "highest_remote",
+        "live",
+        "local_odd",
+        "next_local",
+        "recently_reset",
+        "reset_memory",
+    )
+
+    def __init__(self, client: bool, reset_memory: int) -> None:
+        self.live: dict[int, H2Stream] = {}
+        self.recently_reset: OrderedDict[int, None] = OrderedDict()
+        self.reset_memory = reset_memory
+        self.local_odd = client  # clients open odd stream ids, servers even ones
+        self.next_local = 1 if client else 2
+        self.highest_remote = 0  # the highest peer-initiated id seen
+        self._goaway_last: int | None = None
+
+    def is_local_id(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self.local_odd
+
+    def is_idle(self, stream_id: int) -> bool:
+        """True for ids never used yet (frames on them are connection errors)."""
+        if self.is_local_id(stream_id):
+            return stream_id >= self.next_local
+        return stream_id > self.highest_remote
+
+    def remember_reset(self, stream_id: int) -> None:
+        self.recently_reset[stream_id] = None
+        if len(self.recently_reset) > self.reset_memory:
+            self.recently_reset.popitem(last=False)
+
+    def goaway_last_stream(self) -> int:
+        """The last-stream-id our GOAWAY carries.
+
+        Fixed by the first GOAWAY: a later one never raises it, since the peer
+        may already have retried the streams above it elsewhere.
+        """
+        if self._goaway_last is None:
+            self._goaway_last = self.highest_remote
+        return self._goaway_last
