@@ -137,7 +137,7 @@ class AdminServer:
             "request_authentications": [_request_authentication_json(a) for a in auths],
             "connections": connections,
             "jwks": [s.to_json() for s in wp.jwks.statuses()],
-            "upstream": wp.upstream.dump(),
+            "upstream": {**wp.upstream.dump(), **wp.proxy.upstream_h2.dump()},
             "hbone_pool": [str(c) for c in wp.pool.connections()],
             "in_flight": wp.proxy.balancer.in_flight(),
             "tunnels_served": wp.tunnels,

@@ -253,6 +253,7 @@ class Waypoint:
         for t in [*self._tasks, *self._conn_tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.proxy.upstream_h2.close()
         await self.upstream.close()
         await self.jwks.close()
         await self.admin.stop()

@@ -23,7 +23,8 @@ from .balance import Balancer
 from .decide import Forward, PeerFacts, Respond, decide
 from .jwks import JwksCache
 from .metrics import RequestLabels, RequestMetrics
-from .upstream import Upstream, UpstreamError
+from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream_h2 import H2Upstream, H2UpstreamResponse
 from .view import Destination, WaypointView
 
 __all__ = ["HOP_BY_HOP", "RequestProxy", "ResponseSink", "TunnelContext", "join_headers"]
@@ -50,7 +51,7 @@ Headers = Sequence[tuple[bytes, bytes]]
 class ResponseSink(Protocol):
     async def start(self, status: int, headers: Headers) -> None: ...
     async def data(self, chunk: bytes) -> None: ...
-    async def end(self) -> None: ...
+    async def end(self, trailers: Headers = ()) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,12 @@ def join_headers(headers: Headers) -> dict[str, str]:
     return out
 
 
+def _is_grpc(headers: Headers) -> bool:
+    """gRPC (any ``application/grpc*`` content type) works only over HTTP/2, so
+    it leaves the waypoint as HTTP/2 whatever the port says."""
+    return any(n == b"content-type" and v[:16].lower() == b"application/grpc" for n, v in headers)
+
+
 def _upstream_headers(
     headers: Headers, host: str, strip: tuple[str, ...], body: bytes
 ) -> list[tuple[bytes, bytes]]:
@@ -86,6 +93,8 @@ def _upstream_headers(
     drop = HOP_BY_HOP | listed | {s.encode() for s in strip}
     out = [(b"host", host.encode("latin-1"))]
     out += [(n, v) for n, v in headers if n.lower() not in drop]
+    if any(n == b"te" and v.strip().lower() == b"trailers" for n, v in headers):
+        out.append((b"te", b"trailers"))  # gRPC asks for trailers; HTTP/2 allows only this TE
     if body:
         out.append((b"content-length", str(len(body)).encode()))
     return out
@@ -114,6 +123,7 @@ class RequestProxy:
     ) -> None:
         self._view = view
         self.upstream = upstream
+        self.upstream_h2 = H2Upstream(upstream)
         self.metrics = metrics
         self.jwks = jwks
         self.balancer = Balancer()
@@ -209,13 +219,19 @@ class RequestProxy:
             up_headers = _upstream_headers(headers, record.host, decision.strip, body)
             if record.ctx.peer.ip:
                 up_headers.append((b"x-forwarded-for", record.ctx.peer.ip.encode()))
+            resp: UpstreamResponse | H2UpstreamResponse
             try:
                 # No ``forwarded`` on the upstream CONNECT: the destination
                 # ztunnel trusts it only for an address of the peer's own identity
                 # (the waypoint's), so the client travels in x-forwarded-for.
-                resp = await self.upstream.request(
-                    endpoint, record.method, decision.target, up_headers, body, None
-                )
+                if record.protocol == "http/2" and _is_grpc(headers):
+                    resp = await self.upstream_h2.request(
+                        endpoint, record.method, decision.target, record.host, up_headers, body
+                    )
+                else:
+                    resp = await self.upstream.request(
+                        endpoint, record.method, decision.target, up_headers, body, None
+                    )
             except UpstreamError as e:
                 await self._answer(
                     sink,
@@ -228,7 +244,7 @@ class RequestProxy:
                 await sink.start(resp.status, _response_headers(resp.headers))
                 async for chunk in resp.chunks():
                     await sink.data(chunk)
-                await sink.end()
+                await sink.end(resp.trailers)
             except BaseException:
                 resp.abort()
                 raise

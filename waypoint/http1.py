@@ -69,7 +69,8 @@ class _Sink:
         if self._size >= _COALESCE:
             await self._flush()
 
-    async def end(self) -> None:
+    async def end(self, trailers: Headers = ()) -> None:
+        # Trailers are dropped: HTTP/1.1 clients of a mesh do not use them.
         if self._chunked:
             self._out.append(LAST_CHUNK)
         await self._flush()

@@ -146,8 +146,13 @@ class _Sink:
             self._s.flush()
             await self._s.writer.drain()
 
-    async def end(self) -> None:
-        self._s.conn.end_stream(self._sid)
+    async def end(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        if trailers:
+            self._s.conn.send_headers(
+                self._sid, [(n.lower(), v) for n, v in trailers], end_stream=True
+            )
+        else:
+            self._s.conn.end_stream(self._sid)
         self._s.flush()
         await self._s.writer.drain()
 

@@ -77,6 +77,9 @@ class UpstreamResponse:
         self.status = head.status
         self.headers: list[tuple[bytes, bytes]] = head.headers
         self.bytes = 0
+        # HTTP/1.1 trailers are not relayed (llhttp reads past them); gRPC,
+        # the user of trailers, goes upstream as HTTP/2.
+        self.trailers: list[tuple[bytes, bytes]] = []
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body; raises :class:`UpstreamError` when the upstream breaks off."""
@@ -173,7 +176,12 @@ class Upstream:
             self._live.discard(conn)
         return None
 
-    async def _open(self, endpoint: Endpoint, forwarded_for: tuple[str, int] | None) -> _Conn:
+    async def tunnel(
+        self, endpoint: Endpoint, forwarded_for: tuple[str, int] | None = None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[object]]:
+        """A new HBONE tunnel to ``endpoint`` (pooled mTLS connection, new
+        stream) as asyncio streams, and the task relaying it. Raises
+        :class:`UpstreamError` (503) when the endpoint cannot be reached."""
         cred = self._credential()
         if cred is None:
             raise UpstreamError(503, "the waypoint has no certificate yet")
@@ -192,9 +200,13 @@ class Upstream:
             raise UpstreamError(503, f"cannot reach {endpoint.workload}: {e}") from e
         end, reader, writer = stream_pipe(f"{endpoint.ip}:{endpoint.port}")
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(relay(stream, end))
+        self.opened += 1
+        return reader, writer, task
+
+    async def _open(self, endpoint: Endpoint, forwarded_for: tuple[str, int] | None) -> _Conn:
+        reader, writer, task = await self.tunnel(endpoint, forwarded_for)
         conn = _Conn(endpoint, reader, writer, task)
         self._live.add(conn)
-        self.opened += 1
         return conn
 
     def _release(self, conn: _Conn) -> None:

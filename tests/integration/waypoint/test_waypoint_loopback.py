@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -31,6 +32,7 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health, health_pb2_grpc
 from jwt.algorithms import ECAlgorithm
 
 from controller.api.spiffe import workload_identity
@@ -75,6 +77,10 @@ POLICIES = [
                 {
                     "to": [{"operation": {"methods": ["POST"], "paths": ["/admin"]}}],
                     "when": [{"key": "request.auth.claims[role]", "values": ["admin"]}],
+                },
+                {
+                    "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/checkout"]}}],
+                    "to": [{"operation": {"paths": ["/grpc.health.v1.Health/Check"]}}],
                 },
             ],
         },
@@ -125,7 +131,7 @@ async def start_http_app(sock: socket.socket) -> HttpApp:
     return HttpApp(sock.getsockname()[1], runner, seen)
 
 
-def registry(app_port: int) -> dict[str, Any]:
+def registry(app_port: int, grpc_port: int) -> dict[str, Any]:
     doc = mesh_doc(
         [
             workload("checkout", "shop", "node-a", CHECKOUT_IP),
@@ -139,7 +145,8 @@ def registry(app_port: int) -> dict[str, Any]:
     doc["namespaces"][0]["labels"]["veil.io/use-waypoint"] = "shop-waypoint"
     doc["services"] = [
         {"name": "payments", "namespace": "shop", "vips": [VIP],
-         "ports": [{"name": "http", "port": 80, "targetPort": app_port}],
+         "ports": [{"name": "http", "port": 80, "targetPort": app_port},
+                   {"name": "grpc", "port": 9090, "targetPort": grpc_port}],
          "selector": {"app": "payments"}},
     ]  # fmt: skip
     doc["authorizationPolicies"] = POLICIES
@@ -160,7 +167,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     app_sock = socket.socket()
     app_sock.bind((PAYMENTS_IP, 0))
     app = await start_http_app(app_sock)
-    ctrl = ControllerProcess(tmp_path, registry(app.port))
+    # A real gRPC server (the standard health service) behind the same workload.
+    grpc_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), grpc_server)
+    grpc_port = grpc_server.add_insecure_port(f"{PAYMENTS_IP}:0")
+    await grpc_server.start()
+    ctrl = ControllerProcess(tmp_path, registry(app.port, grpc_port))
     ctrl.start()
     mesh = Mesh(ctrl, tmp_path)
     access = AccessLog()
@@ -198,24 +210,27 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         access_logger.removeHandler(access)
         access_logger.setLevel(level)
         await app.runner.cleanup()
+        await grpc_server.stop(None)
         ctrl.stop()
 
 
-async def open_tunnel(env: Env) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_tunnel(
+    env: Env, port: int = 80
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     node_a = env.mesh.nodes["node-a"]
     # What checkout's ztunnel decides for the payments VIP: this very tunnel.
-    decision = route(node_a.store.current, CHECKOUT_IP, VIP, 80)
+    decision = route(node_a.store.current, CHECKOUT_IP, VIP, port)
     assert isinstance(decision, ViaWaypoint), decision
     assert decision.hbone_addr[0] == WAYPOINT_IP
     assert decision.expected_identity == WAYPOINT_ID
-    assert (decision.dst_ip, decision.dst_port) == (VIP, 80)
+    assert (decision.dst_ip, decision.dst_port) == (VIP, port)
     cert = await node_a.certs.fetch(CHECKOUT, timeout=10)
     stream = await node_a.pool.open_stream(
         cert,
         WAYPOINT_IP,
         env.waypoint.hbone_address[1],
         WAYPOINT_ID,
-        (VIP, 80),
+        (VIP, port),
         forwarded_for=(CHECKOUT_IP, 40000),
     )
     mine, theirs = socket.socketpair()
@@ -446,3 +461,51 @@ async def test_keep_alive_reuses_one_upstream_tunnel(env: Env) -> None:
         status, _, _ = await client.request("GET", "/pay")
         assert status == 200
     assert env.waypoint.upstream.opened == 1
+
+
+async def test_grpc_crosses_the_waypoint_as_http2_with_its_trailers(env: Env) -> None:
+    """gRPC needs HTTP/2 end to end: its status comes in trailers."""
+    reader, writer = await open_tunnel(env, 9090)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    for sid, path in ((1, "/grpc.health.v1.Health/Check"), (3, "/grpc.health.v1.Health/Watch")):
+        conn.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":path", path),
+                (":scheme", "http"),
+                (":authority", "payments:9090"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        conn.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)  # empty request
+    writer.write(conn.data_to_send())
+    heads: dict[int, dict[bytes, bytes]] = {}
+    trailers: dict[int, dict[bytes, bytes]] = {}
+    bodies: dict[int, bytes] = {1: b"", 3: b""}
+    ended: set[int] = set()
+    async with asyncio.timeout(10):
+        while ended != {1, 3}:
+            data = await reader.read(65536)
+            assert data, "the waypoint closed the HTTP/2 connection"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    heads[ev.stream_id] = dict(ev.headers)
+                elif isinstance(ev, h2.events.TrailersReceived):
+                    trailers[ev.stream_id] = dict(ev.headers)
+                elif isinstance(ev, h2.events.DataReceived):
+                    bodies[ev.stream_id] += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended.add(ev.stream_id)
+            writer.write(conn.data_to_send())
+    writer.close()
+    # Allowed: the real gRPC server answered SERVING (1), grpc-status 0 in the trailers.
+    assert heads[1][b":status"] == b"200"
+    assert bodies[1] == b"\x00\x00\x00\x00\x02\x08\x01"
+    assert trailers[1][b"grpc-status"] == b"0"
+    # Not in the ALLOW list: the waypoint's 403, and the gRPC server never saw it.
+    assert heads[3][b":status"] == b"403"
+    assert env.waypoint.proxy.upstream_h2.opened == 1
