@@ -12,8 +12,13 @@ their ``targetRefs`` name it (kind ``Gateway``) or the destination Service
 (kind ``Service``); selector policies are enforced by the ztunnels.
 RequestAuthentications apply when attached the same way, and also when they
 have neither selector nor ``targetRefs`` (namespace-wide in the destination's
-namespace, or mesh-wide in the root namespace). A waypoint serves its own
-namespace only.
+namespace, or mesh-wide in the root namespace).
+
+A destination may live in another namespace than the waypoint: its label
+``veil.io/use-waypoint-namespace`` names the waypoint's namespace
+(:meth:`~node.state.Snapshot.waypoint_of`). A ``Gateway`` reference is then
+read in the waypoint's namespace, a ``Service`` reference in the
+destination's, as Istio does.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from controller.api.model import (
     AuthorizationPolicy,
     JwtRule,
     RequestAuthentication,
+    TargetRef,
     Workload,
 )
 from controller.api.spiffe import SpiffeId, workload_identity
@@ -115,54 +121,59 @@ class WaypointView:
         return [unique[k] for k in sorted(unique)]
 
 
-def _uses(snapshot: Snapshot, namespace: str, service_label: str, name: str) -> bool:
-    if service_label:
-        return service_label == name
-    ns = snapshot.namespaces.get(namespace)
-    return ns is not None and ns.use_waypoint == name
+def _attached(
+    refs: Iterable[TargetRef],
+    policy_namespace: str,
+    waypoint: tuple[str, str],
+    dest_namespace: str,
+    services: Iterable[str],
+) -> bool:
+    """Whether ``refs`` name this waypoint (kind Gateway, in the waypoint's
+    namespace) or one of the destination's Services (in the destination's
+    namespace, which differs from the waypoint's for a cross-namespace waypoint)."""
+    ns, name = waypoint
+    if attached_to(refs, policy_namespace=policy_namespace, namespace=ns, waypoint=name):
+        return True
+    return any(
+        attached_to(
+            [r for r in refs if r.kind == "Service"],
+            policy_namespace=policy_namespace,
+            namespace=dest_namespace,
+            waypoint=name,
+            service=s,
+        )
+        for s in services
+    )
 
 
 def _policies(
-    policies: Iterable[AuthorizationPolicy], namespace: str, waypoint: str, services: Iterable[str]
+    policies: Iterable[AuthorizationPolicy],
+    waypoint: tuple[str, str],
+    dest_namespace: str,
+    services: Iterable[str],
 ) -> L7PolicySet:
     names = tuple(services)
     chosen = [
         p
         for p in policies
-        if p.target_refs
-        and any(
-            attached_to(
-                p.target_refs,
-                policy_namespace=p.namespace,
-                namespace=namespace,
-                waypoint=waypoint,
-                service=s,
-            )
-            for s in (*names, None)
-        )
+        if p.target_refs and _attached(p.target_refs, p.namespace, waypoint, dest_namespace, names)
     ]
     return L7PolicySet.of(compile_l7_policy(p) for p in chosen)
 
 
 def _authn(
-    auths: Iterable[RequestAuthentication], namespace: str, waypoint: str, services: Iterable[str]
+    auths: Iterable[RequestAuthentication],
+    waypoint: tuple[str, str],
+    dest_namespace: str,
+    services: Iterable[str],
 ) -> Authenticator:
     names = tuple(services)
     rules: list[JwtRule] = []
     for a in sorted(auths, key=lambda a: a.key):
         if a.target_refs:
-            hit = any(
-                attached_to(
-                    a.target_refs,
-                    policy_namespace=a.namespace,
-                    namespace=namespace,
-                    waypoint=waypoint,
-                    service=s,
-                )
-                for s in (*names, None)
-            )
+            hit = _attached(a.target_refs, a.namespace, waypoint, dest_namespace, names)
         else:
-            hit = a.selector is None and a.namespace in (namespace, ROOT_NAMESPACE)
+            hit = a.selector is None and a.namespace in (dest_namespace, ROOT_NAMESPACE)
         if hit:
             rules.extend(a.jwt_rules)
     return Authenticator.compile(rules)
@@ -176,36 +187,39 @@ def _endpoint(w: Workload, port: int) -> Endpoint | None:
 
 def build_view(snapshot: Snapshot, namespace: str, name: str, service_account: str) -> WaypointView:
     """Everything this waypoint serves at ``snapshot``; pure."""
+    me = (namespace, name)
     policies = list(snapshot.policies.values())
     auths = list(snapshot.request_authentications.values())
     services: dict[tuple[str, int], Destination] = {}
     served: dict[str, set[str]] = {}  # workload key -> names of services using us
     for svc in sorted(snapshot.services.values(), key=lambda s: s.key):
-        if svc.namespace != namespace or not _uses(snapshot, svc.namespace, svc.use_waypoint, name):
+        if snapshot.waypoint_of(svc.namespace, svc) != me:
             continue
         members = snapshot.endpoints(svc)
         for w in members:
             served.setdefault(w.key, set()).add(svc.name)
-        pset = _policies(policies, namespace, name, (svc.name,))
-        authn = _authn(auths, namespace, name, (svc.name,))
+        pset = _policies(policies, me, svc.namespace, (svc.name,))
+        authn = _authn(auths, me, svc.namespace, (svc.name,))
         for sp in svc.ports:
             eps = tuple(e for w in members if (e := _endpoint(w, sp.target_port)) is not None)
             dest = Destination("service", svc.namespace, svc.name, sp.port, eps, pset, authn)
             for vip in svc.vips:
                 services[(normalize_ip(vip), sp.port)] = dest
     workloads: dict[str, tuple[Workload, L7PolicySet, Authenticator]] = {}
-    ns = snapshot.namespaces.get(namespace)
-    ns_uses = ns is not None and ns.use_waypoint == name
+    ns_uses: dict[str, bool] = {}  # namespace -> its label names this waypoint
     for w in snapshot.workloads.values():
-        if w.namespace != namespace or w.waypoint:
+        if w.waypoint:
             continue
+        uses = ns_uses.get(w.namespace)
+        if uses is None:
+            uses = ns_uses[w.namespace] = snapshot.waypoint_of(w.namespace) == me
         svc_names = served.get(w.key, set())
-        if not svc_names and not ns_uses:
+        if not svc_names and not uses:
             continue
         entry = (
             w,
-            _policies(policies, namespace, name, sorted(svc_names)),
-            _authn(auths, namespace, name, sorted(svc_names)),
+            _policies(policies, me, w.namespace, sorted(svc_names)),
+            _authn(auths, me, w.namespace, sorted(svc_names)),
         )
         for ip in w.ips:
             workloads[normalize_ip(ip)] = entry

@@ -20,6 +20,7 @@ __all__ = [
     "OPT_OUT",
     "ROOT_NAMESPACE",
     "USE_WAYPOINT_LABEL",
+    "USE_WAYPOINT_NAMESPACE_LABEL",
     "WAYPOINT_LABEL",
     "AuthorizationPolicy",
     "Condition",
@@ -54,8 +55,11 @@ OPT_OUT = "none"
 # Policies in the root namespace apply to every workload in the mesh.
 ROOT_NAMESPACE = "veil-system"
 # On a Namespace or a Service: send its traffic through the waypoint of that
-# name (in the same namespace). See docs/waypoint.md.
+# name, in the namespace USE_WAYPOINT_NAMESPACE_LABEL names (default: the
+# object's own namespace, as Istio's istio.io/use-waypoint-namespace).
+# See docs/waypoint.md.
 USE_WAYPOINT_LABEL = "veil.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE_LABEL = "veil.io/use-waypoint-namespace"
 # On a Workload: this workload is a replica of the waypoint of that name.
 WAYPOINT_LABEL = "veil.io/waypoint"
 
@@ -128,6 +132,14 @@ class Namespace:
         """The waypoint this namespace's traffic goes through ("" for none)."""
         return self.labels.get(USE_WAYPOINT_LABEL, "")
 
+    @property
+    def waypoint(self) -> tuple[str, str] | None:
+        """``(namespace, name)`` of the waypoint this namespace uses, None for none."""
+        name = self.use_waypoint
+        if not name:
+            return None
+        return (self.labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or self.name, name)
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -185,10 +197,20 @@ class Service:
     # From the Service's label veil.io/use-waypoint ("" for none); the
     # namespace's label applies when this is empty.
     use_waypoint: str = ""
+    # From veil.io/use-waypoint-namespace: where that waypoint lives ("" for
+    # the Service's own namespace). Meaningless without use_waypoint.
+    use_waypoint_namespace: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def waypoint(self) -> tuple[str, str] | None:
+        """``(namespace, name)`` of the waypoint this Service's own label names, else None."""
+        if not self.use_waypoint:
+            return None
+        return (self.use_waypoint_namespace or self.namespace, self.use_waypoint)
 
 
 class PolicyAction(enum.Enum):

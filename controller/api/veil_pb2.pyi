@@ -195,7 +195,7 @@ class ServicePort(_message.Message):
     def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "namespace", "vips", "ports", "selector", "endpoints", "use_waypoint")
+    __slots__ = ("name", "namespace", "vips", "ports", "selector", "endpoints", "use_waypoint", "use_waypoint_namespace")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class Service(_message.Message):
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     USE_WAYPOINT_FIELD_NUMBER: _ClassVar[int]
+    USE_WAYPOINT_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     vips: _containers.RepeatedScalarFieldContainer[str]
@@ -217,7 +218,8 @@ class Service(_message.Message):
     selector: _containers.ScalarMap[str, str]
     endpoints: _containers.RepeatedScalarFieldContainer[str]
     use_waypoint: str
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., vips: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., selector: _Optional[_Mapping[str, str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., use_waypoint: _Optional[str] = ...) -> None: ...
+    use_waypoint_namespace: str
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., vips: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., selector: _Optional[_Mapping[str, str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., use_waypoint: _Optional[str] = ..., use_waypoint_namespace: _Optional[str] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("principals", "not_principals", "namespaces", "not_namespaces", "ip_blocks", "not_ip_blocks", "request_principals", "not_request_principals")

@@ -193,6 +193,7 @@ def resource_to_pb(r: Resource) -> pb.Resource:
                 selector=dict(r.selector),
                 endpoints=r.endpoints,
                 use_waypoint=r.use_waypoint,
+                use_waypoint_namespace=r.use_waypoint_namespace,
             )
         )
     if isinstance(r, AuthorizationPolicy):
@@ -261,6 +262,7 @@ def resource_from_pb(m: pb.Resource) -> Resource:
             selector=Labels(dict(s.selector)),
             endpoints=tuple(s.endpoints),
             use_waypoint=s.use_waypoint,
+            use_waypoint_namespace=s.use_waypoint_namespace,
         )
     if kind == "authorization_policy":
         p = m.authorization_policy

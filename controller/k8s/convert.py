@@ -24,8 +24,10 @@ What Kubernetes adds, and how it is mapped:
 * An AuthorizationPolicy, PeerAuthentication or RequestAuthentication whose
   spec does not parse is left out whole (never applied in part); its
   :class:`PolicyVerdict` carries the reason for the status condition.
-* The label ``veil.io/use-waypoint`` on a Namespace stays in its labels (the
-  model reads it from there); on a Service it becomes ``Service.use_waypoint``.
+* The labels ``veil.io/use-waypoint`` and ``veil.io/use-waypoint-namespace``
+  on a Namespace stay in its labels (the model reads them from there); on a
+  Service they become ``Service.use_waypoint`` and
+  ``Service.use_waypoint_namespace``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 from controller.api.model import (
     ROOT_NAMESPACE,
     USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
     AuthorizationPolicy,
     Labels,
     Namespace,
@@ -242,6 +245,7 @@ def service_from(svc: Json, slices: Sequence[Json] = ()) -> tuple[Service | None
             ports=tuple(ports),
             selector=Labels({str(k): str(v) for k, v in selector.items()}),
             use_waypoint=_labels(svc).get(USE_WAYPOINT_LABEL, ""),
+            use_waypoint_namespace=_labels(svc).get(USE_WAYPOINT_NAMESPACE_LABEL, ""),
         ),
         notes,
     )

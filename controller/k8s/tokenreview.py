@@ -20,8 +20,10 @@ Identity.JoinNode. :class:`TokenReviewAuthenticator` implements
 Waypoint pods join through the same RPC with a narrower grant. A token of any
 other ServiceAccount is admitted only when its bound pod (same uid, same
 ServiceAccount, not finished) carries ``veil.io/waypoint=<name>`` and its
-namespace, or a Service in it, is labelled ``veil.io/use-waypoint=<name>``.
-The principal is then ``waypoint/<ns>/<sa>/<pod>``, not a node, and the
+namespace, or a Service in it, is labelled ``veil.io/use-waypoint=<name>``, or
+some Namespace or Service elsewhere names it with ``veil.io/use-waypoint=<name>``
+and ``veil.io/use-waypoint-namespace=<its namespace>``. The principal is then
+``waypoint/<ns>/<sa>/<pod>``, not a node, and the
 caller must have claimed exactly that; controller.identity lets it obtain only
 ``spiffe://<td>/ns/<ns>/sa/<sa>``.
 
@@ -49,6 +51,7 @@ __all__ = [
     "POD_NAME_CLAIM",
     "POD_UID_CLAIM",
     "USE_WAYPOINT_LABEL",
+    "USE_WAYPOINT_NAMESPACE_LABEL",
     "WAYPOINT_LABEL",
     "BoundPod",
     "TokenReviewAuthenticator",
@@ -56,6 +59,7 @@ __all__ = [
     "node_of_pod",
     "service_account_of",
     "waypoint_of_pod",
+    "waypoint_ref_of",
 ]
 
 log = logging.getLogger("veil.controller.k8s")
@@ -66,14 +70,17 @@ POD_UID_CLAIM = "authentication.kubernetes.io/pod-uid"
 NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
 WAYPOINT_LABEL = "veil.io/waypoint"
 USE_WAYPOINT_LABEL = "veil.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE_LABEL = "veil.io/use-waypoint-namespace"
 _SA_USER_PREFIX = "system:serviceaccount:"
 _WAYPOINT_HINT = (
     "a waypoint pod needs the label veil.io/waypoint=<name>, and its namespace or a Service "
     "in it the label veil.io/use-waypoint=<name> (daemonset/waypoint/, docs/waypoint.md)"
 )
 _TOKEN_HINT = (
-    "the node DaemonSet must present its projected ServiceAccount token (audience veil, "
-    "mounted from daemonset/node.yaml); the kubelet refreshes it, so re-read the file on retry"
+    "present the pod's projected ServiceAccount token (audience veil, mounted by "
+    "daemonset/node.yaml for nodes, daemonset/waypoint/ for waypoints); the kubelet refreshes "
+    "it, so re-read the file on retry; a deleted pod's token stays invalid, its replacement "
+    "joins with its own"
 )
 
 
@@ -154,6 +161,25 @@ def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     labels = meta.get("labels") if isinstance(meta, Mapping) else None
     return labels if isinstance(labels, Mapping) else {}
+
+
+def waypoint_ref_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the waypoint a Namespace or Service object opts into.
+
+    ``veil.io/use-waypoint`` names the waypoint; ``veil.io/use-waypoint-namespace``
+    its namespace, by default the object's own (a Namespace's name, a
+    Service's namespace). None when the object opts into no waypoint.
+    """
+    labels = _labels(obj)
+    name = labels.get(USE_WAYPOINT_LABEL)
+    if not isinstance(name, str) or not name:
+        return None
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    # A Namespace is cluster-scoped: no metadata.namespace, its own name instead.
+    own = meta.get("namespace") or meta.get("name")
+    target = labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or own
+    return (target, name) if isinstance(target, str) and target else None
 
 
 def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
@@ -302,8 +328,11 @@ class TokenReviewAuthenticator:
                 "PERMISSION_DENIED",
                 f"waypoint {name!r} (pod {bound.namespace}/{bound.pod_name}) may not join: neither "
                 f"namespace {bound.namespace} nor a Service in it is labelled "
-                f"{USE_WAYPOINT_LABEL}={name}",
-                hint=f"kubectl label namespace {bound.namespace} {USE_WAYPOINT_LABEL}={name}",
+                f"{USE_WAYPOINT_LABEL}={name}, and no Namespace or Service elsewhere names it "
+                f"with {USE_WAYPOINT_LABEL}={name} and "
+                f"{USE_WAYPOINT_NAMESPACE_LABEL}={bound.namespace}",
+                hint=f"kubectl label namespace {bound.namespace} {USE_WAYPOINT_LABEL}={name}; "
+                f"from another namespace, also {USE_WAYPOINT_NAMESPACE_LABEL}={bound.namespace}",
             )
         try:
             # Validates the names as they will appear in the channel certificate.
@@ -322,12 +351,25 @@ class TokenReviewAuthenticator:
         return principal
 
     async def _opted_in(self, namespace: str, name: str) -> bool:
-        """Whether the namespace or one of its Services sends traffic to waypoint ``name``."""
+        """Whether some Namespace or Service sends traffic to waypoint ``name`` of ``namespace``.
+
+        The waypoint's own namespace and its Services are read first (the
+        common case); then every Namespace and Service, for one that names
+        this waypoint from elsewhere with ``veil.io/use-waypoint-namespace``.
+        Joins are rare, so the cluster-wide lists cost little.
+        """
+        me = (namespace, name)
         ns = await self._client.get_optional(NAMESPACES, None, namespace)
-        if _labels(ns).get(USE_WAYPOINT_LABEL) == name:
+        if ns is not None and waypoint_ref_of(ns) == me:
             return True
         services, _ = await self._client.list(SERVICES, namespace)
-        return any(_labels(svc).get(USE_WAYPOINT_LABEL) == name for svc in services)
+        if any(waypoint_ref_of(svc) == me for svc in services):
+            return True
+        for kind in (NAMESPACES, SERVICES):
+            objects, _ = await self._client.list(kind)
+            if any(waypoint_ref_of(obj) == me for obj in objects):
+                return True
+        return False
 
 
 def _api_unreachable(e: KubernetesError) -> ApiError:

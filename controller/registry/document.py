@@ -19,7 +19,9 @@ import yaml
 
 from controller.api.model import (
     USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
     AuthorizationPolicy,
+    Labels,
     Namespace,
     PeerAuthentication,
     RegistryState,
@@ -34,6 +36,7 @@ from controller.api.spiffe import InvalidSpiffeId, validate_trust_domain
 from .errors import RegistryError
 from .fields import (
     Fields,
+    Invalid,
     check_dns1035_label,
     check_dns1123_label,
     check_dns1123_subdomain,
@@ -127,9 +130,32 @@ def _label(kind: str, index: int, raw: object, namespaced: bool = True) -> str:
     return f"{kind}[{index}] ({key})" if key else f"{kind}[{index}]"
 
 
+def _check_waypoint_labels(f: Fields, labels: Labels) -> None:
+    """``veil.io/use-waypoint-namespace`` names a namespace and needs ``veil.io/use-waypoint``."""
+    target = labels.get(USE_WAYPOINT_NAMESPACE_LABEL)
+    if target is None:
+        return
+    field = f"labels.{USE_WAYPOINT_NAMESPACE_LABEL}"
+    if not labels.get(USE_WAYPOINT_LABEL):
+        f.fail(
+            field,
+            f"{show(target)} names the namespace of a waypoint, but no "
+            f"{USE_WAYPOINT_LABEL} label names the waypoint",
+            hint=f"add {USE_WAYPOINT_LABEL}: <waypoint name> next to it, or remove it",
+        )
+    try:
+        check_dns1123_label(target)
+    except Invalid as e:
+        f.fail(
+            field, e.message, "the value is the namespace the waypoint runs in (docs/waypoint.md)"
+        )
+
+
 def _namespace(raw: object, where: str) -> Namespace:
     f = Fields(raw, where, _NAMESPACE_FIELDS)
-    return Namespace(name=f.value("name", check_dns1123_label), labels=f.labels("labels"))
+    labels = f.labels("labels")
+    _check_waypoint_labels(f, labels)
+    return Namespace(name=f.value("name", check_dns1123_label), labels=labels)
 
 
 def _workload(raw: object, where: str) -> Workload:
@@ -163,6 +189,7 @@ def _service(raw: object, where: str) -> Service:
             )
         )
     labels = f.labels("labels")
+    _check_waypoint_labels(f, labels)
     return Service(
         name=f.value("name", check_dns1035_label),
         namespace=f.value("namespace", check_dns1123_label),
@@ -171,6 +198,7 @@ def _service(raw: object, where: str) -> Service:
         selector=f.labels("selector"),
         # The model keeps only what nodes use: the waypoint opt-in.
         use_waypoint=labels.get(USE_WAYPOINT_LABEL, ""),
+        use_waypoint_namespace=labels.get(USE_WAYPOINT_NAMESPACE_LABEL, ""),
     )
 
 

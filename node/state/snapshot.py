@@ -150,6 +150,18 @@ class Snapshot:
             return held
         return _endpoints(service, self.workloads)
 
+    def waypoint_of(self, namespace: str, service: Service | None = None) -> tuple[str, str] | None:
+        """``(namespace, name)`` of the waypoint a destination uses, None for none.
+
+        The Service's own ``veil.io/use-waypoint`` wins; else its (or the
+        workload's) namespace's. Either may name a waypoint in another namespace
+        with ``veil.io/use-waypoint-namespace`` (docs/waypoint.md).
+        """
+        if service is not None and (ref := service.waypoint) is not None:
+            return ref
+        ns = self.namespaces.get(namespace)
+        return ns.waypoint if ns is not None else None
+
     def local_identities(self) -> frozenset[SpiffeId]:
         """Identities this node needs certificates for (its enrolled workloads)."""
         return self.local_identity_set

@@ -24,7 +24,9 @@ Decisions, in order:
    VIP when the Service's ``use_waypoint`` - or, when empty, its
    namespace's - names one; an enrolled workload IP when its namespace's
    does (a Service label covers traffic addressed to the Service, as in
-   Istio). The CONNECT authority is the original destination, the client
+   Istio). The waypoint lives in the labelling object's namespace unless
+   ``veil.io/use-waypoint-namespace`` names another (``Snapshot.waypoint_of``).
+   The CONNECT authority is the original destination, the client
    certificate is the source's, and the waypoint's identity is required. A
    waypoint with no ready replica refuses the connection: traffic that
    asked for L7 authorization never bypasses it. A waypoint's own
@@ -217,14 +219,6 @@ def _same_family_ip(workload: Workload, like: str) -> str:
     return normalize_ip(workload.ips[0])
 
 
-def _waypoint_name(snapshot: Snapshot, namespace: str, service: Service | None) -> str:
-    """The waypoint a destination uses: the Service's label, else its namespace's."""
-    if service is not None and service.use_waypoint:
-        return service.use_waypoint
-    ns = snapshot.namespaces.get(namespace)
-    return ns.use_waypoint if ns is not None else ""
-
-
 def _via_waypoint(
     snapshot: Snapshot,
     source: Workload,
@@ -311,12 +305,12 @@ def route(
     svc = snapshot.service_at(dst, dst_port)
     if svc is not None:
         service, port = svc
-        name = _waypoint_name(snapshot, service.namespace, service)
-        if name and not (source.waypoint == name and source.namespace == service.namespace):
+        ref = snapshot.waypoint_of(service.namespace, service)
+        if ref is not None and ref != (source.namespace, source.waypoint):
             # The waypoint picks the endpoint (per request) and answers 503
             # when there is none.
             return _via_waypoint(
-                snapshot, source, name, service.namespace, dst, dst_port, service, None, choose
+                snapshot, source, ref[1], ref[0], dst, dst_port, service, None, choose
             )
         healthy = [w for w in snapshot.endpoints(service) if w.ready and w.ips]
         if not healthy:
@@ -344,9 +338,9 @@ def route(
             reason="destination is not a known workload",
         )
     if dest.enrolled and not dest.waypoint:
-        name = _waypoint_name(snapshot, dest.namespace, None)
-        if name and not (source.waypoint == name and source.namespace == dest.namespace):
+        ref = snapshot.waypoint_of(dest.namespace)
+        if ref is not None and ref != (source.namespace, source.waypoint):
             return _via_waypoint(
-                snapshot, source, name, dest.namespace, dst, dst_port, None, dest, choose
+                snapshot, source, ref[1], ref[0], dst, dst_port, None, dest, choose
             )
     return _to_workload(snapshot, source, dest, dst, dst_port, None)
