@@ -66,7 +66,21 @@ def _unavailable(
     return handler
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _rooms_for(argv: Sequence[str]) -> tuple[tuple[str, str, str], ...]:
+    """The rooms to import for ``argv``: only the named command's, when it names
+    one. A long-running process carries every module it imported: a ztunnel that
+    imported the other rooms' parsers (and with them the agent's netlink library,
+    the controller, the lab) held about 20 MB more for nothing."""
+    commands = {command for command, _module, _func in _ROOMS}
+    for word in argv:
+        if word in ("-h", "--help"):
+            break
+        if word in commands:
+            return tuple(room for room in _ROOMS if room[0] == word)
+    return _ROOMS
+
+
+def _build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veil",
         description="Veil: a sidecarless service mesh (controller, node agent, ztunnel).",
@@ -91,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="log verbosity (env VEIL_LOG_LEVEL)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command, module, func in _ROOMS:
+    for command, module, func in _rooms_for(sys.argv[1:] if argv is None else argv):
         try:
             add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = getattr(
                 importlib.import_module(module), func
@@ -149,7 +163,7 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    parser = _build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
         return _print_version(args.controller_health)

@@ -1,4 +1,4 @@
-"""The ztunnel's operations endpoints (aiohttp).
+"""The ztunnel's operations endpoints (served by :mod:`ztunnel.admin.http`).
 
 Three listeners, because they have different audiences:
 
@@ -25,11 +25,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
-
-from aiohttp import web
 
 from node.loglevels import LogLevelError, apply_levels, current_levels, parse_level_spec
 from node.state.store import StateStore
@@ -47,6 +45,7 @@ from ..metrics.components import (
 from ..metrics.prometheus import CONTENT_TYPE, Registry
 from .denies import DenyFeed
 from .dump import config_dump
+from .http import Handler, HttpServer, Request, Response, json_response, text_response
 from .readiness import Readiness
 
 __all__ = ["ConnectionsProvider", "OpsServer", "register_state_gauges"]
@@ -58,12 +57,8 @@ ConnectionsGatherer = Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]
 MetricsRenderer = Callable[[], Awaitable[str]]
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(
-        text=json.dumps(data, indent=2, sort_keys=False, default=str) + "\n",
-        status=status,
-        content_type="application/json",
-    )
+def _json(data: object, status: int = 200) -> Response:
+    return json_response(data, status)
 
 
 def _version() -> str:
@@ -173,8 +168,8 @@ class OpsServer:
             "metrics": metrics_address,
             "readiness": readiness_address,
         }
-        self._runners: list[web.AppRunner] = []
-        self._by_name: dict[str, web.AppRunner] = {}
+        self._servers: list[HttpServer] = []
+        self._by_name: dict[str, HttpServer] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
 
     @classmethod
@@ -209,12 +204,12 @@ class OpsServer:
             connections=conns,
         )
 
-    async def _config_dump(self, request: web.Request) -> web.Response:
+    async def _config_dump(self, request: Request) -> Response:
         if self._gather_connections is not None:
             return _json(self.dump(await self._gather_connections()))
         return _json(self.dump())
 
-    async def _certificates(self, request: web.Request) -> web.Response:
+    async def _certificates(self, request: Request) -> Response:
         certs = self._certs.dump() if self._certs is not None else []
         if request.query.get("pem") not in ("1", "true") or self._certs is None:
             return _json(certs)
@@ -233,13 +228,13 @@ class OpsServer:
             }
         )
 
-    async def _version(self, request: web.Request) -> web.Response:
+    async def _version(self, request: Request) -> Response:
         return _json({"component": "ztunnel", "version": _version()})
 
-    async def _logging(self, request: web.Request) -> web.Response:
+    async def _logging(self, request: Request) -> Response:
         if request.method == "POST":
             try:
-                body = json.loads(await request.read() or b"{}")
+                body = json.loads(request.body or b"{}")
             except ValueError:
                 return _json({"error": "the request body is not JSON"}, 400)
             spec = body.get("level") if isinstance(body, dict) else None
@@ -253,40 +248,38 @@ class OpsServer:
             return _json({"applied": applied, **current_levels()})
         return _json(current_levels())
 
-    async def _deny_list(self, request: web.Request) -> web.StreamResponse:
+    async def _deny_list(self, request: Request) -> Response:
         if request.query.get("follow") not in ("1", "true"):
             return _json({"denies": self._denies.recent(), "total": self._denies.total})
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        try:
+
+        async def lines() -> AsyncIterator[bytes]:
             async for event in self._denies.follow():
-                await resp.write(json.dumps(event, default=str).encode() + b"\n")
-        except ConnectionError:
-            pass  # the reader went away
-        return resp
+                yield json.dumps(event, default=str).encode() + b"\n"
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        return Response(200, lines(), "application/x-ndjson")
 
-    async def _live(self, request: web.Request) -> web.Response:
+    async def _healthz(self, request: Request) -> Response:
+        return text_response("ok\n")
+
+    async def _live(self, request: Request) -> Response:
         # Answered by the event loop itself: nothing here may consult state
         # that a controller outage can take away.
-        return web.Response(text="alive\n")
+        return text_response("alive\n")
 
-    async def _ready(self, request: web.Request) -> web.Response:
+    async def _ready(self, request: Request) -> Response:
         result = self._readiness.check()
         if result.ready:
-            return web.Response(text="ready\n")
-        return web.Response(text="not ready: " + "; ".join(result.reasons) + "\n", status=503)
+            return text_response("ready\n")
+        return text_response("not ready: " + "; ".join(result.reasons) + "\n", 503)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request) -> Response:
         if self._render_metrics is not None:
             body = await self._render_metrics()
         else:
             body = self._registry.render()
-        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(200, body.encode(), CONTENT_TYPE)
 
-    async def _index(self, request: web.Request) -> web.Response:
+    async def _index(self, request: Request) -> Response:
         return _json(
             {
                 "endpoints": [
@@ -304,25 +297,24 @@ class OpsServer:
             }
         )
 
-    def _apps(self) -> dict[str, web.Application]:
-        admin = web.Application()
-        admin.router.add_get("/", self._index)
-        admin.router.add_get("/config_dump", self._config_dump)
-        admin.router.add_get("/certs", self._certificates)
-        admin.router.add_get("/healthz", self._healthz)
-        admin.router.add_get("/healthz/live", self._live)
-        admin.router.add_get("/healthz/ready", self._ready)
-        admin.router.add_get("/metrics", self._metrics)
-        admin.router.add_get("/version", self._version)
-        admin.router.add_get("/logging", self._logging)
-        admin.router.add_post("/logging", self._logging)
-        admin.router.add_get("/denies", self._deny_list)
-        metrics = web.Application()
-        metrics.router.add_get("/metrics", self._metrics)
-        metrics.router.add_get("/stats/prometheus", self._metrics)
-        ready = web.Application()
-        ready.router.add_get("/healthz/ready", self._ready)
-        ready.router.add_get("/healthz/live", self._live)
+    def _routes(self) -> dict[str, dict[str, dict[str, Handler]]]:
+        def get(handler: Handler) -> dict[str, Handler]:
+            return {"GET": handler}
+
+        admin: dict[str, dict[str, Handler]] = {
+            "/": get(self._index),
+            "/config_dump": get(self._config_dump),
+            "/certs": get(self._certificates),
+            "/healthz": get(self._healthz),
+            "/healthz/live": get(self._live),
+            "/healthz/ready": get(self._ready),
+            "/metrics": get(self._metrics),
+            "/version": get(self._version),
+            "/logging": {"GET": self._logging, "POST": self._logging},
+            "/denies": get(self._deny_list),
+        }
+        metrics = {"/metrics": get(self._metrics), "/stats/prometheus": get(self._metrics)}
+        ready = {"/healthz/ready": get(self._ready), "/healthz/live": get(self._live)}
         return {"admin": admin, "metrics": metrics, "readiness": ready}
 
     # -- lifecycle ---------------------------------------------------------------
@@ -330,27 +322,24 @@ class OpsServer:
     async def start(self) -> None:
         """Binds every configured listener; on failure nothing stays bound."""
         try:
-            for name, app in self._apps().items():
+            for name, routes in self._routes().items():
                 addr = self._wanted[name]
                 if addr is None:
                     continue
-                runner = web.AppRunner(app, access_log=None, handle_signals=False)
-                await runner.setup()
-                self._runners.append(runner)
-                self._by_name[name] = runner
+                server = HttpServer(name, routes)
                 # SO_REUSEPORT: a surge ztunnel (rolling update, host network)
                 # binds these ports while the old one still holds them.
-                site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True, reuse_port=True)
                 try:
-                    await site.start()
+                    bound = await server.start(addr[0], addr[1])
                 except OSError as e:
                     raise AdminBindError(
                         f"cannot listen for {name} on {addr[0]}:{addr[1]}: {e.strerror or e}",
                         hint="another process holds the port; stop it or choose another "
                         f"--{name}-address",
                     ) from None
-                bound = runner.addresses[0]
-                self.addresses[name] = (str(bound[0]), int(bound[1]))
+                self._servers.append(server)
+                self._by_name[name] = server
+                self.addresses[name] = bound
                 log.info("%s endpoint listening on %s:%d", name, *self.addresses[name])
         except BaseException:
             await self.stop()
@@ -359,16 +348,16 @@ class OpsServer:
     async def close_readiness(self) -> None:
         """Stops answering readiness probes (draining: a surge instance sharing
         the port answers them from now on)."""
-        runner = self._by_name.pop("readiness", None)
-        if runner is not None:
-            self._runners.remove(runner)
+        server = self._by_name.pop("readiness", None)
+        if server is not None:
+            self._servers.remove(server)
             self.addresses.pop("readiness", None)
-            await runner.cleanup()
+            await server.close()
 
     async def stop(self) -> None:
         self._denies.close()  # ends `veilctl monitor` streams, or cleanup would wait on them
         self._by_name = {}
-        runners, self._runners = self._runners, []
-        for r in runners:
-            await r.cleanup()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await server.close()
         self.addresses = {}

@@ -42,7 +42,7 @@ from .errors import (
 from .http2.connection import H2Connection, Role
 from .pool import HboneClientPool, PoolConnectionInfo, PoolKey, SocketFactory, default_connect
 from .server import HboneServer, InboundHandler, InboundStream, SelectCert
-from .stream import CloseReason, RelayResult, TunnelStream, relay
+from .stream import CloseReason, RelayResult, TunnelStream, relay, start_relay
 
 __all__ = [
     "CloseReason",
@@ -77,4 +77,5 @@ __all__ = [
     "default_connect",
     "parse_authority",
     "relay",
+    "start_relay",
 ]

@@ -22,8 +22,14 @@ who (verified SPIFFE ID) wants which pod port. The handler decides::
         result = await relay(stream, sock)            # sends the 200 first
         access_log(stream.request, result)
 
+A handler may instead start the relay with :func:`~ztunnel.hbone.stream.start_relay`
+and return at once: the stream then lives on transport callbacks alone, with no
+task or coroutine frame per held connection (the ztunnel's inbound path does
+this), and ends as the relay does or when :meth:`TunnelStream.close` is called.
+
 A handler that returns without answering gets a 503 sent for it (fail closed),
-one that raises as well. Requests the HBONE rules refuse (authority IP not the
+one that raises as well; one that answered 200 and returns without a relay
+started has its stream closed. Requests the HBONE rules refuse (authority IP not the
 connection's destination unless the server was built without that rule, not
 CONNECT, bad ``forwarded``) are answered 400 without calling the handler. Cancelling the handler task resets the stream.
 """
@@ -254,7 +260,7 @@ class HboneServer:
             return
         if stream.status is None:
             stream.reject(503, "the inbound handler returned without answering")
-        elif not stream.is_closed:
+        elif not stream.is_closed and not stream.relaying:
             stream.close(CloseReason.CLOSED, "the inbound handler returned")
 
     # ------------------------------------------------------- operations
@@ -262,6 +268,11 @@ class HboneServer:
     @property
     def connection_count(self) -> int:
         return len(self._endpoints)
+
+    @property
+    def handlers_running(self) -> int:
+        """Handler tasks still running (deciding, dialling, or relaying with a task)."""
+        return len(self._tasks)
 
     def streams(self) -> list[InboundStream]:
         """Every live inbound stream."""

@@ -4,7 +4,9 @@
 (:class:`~ztunnel.hbone.client.HboneStream`) and the server
 (:class:`~ztunnel.hbone.server.InboundStream`). :func:`relay` binds it to the
 local socket (the application's on the client, the pod's on the server) and
-returns a :class:`RelayResult` when both directions are done.
+returns a :class:`RelayResult` when both directions are done;
+:func:`start_relay` binds it the same way and returns a future at once, for a
+caller that holds many connections without a task each.
 
 The data path, both ways without copies in the steady state:
 
@@ -43,7 +45,7 @@ from .http2.frames import ErrorCode
 if TYPE_CHECKING:
     from .endpoint import H2Endpoint
 
-__all__ = ["CloseReason", "RelayResult", "TunnelStream", "relay"]
+__all__ = ["CloseReason", "RelayResult", "TunnelStream", "relay", "start_relay"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 PAUSE_WINDOW = 1  # the stream's send window is exhausted
@@ -110,6 +112,11 @@ class TunnelStream:
     @property
     def is_closed(self) -> bool:
         return self._result is not None
+
+    @property
+    def relaying(self) -> bool:
+        """True once :func:`start_relay` bound a local socket and until the end."""
+        return self._tcp is not None and self._result is None
 
     async def wait_closed(self) -> RelayResult:
         return await asyncio.shield(self._waiter())
@@ -395,6 +402,26 @@ async def relay(stream: TunnelStream, local: socket.socket | asyncio.Transport) 
     not been answered yet, the 200 goes out first. Cancelling the caller resets
     both sides and re-raises.
     """
+    done = await start_relay(stream, local)
+    try:
+        return await done
+    except asyncio.CancelledError:
+        stream._abort(CloseReason.CANCELLED, "the relay task was cancelled", reset=True)
+        raise
+
+
+async def start_relay(
+    stream: TunnelStream, local: socket.socket | asyncio.Transport
+) -> asyncio.Future[RelayResult]:
+    """Binds ``stream`` to ``local`` as :func:`relay` does, and returns as soon as
+    the bytes flow: the future resolves with the :class:`RelayResult` when both
+    directions end.
+
+    The relay runs on transport callbacks alone, so nothing has to await it: a
+    caller holding thousands of connections can add a done callback instead of
+    keeping a task and its coroutine frames per connection. Cancelling the
+    future does not stop the relay; :meth:`TunnelStream.close` does.
+    """
     loop = asyncio.get_running_loop()
     size = stream._ep.config.tcp_read_size
     if stream.result is None:
@@ -404,7 +431,7 @@ async def relay(stream: TunnelStream, local: socket.socket | asyncio.Transport) 
             local.close()
         else:
             local.abort()
-        return stream.result
+        return stream._waiter()
     try:
         if isinstance(local, socket.socket):
             local.setblocking(False)
@@ -414,7 +441,6 @@ async def relay(stream: TunnelStream, local: socket.socket | asyncio.Transport) 
             local.set_protocol(proto)
             proto.connection_made(local)
             local.resume_reading()
-        return await stream._waiter()
     except asyncio.CancelledError:
         stream._abort(CloseReason.CANCELLED, "the relay task was cancelled", reset=True)
         raise
@@ -422,4 +448,4 @@ async def relay(stream: TunnelStream, local: socket.socket | asyncio.Transport) 
         stream._abort(CloseReason.LOCAL_RESET, str(exc), reset=True)
         if isinstance(local, socket.socket):
             local.close()
-        return await asyncio.shield(stream._waiter())
+    return stream._waiter()

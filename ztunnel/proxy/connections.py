@@ -12,9 +12,9 @@ The registry answers three needs:
 * drain: at shutdown the registry says how many connections are left and
   closes the remainder when the grace period ends.
 
-A connection is closed by cancelling the task that proxies it; that task's
-handler resets both sides and writes the access log line with the reason set
-here. The decision itself is the policy package's pure re-check.
+A connection is closed by cancelling the task that proxies it (or, for a held
+inbound connection, the future it ends on); its handler resets both sides and
+writes the access log line with the reason set here. The decision itself is the policy package's pure re-check.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ class LiveConnection:
     started: float = field(default_factory=time.monotonic)
     close_reason: str | None = None
     close_flags: str = "-"
-    task: asyncio.Task[Any] | None = None
+    # What close() cancels: the task proxying the connection, or the future a
+    # held connection without a task ends on (see proxy.inbound).
+    task: asyncio.Future[Any] | None = None
 
     @property
     def duration(self) -> float:
@@ -218,7 +220,7 @@ class ConnectionRegistry:
         *,
         authz: Connection | None = None,
         verdict: str = "allow",
-        task: asyncio.Task[Any] | None = None,
+        task: asyncio.Future[Any] | None = None,
     ) -> LiveConnection:
         """Registers a connection proxied by ``task`` (default: the current task)."""
         conn = LiveConnection(

@@ -11,30 +11,36 @@ address, policy); then this module acts on the decision:
 * ``Admit``: dial the pod, from the original client IP when the client
   address was verified (IP_TRANSPARENT, SO_MARK), so the application sees the
   real caller; a failed dial answers 503. The stream is then relayed,
-  registered for policy re-checks, and logged.
+  registered for policy re-checks, and logged. The relay runs on transport
+  callbacks (:func:`~ztunnel.hbone.start_relay`): a held connection keeps no
+  task or coroutine frame (about a third of what one cost before).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from controller.api.model import TrustBundle
 from controller.api.spiffe import SpiffeId
+from node.policy import Connection
 from ztunnel.errors import CertificateError
-from ztunnel.hbone import HboneConfig, HboneServer, InboundStream
-from ztunnel.hbone import relay as relay_stream
+from ztunnel.hbone import CloseReason, HboneConfig, HboneServer, InboundStream, start_relay
+from ztunnel.hbone import RelayResult as TunnelResult
 from ztunnel.hbone.connect import STATUS_DENIED, STATUS_UNAVAILABLE
 from ztunnel.identity import CertificateSource, WorkloadCertificate
 from ztunnel.tls import TlsContextCache
 
-from .connections import ConnectionInfo, Direction, LiveConnection
-from .context import ProxyContext, proxied, refuse
+from .connections import FLAG_DOWNSTREAM_CLOSED, ConnectionInfo, Direction, LiveConnection
+from .context import ProxyContext, refuse
 from .decide import Reject, decide_inbound
 from .errors import FLAG_POLICY_DENIED, UpstreamConnectError
-from .relay import RelayResult, TunnelCounters, tunnel_result
+from .relay import TunnelCounters, tunnel_result
 from .sockets import Address, connect_to_pod
 
 __all__ = ["InboundProxy"]
@@ -100,8 +106,8 @@ class InboundProxy:
         return cert
 
     def _handle(self, stream: InboundStream) -> Coroutine[Any, Any, None] | None:
-        """Decides one CONNECT at once; returns the coroutine relaying it, or None
-        when it was answered with an error here."""
+        """Decides one CONNECT at once; returns the coroutine that dials the pod
+        and starts the relay, or None when it was answered with an error here."""
         ctx = self._ctx
         req = stream.request
         snapshot = ctx.store.current
@@ -134,18 +140,78 @@ class InboundProxy:
             refuse(ctx, None, info, decision.reason, decision.flags, policy=decision.policy)
             return None
         client_ip = decision.client.ip if decision.transparent else None
+        return self._admit(stream, info, client_ip, decision.authz, decision.policy)
 
-        async def relay(conn: LiveConnection) -> RelayResult:
-            try:
-                sock = await connect_to_pod(ctx, dst, client_ip)
-            except UpstreamConnectError as e:
-                stream.reject(STATUS_UNAVAILABLE, e.message)
-                raise
+    async def _admit(
+        self,
+        stream: InboundStream,
+        info: ConnectionInfo,
+        client_ip: str | None,
+        authz: Connection | None,
+        policy: str | None,
+    ) -> None:
+        """Registers the connection, dials the pod and starts the relay, then
+        returns: the held connection lives on transport callbacks, and
+        :func:`_relayed` writes its access log line when it ends. (A task and
+        four coroutine frames per held connection cost about 2 KB each.)"""
+        ctx = self._ctx
+        conn = ctx.registry.add(info, authz=authz)  # closing it cancels this task
+        ctx.metrics.connection_opened(info.labels())
+        try:
+            sock = await connect_to_pod(ctx, info.dst, client_ip)
             conn.counters = TunnelCounters(stream, local_is_client=False)
-            return tunnel_result(await relay_stream(stream, sock), local_is_client=False)
-
-        return proxied(ctx, info, relay, authz=decision.authz, policy=decision.policy)
+            done = await start_relay(stream, sock)
+        except UpstreamConnectError as e:
+            stream.reject(STATUS_UNAVAILABLE, e.message)
+            _closed(ctx, conn, policy, e.message, e.flags)
+            return
+        except asyncio.CancelledError:
+            # Closed from outside while dialling (policy re-check, shutdown):
+            # as proxied() does, log and end normally; the server answers the stream.
+            if conn.close_reason is None:
+                conn.close("cancelled", FLAG_DOWNSTREAM_CLOSED)
+            _closed(ctx, conn, policy, conn.close_reason, None)
+            return
+        except Exception as e:
+            log.exception("connection %d (%s -> %s) failed", conn.id, info.src, info.dst)
+            _closed(ctx, conn, policy, f"{type(e).__name__}: {e}", None)
+            return  # the server answers 503, or resets a stream already answered
+        # From here on, closing the connection cancels this future (see _relayed).
+        conn.task = done
+        done.add_done_callback(partial(_relayed, ctx, stream, conn, policy))
 
     async def shutdown(self, grace: float) -> None:
         """GOAWAY to every HBONE peer, drain for ``grace`` seconds, reset the rest."""
         await self.server.shutdown(grace)
+
+
+def _relayed(
+    ctx: ProxyContext,
+    stream: InboundStream,
+    conn: LiveConnection,
+    policy: str | None,
+    done: asyncio.Future[TunnelResult],
+) -> None:
+    """The end of a held inbound connection: its relay finished, or the
+    connection was closed from outside (the future was cancelled)."""
+    if done.cancelled():
+        if conn.close_reason is None:
+            conn.close("cancelled", FLAG_DOWNSTREAM_CLOSED)
+        stream.close(CloseReason.CANCELLED, conn.close_reason or "cancelled")
+        _closed(ctx, conn, policy, conn.close_reason, None)
+        return
+    result = tunnel_result(done.result(), local_is_client=False)
+    _closed(ctx, conn, policy, result.error, result.flags)
+
+
+def _closed(
+    ctx: ProxyContext,
+    conn: LiveConnection,
+    policy: str | None,
+    error: str | None,
+    flags: str | None,
+) -> None:
+    """Unregisters ``conn`` and reports it (metrics, access log), as proxied() does."""
+    ctx.registry.remove(conn)
+    with contextlib.suppress(Exception):
+        ctx.metrics.connection_closed(conn.report(error=error, response_flags=flags, policy=policy))

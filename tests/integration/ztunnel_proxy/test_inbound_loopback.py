@@ -49,6 +49,9 @@ async def test_allowed_tunnel_is_intact_and_app_sees_client_ip(
     assert conn["dst_identity"] == str(PAYMENTS)
     assert conn["src"].startswith(CHECKOUT_IP)
     assert conn["bytes_received"] >= len(blob)
+    # A held inbound connection runs on transport callbacks: no task (and no
+    # coroutine frames) per connection on the destination ztunnel.
+    assert node_b.inbound.server.handlers_running == 0
 
     t.writer.write_eof()
     assert await t.reader.read() == b""
