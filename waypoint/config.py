@@ -70,7 +70,9 @@ class WaypointConfig:
     connect_timeout: float = 10.0
     drain_grace_period: float = 10.0
     jwks_refresh: float = 300.0
-    max_body: int = 8 * 1024 * 1024
+    # Request bodies stream through (bounded memory), so no size limit by
+    # default; a positive value answers 413 past it.
+    max_body: int = 0
     idle_timeout: float = 300.0
     metrics_max_label_sets: int = 2000
 

@@ -6,7 +6,9 @@ were fetched, takes the pure :func:`~waypoint.decide.decide`, then either
 answers (400/401/403/503) or picks an endpoint and relays the exchange
 upstream. Every request ends in one access-log line (JSON, with the deciding
 policy and reason) and one observation in the request metrics. The HTTP
-front ends (:mod:`.http1`, :mod:`.http2`) hand it the parsed head and body and
+front ends (:mod:`.http1`, :mod:`.http2`) hand it the parsed head, the
+streaming body (:class:`~waypoint.body.RequestBody`, read only once the
+request is allowed) and
 a :class:`ResponseSink` to answer through.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .balance import Balancer
+from .body import RequestBody
 from .decide import Forward, PeerFacts, Respond, decide
 from .jwks import JwksCache
 from .metrics import RequestLabels, RequestMetrics
@@ -82,8 +85,10 @@ def _is_grpc(headers: Headers) -> bool:
 
 
 def _upstream_headers(
-    headers: Headers, host: str, strip: tuple[str, ...], body: bytes
+    headers: Headers, host: str, strip: tuple[str, ...]
 ) -> list[tuple[bytes, bytes]]:
+    """The request's end-to-end headers for upstream; each upstream adds the
+    body's framing itself (HTTP/1.1 length or chunked, HTTP/2 DATA)."""
     listed = {
         t.strip().lower().encode()
         for name, value in headers
@@ -95,8 +100,6 @@ def _upstream_headers(
     out += [(n, v) for n, v in headers if n.lower() not in drop]
     if any(n == b"te" and v.strip().lower() == b"trailers" for n, v in headers):
         out.append((b"te", b"trailers"))  # gRPC asks for trailers; HTTP/2 allows only this TE
-    if body:
-        out.append((b"content-length", str(len(body)).encode()))
     return out
 
 
@@ -119,7 +122,7 @@ class RequestProxy:
         metrics: RequestMetrics,
         jwks: JwksCache,
         *,
-        max_body: int = 8 * 1024 * 1024,
+        max_body: int = 0,
     ) -> None:
         self._view = view
         self.upstream = upstream
@@ -137,7 +140,7 @@ class RequestProxy:
         target: str,
         host: str,
         headers: Headers,
-        body: bytes,
+        body: RequestBody,
         protocol: str,
         sink: ResponseSink,
     ) -> None:
@@ -161,7 +164,7 @@ class RequestProxy:
         record: _Record,
         dest: Destination | None,
         headers: Headers,
-        body: bytes,
+        body: RequestBody,
         sink: ResponseSink,
     ) -> None:
         ctx = record.ctx
@@ -209,14 +212,14 @@ class RequestProxy:
         dest: Destination,
         decision: Forward,
         headers: Headers,
-        body: bytes,
+        body: RequestBody,
     ) -> None:
         endpoint = self.balancer.pick(dest.endpoints)
         record.endpoint = f"{endpoint.workload} {endpoint.ip}:{endpoint.port}"
         record.destination_workload = endpoint.workload
         record.destination_principal = str(endpoint.identity)
         try:
-            up_headers = _upstream_headers(headers, record.host, decision.strip, body)
+            up_headers = _upstream_headers(headers, record.host, decision.strip)
             if record.ctx.peer.ip:
                 up_headers.append((b"x-forwarded-for", record.ctx.peer.ip.encode()))
             resp: UpstreamResponse | H2UpstreamResponse

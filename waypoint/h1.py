@@ -2,10 +2,12 @@
 
 Both directions of the waypoint speak HTTP/1.1 through this module:
 
-* :class:`RequestParser` turns the bytes a client sends into whole
-  :class:`H1Request` objects (pipelined requests come out in order) or
-  raises :class:`H1Error` with the status to answer (400, 405, 413, 431,
-  505); llhttp runs strict, so ambiguous framing (``Content-Length`` with
+* :class:`RequestParser` turns the bytes a client sends into
+  :class:`H1Request` heads as soon as a head is complete (pipelined requests
+  come out in order), each with a streaming
+  :class:`~waypoint.body.RequestBody` the parser keeps filling, or raises
+  :class:`H1Error` with the status to answer (400, 405, 413, 431, 505);
+  llhttp runs strict, so ambiguous framing (``Content-Length`` with
   ``Transfer-Encoding``, two different lengths, bare LF, obs-fold) is an
   error, never a guess;
 * :func:`response_head` / :func:`chunk` / :data:`LAST_CHUNK` write a
@@ -22,10 +24,12 @@ for CR, LF and NUL: a value that would split a message raises ValueError.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 
 import httptools
+
+from .body import RequestBody, RequestError
 
 __all__ = [
     "LAST_CHUNK",
@@ -47,27 +51,24 @@ _FORBIDDEN = (b"\r", b"\n", b"\0")
 _NO_BODY = frozenset({204, 304})
 
 
-class H1Error(Exception):
+class H1Error(RequestError):
     """The client's bytes are not acceptable HTTP/1.1: answer ``status`` and close."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 class H1Request:
-    """One whole request: method, target as sent, lower-cased headers, body."""
+    """One request: method, target as sent, lower-cased headers, and its body
+    (streaming: complete only once the parser saw its end)."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "target", "version")
+    __slots__ = ("body", "expect_continue", "headers", "keep_alive", "method", "target", "version")
 
     def __init__(self) -> None:
         self.method = ""
         self.target = ""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body = b""
+        self.body = RequestBody.empty()
         self.keep_alive = True
+        self.expect_continue = False
 
 
 class H1Response:
@@ -114,24 +115,29 @@ class _Head:
 
 
 class RequestParser:
-    """Bytes in, whole requests out. One instance per client connection."""
+    """Bytes in, request heads out, bodies filled as they come. One instance
+    per client connection; ``fill`` (read the connection once and
+    :meth:`feed` it) is what a body awaits when it has nothing queued."""
 
     def __init__(
-        self, *, max_body: int, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS
+        self,
+        *,
+        max_body: int = 0,
+        max_head: int = MAX_HEAD,
+        max_headers: int = MAX_HEADERS,
+        fill: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._p = httptools.HttpRequestParser(self)
-        self._max_body = max_body
+        self._max_body = max_body  # 0: no limit
         self._max_head = max_head
         self._max_headers = max_headers
+        self._fill = fill
         self._done: list[H1Request] = []
         self._cur = H1Request()
         self._url = bytearray()
         self._head = _Head()
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._value = bytearray()
         self._in_head = False
-        self.expects_continue = False  # the current request waits for "100 Continue"
+        self._in_body = False
         self.closed = False  # no more requests on this connection (upgrade / close)
 
     # -- llhttp callbacks (names fixed by httptools) ------------------------------
@@ -140,10 +146,7 @@ class RequestParser:
         self._cur = H1Request()
         self._url.clear()
         self._head = _Head()
-        self._body = []
-        self._body_size = 0
         self._in_head = True
-        self.expects_continue = False
 
     def on_url(self, url: bytes) -> None:
         self._head.add(len(url), self._max_head)
@@ -174,30 +177,36 @@ class RequestParser:
             raise H1Error(400, "the request has more than one Host header")
         if cur.version == "1.1" and not hosts:
             raise H1Error(400, "an HTTP/1.1 request needs a Host header")
+        length: int | None = 0
         for name, value in cur.headers:
             if name == b"content-length" and value.strip().isdigit():
-                if int(value) > self._max_body:
+                length = int(value)
+                if self._max_body and length > self._max_body:
                     raise H1Error(413, f"the request body is larger than {self._max_body} bytes")
+            elif name == b"transfer-encoding":
+                length = None  # llhttp accepts only chunked as the final coding
             elif name == b"expect" and value.strip().lower() == b"100-continue":
-                self.expects_continue = cur.version == "1.1"
+                cur.expect_continue = cur.version == "1.1"
+        cur.body = RequestBody(length, fill=self._fill, max_size=self._max_body)
+        self._in_body = not cur.body.complete
+        self._done.append(cur)
 
     def on_body(self, body: bytes) -> None:
-        self._body_size += len(body)
-        if self._body_size > self._max_body:
+        b = self._cur.body
+        b.push(body)
+        if b.done and not b.complete:  # over max_size: stop parsing this connection
             raise H1Error(413, f"the request body is larger than {self._max_body} bytes")
-        self._body.append(body)
 
     def on_message_complete(self) -> None:
-        cur = self._cur
-        cur.body = b"".join(self._body) if self._body else b""
-        self._body = []
-        self.expects_continue = False
-        self._done.append(cur)
+        self._in_body = False
+        self._cur.body.finish()
 
     # -- input -------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[H1Request]:
-        """The requests ``data`` completed, in order; raises :class:`H1Error`."""
+        """The request heads ``data`` completed, in order (their bodies fill as
+        parsing goes on); raises :class:`H1Error`, which also fails the body
+        being read."""
         if self.closed:
             return []
         try:
@@ -211,22 +220,28 @@ class RequestParser:
                 self._done[-1].keep_alive = False
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__ or e.__cause__
-            if isinstance(cause, H1Error):
-                raise cause from None
-            raise H1Error(400, f"malformed request: {e}") from None
-        except H1Error:
-            raise
+            err = cause if isinstance(cause, H1Error) else H1Error(400, f"malformed request: {e}")
+            raise self._failed(err) from None
+        except H1Error as e:
+            raise self._failed(e) from None
         except httptools.HttpParserError as e:
             if self._in_head and self._head.size > self._max_head:
-                raise H1Error(431, "the request head is too large") from None
-            raise H1Error(400, f"malformed request: {e}") from None
+                raise self._failed(H1Error(431, "the request head is too large")) from None
+            raise self._failed(H1Error(400, f"malformed request: {e}")) from None
         done, self._done = self._done, []
         return done
 
-    @property
-    def mid_message(self) -> bool:
-        """True while a request has started but not completed."""
-        return self._in_head or bool(self._body)
+    def _failed(self, err: H1Error) -> H1Error:
+        self.closed = True
+        if self._in_body:
+            self._cur.body.fail(err)
+        return err
+
+    def eof(self) -> None:
+        """The client closed: a body still expected fails (nothing is made up)."""
+        self.closed = True
+        if self._in_body:
+            self._cur.body.fail(ConnectionResetError("the client closed before the body ended"))
 
 
 def response_head(

@@ -1,14 +1,16 @@
 """HTTP/1.1 inside a tunnel: :mod:`.h1` frames, :class:`~waypoint.forward.RequestProxy` decides.
 
 Keep-alive is served; pipelined requests are answered one after the other, in
-order (bytes after a request wait in the parser until its response is out).
-Chunked and length-delimited bodies are read whole, up to the proxy's
-``max_body`` (else 413, as soon as a ``Content-Length`` says so); a client
-that sent ``Expect: 100-continue`` gets its ``100 Continue`` once the head
-was accepted. Malformed requests get a 400 (431 for a huge head, 405 for a
-CONNECT, 505 for another HTTP version) and the connection closes; nothing a
-client sends raises out of :func:`serve_http1`. Idle keep-alive connections
-close after ``idle_timeout``.
+order. A request is decided on its head and its body (chunked or
+length-delimited) streams upstream as it arrives, so uploads of any size pass
+in bounded memory (``max_body``, when set, answers 413 past it). A client
+that sent ``Expect: 100-continue`` gets its ``100 Continue`` only when the
+proxy starts reading the body, so a refused request never uploads it. A body
+nobody read (a refused request) closes the connection after the answer.
+Malformed requests get a 400 (431 for a huge head, 405 for a CONNECT, 505
+for another HTTP version) and the connection closes; nothing a client sends
+raises out of :func:`serve_http1`. Idle keep-alive connections close after
+``idle_timeout``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import contextlib
 import logging
 from collections import deque
 
+from .body import RequestError
 from .forward import Headers, RequestProxy, TunnelContext
-from .h1 import LAST_CHUNK, H1Error, H1Request, RequestParser, chunk, response_head
+from .h1 import LAST_CHUNK, H1Request, RequestParser, chunk, response_head
 from .upstream import UpstreamError
 
 __all__ = ["serve_http1"]
@@ -119,36 +122,38 @@ async def serve_http1(
     idle_timeout: float = 300.0,
 ) -> None:
     """Serves requests until the client or the protocol closes the connection."""
-    parser = RequestParser(max_body=proxy.max_body)
     pending: deque[H1Request] = deque()
-    data = first
-    continued = False
+
+    async def fill() -> None:
+        """Reads once and parses it: a body that waits for the client calls this."""
+        try:
+            async with asyncio.timeout(idle_timeout):
+                data = await reader.read(_READ)
+        except TimeoutError:
+            data = b""
+        if not data:
+            parser.eof()
+            return
+        pending.extend(parser.feed(data))
+
+    parser = RequestParser(max_body=proxy.max_body, fill=fill)
+    sink: _Sink | None = None
     try:
+        if first:
+            pending.extend(parser.feed(first))
         while True:
             if not pending:
-                if data:
-                    pending.extend(parser.feed(data))
-                    data = b""
-                if not pending:
-                    if parser.expects_continue and not continued:
-                        continued = True
-                        writer.write(_CONTINUE)
-                    if parser.closed:
-                        break
-                    try:
-                        async with asyncio.timeout(idle_timeout):
-                            data = await reader.read(_READ)
-                    except (TimeoutError, OSError):
-                        break
-                    if not data:
-                        break
-                    continue
+                if parser.closed:
+                    break
+                await fill()
+                continue
             req = pending.popleft()
-            continued = False
             parsed = _host_and_target(req)
             if parsed is None:
                 await _simple(writer, 400, "bad request target\n")
                 break
+            if req.expect_continue and not req.body.done:
+                req.body.on_first_read = lambda: writer.write(_CONTINUE)
             sink = _Sink(writer, req)
             try:
                 await proxy.serve(
@@ -162,12 +167,16 @@ async def serve_http1(
                 if not sink.started:
                     await _simple(writer, 502, "invalid upstream response\n")
                 break
-            if sink.close:
+            if sink.close or not req.body.done:
+                # A body nobody read (the request was refused, or answered
+                # early) would have to be skipped byte by byte: close instead.
                 break
-    except H1Error as e:
+            sink = None
+    except RequestError as e:
         log.info("malformed HTTP/1.1 from %s: %s", ctx.peer.principal, e.detail)
-        await _simple(writer, e.status, f"bad request: {e.detail}\n")
-    except ConnectionError:
+        if sink is None or not sink.started:
+            await _simple(writer, e.status, f"bad request: {e.detail}\n")
+    except (ConnectionError, OSError):
         pass
     finally:
         with contextlib.suppress(OSError, RuntimeError):

@@ -1,8 +1,11 @@
 """HTTP/2 with prior knowledge inside a tunnel (the h2 library), one task per stream.
 
-Each stream's request is collected whole (headers, DATA up to the proxy's
-``max_body``, else 413) and handed to :class:`~waypoint.forward.RequestProxy`;
-its response goes out honouring the peer's flow-control windows. A protocol
+Each stream is handed to :class:`~waypoint.forward.RequestProxy` as soon as
+its headers arrive; its DATA streams in as a
+:class:`~waypoint.body.RequestBody` whose flow-control window goes back to
+the client as the proxy reads it (so a fast client cannot fill the
+waypoint's memory, and a gRPC stream can run both ways at once). Its
+response goes out honouring the peer's flow-control windows. A protocol
 error from the client ends the connection with GOAWAY; nothing the client
 sends raises out of :func:`serve_http2`.
 """
@@ -16,9 +19,11 @@ from collections.abc import Sequence
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 
+from .body import RequestBody, RequestError
 from .forward import RequestProxy, TunnelContext
 from .upstream import UpstreamError
 
@@ -30,10 +35,9 @@ _READ = 64 * 1024
 
 
 class _Stream:
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: RequestBody) -> None:
         self.headers = headers
-        self.body = bytearray()
-        self.too_big = False
+        self.body = body
         self.window = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -57,27 +61,29 @@ class _Session:
     def handle(self, events: Sequence[h2.events.Event]) -> None:
         for ev in events:
             if isinstance(ev, h2.events.RequestReceived):
-                raw = [(bytes(n), bytes(v)) for n, v in ev.headers or []]
-                self.streams[ev.stream_id] = _Stream(raw)
+                self._start(ev)
             elif isinstance(ev, h2.events.DataReceived):
                 st = self.streams.get(ev.stream_id)
-                data = ev.data or b""
-                if ev.flow_controlled_length:
-                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if st is not None and not st.too_big:
-                    if len(st.body) + len(data) > self.proxy.max_body:
-                        st.too_big = True
-                        st.body.clear()
-                    else:
-                        st.body += data
+                if st is None or st.body.done:
+                    if ev.flow_controlled_length:
+                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                else:
+                    # Padding is flow controlled but never read: give it back now;
+                    # the data's window returns as the proxy reads it.
+                    pad = (ev.flow_controlled_length or 0) - len(ev.data or b"")
+                    if pad > 0:
+                        self.conn.acknowledge_received_data(pad, ev.stream_id)
+                    st.body.push(bytes(ev.data or b""))
             elif isinstance(ev, h2.events.StreamEnded):
                 st = self.streams.get(ev.stream_id)
-                if st is not None and st.task is None:
-                    st.task = asyncio.get_running_loop().create_task(self._serve(ev.stream_id, st))
+                if st is not None:
+                    st.body.finish()
             elif isinstance(ev, h2.events.StreamReset):
                 st = self.streams.pop(ev.stream_id, None)
-                if st is not None and st.task is not None:
-                    st.task.cancel()
+                if st is not None:
+                    st.body.fail(ConnectionResetError("the client reset the stream"))
+                    if st.task is not None:
+                        st.task.cancel()
             elif isinstance(ev, h2.events.WindowUpdated):
                 targets = (
                     self.streams.values()
@@ -87,6 +93,28 @@ class _Session:
                 for s in targets:
                     s.window.set()
         self.flush()
+
+    def _start(self, ev: h2.events.RequestReceived) -> None:
+        """A request is served from its head on; its body streams in."""
+        sid = ev.stream_id
+        raw = [(bytes(n), bytes(v)) for n, v in ev.headers or []]
+        declared = next((v for n, v in raw if n == b"content-length"), None)
+        length = 0 if ev.stream_ended is not None else None
+        if length is None and declared is not None and declared.isdigit():
+            length = int(declared)
+        body = RequestBody(length, max_size=self.proxy.max_body)
+        if length == 0:
+            body.finish()
+
+        def consumed(n: int, sid: int = sid) -> None:
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.conn.acknowledge_received_data(n, sid)
+                self.flush()
+
+        body.consumed = consumed
+        st = _Stream(raw, body)
+        self.streams[sid] = st
+        st.task = asyncio.get_running_loop().create_task(self._serve(sid, st))
 
     async def _serve(self, sid: int, st: _Stream) -> None:
         pseudo = {
@@ -100,14 +128,25 @@ class _Session:
             host = pseudo.get(":authority") or next(
                 (v.decode("latin-1") for n, v in regular if n == b"host"), ""
             )
-            if st.too_big:
-                await sink.simple(413, b"request body too large\n")
-            elif method == "CONNECT" or not target:
+            if method == "CONNECT" or not target:
                 await sink.simple(405 if method == "CONNECT" else 400, b"bad request\n")
             else:
                 await self.proxy.serve(
-                    self.ctx, method, target, host, regular, bytes(st.body), "http/2", sink
+                    self.ctx, method, target, host, regular, st.body, "http/2", sink
                 )
+            if not st.body.done:
+                # Answered before the body ended (refused, or an early answer):
+                # tell the client to stop sending (RFC 9113, 8.1).
+                with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                    self.conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+                    self.flush()
+        except RequestError as e:
+            if not sink.started:
+                with contextlib.suppress(h2.exceptions.ProtocolError, ConnectionError):
+                    await sink.simple(e.status, f"{e.detail}\n".encode())
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                self.flush()
         except (
             h2.exceptions.ProtocolError,
             h2.exceptions.StreamClosedError,
@@ -126,8 +165,10 @@ class _Sink:
         self._s = session
         self._sid = sid
         self._st = st
+        self.started = False
 
     async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.started = True
         out = [(b":status", str(status).encode())] + [(n.lower(), v) for n, v in headers]
         self._s.conn.send_headers(self._sid, out)
         self._s.flush()

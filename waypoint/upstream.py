@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from ztunnel.hbone import ConnectRefused, HboneClientPool, HboneError, relay
 from ztunnel.tls import WorkloadCredential
 
-from .h1 import H1Response, ResponseParser, request_bytes
+from .body import RequestBody
+from .h1 import LAST_CHUNK, H1Response, ResponseParser, chunk, request_bytes
 from .pipe import stream_pipe
 from .view import Endpoint
 
@@ -32,6 +33,13 @@ __all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
 
 log = logging.getLogger("veil.waypoint.upstream")
 _READ = 64 * 1024
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A body pump's error is the request's (raised there, or the connection is
+    dropped); mark it retrieved so it is not logged as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 class UpstreamError(Exception):
@@ -52,16 +60,26 @@ class _Conn:
     http: ResponseParser = field(default_factory=ResponseParser)
     events: list[H1Response | bytes | None] = field(default_factory=list)
     idle_since: float = 0.0
+    pump: asyncio.Task[None] | None = None  # sends a request body still arriving
 
     def close(self) -> None:
         self.writer.close()
         if not self.relay.done():
             self.relay.cancel()
+        if self.pump is not None and not self.pump.done():
+            self.pump.cancel()
 
     @property
     def reusable(self) -> bool:
+        # A request whose body was not sent whole leaves the connection mid-message.
         return (
             self.http.reusable
+            and (
+                self.pump is None
+                or (
+                    self.pump.done() and not self.pump.cancelled() and self.pump.exception() is None
+                )
+            )
             and not self.events
             and not self.reader.at_eof()
             and not self.writer.is_closing()
@@ -135,16 +153,39 @@ class Upstream:
         method: str,
         target: str,
         headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
+        body: RequestBody,
         forwarded_for: tuple[str, int] | None = None,
     ) -> UpstreamResponse:
-        """Sends one request; returns once the response head arrived."""
+        """Sends one request; returns once the response head arrived.
+
+        A body that already arrived whole goes out with the head in one write;
+        one still arriving is sent by a pump task while the response is awaited
+        (an upstream may answer early). The response timeout runs from the
+        moment the whole request was sent."""
         conn = self._take_idle(endpoint) or await self._open(endpoint, forwarded_for)
         try:
             conn.http.start(method)
-            conn.writer.write(request_bytes(method, target, headers, body))
-            await conn.writer.drain()
-            event = await self._next(conn)
+            chunked = body.length is None
+            framing = (
+                [(b"transfer-encoding", b"chunked")]
+                if chunked
+                else [(b"content-length", b"%d" % body.length)]
+                if body.length
+                else []
+            )
+            ready = body.take_ready()
+            out = request_bytes(method, target, [*headers, *framing], b"")
+            if ready:
+                out += chunk(ready) if chunked else ready
+            if body.done:
+                conn.writer.write(out + LAST_CHUNK if chunked else out)
+                await conn.writer.drain()
+                event = await self._next(conn)
+            else:
+                conn.writer.write(out)
+                conn.pump = asyncio.get_running_loop().create_task(self._pump(conn, body, chunked))
+                conn.pump.add_done_callback(_retrieve)
+                event = await self._first_event(conn, conn.pump)
             if isinstance(event, H1Response):
                 return UpstreamResponse(self, conn, event)
             raise UpstreamError(502, "the upstream answered without a response head")
@@ -157,13 +198,45 @@ class Upstream:
             self._live.discard(conn)
             raise
 
-    async def _next(self, conn: _Conn) -> H1Response | bytes | None:
+    async def _next(self, conn: _Conn, *, timed: bool = True) -> H1Response | bytes | None:
         """The next response event; raises ValueError for a malformed or cut response."""
         while not conn.events:
-            async with asyncio.timeout(self._response_timeout):
+            async with asyncio.timeout(self._response_timeout if timed else None):
                 data = await conn.reader.read(_READ)
             conn.events = conn.http.feed(data) if data else conn.http.feed_eof()
         return conn.events.pop(0)
+
+    async def _first_event(
+        self, conn: _Conn, pump: asyncio.Task[None]
+    ) -> H1Response | bytes | None:
+        """The response head while the body is still being sent: whichever
+        comes first; the timeout starts once the body is out."""
+        nxt = asyncio.ensure_future(self._next(conn, timed=False))
+        try:
+            done, _ = await asyncio.wait({pump, nxt}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt in done:
+                return nxt.result()
+            pump.result()  # the client's error (cut body, 413) ends the exchange
+            async with asyncio.timeout(self._response_timeout):
+                return await nxt
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+
+    @staticmethod
+    async def _pump(conn: _Conn, body: RequestBody, chunked: bool) -> None:
+        w = conn.writer
+        try:
+            while data := await body.read():
+                w.write(chunk(data) if chunked else data)
+                await w.drain()
+            if chunked:
+                w.write(LAST_CHUNK)
+            await w.drain()
+        except BaseException:
+            # A request cut short: the upstream must see it end, not wait.
+            w.close()
+            raise
 
     def _take_idle(self, endpoint: Endpoint) -> _Conn | None:
         held = self._idle.get(endpoint.key)

@@ -26,6 +26,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from .body import RequestBody
 from .upstream import Upstream, UpstreamError
 from .view import Endpoint
 
@@ -39,10 +40,11 @@ _END = object()
 
 
 class _Stream:
-    __slots__ = ("chunks", "head", "sid", "trailers", "window")
+    __slots__ = ("chunks", "head", "pump", "sid", "trailers", "window")
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
+        self.pump: asyncio.Task[None] | None = None
         self.head: asyncio.Future[list[tuple[bytes, bytes]]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -123,6 +125,8 @@ class _Connection:
 
     def _end(self, st: _Stream, exc: Exception | None) -> None:
         self.streams.pop(st.sid, None)
+        if st.pump is not None and not st.pump.done():
+            st.pump.cancel()  # the upstream answered in full or reset: stop sending
         if exc is not None and not st.head.done():
             st.head.set_exception(exc)
         st.chunks.put_nowait(exc if exc is not None else _END)
@@ -135,28 +139,43 @@ class _Connection:
         with contextlib.suppress(OSError, RuntimeError):
             self._writer.close()
 
-    async def send(self, headers: list[tuple[bytes, bytes]], body: bytes) -> _Stream:
+    def open(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> _Stream:
         sid = self.conn.get_next_available_stream_id()
         st = _Stream(sid)
         self.streams[sid] = st
-        self.conn.send_headers(sid, headers, end_stream=not body)
+        self.conn.send_headers(sid, headers, end_stream=end_stream)
         self._flush()
-        view = memoryview(body)
-        while view:
+        return st
+
+    async def send_data(self, st: _Stream, data: bytes, end_stream: bool) -> None:
+        """Sends ``data`` as the peer's windows allow (waits for WINDOW_UPDATE)."""
+        view = memoryview(data)
+        while True:
+            if st.sid not in self.streams:
+                raise UpstreamError(502, "the upstream ended the stream mid-request")
             window = min(
-                self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size
+                self.conn.local_flow_control_window(st.sid), self.conn.max_outbound_frame_size
             )
-            if window <= 0:
-                if sid not in self.streams:
-                    raise UpstreamError(502, "the upstream ended the stream mid-request")
+            if window <= 0 and view:
                 st.window.clear()
                 await st.window.wait()
                 continue
             piece, view = view[:window], view[window:]
-            self.conn.send_data(sid, bytes(piece), end_stream=not view)
+            self.conn.send_data(st.sid, bytes(piece), end_stream=end_stream and not view)
             self._flush()
             await self._writer.drain()
-        return st
+            if not view:
+                return
+
+    async def pump(self, st: _Stream, body: RequestBody) -> None:
+        """Sends a request body that is still arriving, then ends the stream."""
+        try:
+            while data := await body.read():
+                await self.send_data(st, data, end_stream=False)
+            await self.send_data(st, b"", end_stream=True)
+        except BaseException:
+            self.reset(st.sid)  # the upstream must see the request cut short
+            raise
 
     def consumed(self, sid: int, n: int) -> None:
         if n and not self.closed:
@@ -170,6 +189,11 @@ class _Connection:
             with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
                 self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
                 self._flush()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class H2UpstreamResponse:
@@ -270,15 +294,30 @@ class H2Upstream:
         target: str,
         authority: str,
         headers: Headers,
-        body: bytes,
+        body: RequestBody,
     ) -> H2UpstreamResponse:
-        """Sends one request; returns once the response head arrived."""
+        """Sends one request; returns once the response head arrived (a body
+        still arriving keeps streaming: gRPC streams are full duplex)."""
         conn = await self._connection(endpoint)
+        framing = [(b"content-length", b"%d" % body.length)] if body.length else []
+        pump: asyncio.Task[None] | None = None
         try:
-            st = await conn.send(h2_request_headers(method, target, authority, headers), body)
-            async with asyncio.timeout(self._timeout):
+            ready = body.take_ready()
+            st = conn.open(
+                h2_request_headers(method, target, authority, [*headers, *framing]),
+                end_stream=body.done and not ready,
+            )
+            if ready:
+                await conn.send_data(st, ready, end_stream=body.done)
+            if not body.done:
+                pump = asyncio.get_running_loop().create_task(conn.pump(st, body))
+                pump.add_done_callback(_retrieve)
+                st.pump = pump
+            async with asyncio.timeout(None if pump is not None else self._timeout):
                 head = await st.head
         except TimeoutError as e:
+            if pump is not None:
+                pump.cancel()
             raise UpstreamError(504, f"no answer from {endpoint.workload} in time") from e
         except (h2.exceptions.ProtocolError, OSError) as e:
             conn.close(UpstreamError(502, str(e)))

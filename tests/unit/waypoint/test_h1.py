@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from waypoint.body import RequestError
 from waypoint.h1 import (
     LAST_CHUNK,
     H1Error,
+    H1Request,
     H1Response,
     RequestParser,
     ResponseParser,
@@ -19,10 +21,15 @@ MAX_BODY = 1024
 
 
 def parse(*pieces: bytes) -> list[tuple[str, str, bytes, bool]]:
+    """Feeds everything, then reads each request's body (all of it was fed)."""
     p = RequestParser(max_body=MAX_BODY)
-    out = []
+    reqs = []
     for piece in pieces:
-        out += [(r.method, r.target, r.body, r.keep_alive) for r in p.feed(piece)]
+        reqs += p.feed(piece)
+    out = []
+    for r in reqs:
+        assert r.body.complete, "the whole body was fed"
+        out.append((r.method, r.target, r.body.take_ready(), r.keep_alive))
     return out
 
 
@@ -87,24 +94,50 @@ def test_malformed_requests_name_the_status(raw: bytes, status: int) -> None:
     assert err.value.detail
 
 
-def test_chunked_body_over_the_limit_is_413_before_it_is_buffered() -> None:
+def test_chunked_body_over_the_limit_is_413_and_fails_the_body() -> None:
     p = RequestParser(max_body=MAX_BODY)
-    p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    (req,) = p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert req.body.length is None
     with pytest.raises(H1Error) as err:
         for _ in range(4):
             p.feed(b"200\r\n" + b"a" * 512 + b"\r\n")
     assert err.value.status == 413
+    with pytest.raises(RequestError) as body_err:
+        req.body.take_ready()
+    assert body_err.value.status == 413
 
 
-def test_expect_continue_is_reported_until_the_body_arrives() -> None:
-    p = RequestParser(max_body=MAX_BODY)
-    assert (
-        p.feed(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
-        == []
+async def test_a_body_streams_as_the_connection_is_read() -> None:
+    """The head comes out first; the body is filled on demand by ``fill``."""
+    pieces = [b"he", b"llo ", b"world"]
+    heads: list[H1Request] = []
+
+    async def fill() -> None:
+        if pieces:
+            heads.extend(p.feed(pieces.pop(0)))
+        else:
+            p.eof()
+
+    p = RequestParser(fill=fill)
+    (req,) = p.feed(
+        b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n"
     )
-    assert p.expects_continue
-    (req,) = p.feed(b"ok")
-    assert req.body == b"ok" and not p.expects_continue
+    assert req.expect_continue and req.body.length == 11 and not req.body.complete
+    got = b""
+    while data := await req.body.read():
+        got += data
+    assert got == b"hello world" and req.body.done and heads == []
+
+
+async def test_a_body_cut_by_the_client_fails_instead_of_ending() -> None:
+    async def fill() -> None:
+        p.eof()
+
+    p = RequestParser(fill=fill)
+    (req,) = p.feed(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    assert await req.body.read() == b"abc"
+    with pytest.raises(ConnectionResetError):
+        await req.body.read()
 
 
 def test_an_upgrade_is_answered_plainly_then_the_connection_closes() -> None:
