@@ -227,7 +227,7 @@ class RequestProxy:
                 # No ``forwarded`` on the upstream CONNECT: the destination
                 # ztunnel trusts it only for an address of the peer's own identity
                 # (the waypoint's), so the client travels in x-forwarded-for.
-                if record.protocol == "http/2" and _is_grpc(headers):
+                if dest.http2 or (record.protocol == "http/2" and _is_grpc(headers)):
                     resp = await self.upstream_h2.request(
                         endpoint, record.method, decision.target, record.host, up_headers, body
                     )

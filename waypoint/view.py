@@ -42,7 +42,7 @@ from node.state.snapshot import normalize_ip
 
 from .authn import Authenticator
 
-__all__ = ["Destination", "Endpoint", "WaypointView", "build_view"]
+__all__ = ["Destination", "Endpoint", "WaypointView", "build_view", "port_speaks_http2"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,16 @@ class Endpoint:
         return (self.ip, self.port)
 
 
+_HTTP2_PORT_PROTOCOLS = ("grpc", "http2", "h2c")
+
+
+def port_speaks_http2(name: str) -> bool:
+    """A port named ``grpc``, ``grpc-<x>``, ``http2``, ``h2c``... (not ``grpc-web``,
+    which is HTTP/1.1-compatible) carries HTTP/2."""
+    proto = name.lower().split("-", 1)[0]
+    return proto in _HTTP2_PORT_PROTOCOLS and not name.lower().startswith("grpc-web")
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
     """One destination (a service port, or one workload) behind this waypoint."""
@@ -71,6 +81,9 @@ class Destination:
     policies: L7PolicySet
     authn: Authenticator
     identity: SpiffeId | None = None  # a workload destination's identity
+    # The Service port declares HTTP/2 by its name (Istio's convention:
+    # ``grpc``, ``http2``, ``h2c``, alone or before ``-``): requests leave as HTTP/2.
+    http2: bool = False
 
     @property
     def key(self) -> str:
@@ -202,7 +215,10 @@ def build_view(snapshot: Snapshot, namespace: str, name: str, service_account: s
         authn = _authn(auths, me, svc.namespace, (svc.name,))
         for sp in svc.ports:
             eps = tuple(e for w in members if (e := _endpoint(w, sp.target_port)) is not None)
-            dest = Destination("service", svc.namespace, svc.name, sp.port, eps, pset, authn)
+            dest = Destination(
+                "service", svc.namespace, svc.name, sp.port, eps, pset, authn,
+                http2=port_speaks_http2(sp.name),
+            )  # fmt: skip
             for vip in svc.vips:
                 services[(normalize_ip(vip), sp.port)] = dest
     workloads: dict[str, tuple[Workload, L7PolicySet, Authenticator]] = {}

@@ -82,7 +82,7 @@ async def test_eof_each_way_is_a_half_close() -> None:
 
 
 async def test_close_reaches_the_peer_and_both_ends_end() -> None:
-    end, reader, writer = stream_pipe()
+    end, _reader, writer = stream_pipe()
     proto = Recorder(keep_open=False)
     attach(end, proto)
     writer.close()
@@ -92,7 +92,7 @@ async def test_close_reaches_the_peer_and_both_ends_end() -> None:
 
 
 async def test_abort_is_a_reset_for_the_peer() -> None:
-    end, reader, writer = stream_pipe()
+    end, reader, _writer = stream_pipe()
     attach(end, Recorder())
     end.abort()
     await settle()
@@ -101,7 +101,7 @@ async def test_abort_is_a_reset_for_the_peer() -> None:
 
 
 async def test_writing_to_a_closed_peer_is_a_broken_pipe() -> None:
-    end, reader, writer = stream_pipe()
+    end, _reader, writer = stream_pipe()
     proto = Recorder()
     attach(end, proto)
     writer.close()
@@ -112,7 +112,7 @@ async def test_writing_to_a_closed_peer_is_a_broken_pipe() -> None:
 
 
 async def test_a_paused_reader_holds_bytes_and_pauses_the_writer() -> None:
-    end, reader, writer = stream_pipe()
+    end, _reader, writer = stream_pipe()
     proto = Recorder(buffer=64 * 1024)
     attach(end, proto)
     end.pause_reading()
@@ -130,7 +130,7 @@ async def test_a_paused_reader_holds_bytes_and_pauses_the_writer() -> None:
 
 
 async def test_the_stream_reader_pausing_holds_data_in_order() -> None:
-    end, reader, writer = stream_pipe()
+    end, reader, _writer = stream_pipe()
     attach(end, Recorder())
     big = bytes(range(256)) * 4096  # 1 MiB: above the reader's limit, so it pauses the pipe
     for i in range(0, len(big), 65536):

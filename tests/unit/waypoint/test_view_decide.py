@@ -3,6 +3,8 @@ decision, endpoint balancing, and the contract round trip of the L7 fields."""
 
 from __future__ import annotations
 
+import pytest
+
 from controller.api.model import (
     AuthorizationPolicy,
     Condition,
@@ -26,7 +28,7 @@ from controller.api.wire import watch_response_to_pb, watch_update_from_pb
 from node.state import build_snapshot
 from waypoint.balance import Balancer
 from waypoint.decide import Forward, PeerFacts, Respond, decide
-from waypoint.view import build_view
+from waypoint.view import build_view, port_speaks_http2
 
 NS = Namespace("shop", Labels({"veil.io/dataplane-mode": "ambient", "veil.io/use-waypoint": "wp"}))
 PAY = [
@@ -151,3 +153,22 @@ def test_l7_fields_survive_the_wire() -> None:
     back = watch_update_from_pb(watch_response_to_pb(update))
     assert back.upserts == (policy, ra, svc, NS)
     assert NS.use_waypoint == "wp" and WP.waypoint == "wp"
+
+
+@pytest.mark.parametrize(
+    ("name", "http2"),
+    [
+        ("grpc", True),
+        ("grpc-api", True),
+        ("GRPC", True),
+        ("http2", True),
+        ("h2c-internal", True),
+        ("grpc-web", False),
+        ("http", False),
+        ("http-grpc", False),
+        ("", False),
+        ("tcp", False),
+    ],
+)
+def test_port_names_declare_http2_as_istio_does(name: str, http2: bool) -> None:
+    assert port_speaks_http2(name) is http2
