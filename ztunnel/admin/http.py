@@ -5,8 +5,9 @@ kubelet and Prometheus, one request per connection. A general web framework
 costs the ztunnel about 13 MB of resident memory per process for features
 these endpoints never use, so this module does just what they need:
 
-- a request line, headers and a ``Content-Length`` body, each bounded in size
-  and time; anything else is answered 400 (or 413/501) and the connection closed;
+- a request line, headers and a ``Content-Length`` body, parsed by llhttp
+  (``httptools``, strict) and bounded in size and time; anything else is
+  answered 400 (or 413/501) and the connection closed;
 - routes by exact path and method, with ``HEAD`` wherever ``GET`` is allowed,
   405 with ``Allow`` for another method and 404 for an unknown path;
 - a handler returns a :class:`Response`, whose body is bytes or an async
@@ -26,6 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
+
+import httptools
 
 __all__ = ["Handler", "HttpServer", "Request", "Response", "json_response", "text_response"]
 
@@ -71,24 +74,44 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # latin-1 decodes every byte; kept for clarity
-        raise _BadRequest(400, "undecodable request") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(400, "malformed request line")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _BadRequest(400, "malformed header line")
-        headers[name.lower()] = value.strip()
-    return parts[0], parts[1], headers
+class _Parsed:
+    """llhttp callbacks (``httptools``): one request, sizes bounded as it streams."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.head_size = 0
+        self.body = bytearray()
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        key = name.decode("latin-1").lower()
+        if key in self.headers and key in ("content-length", "host"):
+            raise _BadRequest(400, f"two {key} headers")
+        self.headers[key] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        if "transfer-encoding" in self.headers:
+            raise _BadRequest(501, "chunked request bodies are not supported; send Content-Length")
+        length = self.headers.get("content-length", "0")
+        if length.isdigit() and int(length) > MAX_BODY:
+            raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def _count(self, n: int) -> None:
+        self.head_size += n
+        if self.head_size > MAX_HEAD:
+            raise _BadRequest(400, f"request head over {MAX_HEAD} bytes")
 
 
 class HttpServer:
@@ -141,24 +164,27 @@ class HttpServer:
         await self._send(writer, request.method, response)
 
     async def _read(self, reader: asyncio.StreamReader) -> Request:
-        head = await reader.readuntil(b"\r\n\r\n")
-        method, target, headers = _parse_head(head[:-4])
-        if "transfer-encoding" in headers:
-            raise _BadRequest(501, "chunked request bodies are not supported; send Content-Length")
-        body = b""
-        if "content-length" in headers:
+        parsed = _Parsed()
+        parser = httptools.HttpRequestParser(parsed)
+        while not parsed.done:
+            data = await reader.read(MAX_HEAD)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
             try:
-                length = int(headers["content-length"])
-            except ValueError:
-                raise _BadRequest(400, "Content-Length is not a number") from None
-            if length < 0:
-                raise _BadRequest(400, "Content-Length is negative")
-            if length > MAX_BODY:
-                raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
-            body = await reader.readexactly(length)
-        url = urlsplit(target)
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                raise _BadRequest(400, "protocol upgrades are not served here") from None
+            except httptools.HttpParserCallbackError as e:
+                cause = e.__context__
+                if isinstance(cause, _BadRequest):
+                    raise cause from None
+                raise _BadRequest(400, "malformed request") from None
+            except httptools.HttpParserError as e:
+                raise _BadRequest(400, f"malformed request: {e}") from None
+        url = urlsplit(parsed.url.decode("latin-1"))
         query = dict(parse_qsl(url.query, keep_blank_values=True))
-        return Request(method, url.path or "/", query, headers, body)
+        method = parser.get_method().decode("ascii", "replace")
+        return Request(method, url.path or "/", query, parsed.headers, bytes(parsed.body))
 
     async def _dispatch(self, request: Request) -> Response:
         methods = self._routes.get(request.path)

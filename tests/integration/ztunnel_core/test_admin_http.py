@@ -98,6 +98,10 @@ async def test_streamed_body(server: tuple[HttpServer, int]) -> None:
         (f"POST /echo HTTP/1.1\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n".encode(), b"413"),
         (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n", b"400"),
         (b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", b"400"),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", b"400"),
+        (b"GET /hello HTTP/1.1\r\nHost : x\r\n\r\n", b"400"),
+        (b"GET /hello HTTP/1.1\nHost: x\n\n", b"400"),
+        (b"GET /hello HTTP/1.1\r\nX: a\r\n b\r\n\r\n", b"400"),
     ],
 )
 async def test_malformed_requests(
