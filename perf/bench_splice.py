@@ -1,11 +1,14 @@
 """Same-node fast path: the Python relay against two kernel splices, with direct as baseline.
 
 Everything runs on loopback inside a network namespace this benchmark
-creates (and removes). Five ways for a client socket to reach a server socket:
+creates (and removes). Seven ways for a client socket to reach a server socket:
 
 * **direct**: client -> server, no proxy;
 * **relay**: client -> proxy -> server, the ztunnel's own Python relay
   (:func:`ztunnel.proxy.relay.relay_sockets`) in a separate process;
+* **splice2**: the same proxy, relaying with splice(2) through a pipe per
+  direction (:func:`ztunnel.proxy.pipes.pipe_relay`) from the first byte,
+  with the ztunnel's fixed same-node socket buffers;
 * **sk_skb**: the same proxy sockets, spliced by the ztunnel's real fast path
   (:class:`ztunnel.proxy.splice.SameNodeSplice` on pins made by
   :func:`agent.bpf.splice.ensure_splice`): received bytes are redirected out
@@ -13,7 +16,10 @@ creates (and removes). Five ways for a client socket to reach a server socket:
 * **auto**: the ztunnel's ``--same-node-splice auto``
   (:meth:`ztunnel.proxy.splice.SameNodeSplice.relay_then_splice`): the relay
   first, the sk_skb splice once the connection turns out interactive (the RR
-  sample is promoted during its warm-up; the bulk stream stays on the relay);
+  sample is promoted during its warm-up; the bulk stream moves to the
+  splice(2) relay after its first MiB);
+* **auto_relay**: ``auto`` as it was before the splice(2) relay (bulk stays on
+  the Python relay), kept so the two are compared in the same run;
 * **sk_msg**: the Cilium/Merbridge shape (ebpf/splice_msg.bpf.c): the client's
   and server's OWN sockets in a sockhash, every sendmsg() moved into the
   peer's receive queue (BPF_F_INGRESS), no TCP and no proxy socket at all.
@@ -53,13 +59,15 @@ from agent.bpf.splice import ensure_splice, splice_cflags
 from lab.netns import create_netns, in_netns, remove_netns
 from node import bpf
 from ztunnel.proxy.connections import ConnectionInfo, Direction, LiveConnection
+from ztunnel.proxy.pipes import pipe_relay
 from ztunnel.proxy.relay import relay_sockets
-from ztunnel.proxy.sockets import Address
+from ztunnel.proxy.sockets import Address, size_same_node_buffers
 from ztunnel.proxy.splice import SameNodeSplice
 
 __all__ = ["CASES", "main"]
 
-CASES = ("direct", "relay", "sk_skb", "auto", "sk_msg")
+CASES = ("direct", "relay", "splice2", "sk_skb", "auto", "auto_relay", "sk_msg")
+_PROXIED = ("relay", "splice2", "sk_skb", "auto", "auto_relay")
 RESULTS = Path(__file__).resolve().parent / "results" / "splice.json"
 _MSG = 64
 _BULK = 256 * 1024
@@ -131,12 +139,18 @@ def _proxy(case: str, a: socket.socket, b: socket.socket, pin_dir: Path) -> None
         if case == "relay":
             await relay_sockets(a, b)
             return
+        if case == "splice2":
+            size_same_node_buffers(a, b)  # as the ztunnel does for it
+            if await pipe_relay(a, b) is None:
+                raise SystemExit("no pipes for the splice(2) relay")
+            return
         info = ConnectionInfo(
             Direction.OUTBOUND, Address("127.0.0.1", 1), Address("127.0.0.1", 2), "same_node"
         )
         conn = LiveConnection(id=1, info=info, authz=None)
-        if case == "auto":
-            await SameNodeSplice(pin_dir, promote=True).relay_then_splice(a, b, conn)
+        if case in ("auto", "auto_relay"):
+            fast = SameNodeSplice(pin_dir, promote=True, bulk_pipe=case == "auto")
+            await fast.relay_then_splice(a, b, conn)
             return
         result = await SameNodeSplice(pin_dir).relay(a, b, conn)
         if result is None:
@@ -191,7 +205,7 @@ def measure(
     msg: _MsgSplice | None,
     args: argparse.Namespace,
 ) -> dict[str, float]:
-    c, s, middle = _pair(netns, proxied=case in ("relay", "sk_skb", "auto"))
+    c, s, middle = _pair(netns, proxied=case in _PROXIED)
     if case == "sk_msg":
         assert msg is not None
         msg.splice(c, s)
@@ -242,10 +256,17 @@ def measure(
     finally:
         c.close()
         os.close(rd)
+        proxy_cpu = 0.0
         for child in children:
-            _, status = os.waitpid(child, 0)
+            _, status, usage = os.wait4(child, 0)
             if status != 0:
                 raise RuntimeError(f"{case} {mode}: a helper process failed ({status})")
+            if middle is not None and child == children[0]:
+                proxy_cpu = usage.ru_utime + usage.ru_stime
+    if middle is not None and mode == "bulk":
+        # CPU the proxy process spent per GB carried: robust to a noisy machine
+        # where the throughput figures are not.
+        result["proxy_cpu_s_per_gb"] = proxy_cpu / (total / 1e9)
     return result
 
 
@@ -297,6 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "p99_us": round(statistics.median(r["p99_us"] for r in rr), 1),
             "gbit_s": round(statistics.median(r["gbit_s"] for r in bulk), 2),
         }
+        if case in _PROXIED:
+            summary[case]["proxy_cpu_s_per_gb"] = round(
+                statistics.median(r["proxy_cpu_s_per_gb"] for r in bulk), 3
+            )
     direct = summary["direct"]
     for case in CASES:
         summary[case]["p50_vs_direct"] = round(summary[case]["p50_us"] / direct["p50_us"], 2)
@@ -317,6 +342,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ratio": summary["sk_skb"]["gbit_vs_direct"],
         },
         "same-node p50 vs direct (Python relay)": {"ratio": summary["relay"]["p50_vs_direct"]},
+        "same-node throughput vs direct (splice(2) relay)": {
+            "ratio": summary["splice2"]["gbit_vs_direct"],
+        },
+        "same-node throughput vs direct (auto, bulk on the Python relay)": {
+            "ratio": summary["auto_relay"]["gbit_vs_direct"],
+        },
         "same-node throughput vs direct (Python relay)": {
             "ratio": summary["relay"]["gbit_vs_direct"],
         },
@@ -339,12 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{'case':8} {'p50 us':>8} {'p99 us':>8} {'Gbit/s':>8} {'p50/direct':>11} {'Gbit/direct':>12}"
+        f"{'case':10} {'p50 us':>8} {'p99 us':>8} {'Gbit/s':>8} {'p50/direct':>11} {'Gbit/direct':>12} {'proxy CPU s/GB':>15}"
     )
     for case in CASES:
         r = summary[case]
         print(
-            f"{case:8} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['gbit_s']:8.2f} {r['p50_vs_direct']:11.2f} {r['gbit_vs_direct']:12.2f}"
+            f"{case:10} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['gbit_s']:8.2f} {r['p50_vs_direct']:11.2f} {r['gbit_vs_direct']:12.2f} {r.get('proxy_cpu_s_per_gb', 0):15.3f}"
         )
     print(f"written to {args.out}")
     return report

@@ -23,7 +23,11 @@ first read of the new burst is small too, neither side has sent its EOF and
 there is no backlog. With the default four turns, request, response,
 request, response: the third request is the one that goes into the splice.
 A bulk flow has no turns (one direction) or large bursts, so it never
-promotes and keeps the relay's throughput.
+promotes to the sk_skb splice. When the watcher is allowed to (``pipe``), a
+connection that turns bulk (a burst above :data:`BULK_BURST`) is handed to
+the splice(2) relay instead (:mod:`ztunnel.proxy.pipes`), which moves bulk
+bytes socket -> pipe -> socket without copying them through Python; the
+relay first lets its write buffers drain, so that no byte is reordered.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Promotion(enum.Enum):
 
     WAIT = "wait"  # keep relaying, decide again on a later read
     PROMOTE = "promote"  # hand both sockets to the kernel splice now
+    BULK = "bulk"  # hand both sockets to the splice(2) relay (once drained)
     NEVER = "never"  # bulk or half-closed: the relay keeps it to the end
 
 
@@ -92,17 +97,24 @@ def observe(activity: Activity, from_client: bool, nbytes: int) -> Activity:
     )
 
 
-def promotion_decision(activity: Activity, *, backlog: int, eof: bool) -> Promotion:
+def promotion_decision(
+    activity: Activity, *, backlog: int, eof: bool, promote: bool = True, pipe: bool = False
+) -> Promotion:
     """May the relay hand the connection to the splice right after this read?
 
     ``backlog``: bytes still in the relay's write buffers (both ways);
     ``eof``: either side's EOF has been read (a half-closed socket cannot
     enter a sockhash, and its FIN has already been forwarded by the relay).
+    ``promote``: the sk_skb splice is available; ``pipe``: the splice(2)
+    relay may take bulk connections (it drains the backlog itself).
     """
-    if activity.bulk or eof:
+    if eof:
         return Promotion.NEVER
+    if activity.bulk:
+        return Promotion.BULK if pipe else Promotion.NEVER
     if (
-        activity.flipped
+        promote
+        and activity.flipped
         and activity.turns >= PROMOTE_AFTER_TURNS
         and activity.burst <= MAX_MESSAGE
         and backlog == 0
@@ -114,11 +126,15 @@ def promotion_decision(activity: Activity, *, backlog: int, eof: bool) -> Promot
 class Interactivity:
     """The relay's per-connection watcher: feeds :func:`observe`, asks the decision."""
 
-    __slots__ = ("activity",)
+    __slots__ = ("activity", "pipe", "promote")
 
-    def __init__(self) -> None:
+    def __init__(self, *, promote: bool = True, pipe: bool = False) -> None:
         self.activity = Activity()
+        self.promote = promote
+        self.pipe = pipe
 
     def read(self, from_client: bool, nbytes: int, *, backlog: int, eof: bool) -> Promotion:
         self.activity = observe(self.activity, from_client, nbytes)
-        return promotion_decision(self.activity, backlog=backlog, eof=eof)
+        return promotion_decision(
+            self.activity, backlog=backlog, eof=eof, promote=self.promote, pipe=self.pipe
+        )

@@ -32,24 +32,23 @@ drain deadline) resets both. Closing a socket removes it from both
 sockhashes; ``splice_peers`` entries are deleted here. Byte counts come from
 ``splice_peers``, live for ``/config_dump`` and exact in the access log.
 
-When the pins are missing or the kernel refuses a sockhash update, the
-connection is relayed in Python and the reason is logged once (WARNING).
+Without pins, or when the kernel refuses a sockhash update, the Python
+relay carries the connection and the reason is logged once (WARNING).
 
 Which is faster depends on the traffic (perf/bench_splice.py, figures in
 perf/README.md): for request/response the splice wins (p50 and p99 below the
-Python relay's, no ztunnel CPU per message); for bulk the Python relay's
-256 KiB reads beat the kernel's per-skb redirect through the psock work queue
-(about 1.5-3x). So the ztunnel's ``--same-node-splice`` chooses: ``always``
-splices at once (:meth:`SameNodeSplice.relay`); ``auto``
-(:meth:`SameNodeSplice.relay_then_splice`) starts on the relay and promotes
-the connection once it behaves interactively (:mod:`ztunnel.proxy.promotion`),
-the direction the kernel handles well: bytes queued on a socket when it
-enters the sockhash are redirected. The other direction, splice to relay,
-was tried and is not here: after the sockets left the sockhashes the relay
-stalled (the sockets' write wake-ups did not come back on this kernel). The
-sk_msg ingress redirect that Cilium and Merbridge use beat both on a plain
-pair, but it needs the applications' own sockets in a sockmap (a sockops
-program on the pods' cgroups), which a node proxy does not own.
+Python relay's); for bulk it loses to both relays (the kernel sends each
+redirected skb from the psock work queue). So ``--same-node-splice``
+chooses: ``always`` splices at once (:meth:`SameNodeSplice.relay`); ``auto``
+(:meth:`SameNodeSplice.relay_then_splice`) starts on the relay, promotes an
+interactive connection here (:mod:`ztunnel.proxy.promotion`; bytes queued on
+a socket when it enters the sockhash are redirected) and hands a bulk one
+to the splice(2) relay (:mod:`ztunnel.proxy.pipes`, no pins needed), which
+spends about a third less CPU per byte than the Python relay. Splice back to
+relay was tried and dropped: the relay stalled once the sockets left the
+sockhashes (their write wake-ups did not come back on this kernel). The
+sk_msg redirect of Cilium and Merbridge needs the applications' own sockets
+in a sockmap, which a node proxy does not own.
 
 After a promotion the relay's counts and the map's are summed, and the
 half-close drain starts from each socket's acknowledged bytes plus its send
@@ -77,8 +76,10 @@ from typing import Final
 from node import bpf
 
 from .connections import LiveConnection
-from .promotion import Interactivity
+from .pipes import pipe_relay
+from .promotion import Interactivity, Promotion
 from .relay import ByteCounters, RelayResult, relay_sockets, relay_until_handover
+from .sockets import size_same_node_buffers
 
 __all__ = [
     "Drain",
@@ -232,10 +233,16 @@ class SpliceCounters:
 class SameNodeSplice:
     """The fast path of one ztunnel: opens the pins lazily, warns once when it cannot."""
 
-    def __init__(self, pin_dir: Path | str | None, *, promote: bool = False) -> None:
+    def __init__(
+        self, pin_dir: Path | str | None, *, promote: bool = False, bulk_pipe: bool = True
+    ) -> None:
         self._pin_dir = None if pin_dir is None else Path(pin_dir)
         # True (auto): relay first, splice once interactive; False: splice at once.
         self.promote = promote
+        # auto: a connection that turns bulk moves to the splice(2) relay
+        # (ztunnel.proxy.pipes), which needs no pins.
+        self.bulk_pipe = bulk_pipe
+        self._pipe_warned = False
         self._maps: SpliceMaps | None = None
         self._next_try = 0.0
         self._warned = False
@@ -274,16 +281,23 @@ class SameNodeSplice:
     ) -> RelayResult:
         """``auto``: relay, and splice once the connection behaves interactively.
 
-        Owns both sockets. Bulk connections stay on the relay to their end.
+        Owns both sockets. Bulk connections move to the splice(2) relay
+        (``bulk_pipe``), or stay on the relay to their end.
         """
         counters = conn.track_bytes()
-        if self.maps() is None:
+        maps = self.maps()
+        if maps is None and not self.bulk_pipe:
             # No pins (warned once): nothing to promote to.
             return await relay_sockets(client, server, counters)
-        handed = await relay_until_handover(client, server, counters, Interactivity())
+        if self.bulk_pipe:
+            size_same_node_buffers(client, server)
+        watch = Interactivity(promote=maps is not None, pipe=self.bulk_pipe)
+        handed = await relay_until_handover(client, server, counters, watch)
         if isinstance(handed, RelayResult):
             return handed
-        c, s = handed
+        c, s = handed.client, handed.server
+        if handed.kind is Promotion.BULK:
+            return await self._bulk(c, s, conn, counters)
         log.debug("same-node connection %d promoted to the kernel splice", conn.id)
         base = (counters.from_client, counters.to_client)
         try:
@@ -297,6 +311,22 @@ class SameNodeSplice:
         # Not spliced (a FIN arrived meanwhile, or the pins went): no byte
         # moved, so the relay carries on where it stopped.
         conn.counters = counters
+        return await relay_sockets(c, s, counters)
+
+    async def _bulk(
+        self, c: socket.socket, s: socket.socket, conn: LiveConnection, counters: ByteCounters
+    ) -> RelayResult:
+        """A bulk connection, drained out of the relay, goes on through pipes
+        (pipe_relay resets both sockets itself if it fails or is cancelled)."""
+        log.debug("same-node connection %d moved to the splice(2) relay", conn.id)
+        if (result := await pipe_relay(c, s, counters)) is not None:
+            return result
+        if not self._pipe_warned:
+            self._pipe_warned = True
+            log.warning(
+                "no pipes for the splice(2) relay (out of file descriptors?), bulk stays on "
+                "the Python relay: raise the ztunnel's open-files limit (LimitNOFILE)"
+            )
         return await relay_sockets(c, s, counters)
 
     async def relay(

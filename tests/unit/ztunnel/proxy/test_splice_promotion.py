@@ -92,6 +92,38 @@ def test_promotion_decision(
     assert promotion_decision(feed(reads), backlog=backlog, eof=eof) is expected
 
 
+@pytest.mark.parametrize(
+    ("reads", "backlog", "eof", "promote", "pipe", "expected"),
+    [
+        # Bulk goes to the splice(2) relay when allowed, whatever the backlog
+        # (the relay drains it before handing over).
+        ([(C, BULK_BURST + 1)], 0, False, True, True, Promotion.BULK),
+        ([(S, BULK_BURST + 1)], 5 << 20, False, True, True, Promotion.BULK),
+        ([(C, 256 << 10)] * 5, 0, False, False, True, Promotion.BULK),
+        ([(C, BULK_BURST + 1)], 0, False, True, False, Promotion.NEVER),
+        # At the limit, not above it: still waiting.
+        ([(C, BULK_BURST)], 0, False, True, True, Promotion.WAIT),
+        # Half-closed: the relay keeps it (it has forwarded the FIN already).
+        ([(C, BULK_BURST + 1)], 0, True, True, True, Promotion.NEVER),
+        # Without pins there is no sk_skb splice: a conversation stays relayed.
+        (ping_pong(PROMOTE_AFTER_TURNS), 0, False, False, True, Promotion.WAIT),
+        (ping_pong(PROMOTE_AFTER_TURNS), 0, False, True, True, Promotion.PROMOTE),
+        # A conversation that later carries a transfer moves to the pipes.
+        ([*ping_pong(2), (C, BULK_BURST + 1)], 0, False, True, True, Promotion.BULK),
+    ],
+)
+def test_bulk_goes_to_the_splice2_relay(
+    reads: list[tuple[bool, int]],
+    backlog: int,
+    eof: bool,
+    promote: bool,
+    pipe: bool,
+    expected: Promotion,
+) -> None:
+    decision = promotion_decision(feed(reads), backlog=backlog, eof=eof, promote=promote, pipe=pipe)
+    assert decision is expected
+
+
 def test_interactivity_promotes_a_conversation_once_it_has_enough_turns() -> None:
     watch = Interactivity()
     decisions = [
@@ -104,7 +136,7 @@ def test_interactivity_promotes_a_conversation_once_it_has_enough_turns() -> Non
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
-        ({}, {}, SpliceMode.AUTO),  # bulk stays on the relay: never slower than it
+        ({}, {}, SpliceMode.AUTO),  # bulk moves to the splice(2) relay, RR to sk_skb
         ({}, {"VEIL_SAME_NODE_SPLICE": "off"}, SpliceMode.OFF),
         ({"same_node_splice": "Always"}, {"VEIL_SAME_NODE_SPLICE": "off"}, SpliceMode.ALWAYS),
     ],
