@@ -173,6 +173,10 @@ class Waypoint:
                 )
             else:
                 writer.close()
+        except (ConnectionError, OSError) as e:
+            # The client's tunnel was reset before it sent a request: routine.
+            log.debug("waypoint: tunnel from %s ended early: %s", ctx.peer.principal, e)
+            writer.close()
         finally:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(relaying), 5.0)

@@ -141,6 +141,13 @@ class RequestBody:
         self._took(len(data))
         return data
 
+    def discard(self) -> None:
+        """Drops what arrived unread (the stream ended without reading it),
+        counting it as consumed so HTTP/2 gives the client its window back."""
+        n = sum(map(len, self._chunks))
+        self._chunks.clear()
+        self._took(n)
+
     def _took(self, n: int) -> None:
         if self.consumed is not None and n:
             self.consumed(n)

@@ -158,6 +158,7 @@ class _Session:
                 self.flush()
         finally:
             self.streams.pop(sid, None)
+            st.body.discard()  # unread DATA still holds connection window
 
 
 class _Sink:

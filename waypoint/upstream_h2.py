@@ -231,7 +231,15 @@ class H2UpstreamResponse:
                 yield data
 
     def abort(self) -> None:
-        """The client went away: cancel the upstream stream."""
+        """The client went away: cancel the upstream stream, and give back the
+        window of what arrived but will never be read (else the connection's
+        window shrinks for every abandoned response until it stalls)."""
+        unread = 0
+        while not self._st.chunks.empty():
+            item = self._st.chunks.get_nowait()
+            if isinstance(item, tuple):
+                unread += item[1]
+        self._conn.consumed(self._st.sid, unread)
         if not self._done:
             self._conn.reset(self._st.sid)
 

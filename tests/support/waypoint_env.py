@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import jwt
 from aiohttp import web
@@ -294,3 +297,49 @@ class H1Client:
                     return status, rheaders, data
                 else:
                     raise AssertionError(f"unexpected {ev!r}")
+
+
+@dataclass
+class H2Answers:
+    """What came back on each HTTP/2 stream of :func:`h2_exchange`."""
+
+    heads: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
+    bodies: dict[int, bytes] = field(default_factory=dict)
+    trailers: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
+
+
+async def h2_exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    requests: list[tuple[list[tuple[str, str]], bytes | None]],
+) -> H2Answers:
+    """Sends each (headers, body) on its own stream (body None: none, END_STREAM
+    on the headers) and reads until every stream ended."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sids = []
+    for headers, body in requests:
+        sid = conn.get_next_available_stream_id()
+        sids.append(sid)
+        conn.send_headers(sid, headers, end_stream=body is None)
+        if body is not None:
+            conn.send_data(sid, body, end_stream=True)
+    writer.write(conn.data_to_send())
+    out = H2Answers(bodies=dict.fromkeys(sids, b""))
+    ended: set[int] = set()
+    async with asyncio.timeout(10):
+        while ended != set(sids):
+            data = await reader.read(65536)
+            assert data, "the waypoint closed the HTTP/2 connection"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    out.heads[ev.stream_id] = dict(ev.headers or [])
+                elif isinstance(ev, h2.events.TrailersReceived):
+                    out.trailers[ev.stream_id] = dict(ev.headers or [])
+                elif isinstance(ev, h2.events.DataReceived):
+                    out.bodies[ev.stream_id] += ev.data or b""
+                    conn.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended.add(ev.stream_id)
+            writer.write(conn.data_to_send())
+    return out

@@ -17,9 +17,6 @@ import asyncio
 import json
 import time
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
 from tests.support.loopback_mesh import CHECKOUT, CHECKOUT_IP
@@ -31,6 +28,7 @@ from tests.support.waypoint_env import (
     WAYPOINT_IP,
     Env,
     H1Client,
+    h2_exchange,
     open_tunnel,
     token,
 )
@@ -141,36 +139,14 @@ async def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
 
 async def test_http2_prior_knowledge(env: Env) -> None:
     reader, writer = await open_tunnel(env)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    for sid, method in ((1, "GET"), (3, "DELETE")):
-        conn.send_headers(
-            sid,
-            [
-                (":method", method),
-                (":path", "/pay"),
-                (":scheme", "http"),
-                (":authority", "payments"),
-            ],
-            end_stream=True,
-        )
-    writer.write(conn.data_to_send())
-    statuses: dict[int, int] = {}
-    bodies: dict[int, bytes] = {1: b"", 3: b""}
-    ended: set[int] = set()
-    async with asyncio.timeout(10):
-        while ended != {1, 3}:
-            data = await reader.read(65536)
-            assert data, "the waypoint closed the HTTP/2 connection"
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    statuses[ev.stream_id] = int(dict(ev.headers)[b":status"])
-                elif isinstance(ev, h2.events.DataReceived):
-                    bodies[ev.stream_id] += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                elif isinstance(ev, h2.events.StreamEnded):
-                    ended.add(ev.stream_id)
-            writer.write(conn.data_to_send())
+    head = [(":path", "/pay"), (":scheme", "http"), (":authority", "payments")]
+    got = await h2_exchange(
+        reader,
+        writer,
+        [([(":method", "GET"), *head], None), ([(":method", "DELETE"), *head], None)],
+    )
+    statuses = {sid: int(h[b":status"]) for sid, h in got.heads.items()}
+    bodies = got.bodies
     assert statuses == {1: 200, 3: 403}
     assert bodies[1] == b"payments saw GET /pay\n"
     assert 'request_protocol="http/2"' in env.waypoint.metrics.render()
@@ -229,41 +205,27 @@ async def test_keep_alive_reuses_one_upstream_tunnel(env: Env) -> None:
 async def test_grpc_crosses_the_waypoint_as_http2_with_its_trailers(env: Env) -> None:
     """gRPC needs HTTP/2 end to end: its status comes in trailers."""
     reader, writer = await open_tunnel(env, 9090)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    for sid, path in ((1, "/grpc.health.v1.Health/Check"), (3, "/grpc.health.v1.Health/Watch")):
-        conn.send_headers(
-            sid,
-            [
-                (":method", "POST"),
-                (":path", path),
-                (":scheme", "http"),
-                (":authority", "payments:9090"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
-        conn.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)  # empty request
-    writer.write(conn.data_to_send())
-    heads: dict[int, dict[bytes, bytes]] = {}
-    trailers: dict[int, dict[bytes, bytes]] = {}
-    bodies: dict[int, bytes] = {1: b"", 3: b""}
-    ended: set[int] = set()
-    async with asyncio.timeout(10):
-        while ended != {1, 3}:
-            data = await reader.read(65536)
-            assert data, "the waypoint closed the HTTP/2 connection"
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    heads[ev.stream_id] = dict(ev.headers)
-                elif isinstance(ev, h2.events.TrailersReceived):
-                    trailers[ev.stream_id] = dict(ev.headers)
-                elif isinstance(ev, h2.events.DataReceived):
-                    bodies[ev.stream_id] += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                elif isinstance(ev, h2.events.StreamEnded):
-                    ended.add(ev.stream_id)
-            writer.write(conn.data_to_send())
+
+    def grpc_head(path: str) -> list[tuple[str, str]]:
+        return [
+            (":method", "POST"),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", "payments:9090"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+
+    empty = b"\x00\x00\x00\x00\x00"  # one empty request message
+    got = await h2_exchange(
+        reader,
+        writer,
+        [
+            (grpc_head("/grpc.health.v1.Health/Check"), empty),
+            (grpc_head("/grpc.health.v1.Health/Watch"), empty),
+        ],
+    )
+    heads, bodies, trailers = got.heads, got.bodies, got.trailers
     writer.close()
     # Allowed: the real gRPC server answered SERVING (1), grpc-status 0 in the trailers.
     assert heads[1][b":status"] == b"200"

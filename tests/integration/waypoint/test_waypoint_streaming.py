@@ -123,3 +123,49 @@ async def test_a_grpc_stream_runs_both_ways_at_once(env: Env) -> None:
         await pump_until(lambda: ended)
     assert trailers[b"grpc-status"] == b"0"
     writer.close()
+
+
+async def test_refused_http2_uploads_give_their_window_back(env: Env) -> None:
+    """Bodies of refused streams are never read; their bytes must still be
+    acknowledged, or the connection's window shrinks with each one and the
+    whole HTTP/2 connection stalls. 20 refused 40 KB uploads, then a GET."""
+    reader, writer = await open_tunnel(env)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    head = [(":scheme", "http"), (":authority", "payments"), (":path", "/pay")]
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+
+    async def read_until(pred: object) -> None:
+        while not pred():  # type: ignore[operator]
+            data = await reader.read(65536)
+            assert data, "the waypoint closed the connection"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    statuses[ev.stream_id] = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                    ended.add(ev.stream_id)
+            writer.write(conn.data_to_send())
+
+    body = b"x" * 40_000
+    async with asyncio.timeout(20):
+        for _ in range(20):
+            # Wait for the window a refused stream's bytes took to come back.
+            await read_until(lambda: conn.outbound_flow_control_window >= len(body))
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "POST"), *head])
+            for i in range(0, len(body), 16_000):  # frames within the 16 KiB maximum
+                piece = body[i : i + 16_000]
+                conn.send_data(sid, piece, end_stream=i + 16_000 >= len(body))
+            writer.write(conn.data_to_send())
+            await read_until(lambda sid=sid: sid in ended)
+            assert statuses[sid] == 403
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "GET"), *head], end_stream=True)
+        writer.write(conn.data_to_send())
+        await read_until(lambda sid=sid: sid in ended)
+    assert statuses[sid] == 200
+    writer.close()
