@@ -14,6 +14,7 @@ a :class:`ResponseSink` to answer through.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from .body import RequestBody
 from .decide import Forward, PeerFacts, Respond, decide
 from .jwks import JwksCache
 from .metrics import RequestLabels, RequestMetrics
+from .switched import relay_raw
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 from .upstream_h2 import H2Upstream, H2UpstreamResponse
 from .view import Destination, WaypointView
@@ -55,6 +57,17 @@ class ResponseSink(Protocol):
     async def start(self, status: int, headers: Headers) -> None: ...
     async def data(self, chunk: bytes) -> None: ...
     async def end(self, trailers: Headers = ()) -> None: ...
+
+    def upgrade_protocol(self) -> bytes | None:
+        """The protocol the request asks to switch to (HTTP/1.1 Upgrade), if any."""
+        ...
+
+    async def switch(
+        self, headers: Headers
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """Answers 101 with ``headers`` and hands over the client's raw streams
+        and what it sent after its request."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +236,7 @@ class RequestProxy:
             if record.ctx.peer.ip:
                 up_headers.append((b"x-forwarded-for", record.ctx.peer.ip.encode()))
             resp: UpstreamResponse | H2UpstreamResponse
+            upgrade = sink.upgrade_protocol()
             try:
                 # No ``forwarded`` on the upstream CONNECT: the destination
                 # ztunnel trusts it only for an address of the peer's own identity
@@ -233,7 +247,13 @@ class RequestProxy:
                     )
                 else:
                     resp = await self.upstream.request(
-                        endpoint, record.method, decision.target, up_headers, body, None
+                        endpoint,
+                        record.method,
+                        decision.target,
+                        up_headers,
+                        body,
+                        None,
+                        upgrade=upgrade,
                     )
             except UpstreamError as e:
                 await self._answer(
@@ -243,6 +263,9 @@ class RequestProxy:
                 )
                 return
             record.status = resp.status
+            if resp.status == 101 and upgrade is not None and isinstance(resp, UpstreamResponse):
+                await self._switch(sink, record, resp)
+                return
             try:
                 await sink.start(resp.status, _response_headers(resp.headers))
                 async for chunk in resp.chunks():
@@ -255,6 +278,24 @@ class RequestProxy:
                 record.bytes_sent = resp.bytes
         finally:
             self.balancer.release(endpoint)
+
+    async def _switch(self, sink: ResponseSink, record: _Record, resp: UpstreamResponse) -> None:
+        """The upstream switched protocols (websocket): relay raw bytes both
+        ways until both directions ended; the request was authorized on its head."""
+        up_reader, up_writer, up_tail = resp.switched()
+        switched = next((v for n, v in resp.headers if n == b"upgrade"), b"")
+        headers = [
+            *_response_headers(resp.headers),
+            (b"connection", b"upgrade"),
+            (b"upgrade", switched),
+        ]
+        try:
+            reader, writer, tail = await sink.switch(headers)
+            record.bytes_sent = await relay_raw(
+                (reader, writer, tail), (up_reader, up_writer, up_tail)
+            )
+        finally:
+            up_writer.close()
 
     def _finish(self, record: _Record, view: WaypointView, duration_ms: float) -> None:
         dest = record.dest

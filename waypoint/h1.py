@@ -59,7 +59,16 @@ class H1Request:
     """One request: method, target as sent, lower-cased headers, and its body
     (streaming: complete only once the parser saw its end)."""
 
-    __slots__ = ("body", "expect_continue", "headers", "keep_alive", "method", "target", "version")
+    __slots__ = (
+        "body",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.method = ""
@@ -69,6 +78,9 @@ class H1Request:
         self.body = RequestBody.empty()
         self.keep_alive = True
         self.expect_continue = False
+        # The protocol an ``Upgrade`` request asks for (``Connection: upgrade``
+        # too), e.g. b"websocket"; the bytes after it are in ``upgrade_tail``.
+        self.upgrade: bytes | None = None
 
 
 class H1Response:
@@ -139,6 +151,7 @@ class RequestParser:
         self._in_head = False
         self._in_body = False
         self.closed = False  # no more requests on this connection (upgrade / close)
+        self.upgrade_tail = b""  # what the client sent after an Upgrade request
 
     # -- llhttp callbacks (names fixed by httptools) ------------------------------
 
@@ -211,13 +224,16 @@ class RequestParser:
             return []
         try:
             self._p.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An Upgrade (websocket, h2c) this proxy does not switch to: the
-            # request is answered as a plain one and the connection then
-            # closes, since what follows it is not HTTP/1.1.
+        except httptools.HttpParserUpgrade as e:
+            # An Upgrade request (websocket): what follows it is not HTTP/1.1.
+            # It is relayed as is if the upstream switches (101); otherwise
+            # the request is answered as a plain one and the connection closes.
             self.closed = True
-            if self._done:
-                self._done[-1].keep_alive = False
+            cur = self._cur
+            cur.keep_alive = False
+            cur.upgrade = next((v for n, v in cur.headers if n == b"upgrade"), None)
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            self.upgrade_tail = bytes(data[offset:])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__ or e.__cause__
             err = cause if isinstance(cause, H1Error) else H1Error(400, f"malformed request: {e}")
@@ -309,11 +325,15 @@ class ResponseParser:
         self._method = "GET"
         self._until_eof = False
         self._complete = True
+        self._switching = False
         self.reusable = True  # the connection can carry another request
+        self.upgraded_tail = b""  # after a 101: the first bytes of the new protocol
 
-    def start(self, method: str) -> None:
+    def start(self, method: str, *, upgrade: bool = False) -> None:
+        """Before each request; ``upgrade``: the request asks to switch protocols."""
         self._method = method
         self._complete = False
+        self._switching = upgrade
 
     def on_message_begin(self) -> None:
         self._head = _Head()
@@ -325,6 +345,9 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         status = self._p.get_status_code()
+        if status == 101:
+            self._events.append(H1Response(status, self._headers))
+            return  # llhttp raises HttpParserUpgrade next: see feed()
         if 100 <= status < 200:
             return  # 100 Continue and friends: the real answer follows
         self._events.append(H1Response(status, self._headers))
@@ -365,8 +388,15 @@ class ResponseParser:
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Stop):
                 raise ValueError(f"malformed upstream response: {e.__context__ or e}") from None
-        except httptools.HttpParserUpgrade:
-            raise ValueError("the upstream switched protocols, which is not relayed") from None
+        except httptools.HttpParserUpgrade as e:
+            if not self._switching or not any(
+                isinstance(ev, H1Response) and ev.status == 101 for ev in self._events
+            ):
+                raise ValueError("the upstream switched protocols unasked") from None
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            self.upgraded_tail = bytes(data[offset:])
+            self._complete = True
+            self.reusable = False
         except httptools.HttpParserError as e:
             raise ValueError(f"malformed upstream response: {e}") from None
         events, self._events = self._events, []

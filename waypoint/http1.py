@@ -39,10 +39,28 @@ class _Sink:
     fit in :data:`_COALESCE` bytes: each write becomes an HBONE DATA frame and a
     TLS record, so a small response goes out as one."""
 
-    __slots__ = ("_chunked", "_out", "_req", "_size", "_writer", "close", "started")
+    __slots__ = (
+        "_chunked",
+        "_out",
+        "_parser",
+        "_reader",
+        "_req",
+        "_size",
+        "_writer",
+        "close",
+        "started",
+    )
 
-    def __init__(self, writer: asyncio.StreamWriter, req: H1Request) -> None:
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        req: H1Request,
+        reader: asyncio.StreamReader,
+        parser: RequestParser,
+    ) -> None:
         self._writer = writer
+        self._reader = reader
+        self._parser = parser
         self._req = req
         self._out: list[bytes] = []
         self._size = 0
@@ -77,6 +95,21 @@ class _Sink:
         if self._chunked:
             self._out.append(LAST_CHUNK)
         await self._flush()
+
+    def upgrade_protocol(self) -> bytes | None:
+        return self._req.upgrade
+
+    async def switch(
+        self, headers: Headers
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        self.started = True
+        self.close = True
+        head = b"HTTP/1.1 101 Switching Protocols\r\n" + b"".join(
+            b"%s: %s\r\n" % (n, v) for n, v in headers if b"\r" not in v and b"\n" not in v
+        )
+        self._writer.write(head + b"\r\n")
+        await self._writer.drain()
+        return self._reader, self._writer, self._parser.upgrade_tail
 
     async def _flush(self) -> None:
         out, self._out, self._size = self._out, [], 0
@@ -154,7 +187,7 @@ async def serve_http1(
                 break
             if req.expect_continue and not req.body.done:
                 req.body.on_first_read = lambda: writer.write(_CONTINUE)
-            sink = _Sink(writer, req)
+            sink = _Sink(writer, req, reader, parser)
             try:
                 await proxy.serve(
                     ctx, req.method, parsed[1], parsed[0], req.headers, req.body, "http", sink

@@ -168,6 +168,14 @@ class _Sink:
         self._st = st
         self.started = False
 
+    def upgrade_protocol(self) -> bytes | None:
+        return None  # HTTP/2 has no Upgrade (RFC 9113, 8.6)
+
+    async def switch(
+        self, headers: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        raise RuntimeError("an HTTP/2 stream cannot switch protocols")
+
     async def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
         self.started = True
         out = [(b":status", str(status).encode())] + [(n.lower(), v) for n, v in headers]

@@ -99,6 +99,13 @@ class UpstreamResponse:
         # the user of trailers, goes upstream as HTTP/2.
         self.trailers: list[tuple[bytes, bytes]] = []
 
+    def switched(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """After a 101: the tunnel's raw streams and the first bytes already
+        read; the caller owns the connection from here (close the writer)."""
+        conn = self._conn
+        self._up._live.discard(conn)
+        return conn.reader, conn.writer, conn.http.upgraded_tail
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body; raises :class:`UpstreamError` when the upstream breaks off."""
         conn = self._conn
@@ -155,16 +162,26 @@ class Upstream:
         headers: Sequence[tuple[bytes, bytes]],
         body: RequestBody,
         forwarded_for: tuple[str, int] | None = None,
+        *,
+        upgrade: bytes | None = None,
     ) -> UpstreamResponse:
         """Sends one request; returns once the response head arrived.
+
+        ``upgrade``: the request asks to switch to that protocol (websocket):
+        it goes on a tunnel of its own with ``Connection: upgrade``; after a 101
+        :meth:`UpstreamResponse.switched` hands over the raw streams.
 
         A body that already arrived whole goes out with the head in one write;
         one still arriving is sent by a pump task while the response is awaited
         (an upstream may answer early). The response timeout runs from the
         moment the whole request was sent."""
-        conn = self._take_idle(endpoint) or await self._open(endpoint, forwarded_for)
+        if upgrade is not None:
+            conn = await self._open(endpoint, forwarded_for)
+            headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        else:
+            conn = self._take_idle(endpoint) or await self._open(endpoint, forwarded_for)
         try:
-            conn.http.start(method)
+            conn.http.start(method, upgrade=upgrade is not None)
             chunked = body.length is None
             framing = (
                 [(b"transfer-encoding", b"chunked")]

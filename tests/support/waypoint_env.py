@@ -146,6 +146,16 @@ async def start_http_app(sock: socket.socket) -> HttpApp:
             return web.Response(text=f"{size} {digest.hexdigest()}\n")
         return web.Response(text=f"payments saw {request.method} {request.raw_path}\n")
 
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        seen.append({"method": "GET", "path": request.raw_path, "headers": dict(request.headers)})
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                await ws.send_str(f"echo {msg.data}")
+        return ws
+
+    app.router.add_get("/pay/ws", websocket)
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

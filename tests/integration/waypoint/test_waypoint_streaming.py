@@ -169,3 +169,55 @@ async def test_refused_http2_uploads_give_their_window_back(env: Env) -> None:
         await read_until(lambda sid=sid: sid in ended)
     assert statuses[sid] == 200
     writer.close()
+
+
+def _ws_frame(text: bytes) -> bytes:
+    """A masked client text frame (RFC 6455), payload under 126 bytes."""
+    mask = b"\x11\x22\x33\x44"
+    return (
+        bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+    )
+
+
+_HANDSHAKE = (
+    b"GET %s HTTP/1.1\r\nHost: payments\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+
+
+async def test_a_websocket_switches_and_relays_both_ways(env: Env) -> None:
+    reader, writer = await open_tunnel(env)
+    # The first frame rides in the same write as the handshake: the waypoint
+    # must pass on what followed the request, not drop it.
+    writer.write(_HANDSHAKE % b"/pay/ws" + _ws_frame(b"one"))
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # the RFC 6455 example key's accept
+        assert await reader.readexactly(10) == b"\x81\x08echo one"
+        writer.write(_ws_frame(b"two"))
+        assert await reader.readexactly(10) == b"\x81\x08echo two"
+        writer.write(b"\x88\x80\x00\x00\x00\x00")  # close
+        assert (await reader.readexactly(2))[0] == 0x88  # the server's close
+    writer.close()
+    assert any(r["path"] == "/pay/ws" for r in env.app.seen)
+
+
+async def test_a_refused_upgrade_is_a_plain_403(env: Env) -> None:
+    reader, writer = await open_tunnel(env)
+    writer.write(_HANDSHAKE % b"/internal/ws")
+    async with asyncio.timeout(10):
+        head, answer = await _answer(reader)
+        assert head.startswith(b"HTTP/1.1 403") and answer == b"RBAC: access denied"
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_an_upgrade_the_upstream_declines_is_answered_plainly(env: Env) -> None:
+    reader, writer = await open_tunnel(env)
+    writer.write(_HANDSHAKE % b"/pay/plain")
+    async with asyncio.timeout(10):
+        head, answer = await _answer(reader)
+        assert head.startswith(b"HTTP/1.1 200") and answer == b"payments saw GET /pay/plain\n"
+        assert await reader.read() == b""
+    writer.close()

@@ -140,13 +140,36 @@ async def test_a_body_cut_by_the_client_fails_instead_of_ending() -> None:
         await req.body.read()
 
 
-def test_an_upgrade_is_answered_plainly_then_the_connection_closes() -> None:
+def test_an_upgrade_request_keeps_what_followed_it_and_ends_http() -> None:
     p = RequestParser(max_body=MAX_BODY)
     (req,) = p.feed(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x00"
     )
     assert req.target == "/ws" and req.keep_alive is False and p.closed
+    assert req.upgrade == b"websocket" and p.upgrade_tail == b"\x81\x00"
     assert p.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == []
+
+
+def test_an_upgrade_header_without_connection_upgrade_is_a_plain_request() -> None:
+    p = RequestParser(max_body=MAX_BODY)
+    (req,) = p.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+    assert req.upgrade is None and req.keep_alive and not p.closed
+
+
+def test_a_101_is_an_answer_only_to_an_upgrade_request() -> None:
+    raw = (
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"\x81\x02hi"
+    )
+    p = ResponseParser()
+    p.start("GET", upgrade=True)
+    (head,) = p.feed(raw)
+    assert isinstance(head, H1Response) and head.status == 101
+    assert p.upgraded_tail == b"\x81\x02hi" and not p.reusable
+    unasked = ResponseParser()
+    unasked.start("GET")
+    with pytest.raises(ValueError, match="unasked"):
+        unasked.feed(raw)
 
 
 @pytest.mark.parametrize(
