@@ -134,6 +134,8 @@ class WorkerProcess:
         what = query.get("what")
         if what == "connections":
             return self.engine.connections.dump()
+        if what == "draining":
+            return {"draining": self.engine.draining}
         if what == "metrics":
             return [f.to_json() for f in export_registry(self.registry)]
         return {"error": f"unknown query {what!r}"}
@@ -143,6 +145,9 @@ class WorkerProcess:
         if self._draining is not None:
             return
         g = self.hello.config.drain_grace_period if grace is None else grace
+        # Now, not when the task first runs: the answer to the supervisor's
+        # next query must find the listeners closed (it then reports not ready).
+        self.engine.stop_accepting()
         self._draining = asyncio.get_running_loop().create_task(self._drain(g))
 
     async def _drain(self, grace: float) -> None:

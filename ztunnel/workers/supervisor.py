@@ -517,11 +517,17 @@ class Supervisor:
         self._stopped = True
         self.stopping = True
         grace = self.config.drain_grace_period if grace is None else grace
+        told = []
         for w in self.workers:
             w.ready = False
             if w.link is not None:
                 w.link.send(encode_json(Kind.DRAIN, {"grace": grace}))
                 await w.link.flush()
+                told.append(w)
+        # Not ready only once every worker closed its listeners (frames are
+        # handled in order, so the answer to this query comes after the
+        # DRAIN): a probe that sees "not ready" finds no listener either.
+        await asyncio.gather(*(self.query(w, "draining") for w in told), return_exceptions=True)
         await self.ops.close_readiness()
         live = [w.process for w in self.workers if w.process is not None]
         log.info("shutting down: %d worker(s) draining for up to %.0fs", len(live), grace)
