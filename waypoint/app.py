@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 
 from controller.api.model import TrustBundle
@@ -24,6 +23,7 @@ from controller.api.spiffe import workload_identity
 from node import NodeCredentials
 from node.backoff import Backoff
 from node.bootstrap import connect_node, watch_controller
+from node.lifecycle import run_until_signalled
 from node.state import StateChange, StateStore
 from node.state.snapshot import normalize_ip
 from ztunnel.hbone import HboneClientPool, HboneConfig, HboneServer, InboundStream, relay
@@ -250,6 +250,8 @@ class Waypoint:
         self._stopped = True
         grace = self.config.drain_grace_period if grace is None else grace
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # stop listening now (see ztunnel)
             self._listener.close()
         await asyncio.gather(self.server.shutdown(grace), self.pool.shutdown(grace))
         for t in [*self._tasks, *self._conn_tasks]:
@@ -267,24 +269,5 @@ class Waypoint:
 
 
 async def run_waypoint(config: WaypointConfig) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waypoint = Waypoint(config)
-    try:
-        starting = loop.create_task(waypoint.start())
-        stopping = loop.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()
-            await stopping
-        else:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-    finally:
-        await waypoint.shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return 0
+    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
+    return await run_until_signalled(lambda: Waypoint(config))

@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 from controller.api.model import TrustBundle
 from node import NodeCredentials
 from node.bootstrap import connect_node, watch_controller
 from node.dataplane import MARK_ZTUNNEL
+from node.lifecycle import run_until_signalled
 from node.state import StateStore
 from ztunnel.admin import OpsServer, Readiness, register_state_gauges
 from ztunnel.admin.denies import DenyFeed
@@ -224,30 +224,5 @@ async def run_ztunnel(config: ZtunnelConfig) -> int:
     # Process-wide settings: the process is ours alone (not an embedding test).
     raise_nofile_limit()
     enable_request_migration()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ztunnel = Ztunnel(config)
-    with loop_profiler(loop):  # VEIL_ZTUNNEL_PROFILE (performance work only)
-        return await _serve(ztunnel, loop, stop)
-
-
-async def _serve(ztunnel: Ztunnel, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> int:
-    try:
-        starting = loop.create_task(ztunnel.start())
-        stopping = loop.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()  # raises a startup error
-            tune_gc()  # the process is ours alone (not an embedding test)
-            await stopping
-        else:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-    finally:
-        await ztunnel.shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return 0
+    with loop_profiler(asyncio.get_running_loop()):  # VEIL_ZTUNNEL_PROFILE (perf work only)
+        return await run_until_signalled(lambda: Ztunnel(config), on_started=tune_gc)

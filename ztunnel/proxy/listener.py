@@ -115,6 +115,12 @@ class Listener:
         if self._serving is not None:
             self._serving.cancel()
             self._serving = None
+        # shutdown() stops the kernel listening now: close() alone is deferred
+        # while the event loop still watches the socket (until the cancelled
+        # accept is cleaned up), and meanwhile new connections would still
+        # land in this backlog instead of a surge or sibling listener's.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.sock.close()
 

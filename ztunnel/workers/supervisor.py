@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -41,6 +40,7 @@ from controller.api.spiffe import SpiffeId
 from node import NodeCredentials
 from node.bootstrap import connect_node, watch_controller
 from node.dataplane import MARK_ZTUNNEL
+from node.lifecycle import run_until_signalled
 
 from ..admin import OpsServer, Readiness, register_state_gauges
 from ..admin.denies import DenyFeed
@@ -148,7 +148,8 @@ class Supervisor:
             HealthSocket(config.health_socket, self.readiness) if config.health_socket else None
         )
         self.workers = [WorkerHandle(i) for i in range(workers)]
-        self.stopping = False
+        self.stopping = False  # no restarts, no new work
+        self.unready = False  # set once every worker stopped listening
         self._stopped = False
         self._query_ids = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -173,7 +174,7 @@ class Supervisor:
                 w.link.send(frame)
 
     def _workers_ready(self) -> str | None:
-        if self.stopping:
+        if self.unready:
             return "draining for shutdown"
         serving = sum(1 for w in self.workers if w.ready)
         if serving == 0:
@@ -519,7 +520,6 @@ class Supervisor:
         grace = self.config.drain_grace_period if grace is None else grace
         told = []
         for w in self.workers:
-            w.ready = False
             if w.link is not None:
                 w.link.send(encode_json(Kind.DRAIN, {"grace": grace}))
                 await w.link.flush()
@@ -528,6 +528,9 @@ class Supervisor:
         # handled in order, so the answer to this query comes after the
         # DRAIN): a probe that sees "not ready" finds no listener either.
         await asyncio.gather(*(self.query(w, "draining") for w in told), return_exceptions=True)
+        self.unready = True  # readiness follows this: only now
+        for w in self.workers:
+            w.ready = False
         await self.ops.close_readiness()
         live = [w.process for w in self.workers if w.process is not None]
         log.info("shutting down: %d worker(s) draining for up to %.0fs", len(live), grace)
@@ -564,24 +567,4 @@ class Supervisor:
 
 async def run_supervised(config: ZtunnelConfig, workers: int) -> int:
     """Runs ``workers`` workers until SIGTERM or SIGINT, then drains them."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sup = Supervisor(config, workers)
-    try:
-        starting = loop.create_task(sup.start())
-        stopping = loop.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()  # raises a startup error
-            await stopping
-        else:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-    finally:
-        await sup.shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return 0
+    return await run_until_signalled(lambda: Supervisor(config, workers))
