@@ -113,12 +113,11 @@ class _Head:
     """Counts what a message head costs while llhttp streams it, so a huge
     head is refused (431) before it is buffered."""
 
-    __slots__ = ("count", "name", "size")
+    __slots__ = ("count", "size")
 
     def __init__(self) -> None:
         self.size = 0
         self.count = 0
-        self.name = bytearray()
 
     def add(self, n: int, limit: int) -> None:
         self.size += n

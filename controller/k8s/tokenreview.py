@@ -182,15 +182,14 @@ def waypoint_ref_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
     return (target, name) if isinstance(target, str) and target else None
 
 
-def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
-    """The waypoint name the bound pod serves (its ``veil.io/waypoint`` label).
-
-    Raises ApiError: UNAUTHENTICATED when the pod is not the one the token
-    names, PERMISSION_DENIED when it is a genuine pod that is not a waypoint.
-    """
+def _live_bound_pod(
+    pod: Mapping[str, Any] | None, bound: BoundPod, *, gone_hint: str | None, uid_hint: str | None
+) -> Mapping[str, Any]:
+    """The pod's spec after checking it is the live pod the token names (same
+    uid and service account, not finished); raises ApiError UNAUTHENTICATED."""
     where = f"pod {bound.namespace}/{bound.pod_name}"
     if pod is None:
-        raise ApiError("UNAUTHENTICATED", f"the token's {where} no longer exists")
+        raise ApiError("UNAUTHENTICATED", f"the token's {where} no longer exists", hint=gone_hint)
     meta = pod.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
     spec = pod.get("spec")
@@ -202,6 +201,7 @@ def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
             "UNAUTHENTICATED",
             f"the token was issued to an earlier {where} (uid {bound.pod_uid}, now "
             f"{meta.get('uid')})",
+            hint=uid_hint,
         )
     sa = spec.get("serviceAccountName") or "default"
     if sa != bound.service_account:
@@ -210,11 +210,23 @@ def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
         )
     if status.get("phase") in ("Succeeded", "Failed"):
         raise ApiError("UNAUTHENTICATED", f"{where} has finished ({status.get('phase')})")
+    return spec
+
+
+def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
+    """The waypoint name the bound pod serves (its ``veil.io/waypoint`` label).
+
+    Raises ApiError: UNAUTHENTICATED when the pod is not the one the token
+    names, PERMISSION_DENIED when it is a genuine pod that is not a waypoint.
+    """
+    _live_bound_pod(pod, bound, gone_hint=None, uid_hint=None)
+    assert pod is not None
     name = _labels(pod).get(WAYPOINT_LABEL)
     if not isinstance(name, str) or not name:
         raise ApiError(
             "PERMISSION_DENIED",
-            f"{where} (service account {bound.namespace}/{bound.service_account}) may not join: "
+            f"pod {bound.namespace}/{bound.pod_name} (service account "
+            f"{bound.namespace}/{bound.service_account}) may not join: "
             f"it is neither the Veil node DaemonSet nor a waypoint (no {WAYPOINT_LABEL} label)",
             hint=_WAYPOINT_HINT,
         )
@@ -223,34 +235,13 @@ def waypoint_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
 
 def node_of_pod(pod: Mapping[str, Any] | None, bound: BoundPod) -> str:
     """The node the bound pod runs on, after checking the pod is the one the token names."""
+    spec = _live_bound_pod(
+        pod,
+        bound,
+        gone_hint="the DaemonSet pod was deleted; its replacement presents its own token",
+        uid_hint=_TOKEN_HINT,
+    )
     where = f"pod {bound.namespace}/{bound.pod_name}"
-    if pod is None:
-        raise ApiError(
-            "UNAUTHENTICATED",
-            f"the token's {where} no longer exists",
-            hint="the DaemonSet pod was deleted; its replacement presents its own token",
-        )
-    meta = pod.get("metadata")
-    meta = meta if isinstance(meta, Mapping) else {}
-    spec = pod.get("spec")
-    spec = spec if isinstance(spec, Mapping) else {}
-    status = pod.get("status")
-    status = status if isinstance(status, Mapping) else {}
-    if meta.get("uid") != bound.pod_uid:
-        raise ApiError(
-            "UNAUTHENTICATED",
-            f"the token was issued to an earlier {where} (uid {bound.pod_uid}, now "
-            f"{meta.get('uid')})",
-            hint=_TOKEN_HINT,
-        )
-    sa = spec.get("serviceAccountName") or "default"
-    if sa != bound.service_account:
-        raise ApiError(
-            "UNAUTHENTICATED",
-            f"{where} runs as service account {sa}, not {bound.service_account}",
-        )
-    if status.get("phase") in ("Succeeded", "Failed"):
-        raise ApiError("UNAUTHENTICATED", f"{where} has finished ({status.get('phase')})")
     node = spec.get("nodeName")
     if not isinstance(node, str) or not node:
         raise ApiError("UNAUTHENTICATED", f"{where} is not scheduled to a node")

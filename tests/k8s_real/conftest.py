@@ -224,6 +224,17 @@ class ControllerProcess:
     async def wait_ready(self, timeout: float = 45.0) -> dict[str, Any]:
         return await self.wait_health(lambda status, doc: status == 200, timeout)
 
+    def wait_ready_blocking(self, timeout: float = 45.0) -> None:
+        """:meth:`wait_ready` for synchronous fixtures."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()[-3000:]
+            with contextlib.suppress(OSError, ValueError):
+                if self.health()[0] == 200:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"controller never ready:\n{self.output()[-3000:]}")
+
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -320,3 +331,16 @@ class NodeView:
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; node sees {sorted(self.workloads)}")
+
+
+@contextlib.contextmanager
+def running_controller(
+    plane: ControlPlane, workdir: Path, name: str
+) -> Iterator[ControllerProcess]:
+    """A controller process, ready; stopped (and required to exit 0) afterwards."""
+    proc = ControllerProcess(plane, workdir, name)
+    try:
+        proc.wait_ready_blocking()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]

@@ -34,6 +34,7 @@ from .conftest import (
     namespace,
     node_token,
     pod,
+    running_controller,
 )
 from .control_plane import ROOT, ControlPlane, daemonset_manifests, free_port
 
@@ -44,22 +45,8 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 def ctl(
     plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(plane, tmp_path_factory.mktemp("ctl"), "ctl-mesh")
-    try:
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline:
-            assert proc.proc.poll() is None, proc.output()[-3000:]
-            try:
-                if proc.health()[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"controller never ready:\n{proc.output()[-3000:]}")
+    with running_controller(plane, tmp_path_factory.mktemp("ctl"), "ctl-mesh") as proc:
         yield proc
-    finally:
-        assert proc.stop() == 0, proc.output()[-3000:]
 
 
 def authz(plane: ControlPlane, name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:

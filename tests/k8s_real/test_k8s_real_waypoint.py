@@ -13,7 +13,6 @@ from that controller and lists the opted-in Service in its config dump.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -32,7 +31,7 @@ from controller.api.errors import ApiError as ControllerApiError
 from controller.api.spiffe import workload_identity
 from node.join import join, request_certificate
 
-from .conftest import TD, ControllerProcess, pod, root_pem
+from .conftest import TD, ControllerProcess, pod, root_pem, running_controller
 from .control_plane import ROOT, ControlPlane, free_port, stop_process
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -51,20 +50,8 @@ def principal(ns: str, sa: str, pod_name: str) -> str:
 def ctl(
     plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(plane, tmp_path_factory.mktemp("ctl"), "ctl-waypoint")
-    try:
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline:
-            assert proc.proc.poll() is None, proc.output()[-3000:]
-            with contextlib.suppress(OSError, ValueError):
-                if proc.health()[0] == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"controller never ready:\n{proc.output()[-3000:]}")
+    with running_controller(plane, tmp_path_factory.mktemp("ctl"), "ctl-waypoint") as proc:
         yield proc
-    finally:
-        assert proc.stop() == 0, proc.output()[-3000:]
 
 
 def _namespace(plane: ControlPlane, name: str, labels: dict[str, str]) -> None:

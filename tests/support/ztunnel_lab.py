@@ -35,6 +35,7 @@ __all__ = [
     "Lab",
     "connect_from",
     "expect_refused",
+    "revoke_policy",
     "running_lab",
 ]
 
@@ -214,3 +215,16 @@ def expect_refused(lab: Lab, pod: str, dst_ip: str, port: int) -> None:
         except ConnectionResetError:
             return
         assert data == b"", f"received {data!r} from a connection that should be refused"
+
+
+def revoke_policy(name: str) -> Callable[[dict[str, Any]], None]:
+    """A registry edit for :meth:`Lab.set_registry`: the ALLOW policy ``name``
+    now admits nobody real, so its live connections must close."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        (policy,) = [p for p in doc["authorizationPolicies"] if p["name"] == name]
+        policy["spec"]["rules"][0]["from"][0]["source"]["principals"] = [
+            "cluster.local/ns/shop/sa/nobody"
+        ]
+
+    return edit

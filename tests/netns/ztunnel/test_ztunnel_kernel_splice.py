@@ -24,7 +24,7 @@ import pytest
 
 from lab.apps import TcpServer, listen
 from lab.netns import in_netns
-from tests.support.ztunnel_lab import NODE_A, STEERING, Lab, connect_from
+from tests.support.ztunnel_lab import NODE_A, STEERING, Lab, connect_from, revoke_policy
 
 pytestmark = pytest.mark.skipif(STEERING != "ebpf", reason="same-node auto needs the agent's pins")
 
@@ -232,15 +232,7 @@ def test_policy_change_closes_a_bulk_connection(talk: Lab, baseline: int) -> Non
     try:
         wait_pipes(lab, lambda n: n >= baseline + 4, "the upload on pipes")
 
-        def drop_checkout(doc: dict[str, Any]) -> None:
-            (policy,) = [
-                p for p in doc["authorizationPolicies"] if p["name"] == "other-allow-checkout"
-            ]
-            policy["spec"]["rules"][0]["from"][0]["source"]["principals"] = [
-                "cluster.local/ns/shop/sa/nobody"
-            ]
-
-        lab.set_registry(drop_checkout)
+        lab.set_registry(revoke_policy("other-allow-checkout"))
         sender.join(30)
         assert outcome and isinstance(outcome[0], ConnectionResetError | BrokenPipeError)
     finally:

@@ -214,7 +214,13 @@ def test_sigterm_hands_new_connections_to_the_surge_ztunnel_and_drains_old_ones(
             assert time.monotonic() < deadline, "no connection landed on the old ztunnel"
         assert echo_roundtrip_open(held, b"before") == b"before"
         os.killpg(old.pid, signal.SIGTERM)
-        lab.wait_log(NODE_A, "shutting down: draining", timeout=10)
+        # With workers, the supervisor logs its line once every worker has
+        # stopped listening; one worker's own line says only that it has.
+        lab.wait_log(
+            NODE_A,
+            "worker(s) draining" if len(old_pids) > 1 else "shutting down: draining",
+            timeout=10,
+        )
         served_by_new = 0
         for _ in range(30):
             with connect_from(lab, "checkout", lab.ip("payments"), WHOAMI) as s:

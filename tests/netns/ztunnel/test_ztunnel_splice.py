@@ -26,7 +26,7 @@ import pytest
 from lab.apps import TcpServer, echo_roundtrip, listen, sink_bytes, source_bytes
 from lab.netns import in_netns
 from node import bpf
-from tests.support.ztunnel_lab import NODE_A, STEERING, Lab, connect_from
+from tests.support.ztunnel_lab import NODE_A, STEERING, Lab, connect_from, revoke_policy
 
 pytestmark = pytest.mark.skipif(STEERING != "ebpf", reason="the splice pins come from the agent")
 
@@ -204,15 +204,7 @@ def test_policy_change_closes_a_spliced_connection(lab: Lab, apps: dict[str, Tcp
         sock.sendall(b"ping")
         assert sock.recv(4) == b"ping"
 
-        def drop_checkout(doc: dict[str, Any]) -> None:
-            (policy,) = [
-                p for p in doc["authorizationPolicies"] if p["name"] == "other-allow-checkout"
-            ]
-            policy["spec"]["rules"][0]["from"][0]["source"]["principals"] = [
-                "cluster.local/ns/shop/sa/nobody"
-            ]
-
-        lab.set_registry(drop_checkout)
+        lab.set_registry(revoke_policy("other-allow-checkout"))
         with pytest.raises((ConnectionResetError, BrokenPipeError, AssertionError)):
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
